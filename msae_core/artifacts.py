@@ -1,0 +1,95 @@
+"""Every on-disk name in one place, and atomic writers so that a killed process never leaves a
+half-written file where a reader would find it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+# activation store
+STORE_MANIFEST = "manifest.json"
+STORE_SHARD = "shard_{index:05d}.safetensors"
+
+# run folder
+RUN_CONFIG = "config.json"
+RUN_STATUS = "status.json"
+RUN_METRICS = "metrics.jsonl"
+RUN_CHECKPOINT_DIR = "checkpoint"
+RUN_TRACES_DIR = "traces"
+RUN_TRACE = "step_{step:09d}.safetensors"
+RUN_EVENTS = "events.jsonl"
+RUN_EVAL = "eval.json"
+RUN_LOG = "train.log"
+
+# SAE weights (a run's final weights, a checkpoint's, an export's)
+SAE_WEIGHTS = "sae.safetensors"
+SAE_CONFIG = "sae_config.json"
+OPTIMIZER_STATE = "optimizer.pt"
+TRAINER_STATE = "trainer_state.json"
+
+# SAELens on-disk format
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_CONFIG = "cfg.json"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write json to `path` so that readers see either the old file or the whole new one."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
+                            metadata: Mapping[str, str] | None = None) -> None:
+    """safetensors.torch.save, made atomic (tensors are made contiguous first)."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous() for k, v in tensors.items()},
+                metadata=dict(metadata) if metadata else None)
+    _atomic_write_bytes(Path(path), data)
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """Append one json line and flush it; a reader skips a torn last line."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(obj) + "\n")
+        fh.flush()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a jsonl file, skipping a torn (half-written) line rather than failing."""
+    out: list[dict] = []
+    try:
+        with open(path) as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        return []
+    return out

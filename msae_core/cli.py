@@ -1,0 +1,59 @@
+"""The `msae` command: collects each module's subcommand and turns user errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from msae_core import __version__
+from msae_core.errors import MsaeError
+
+# each module exposes add_cli(subparsers); order is the order of `msae --help`
+SUBCOMMAND_MODULES = (
+    "msae_core.harvest",
+    "msae_core.train",
+    "msae_core.sweep",
+    "msae_core.evals.cli",
+    "msae_core.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msae", description="Harvest activations, train and evaluate sparse autoencoders.")
+    parser.add_argument("--version", action="version", version=f"msae {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a subcommand still being built must not break the rest
+            if exc.name and exc.name.startswith("msae_core"):
+                continue
+            raise
+        module.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MsaeError as exc:
+        print(f"msae: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
