@@ -1,0 +1,314 @@
+"""The activation store: residual-stream activations on disk, written in resumable shards and read
+memory-mapped in shuffled batches.
+
+A store is a folder with `manifest.json` and shards `shard_00000.safetensors`, ... Each shard holds
+whole context windows, so every activation row traces back to its window and position:
+
+    acts        (N, D) float16 | float32   the activations
+    token_ids   (N,)   int32               the token at that position
+    window_ids  (N,)   int64               global index of the context window
+    positions   (N,)   int32               position inside the window
+    windows     (W, T) int32               token ids of the shard's windows (-1 = padding)
+    window_index(W,)   int64               their global indices
+    doc_ids     (W,)   int64               the corpus document each window came from
+
+A shard is written to a temporary name and renamed into place, and only then listed in the manifest
+(itself written atomically). Readers read only listed shards, so a harvest killed at any moment
+leaves a store whose listed shards are whole, and a resumed harvest starts after the last of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from msae_core import __version__
+from msae_core.artifacts import STORE_MANIFEST, STORE_SHARD, atomic_save_safetensors, atomic_write_json
+from msae_core.errors import MsaeError
+
+STORE_FORMAT = "msae-activation-store/1"
+SHARD_KEYS = ("acts", "token_ids", "window_ids", "positions", "windows", "window_index", "doc_ids")
+_ST_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64,
+              "I32": np.int32, "I64": np.int64, "I16": np.int16, "U8": np.uint8}
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """What defines a harvest: two harvests with equal settings produce the same store."""
+
+    model: str = field(default="embedded", metadata={"help": "language model name or path"})
+    layer: int = field(default=6, metadata={"help": "block whose output (resid_post) is read"})
+    corpus: str = field(default="embedded", metadata={"help": "text corpus name"})
+    target_tokens: int = field(default=200_000, metadata={"help": "activation rows to harvest"})
+    context_size: int = field(default=128, metadata={"help": "tokens per context window"})
+    dtype: str = field(default="float16", metadata={"help": "float16 or float32 on disk"})
+    prepend_bos: bool = field(default=True, metadata={"help": "BOS at the start of each window"})
+    exclude_special: bool = field(default=True, metadata={"help": "drop BOS/EOS/PAD rows"})
+    hook: str = field(default="resid_post", metadata={"help": "which activation"})
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.target_tokens <= 0:
+            out.append(f"tokens must be > 0 (got {self.target_tokens})")
+        if self.layer < 0:
+            out.append(f"layer must be >= 0 (got {self.layer})")
+        if self.context_size < 2:
+            out.append(f"context size must be >= 2 (got {self.context_size})")
+        if self.dtype not in ("float16", "float32"):
+            out.append(f"dtype must be float16 or float32 (got {self.dtype!r})")
+        return out
+
+    def settings_hash(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        with open(path / STORE_MANIFEST) as fh:
+            m = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, OSError) as exc:
+        raise MsaeError(f"activation store manifest {path / STORE_MANIFEST} is unreadable: {exc}") from exc
+    if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
+        raise MsaeError(f"{path} does not hold an msae activation store (format {m.get('format')!r})"
+                        if isinstance(m, dict) else f"{path / STORE_MANIFEST} is not a store manifest")
+    return m
+
+
+class StoreWriter:
+    """Writes shards of a harvest; resumes after the last complete shard of the same harvest.
+
+    `meta` carries what the harvest learns from the model (d_model, tokenizer, bos_token_id, corpus
+    provenance) and is merged into the manifest."""
+
+    def __init__(self, path: str | os.PathLike, settings: StoreSettings, meta: dict):
+        self.path = Path(path)
+        self.settings = settings
+        existing = _read_manifest(self.path) if self.path.exists() else None
+        if existing is not None:
+            if existing.get("settings_hash") != settings.settings_hash():
+                raise MsaeError(
+                    f"{self.path} already holds a different harvest (model {existing.get('model')}, "
+                    f"layer {existing.get('layer')}, {existing.get('target_tokens')} tokens): "
+                    "choose another --out folder or delete it")
+            if existing.get("d_model") != meta.get("d_model"):
+                raise MsaeError(f"{self.path} holds activations of width {existing.get('d_model')}, "
+                                f"the model gives {meta.get('d_model')}")
+            self.manifest = existing
+        else:
+            if self.path.exists() and any(p for p in self.path.iterdir() if not p.name.startswith(".")):
+                raise MsaeError(f"{self.path} is not empty and holds no activation store: "
+                                "choose an empty or new --out folder")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.manifest = {
+                "format": STORE_FORMAT, "msae_version": __version__,
+                **dataclasses.asdict(settings), **meta,
+                "settings_hash": settings.settings_hash(),
+                "n_rows": 0, "n_windows": 0, "complete": False, "shards": [],
+            }
+            atomic_write_json(self.path / STORE_MANIFEST, self.manifest)
+        self._remove_unlisted_shards()
+
+    def _remove_unlisted_shards(self) -> None:
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for p in self.path.glob("shard_*.safetensors"):
+            if p.name not in listed:
+                p.unlink()  # a shard renamed into place but never listed: rewritten on resume
+
+    @property
+    def n_windows_done(self) -> int:
+        return int(self.manifest["n_windows"])
+
+    @property
+    def n_rows_done(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def write_shard(self, acts: torch.Tensor, token_ids: torch.Tensor, window_ids: torch.Tensor,
+                    positions: torch.Tensor, windows: torch.Tensor, window_index: torch.Tensor,
+                    doc_ids: torch.Tensor) -> Path:
+        n, d = acts.shape
+        if d != self.manifest["d_model"]:
+            raise ValueError(f"acts width {d} != store d_model {self.manifest['d_model']}")
+        if not (len(token_ids) == len(window_ids) == len(positions) == n):
+            raise ValueError("per-row tensors must all have the activations' row count")
+        if not (len(window_index) == len(doc_ids) == windows.shape[0]):
+            raise ValueError("per-window tensors must all have the windows' count")
+        if len(window_index) and int(window_index[0]) != self.n_windows_done:
+            raise ValueError(f"shard starts at window {int(window_index[0])}, expected {self.n_windows_done}")
+        dtype = torch.float16 if self.manifest["dtype"] == "float16" else torch.float32
+        tensors = {
+            "acts": acts.to(dtype), "token_ids": token_ids.to(torch.int32),
+            "window_ids": window_ids.to(torch.int64), "positions": positions.to(torch.int32),
+            "windows": windows.to(torch.int32), "window_index": window_index.to(torch.int64),
+            "doc_ids": doc_ids.to(torch.int64),
+        }
+        name = STORE_SHARD.format(index=len(self.manifest["shards"]))
+        atomic_save_safetensors(self.path / name, tensors)
+        manifest = dict(self.manifest)
+        manifest["shards"] = self.manifest["shards"] + [
+            {"file": name, "rows": int(n), "windows": int(windows.shape[0]),
+             "first_window": self.n_windows_done}]
+        manifest["n_rows"] = self.n_rows_done + int(n)
+        manifest["n_windows"] = self.n_windows_done + int(windows.shape[0])
+        atomic_write_json(self.path / STORE_MANIFEST, manifest)
+        self.manifest = manifest
+        return self.path / name
+
+    def finish(self, **extra) -> None:
+        self.manifest = {**self.manifest, **extra, "complete": True}
+        atomic_write_json(self.path / STORE_MANIFEST, self.manifest)
+
+
+def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file as a read-only numpy array."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    base = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        np_dtype = _ST_DTYPES.get(info["dtype"])
+        if np_dtype is None:
+            raise MsaeError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - start == 0:
+            out[name] = np.zeros(shape, dtype=np_dtype)
+            continue
+        out[name] = np.memmap(path, dtype=np_dtype, mode="r", offset=base + start, shape=shape)
+    return out
+
+
+class ActivationStore:
+    """Reads a store memory-mapped. Batches are shuffled deterministically from (seed, step), so a
+    resumed training run reads exactly the batches an uninterrupted one would."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MsaeError(f"no activation store at {self.path}: create one with `msae harvest --out {self.path}`")
+        manifest = _read_manifest(self.path)
+        if manifest is None:
+            raise MsaeError(f"{self.path} has no {STORE_MANIFEST}: it is not an activation store "
+                            "(or its harvest never wrote a shard)")
+        self.manifest = manifest
+        if not manifest["shards"]:
+            raise MsaeError(f"activation store {self.path} holds no complete shard yet")
+        self._shards = []
+        for s in manifest["shards"]:
+            f = self.path / s["file"]
+            if not f.exists():
+                raise MsaeError(f"activation store {self.path} lists {s['file']} but it is missing")
+            try:
+                self._shards.append(_memmap_safetensors(f))
+            except (OSError, ValueError, json.JSONDecodeError, struct.error) as exc:
+                raise MsaeError(f"activation store shard {f} is unreadable: {exc}") from exc
+        rows = np.array([s["rows"] for s in manifest["shards"]], dtype=np.int64)
+        self._row_starts = np.concatenate([[0], np.cumsum(rows)])
+        self._win_starts = np.array([s["first_window"] for s in manifest["shards"]] +
+                                    [manifest["n_windows"]], dtype=np.int64)
+        self._perm_epoch: int | None = None
+        self._perm: torch.Tensor | None = None
+
+    @property
+    def d_in(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self._row_starts[-1])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["dtype"])
+
+    @property
+    def settings_hash(self) -> str:
+        return str(self.manifest["settings_hash"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def _gather(self, key: str, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (global, any order) of per-row tensor `key`, in the order given."""
+        shard_of = np.searchsorted(self._row_starts, idx, side="right") - 1
+        first = self._shards[0][key]
+        out = np.empty((len(idx),) + first.shape[1:], dtype=first.dtype)
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            local = idx[sel] - self._row_starts[s]
+            order = np.argsort(local, kind="stable")  # sequential reads from the memmap
+            out[sel[order]] = self._shards[s][key][local[order]]
+        return out
+
+    def _check_idx(self, idx: torch.Tensor | np.ndarray) -> np.ndarray:
+        a = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
+        if len(a) and (a.min() < 0 or a.max() >= self.n_rows):
+            raise IndexError(f"row index out of range [0, {self.n_rows})")
+        return a
+
+    def rows(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Activations of global rows `idx` as float32, shape (n, D)."""
+        a = self._check_idx(idx)
+        return torch.from_numpy(self._gather("acts", a).astype(np.float32, copy=False))
+
+    def row_info(self, idx: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        a = self._check_idx(idx)
+        return {k: torch.from_numpy(np.ascontiguousarray(self._gather(k, a)))
+                for k in ("token_ids", "window_ids", "positions")}
+
+    def window_tokens(self, window_id: int) -> list[int]:
+        """Token ids of one context window, padding removed."""
+        if not 0 <= window_id < int(self._win_starts[-1]):
+            raise IndexError(f"window {window_id} out of range [0, {int(self._win_starts[-1])})")
+        s = int(np.searchsorted(self._win_starts, window_id, side="right") - 1)
+        row = self._shards[s]["windows"][window_id - self._win_starts[s]]
+        return [int(t) for t in row if t >= 0]
+
+    def _permutation(self, seed: int, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != (seed, epoch):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n_rows, generator=g)
+            self._perm_epoch = (seed, epoch)  # type: ignore[assignment]
+        assert self._perm is not None
+        return self._perm
+
+    def batch_indices(self, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+        """Global row indices of batch `step`: epochs of a seeded permutation, laid end to end."""
+        start = step * batch_size
+        parts, pos, need = [], start, batch_size
+        while need > 0:
+            epoch, off = divmod(pos, self.n_rows)
+            take = min(need, self.n_rows - off)
+            parts.append(self._permutation(seed, epoch)[off:off + take])
+            pos += take
+            need -= take
+        return torch.cat(parts)
+
+    def batch(self, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+        """Batch `step` of a shuffled pass over the store, float32 (B, D)."""
+        return self.rows(self.batch_indices(step, batch_size, seed))
+
+    def batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[torch.Tensor]:
+        step = start_step
+        while True:
+            yield self.batch(step, batch_size, seed)
+            step += 1

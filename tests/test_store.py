@@ -1,0 +1,127 @@
+"""Activation store: round trip, memory-mapped reads, deterministic shuffles, resume, refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from msae_core.errors import MsaeError
+from msae_core.store import ActivationStore, StoreSettings, StoreWriter
+
+D, T = 16, 8
+
+
+def _write(path, n_shards=3, windows_per_shard=4, settings=None, dtype="float32", seed=0):
+    settings = settings or StoreSettings(model="tiny", layer=1, target_tokens=1000, dtype=dtype, context_size=T)
+    w = StoreWriter(path, settings, {"d_model": D, "tokenizer": "tiny", "bos_token_id": 1})
+    g = torch.Generator().manual_seed(seed)
+    all_acts = []
+    for s in range(w.n_windows_done // windows_per_shard, n_shards):
+        first = s * windows_per_shard
+        windows = torch.randint(2, 50, (windows_per_shard, T), generator=g)
+        rows = windows_per_shard * (T - 1)  # BOS rows dropped
+        acts = torch.randn(rows, D, generator=g)
+        win_ids = torch.arange(first, first + windows_per_shard).repeat_interleave(T - 1)
+        pos = torch.arange(1, T).repeat(windows_per_shard)
+        tok = windows[:, 1:].reshape(-1)
+        w.write_shard(acts, tok, win_ids, pos, windows, torch.arange(first, first + windows_per_shard),
+                      torch.arange(first, first + windows_per_shard) // 2)
+        all_acts.append(acts)
+    w.finish()
+    return w, torch.cat(all_acts) if all_acts else None
+
+
+def test_round_trip_rows_and_contexts(tmp_path):
+    _, acts = _write(tmp_path / "s")
+    store = ActivationStore(tmp_path / "s")
+    assert store.n_rows == acts.shape[0] and store.d_in == D and store.complete
+    idx = torch.tensor([0, 5, acts.shape[0] - 1, 30, 29])
+    assert torch.equal(store.rows(idx), acts[idx])
+    info = store.row_info(idx)
+    # every row traces back to its window and position, and the window holds its token
+    for r, w, p, t in zip(idx.tolist(), info["window_ids"].tolist(), info["positions"].tolist(),
+                          info["token_ids"].tolist()):
+        assert store.window_tokens(w)[p] == t
+    with pytest.raises(IndexError):
+        store.rows(torch.tensor([acts.shape[0]]))
+
+
+def test_float16_storage(tmp_path):
+    _, acts = _write(tmp_path / "s", dtype="float16")
+    store = ActivationStore(tmp_path / "s")
+    out = store.rows(torch.arange(store.n_rows))
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, acts, atol=1e-2, rtol=1e-3)
+
+
+def test_batches_are_deterministic_shuffles_covering_every_row(tmp_path):
+    _write(tmp_path / "s")
+    store = ActivationStore(tmp_path / "s")
+    n = store.n_rows
+    b = 10
+    idx = torch.cat([store.batch_indices(s, b, seed=3) for s in range(n // b)])
+    assert len(set(idx.tolist())) == len(idx)  # no repeats within an epoch
+    assert not torch.equal(idx, torch.arange(len(idx)))  # shuffled
+    again = ActivationStore(tmp_path / "s")
+    assert torch.equal(again.batch(4, b, seed=3), store.batch(4, b, seed=3))
+    assert not torch.equal(store.batch(4, b, seed=4), store.batch(4, b, seed=3))
+    # a batch that crosses an epoch boundary still has the requested size
+    assert store.batch(n // b, b + 7, seed=3).shape == (b + 7, D)
+
+
+def test_resume_after_partial_shard_equals_uninterrupted(tmp_path):
+    _, full = _write(tmp_path / "full")
+    settings = StoreSettings(model="tiny", layer=1, target_tokens=1000, dtype="float32", context_size=T)
+    w = StoreWriter(tmp_path / "cut", settings, {"d_model": D, "tokenizer": "tiny", "bos_token_id": 1})
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(2, 50, (4, T), generator=g)
+    acts = torch.randn(4 * (T - 1), D, generator=g)
+    w.write_shard(acts, windows[:, 1:].reshape(-1), torch.arange(4).repeat_interleave(T - 1),
+                  torch.arange(1, T).repeat(4), windows, torch.arange(4), torch.arange(4) // 2)
+    # a killed writer leaves a shard file that was never listed, and a temp file
+    (tmp_path / "cut" / "shard_00001.safetensors").write_bytes(b"partial")
+    (tmp_path / "cut" / ".shard_00002.safetensors.abc.tmp").write_bytes(b"partial")
+    assert ActivationStore(tmp_path / "cut").n_rows == 4 * (T - 1)  # the partial shard is never read
+    w2, _ = _write(tmp_path / "cut")  # resumes at window 4 with the same RNG stream replayed
+    assert w2.n_windows_done == 12
+    a, b = ActivationStore(tmp_path / "full"), ActivationStore(tmp_path / "cut")
+    assert a.n_rows == b.n_rows
+    # the generator differs after the cut, so compare the first shard and the layout
+    assert torch.equal(a.rows(torch.arange(4 * (T - 1))), b.rows(torch.arange(4 * (T - 1))))
+    assert [s["rows"] for s in a.manifest["shards"]] == [s["rows"] for s in b.manifest["shards"]]
+
+
+def test_refuses_a_folder_with_another_harvest(tmp_path):
+    _write(tmp_path / "s")
+    other = StoreSettings(model="tiny", layer=2, target_tokens=1000, dtype="float32", context_size=T)
+    with pytest.raises(MsaeError, match="different harvest"):
+        StoreWriter(tmp_path / "s", other, {"d_model": D})
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(MsaeError, match="not empty"):
+        StoreWriter(tmp_path / "junk", other, {"d_model": D})
+
+
+def test_clear_errors_for_missing_or_broken_stores(tmp_path):
+    with pytest.raises(MsaeError, match="no activation store"):
+        ActivationStore(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MsaeError, match="not an activation store"):
+        ActivationStore(tmp_path / "empty")
+    _write(tmp_path / "s")
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / m["shards"][1]["file"]).unlink()
+    with pytest.raises(MsaeError, match="missing"):
+        ActivationStore(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text("{not json")
+    with pytest.raises(MsaeError, match="unreadable"):
+        ActivationStore(tmp_path / "s")
+
+
+def test_settings_validation_lists_problems():
+    s = StoreSettings(target_tokens=0, layer=-1, dtype="int8")
+    probs = s.problems()
+    assert len(probs) == 3 and any("tokens" in p for p in probs)
+    assert StoreSettings().settings_hash() == StoreSettings().settings_hash()
+    assert StoreSettings(layer=3).settings_hash() != StoreSettings().settings_hash()
