@@ -1,0 +1,290 @@
+"""`msae sweep`: one training run per point of a grid over any config fields, resumable.
+
+    msae sweep --base-config run.json --grid beta=0.9,0.95 tau=0.3,0.5 lam=0,0.1 \
+        --root results/runs --name NAME [--parallel 2]
+
+A grid key is a field of the run config, dotted (`sae.beta`, `train.lr`) or bare (`beta`) when the
+bare name is in one section only. Each point is its own run folder `ROOT/NAME-beta0.9-tau0.3-lam0`,
+trained by its own `msae train` process (`--parallel N` at a time). Running the same sweep again
+skips the points that are done and resumes the others from their checkpoints.
+`ROOT/_sweeps/NAME/sweep.json` lists the points, their values, run folders and states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import logging
+import os
+import subprocess
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from msae_core.artifacts import RUN_CONFIG, RUN_LOG, atomic_write_json
+from msae_core.errors import MsaeError
+from msae_core.runs import (RunConfig, _child_env, read_run, safe_run_name, train_command,
+                            write_status)
+
+log = logging.getLogger(__name__)
+
+SWEEPS_DIR = "_sweeps"
+SWEEP_FILE = "sweep.json"
+_SECTIONS = ("sae", "train", "data")
+
+
+@dataclass
+class SweepPoint:
+    """One point of a grid: its run name, the values it sets (dotted key -> value), its config."""
+
+    name: str
+    values: dict
+    config: RunConfig
+
+
+# ------------------------------------------------------------------------------------------ grid
+def resolve_key(config: RunConfig, key: str) -> tuple[str, str]:
+    """(section, field) of a grid key, dotted or bare; MsaeError when unknown or ambiguous."""
+    key = key.strip().replace("-", "_")
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in _SECTIONS:
+            raise MsaeError(f"grid key {key!r}: unknown section {section!r} (sae, train, data)")
+        if name not in {f.name for f in dataclasses.fields(getattr(config, section))}:
+            raise MsaeError(f"grid key {key!r}: {section} has no field {name!r}")
+        return section, name
+    found = [s for s in _SECTIONS if key in {f.name for f in dataclasses.fields(getattr(config, s))}]
+    if not found:
+        raise MsaeError(f"grid key {key!r} is not a field of the run config")
+    if len(found) > 1:
+        raise MsaeError(f"grid key {key!r} is in {' and '.join(found)}: write "
+                        + " or ".join(f"{s}.{key}" for s in found))
+    return found[0], key
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """A grid value (text from the command line, or already typed) as the field's type."""
+    origin = get_origin(typ)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in get_args(typ) if a is not type(None)]
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        typ = args[0] if args else str
+        origin = get_origin(typ)
+    if not isinstance(value, str):
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    text = value.strip()
+    try:
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+        if origin is Literal:
+            if text not in [str(a) for a in get_args(typ)]:
+                raise ValueError(f"choose one of {', '.join(map(str, get_args(typ)))}")
+            return text
+        if origin in (list, tuple):
+            return [t for t in text.split("+") if t]
+    except ValueError as exc:
+        raise MsaeError(f"grid value {text!r} for {key} is not a valid {getattr(typ, '__name__', typ)}"
+                        f" ({exc})") from None
+    return text
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """['beta=0.9,0.95', 'tau=0.3'] -> {'beta': ['0.9', '0.95'], 'tau': ['0.3']}."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise MsaeError(f"grid item {item!r} must look like name=v1,v2")
+        key, vals = item.split("=", 1)
+        values = [v for v in (s.strip() for s in vals.split(",")) if v]
+        if not key.strip() or not values:
+            raise MsaeError(f"grid item {item!r} must look like name=v1,v2")
+        grid[key.strip()] = values
+    return grid
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return format(v, "g")
+    if isinstance(v, (list, tuple)):
+        return "+".join(map(str, v))
+    return str(v)
+
+
+def expand_grid(base: RunConfig | dict, grid: dict[str, Any], name: str = "sweep") -> list[SweepPoint]:
+    """Every point of `grid` (key -> list of values, or a 'v1,v2' string) applied to `base`, in
+    the order of the keys (the last key varies fastest). Each point's config is validated for its
+    own fields only (the store is checked when a run starts). Raises MsaeError listing problems."""
+    base = RunConfig.from_dict(base) if isinstance(base, dict) else base
+    keys, value_lists = [], []
+    for key, vals in grid.items():
+        section, field_name = resolve_key(base, key)
+        hints = typing.get_type_hints(type(getattr(base, section)))
+        if isinstance(vals, str):
+            vals = [v for v in (s.strip() for s in vals.split(",")) if v]
+        if not isinstance(vals, (list, tuple)):
+            vals = [vals]
+        if not vals:
+            raise MsaeError(f"grid key {key!r} has no values")
+        typed = [_coerce(v, hints[field_name], f"{section}.{field_name}") for v in vals]
+        keys.append((section, field_name))
+        value_lists.append(typed)
+    points: list[SweepPoint] = []
+    problems: list[str] = []
+    for combo in itertools.product(*value_lists):
+        sections = {s: getattr(base, s) for s in _SECTIONS}
+        values = {}
+        for (section, field_name), v in zip(keys, combo):
+            try:
+                sections[section] = dataclasses.replace(sections[section], **{field_name: v})
+            except (TypeError, ValueError) as exc:
+                raise MsaeError(f"{section}.{field_name}={v!r}: {exc}") from None
+            values[f"{section}.{field_name}"] = v
+        cfg = RunConfig(**sections)
+        label = "-".join(f"{fn}{_fmt(v)}" for (_, fn), v in zip(keys, combo))
+        pname = safe_run_name(f"{name}-{label}" if label else name)
+        for p in _own_problems(cfg):
+            if f"{pname}: {p}" not in problems:
+                problems.append(f"{pname}: {p}")
+        points.append(SweepPoint(pname, values, cfg))
+    if len({p.name for p in points}) != len(points):
+        raise MsaeError("two grid points map to the same run name: use values that differ in text")
+    if problems:
+        raise MsaeError("invalid sweep points: " + "; ".join(problems[:12]))
+    return points
+
+
+def _own_problems(cfg: RunConfig) -> list[str]:
+    """The config's problems without opening the store (checked once per sweep, not per point)."""
+    from msae_core.configutil import collect_problems
+    from msae_core.runs import DataConfig
+
+    bare = dataclasses.replace(cfg, data=DataConfig(acts=""))
+    return [p for p in collect_problems(bare) if not p.startswith("data.")]
+
+
+# ------------------------------------------------------------------------------------------- run
+def sweep_dir(root: str | os.PathLike, name: str) -> Path:
+    return Path(root) / SWEEPS_DIR / safe_run_name(name)
+
+
+def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, name: str,
+              parallel: int = 1, poll_s: float = 0.2) -> dict:
+    """Train every point (skipping those done), `parallel` processes at a time. Returns the sweep
+    record written to ROOT/_sweeps/NAME/sweep.json; its points carry their final state."""
+    from msae_core.train import _StopFlag
+
+    if parallel < 1:
+        raise MsaeError(f"--parallel must be >= 1 (got {parallel})")
+    name = safe_run_name(name)
+    base.validate()  # the store, once
+    points = expand_grid(base, grid, name)
+    root = Path(root)
+    sdir = sweep_dir(root, name)
+    sdir.mkdir(parents=True, exist_ok=True)
+    record = {"name": name, "root": str(root), "base": base.to_dict(),
+              "grid": {k: (vs.split(",") if isinstance(vs, str) else list(vs)) for k, vs in grid.items()},
+              "created": time.time(), "points": []}
+    for p in points:
+        p.config.save(sdir / f"{p.name}.json")
+        record["points"].append({"name": p.name, "run": str(root / p.name), "values": p.values,
+                                 "state": None})
+
+    def save_record() -> None:
+        record["updated"] = time.time()
+        atomic_write_json(sdir / SWEEP_FILE, record)
+
+    todo = []
+    for p, rec in zip(points, record["points"]):
+        info = read_run(root / p.name)
+        if info.state == "done" and info.has_weights and info.problem is None:
+            rec["state"] = "done"
+            log.info("sweep %s: %s is done, skipped", name, p.name)
+            continue
+        run_dir = root / p.name
+        if not (run_dir / RUN_CONFIG).exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            p.config.save(run_dir / RUN_CONFIG)
+        if info.state not in ("running",) or info.problem:
+            write_status(run_dir, state="queued", total_steps=p.config.train.steps, pid=None,
+                         error=None)
+        rec["state"] = "queued"
+        todo.append((p, rec))
+    save_record()
+
+    running: list[tuple[subprocess.Popen, Any, dict]] = []
+    with _StopFlag() as stop:
+        while (todo or running):
+            while todo and len(running) < parallel and stop.signum is None:
+                p, rec = todo.pop(0)
+                run_dir = root / p.name
+                cmd = train_command(run_dir)
+                cmd[cmd.index("--config") + 1] = str(sdir / f"{p.name}.json")
+                cmd.append("--no-progress")
+                logf = open(run_dir / RUN_LOG, "ab")
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=_child_env())
+                rec["state"] = "running"
+                running.append((proc, logf, rec))
+                log.info("sweep %s: started %s (pid %d)", name, p.name, proc.pid)
+                save_record()
+            if stop.signum is not None:
+                for proc, _, _ in running:
+                    proc.terminate()  # each run checkpoints and ends cancelled
+                todo_left, todo = todo, []
+                for _, rec in todo_left:
+                    rec["state"] = "not started"
+            time.sleep(poll_s)
+            for item in list(running):
+                proc, logf, rec = item
+                if proc.poll() is None:
+                    continue
+                logf.close()
+                running.remove(item)
+                st = read_run(Path(rec["run"])).state
+                rec["state"] = st if proc.returncode == 0 or st != "running" else "failed"
+                rec["exit_code"] = proc.returncode
+                log.info("sweep %s: %s ended %s", name, rec["name"], rec["state"])
+                save_record()
+    save_record()
+    return record
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def add_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="train one run per grid point (resumable)",
+        description="Train one run per point of a grid over run-config fields. Running it again "
+                    "skips finished points and resumes unfinished ones.")
+    p.add_argument("--base-config", required=True, help="run config json every point starts from")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="field (dotted sae.beta or bare beta) and its values")
+    p.add_argument("--root", default="results/runs", help="folder of the run folders (default: results/runs)")
+    p.add_argument("--name", required=True, help="sweep name; run folders are NAME-<values>")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    base = RunConfig.load(args.base_config)
+    record = run_sweep(base, parse_grid(args.grid), args.root, args.name, parallel=args.parallel)
+    bad = [f"{p['name']} ({p['state']})" for p in record["points"] if p["state"] != "done"]
+    if bad:
+        raise MsaeError(f"{len(bad)} of {len(record['points'])} sweep points did not finish: "
+                        + ", ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
+                        + f"; run the same command again to resume")
+    log.info("sweep %s: all %d points done", args.name, len(record["points"]))
+    return 0

@@ -1,0 +1,227 @@
+"""Trainer: run folder contents, resume after a kill equals an uninterrupted run, NaN -> diverged,
+SIGTERM -> cancelled with a checkpoint, CLI flags over a config file."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msae_core import cli
+from msae_core.artifacts import (RUN_CHECKPOINT_DIR, RUN_EVENTS, RUN_METRICS, RUN_TRACES_DIR,
+                                 SAE_CONFIG, SAE_WEIGHTS, TRAINER_STATE, read_jsonl)
+from msae_core.errors import MsaeError
+from msae_core.runs import RunConfig, TrainConfig, DataConfig, read_status
+from msae_core.sae import SAEConfig
+from msae_core.store import ActivationStore, StoreSettings, StoreWriter
+from msae_core.train import config_from_args, train
+
+D, F, STEPS = 64, 128, 40
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_store(path, n_rows=2048, d=D, seed=0):
+    """A tiny store of random activations with a little sparse structure."""
+    g = torch.Generator().manual_seed(seed)
+    w = StoreWriter(path, StoreSettings(model="tiny", layer=0, target_tokens=n_rows, dtype="float32",
+                                        context_size=8), {"d_model": d, "tokenizer": "tiny", "bos_token_id": 1})
+    dirs = torch.randn(32, d, generator=g)
+    codes = torch.rand(n_rows, 32, generator=g) * (torch.rand(n_rows, 32, generator=g) < 0.1)
+    acts = codes @ dirs + 0.05 * torch.randn(n_rows, d, generator=g)
+    n_win = n_rows // 8
+    w.write_shard(acts, torch.zeros(n_rows, dtype=torch.int32), torch.arange(n_win).repeat_interleave(8),
+                  torch.arange(8).repeat(n_win), torch.zeros(n_win, 8, dtype=torch.int32),
+                  torch.arange(n_win), torch.arange(n_win))
+    w.finish()
+    return path
+
+
+def make_config(store, steps=STEPS, **sae_kw):
+    sae = dict(arch="momentum", base="topk", d_in=D, d_sae=F, k=8, beta=0.9, tau=0.3, lam=0.1)
+    sae.update(sae_kw)
+    return RunConfig(sae=SAEConfig(**sae),
+                     train=TrainConfig(steps=steps, batch_size=128, lr=1e-3, warmup_steps=5, seed=3,
+                                       device="cpu", log_every=5, checkpoint_every=10, snapshot_every=10),
+                     data=DataConfig(acts=str(store)))
+
+
+def weights(run):
+    return load_file(Path(run) / SAE_WEIGHTS)
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=f"tensor {k} differs")
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if k not in ("time", "step_time_s", "tokens_per_s")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("acts") / "store")
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory):
+    """An uninterrupted run every fault test compares against."""
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("ref") / "run"
+    result = train(make_config(store), run, progress=False)
+    assert result.state == "done"
+    return run
+
+
+def _fail_at(monkeypatch, step, action):
+    orig = ActivationStore.batch
+
+    def batch(self, s, batch_size, seed=0):
+        if s == step:
+            return action(orig(self, s, batch_size, seed))
+        return orig(self, s, batch_size, seed)
+
+    monkeypatch.setattr(ActivationStore, "batch", batch)
+
+
+def test_run_folder_holds_everything(reference):
+    status = read_status(reference)
+    assert status["state"] == "done" and status["step"] == STEPS and status["pid"] is None
+    rows = read_jsonl(reference / RUN_METRICS)
+    assert [r["step"] for r in rows] == list(range(5, STEPS + 1, 5))
+    for key in ("loss", "l0", "explained_variance", "dead_features", "competing_pairs",
+                "competing_features", "lr", "step_time_s"):
+        assert key in rows[-1], key
+    assert rows[0]["lr"] == pytest.approx(1e-3) and rows[-1]["explained_variance"] > 0.3
+    assert 0 < rows[-1]["l0"] <= 8
+    traces = sorted((reference / RUN_TRACES_DIR).glob("*.safetensors"))
+    assert [t.name for t in traces] == [f"step_{s:09d}.safetensors" for s in (10, 20, 30, 40)]
+    tr = load_file(traces[-1])
+    assert {"rate", "mag", "pressure", "pair_i", "pair_j"} <= set(tr) and tr["rate"].shape == (F,)
+    assert (reference / SAE_CONFIG).exists()
+    state = json.loads((reference / RUN_CHECKPOINT_DIR / TRAINER_STATE).read_text())
+    assert state["step"] == STEPS
+    from msae_core.sae_io import load_sae
+    sae = load_sae(reference)
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sae.forward(x).x_hat, load_sae(reference / RUN_CHECKPOINT_DIR).forward(x).x_hat)
+
+
+def test_resume_after_exception_equals_uninterrupted(store, reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def boom(x):
+        raise RuntimeError("injected fault")
+
+    _fail_at(monkeypatch, 25, boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        train(make_config(store), run, progress=False)
+    status = read_status(run)
+    assert status["state"] == "failed" and "injected fault" in status["error"]
+    assert max(r["step"] for r in read_jsonl(run / RUN_METRICS)) == 25  # logged past the checkpoint
+    monkeypatch.undo()
+    torch.manual_seed(123)  # a different global RNG must not matter: the checkpoint restores it
+    result = train(make_config(store), run, progress=False)
+    assert result.state == "done" and result.resumed_from == 20
+    assert_same_weights(run, reference)
+    assert strip_times(read_jsonl(run / RUN_METRICS)) == strip_times(read_jsonl(reference / RUN_METRICS))
+    assert read_jsonl(run / RUN_EVENTS) == read_jsonl(reference / RUN_EVENTS)
+    assert sorted(p.name for p in (run / RUN_TRACES_DIR).iterdir()) == \
+        sorted(p.name for p in (reference / RUN_TRACES_DIR).iterdir())
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from msae_core import cli, train as T
+    from msae_core.store import ActivationStore
+    mode, run, config = sys.argv[1], sys.argv[2], sys.argv[3]
+    orig_batch, orig_rename = ActivationStore.batch, os.rename
+    def batch(self, s, *a, **k):
+        if mode == "batch" and s == 25:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_batch(self, s, *a, **k)
+    def rename(src, dst):  # the second checkpoint, killed between its two renames
+        if mode == "rename" and str(src).endswith(".checkpoint.old") is False \\
+                and ".checkpoint.tmp" in str(src) and os.path.exists(os.path.join(run, ".checkpoint.old")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_rename(src, dst)
+    ActivationStore.batch = batch
+    T.os.rename = rename
+    sys.exit(cli.main(["train", "--config", config, "--out", run, "--no-progress"]))
+""")
+
+
+@pytest.mark.parametrize("mode", ["batch", "rename"])
+def test_sigkill_then_resume_equals_uninterrupted(store, reference, tmp_path, mode):
+    run, cfg_path = tmp_path / "run", tmp_path / "run.json"
+    make_config(store).save(cfg_path)
+    proc = subprocess.run([sys.executable, "-c", KILLER, mode, str(run), str(cfg_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert read_status(run)["state"] == "running"  # nobody got to say otherwise
+    if mode == "rename":
+        assert not (run / RUN_CHECKPOINT_DIR).exists() and (run / ".checkpoint.old").exists()
+    assert cli.main(["train", "--out", str(run), "--no-progress"]) == 0  # resumes from its own config
+    assert read_status(run)["state"] == "done"
+    assert_same_weights(run, reference)
+    assert strip_times(read_jsonl(run / RUN_METRICS)) == strip_times(read_jsonl(reference / RUN_METRICS))
+
+
+def test_nan_loss_marks_diverged_and_keeps_last_checkpoint(store, tmp_path, monkeypatch, capsys):
+    run, cfg_path = tmp_path / "run", tmp_path / "run.json"
+    make_config(store).save(cfg_path)
+    _fail_at(monkeypatch, 23, lambda x: x * float("nan"))
+    rc = cli.main(["train", "--config", str(cfg_path), "--out", str(run), "--no-progress"])
+    assert rc != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("msae: error: loss became nan at step 24") and "checkpoint at step 20" in err[-1]
+    status = read_status(run)
+    assert status["state"] == "diverged" and "nan" in status["error"]
+    state = json.loads((run / RUN_CHECKPOINT_DIR / TRAINER_STATE).read_text())
+    assert state["step"] == 20
+    ck = load_file(run / RUN_CHECKPOINT_DIR / SAE_WEIGHTS)
+    assert all(torch.isfinite(v).all() for v in ck.values() if v.is_floating_point())
+    assert not (run / SAE_WEIGHTS).exists()
+
+
+def test_sigterm_finishes_step_checkpoints_and_resumes(store, reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def term(x):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return x
+
+    _fail_at(monkeypatch, 15, term)
+    result = train(make_config(store), run, progress=False)
+    assert result.state == "cancelled" and result.step == 16
+    status = read_status(run)
+    assert status["state"] == "cancelled" and "SIGTERM" in status["error"]
+    assert json.loads((run / RUN_CHECKPOINT_DIR / TRAINER_STATE).read_text())["step"] == 16
+    assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
+    monkeypatch.undo()
+    assert train(make_config(store), run, progress=False).state == "done"
+    assert_same_weights(run, reference)
+
+
+def test_flags_override_config_file_and_bad_settings_refused(store, reference, tmp_path):
+    cfg_path = tmp_path / "run.json"
+    make_config(store).save(cfg_path)
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--config", str(cfg_path), "--out", str(tmp_path / "r"),
+                              "--beta", "0.5", "--steps", "7", "--seed", "9"])
+    cfg = config_from_args(args)
+    assert cfg.sae.beta == 0.5 and cfg.train.steps == 7 and cfg.train.seed == 9 and cfg.sae.seed == 9
+    assert cfg.sae.tau == 0.3 and cfg.train.batch_size == 128  # from the file
+    # the reference run folder refuses other settings rather than mixing two runs
+    with pytest.raises(MsaeError, match="other settings"):
+        train(make_config(store, beta=0.5), reference, progress=False)
+    # a done run asked again does nothing but report done
+    assert train(make_config(store), reference, progress=False).state == "done"
