@@ -462,6 +462,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     sae_over = {k: v for k, v in overrides_from_args(args, SAEConfig).items() if k not in _TRAIN_NAMES}
     train_over = overrides_from_args(args, TrainConfig)
     data_over = overrides_from_args(args, DataConfig)
+    if "evals" in train_over:  # --evals core,absorption or --evals core absorption
+        train_over["evals"] = [e for item in train_over["evals"] for e in str(item).split(",") if e]
     if "seed" in train_over and "seed" in _dataclass_names(SAEConfig):
         sae_over["seed"] = train_over["seed"]
     try:

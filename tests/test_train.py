@@ -216,9 +216,10 @@ def test_flags_override_config_file_and_bad_settings_refused(store, reference, t
     make_config(store).save(cfg_path)
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--config", str(cfg_path), "--out", str(tmp_path / "r"),
-                              "--beta", "0.5", "--steps", "7", "--seed", "9"])
+                              "--beta", "0.5", "--steps", "7", "--seed", "9", "--evals", "core,absorption"])
     cfg = config_from_args(args)
     assert cfg.sae.beta == 0.5 and cfg.train.steps == 7 and cfg.train.seed == 9 and cfg.sae.seed == 9
+    assert cfg.train.evals == ["core", "absorption"]
     assert cfg.sae.tau == 0.3 and cfg.train.batch_size == 128  # from the file
     # the reference run folder refuses other settings rather than mixing two runs
     with pytest.raises(MsaeError, match="other settings"):

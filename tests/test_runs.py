@@ -1,0 +1,178 @@
+"""Run folders: config validation lists every problem, listing survives broken folders, names are
+safe, and a launched (detached) run can be cancelled and relaunched to completion."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from msae_core.artifacts import RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_STATUS, SAE_WEIGHTS, TRAINER_STATE
+from msae_core.errors import MsaeError
+from msae_core.runs import (STATUS_VERSION, DataConfig, RunConfig, TrainConfig, cancel_run,
+                            launch_run, list_runs, read_status, safe_run_name, write_status)
+from msae_core.sae import SAEConfig
+from msae_core.store import StoreSettings, StoreWriter
+
+D = 64
+
+
+def make_store(path, n_rows=1024, d=D):
+    g = torch.Generator().manual_seed(0)
+    w = StoreWriter(path, StoreSettings(model="tiny", layer=0, target_tokens=n_rows, dtype="float32",
+                                        context_size=8), {"d_model": d, "tokenizer": "tiny", "bos_token_id": 1})
+    n_win = n_rows // 8
+    w.write_shard(torch.randn(n_rows, d, generator=g), torch.zeros(n_rows, dtype=torch.int32),
+                  torch.arange(n_win).repeat_interleave(8), torch.arange(8).repeat(n_win),
+                  torch.zeros(n_win, 8, dtype=torch.int32), torch.arange(n_win), torch.arange(n_win))
+    w.finish()
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("acts") / "store")
+
+
+def test_validation_lists_every_problem_at_once(tmp_path):
+    cfg = RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_in=D, d_sae=0, k=0, beta=1.0, tau=1.5,
+                                  lam=-0.1),
+                    train=TrainConfig(lr=0.0, steps=10),
+                    data=DataConfig(acts=str(tmp_path / "nowhere")))
+    with pytest.raises(MsaeError) as exc:
+        cfg.validate()
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for needle in ("beta", "tau", "lam", "d_sae", " k ", "lr", "nowhere"):
+        assert needle in msg.replace("k must", " k must").replace("(k", "( k "), (needle, msg)
+
+
+def test_store_width_must_match_and_d_in_comes_from_store(store):
+    bad = RunConfig(sae=SAEConfig(arch="topk", d_in=32, d_sae=128, k=8), train=TrainConfig(steps=5),
+                    data=DataConfig(acts=str(store)))
+    with pytest.raises(MsaeError, match="32.*64|64.*32"):
+        bad.validate()
+    filled = RunConfig(sae=SAEConfig(arch="topk", d_in=0, d_sae=128, k=8),
+                       train=TrainConfig(steps=5, batch_size=64), data=DataConfig(acts=str(store))).validate()
+    assert filled.sae.d_in == D
+    again = RunConfig.from_dict(json.loads(json.dumps(filled.to_dict())))
+    assert again == filled
+    with pytest.raises(MsaeError, match="unknown"):
+        RunConfig.from_dict({"sae": {"d_sae": 4}, "trian": {}})
+
+
+def _good_run(root, name):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / RUN_CONFIG).write_text(json.dumps({"sae": {"d_sae": 8}, "train": {}, "data": {}}))
+    (run / SAE_WEIGHTS).write_bytes(b"x")
+    (run / "sae_config.json").write_text("{}")
+    write_status(run, state="done", step=5, total_steps=5)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n"
+                                                for s in range(1, 6)) + '{"step": 6, "lo')
+    return run
+
+
+def test_list_runs_never_raises_on_broken_folders(tmp_path):
+    root = tmp_path / "runs"
+    _good_run(root, "good")
+    (root / "empty").mkdir()
+    bad_json = _good_run(root, "corrupt-json")
+    (bad_json / RUN_CONFIG).write_text("{not json")
+    (bad_json / RUN_STATUS).write_bytes(b"\xff\xfe garbage")
+    no_w = _good_run(root, "no-weights")
+    (no_w / SAE_WEIGHTS).unlink()
+    old = _good_run(root, "old-version")
+    st = json.loads((old / RUN_STATUS).read_text())
+    st["version"] = 0
+    (old / RUN_STATUS).write_text(json.dumps(st))
+    stale = _good_run(root, "stale")
+    write_status(stale, state="running", pid=2 ** 22 + 12345)  # no such process
+    (root / "not-a-dir.txt").write_text("hello")
+    (root / "_sweeps").mkdir()
+    weird = _good_run(root, "weird")
+    (weird / RUN_CONFIG).write_text("[1, 2]")
+    (weird / RUN_STATUS).write_text(json.dumps({"state": "exploded", "version": STATUS_VERSION}))
+
+    runs = {r.name: r for r in list_runs(root)}
+    assert sorted(runs) == ["corrupt-json", "empty", "good", "no-weights", "old-version", "stale", "weird"]
+    assert runs["good"].problem is None and runs["good"].state == "done"
+    assert [m["step"] for m in runs["good"].metrics] == [1, 2, 3, 4, 5]  # torn last line skipped
+    assert runs["empty"].problem == "empty folder"
+    assert "config.json is not valid json" in runs["corrupt-json"].problem
+    assert "status.json is not valid json" in runs["corrupt-json"].problem
+    assert "weights" in runs["no-weights"].problem
+    assert "version" in runs["old-version"].problem
+    assert "gone" in runs["stale"].problem
+    assert "unknown state" in runs["weird"].problem and "not a json object" in runs["weird"].problem
+    assert list_runs(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("../../etc/passwd", "etc-passwd"), ("a b/c", "a-b-c"), (".hidden", "hidden"),
+    ("beta=0.9 tau=0.3", "beta-0.9-tau-0.3"), ("run_1.v2", "run_1.v2"), ("..", None), ("", None),
+    ("///", None), ("\u00e9t\u00e9", "t"), ("x" * 300, "x" * 120),
+])
+def test_safe_run_name(text, expected):
+    if expected is None:
+        with pytest.raises(MsaeError):
+            safe_run_name(text)
+    else:
+        name = safe_run_name(text)
+        assert name == expected
+        assert "/" not in name and ".." not in name and not name.startswith(".")
+
+
+def test_status_merges_and_cancel_without_process(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    write_status(run, state="queued", step=0, total_steps=10)
+    write_status(run, step=3)
+    s = read_status(run)
+    assert s["state"] == "queued" and s["step"] == 3 and s["total_steps"] == 10 and s["version"] == STATUS_VERSION
+    with pytest.raises(ValueError):
+        write_status(run, state="exploded")
+    assert cancel_run(run) is True and read_status(run)["state"] == "cancelled"
+    assert cancel_run(run) is False
+
+
+def _wait(run, pred, timeout=90):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            s = read_status(run)
+        except MsaeError:
+            s = {}
+        if pred(s):
+            return s
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; status {s}; log:\n{(Path(run) / 'train.log').read_text()[-3000:]}")
+
+
+def test_launch_cancel_and_relaunch(store, tmp_path):
+    cfg = RunConfig(sae=SAEConfig(arch="topk", d_in=D, d_sae=128, k=8),
+                    train=TrainConfig(steps=100_000, batch_size=64, warmup_steps=5, device="cpu",
+                                      log_every=5, checkpoint_every=1000, snapshot_every=0),
+                    data=DataConfig(acts=str(store)))
+    run = launch_run(cfg, tmp_path / "runs", "my run/../x")
+    assert run == tmp_path / "runs" / "my-run-.-x" or run.parent == tmp_path / "runs"
+    assert run.parent == tmp_path / "runs" and ".." not in run.name
+    s = _wait(run, lambda s: s.get("state") == "running" and s.get("step", 0) >= 5)
+    assert s["pid"] > 0
+    with pytest.raises(MsaeError, match="already running"):
+        launch_run(cfg, tmp_path / "runs", run.name)
+    assert cancel_run(run)
+    s = _wait(run, lambda s: s.get("state") == "cancelled")
+    step = json.loads((run / RUN_CHECKPOINT_DIR / TRAINER_STATE).read_text())["step"]
+    assert step == s["step"] and 5 <= step < 100_000
+    # relaunch with fewer steps: resumes from the checkpoint and finishes
+    cfg.train.steps = step + 10
+    launch_run(cfg, tmp_path / "runs", run.name)
+    s = _wait(run, lambda s: s.get("state") in ("done", "failed", "diverged"))
+    assert s["state"] == "done" and s["step"] == step + 10
+    info = [r for r in list_runs(tmp_path / "runs") if r.name == run.name][0]
+    assert info.problem is None and info.has_weights and info.metrics[-1]["step"] == step + 10
+    with pytest.raises(MsaeError, match="done"):
+        launch_run(cfg, tmp_path / "runs", run.name)
