@@ -403,10 +403,11 @@ def train_command(run_dir: str | os.PathLike) -> list[str]:
 
 
 def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
-               evals: tuple[str, ...] | list[str] = ()) -> Path:
+               evals: tuple[str, ...] | list[str] = (), max_parallel: int | None = None) -> Path:
     """Validate `config`, write root/<name>/config.json and status `queued`, and start training in
     a detached process (its own session, output in train.log). With `evals`, the training process
-    runs `msae eval RUN --evals ...` once it is done. Returns the run folder.
+    runs `msae eval RUN --evals ...` once it is done. With `max_parallel`, the process stays
+    `queued` until fewer than that many runs under `root` are running. Returns the run folder.
 
     A folder that already holds a finished or running run is refused; an unfinished one (failed,
     cancelled, killed) with the same settings is resumed."""
@@ -432,6 +433,8 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
     write_status(run_dir, state="queued", step=_checkpoint_step(run_dir),
                  total_steps=config.train.steps, error=None, pid=None, queued=time.time())
     cmd = train_command(run_dir)
+    if max_parallel:
+        cmd += ["--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
     with open(run_dir / RUN_LOG, "ab") as logf:
         logf.write(f"\n$ {shlex.join(cmd)}\n".encode())
         logf.flush()
@@ -482,3 +485,51 @@ def cancel_run(path: str | os.PathLike) -> bool:
         write_status(run_dir, state="cancelled", error="cancelled (its process was not running)")
         return True
     return False
+
+
+def running_runs(root: str | os.PathLike, exclude: Path | None = None) -> list[Path]:
+    """Run folders under `root` whose state is running and whose process is alive."""
+    out = []
+    for info in list_runs(root, metrics_tail=0):
+        if exclude is not None and info.path.resolve() == exclude.resolve():
+            continue
+        if info.state == "running" and pid_alive(info.status.get("pid")):
+            out.append(info.path)
+    return out
+
+
+def wait_for_slot(run_dir: str | os.PathLike, root: str | os.PathLike, max_parallel: int,
+                  poll_s: float = 1.0, timeout_s: float | None = None) -> bool:
+    """Stay `queued` until fewer than `max_parallel` runs under `root` are running, then mark this
+    run running (checked and marked under a lock file, so two waiting runs never take one slot).
+    SIGTERM while waiting ends the run as `cancelled` (returns False); so does the timeout."""
+    import fcntl
+    import threading
+
+    run_dir, root = Path(run_dir), Path(root)
+    cancelled: list[int] = []
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, lambda signum, frame: cancelled.append(signum))
+    try:
+        write_status(run_dir, state="queued", pid=os.getpid())
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        root.mkdir(parents=True, exist_ok=True)
+        while not cancelled:
+            with open(root / ".queue.lock", "a") as lockf:
+                fcntl.flock(lockf, fcntl.LOCK_EX)
+                try:
+                    if len(running_runs(root, exclude=run_dir)) < max_parallel:
+                        write_status(run_dir, state="running", pid=os.getpid())
+                        return True
+                finally:
+                    fcntl.flock(lockf, fcntl.LOCK_UN)
+            if end is not None and time.monotonic() > end:
+                break
+            time.sleep(poll_s)
+        write_status(run_dir, state="cancelled", pid=None,
+                     error="cancelled while queued" if cancelled else "gave up waiting for a free slot")
+        return False
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

@@ -442,6 +442,10 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--config", help="run config json (sections sae, train, data)")
     p.add_argument("--out", required=True, help="run folder (created; resumed when unfinished)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-parallel", type=int, default=None,
+                   help="stay queued until fewer than this many runs under --queue-root are running")
+    p.add_argument("--queue-root", default=None, help="folder of runs counted by --max-parallel "
+                                                      "(default: the parent of --out)")
     g = p.add_argument_group("data")
     add_dataclass_args(g, DataConfig)
     g = p.add_argument_group("training")
@@ -486,6 +490,13 @@ def run_evals(out_dir: Path, evals: list[str]) -> int:
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    cfg.validate()
+    if args.max_parallel:
+        from msae_core.runs import wait_for_slot
+
+        root = Path(args.queue_root) if args.queue_root else Path(args.out).resolve().parent
+        if not wait_for_slot(args.out, root, args.max_parallel):
+            return 130
     result = train(cfg, args.out, progress=not args.no_progress)
     if result.state in ("diverged", "failed"):
         raise MsaeError(result.error or result.state)

@@ -176,3 +176,28 @@ def test_launch_cancel_and_relaunch(store, tmp_path):
     assert info.problem is None and info.has_weights and info.metrics[-1]["step"] == step + 10
     with pytest.raises(MsaeError, match="done"):
         launch_run(cfg, tmp_path / "runs", run.name)
+
+
+def test_queue_waits_for_a_free_slot(tmp_path):
+    import threading
+
+    from msae_core.runs import wait_for_slot
+
+    root = tmp_path / "runs"
+    busy, mine = root / "busy", root / "mine"
+    for r in (busy, mine):
+        r.mkdir(parents=True)
+    write_status(busy, state="running", pid=os.getpid())  # alive
+    out = []
+    t = threading.Thread(target=lambda: out.append(wait_for_slot(mine, root, 1, poll_s=0.05)))
+    t.start()
+    time.sleep(0.4)
+    assert read_status(mine)["state"] == "queued" and not out
+    write_status(busy, state="done")
+    t.join(5)
+    assert out == [True] and read_status(mine)["state"] == "running"
+    write_status(mine, state="running", pid=os.getpid())
+    other = root / "other"
+    other.mkdir()
+    assert wait_for_slot(other, root, 1, poll_s=0.05, timeout_s=0.2) is False
+    assert read_status(other)["state"] == "cancelled"
