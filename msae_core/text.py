@@ -1,0 +1,306 @@
+"""Text corpora and fixed-length context windows.
+
+"embedded" is Debian's English fortunes (`apt-get install fortunes`): ~2.6 MB of real English in
+~50 topical files under /usr/share/games/fortunes, one document per `%`-separated fortune, labelled
+with its topic file. `load_fortunes(lang)` also reads the German, Spanish and Italian collections
+(packages fortunes-de, fortunes-es, fortunes-it), which the evals use as labelled probing data.
+Any other name is a Hugging Face dataset, streamed; a local .txt file (documents separated by blank
+lines) or .jsonl/.json/.parquet file also works.
+
+Windows follow SAEBench / SAELens: documents are tokenised without special tokens, joined with an
+EOS separator into one stream, cut into pieces of `context_size - 1` tokens and given a BOS each.
+The last incomplete piece is dropped. The harvest drops the BOS/EOS/PAD rows by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from msae_core.errors import MsaeError
+
+EMBEDDED = "embedded"
+FORTUNES_ROOT = Path("/usr/share/games/fortunes")
+# language -> (subfolder, Debian packages holding it)
+FORTUNE_LANGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "en": ("", ("fortunes", "fortunes-min")),
+    "de": ("de", ("fortunes-de",)),
+    "es": ("es", ("fortunes-es",)),
+    "it": ("it", ("fortunes-it",)),
+}
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: int
+    text: str
+    label: str | None = None
+
+
+@dataclass
+class Corpus:
+    """A named source of documents. `documents()` yields them in a fixed (deterministic) order;
+    `doc_id` is a document's index in the corpus' canonical order, stable across calls."""
+
+    name: str
+    provenance: dict
+    _iter: Callable[[], Iterator[Document]] = field(repr=False)
+    _docs: list[Document] | None = field(default=None, repr=False)
+
+    def documents(self) -> Iterator[Document]:
+        return self._iter()
+
+    def get(self, doc_id: int) -> Document | None:
+        """One document by id (in-memory corpora only; None for streamed ones)."""
+        if self._docs is None or not 0 <= doc_id < len(self._docs):
+            return None
+        return self._docs[doc_id]
+
+    def __len__(self) -> int:
+        if self._docs is None:
+            raise TypeError(f"corpus {self.name} is streamed: its length is unknown")
+        return len(self._docs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Debian fortunes
+
+
+def fortunes_root() -> Path:
+    return Path(os.environ.get("MSAE_FORTUNES_DIR") or FORTUNES_ROOT)
+
+
+def _fortune_files(lang: str, root: Path) -> list[Path]:
+    sub, _ = FORTUNE_LANGS[lang]
+    folder = root / sub if sub else root
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.iterdir()):
+        # regular files only: the top folder links Italian files in (adams -> it/adams), *.u8 link
+        # to their file; *.dat are strfile indexes; folders (off/, de/, ...) are skipped
+        if p.is_symlink() or not p.is_file() or p.suffix in (".dat", ".u8"):
+            continue
+        out.append(p)
+    return out
+
+
+def _split_fortunes(data: str) -> list[str]:
+    docs, cur = [], []
+    for line in data.splitlines():
+        if line.strip() == "%":
+            docs.append("\n".join(cur).strip())
+            cur = []
+        else:
+            cur.append(line.rstrip())
+    docs.append("\n".join(cur).strip())
+    return [d for d in docs if d]
+
+
+def _package_versions(packages: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for pkg in packages:
+        try:
+            res = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
+                                 text=True, timeout=10)
+            out[pkg] = res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "not installed"
+        except (OSError, subprocess.SubprocessError):
+            out[pkg] = "unknown (no dpkg-query)"
+    return out
+
+
+def load_fortunes(lang: str = "en", root: str | os.PathLike | None = None,
+                  labels: Iterable[str] | None = None, shuffle_seed: int | None = 0) -> Corpus:
+    """Debian fortunes of one language as a labelled corpus (label = topic file name).
+
+    labels: keep only these topics. shuffle_seed: documents() yields the documents in an order
+    shuffled by this seed (None: file order), so any prefix spans all topics; doc_id is always the
+    index in file order."""
+    if lang not in FORTUNE_LANGS:
+        raise MsaeError(f"no fortunes for language {lang!r}: choose one of {', '.join(FORTUNE_LANGS)}")
+    base = Path(root) if root is not None else fortunes_root()
+    files = _fortune_files(lang, base)
+    packages = FORTUNE_LANGS[lang][1]
+    if not files:
+        raise MsaeError(f"no {lang} fortunes in {base}: install them with "
+                        f"`sudo apt-get install {packages[0]}`")
+    wanted = None if labels is None else set(labels)
+    docs: list[Document] = []
+    digest = hashlib.sha256()
+    listing = []
+    for p in files:
+        raw = p.read_bytes()
+        digest.update(raw)
+        listing.append({"file": p.name, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()})
+        if wanted is not None and p.name not in wanted:
+            continue
+        for text in _split_fortunes(raw.decode("utf-8", errors="replace")):
+            docs.append(Document(len(docs), text, p.name))
+    if wanted is not None and not docs:
+        raise MsaeError(f"no {lang} fortunes with labels {sorted(wanted)}: "
+                        f"topics are {', '.join(x['file'] for x in listing)}")
+    order = list(range(len(docs)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    provenance = {
+        "source": "Debian fortunes", "language": lang, "root": str(base / FORTUNE_LANGS[lang][0]),
+        "packages": _package_versions(packages), "files": listing,
+        "sha256": digest.hexdigest(), "n_documents": len(docs),
+        "labels": sorted(wanted) if wanted is not None else None, "shuffle_seed": shuffle_seed,
+        "split": "documents separated by lines holding only '%'",
+    }
+    name = EMBEDDED if lang == "en" and wanted is None else f"fortunes-{lang}"
+    return Corpus(name, provenance, lambda: (docs[i] for i in order), docs)
+
+
+# ----------------------------------------------------------------------------------------------
+# local files and Hugging Face datasets
+
+
+def _local_text_corpus(path: Path) -> Corpus:
+    raw = path.read_bytes()
+    texts = [t.strip() for t in raw.decode("utf-8", errors="replace").split("\n\n") if t.strip()]
+    docs = [Document(i, t, None) for i, t in enumerate(texts)]
+    prov = {"source": "local text file", "path": str(path.resolve()),
+            "sha256": hashlib.sha256(raw).hexdigest(), "n_documents": len(docs),
+            "split": "documents separated by blank lines"}
+    return Corpus(str(path), prov, lambda: iter(docs), docs)
+
+
+def _hf_corpus(name: str, split: str, text_column: str, config: str | None,
+               label_column: str | None) -> Corpus:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise MsaeError("Hugging Face corpora need the `datasets` package: pip install datasets") from exc
+    from msae_core.lm import hub_reachable
+
+    local = Path(name).expanduser()
+    builder_kw: dict = {}
+    if local.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
+        if kind is None:
+            raise MsaeError(f"cannot read corpus file {local}: use .txt, .jsonl, .json, .parquet or .csv")
+        args: tuple = (kind,)
+        builder_kw["data_files"] = str(local)
+    elif local.is_dir():
+        args = (str(local),)
+    else:
+        if not hub_reachable():
+            raise MsaeError(f"cannot stream dataset {name!r}: there is no network to reach the Hugging "
+                            "Face Hub; use --corpus embedded (Debian fortunes) or a local file")
+        args = (name,) if config is None else (name, config)
+    try:
+        ds = datasets.load_dataset(*args, split=split, streaming=True, **builder_kw)
+        features = getattr(ds, "features", None)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise MsaeError(f"cannot load dataset {name!r} (split {split!r}): {type(exc).__name__}: {first}") from exc
+    if features is not None and text_column not in features:
+        raise MsaeError(f"dataset {name!r} has no text column {text_column!r} "
+                        f"(columns: {', '.join(features)}); choose one with text_column")
+
+    def documents() -> Iterator[Document]:
+        for i, row in enumerate(ds):
+            if text_column not in row:
+                raise MsaeError(f"dataset {name!r} has no text column {text_column!r} "
+                                f"(columns: {', '.join(row)})")
+            label = row.get(label_column) if label_column else None
+            yield Document(i, str(row[text_column]), None if label is None else str(label))
+
+    prov = {"source": "Hugging Face datasets (streamed)", "dataset": name, "config": config,
+            "split": split, "text_column": text_column, "datasets_version": datasets.__version__}
+    return Corpus(name, prov, documents)
+
+
+def load_corpus(name: str = EMBEDDED, split: str = "train", text_column: str = "text",
+                config: str | None = None, label_column: str | None = None) -> Corpus:
+    """A corpus by name: "embedded" (English fortunes), "fortunes-de|es|it", a local .txt file, or a
+    Hugging Face dataset name / local data file, streamed."""
+    if name == EMBEDDED:
+        return load_fortunes("en")
+    if name.startswith("fortunes-") and name[len("fortunes-"):] in FORTUNE_LANGS:
+        return load_fortunes(name[len("fortunes-"):])
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix == ".txt":
+        return _local_text_corpus(p)
+    return _hf_corpus(name, split, text_column, config, label_column)
+
+
+# ----------------------------------------------------------------------------------------------
+# context windows
+
+
+def _separator(tokenizer) -> int | None:
+    for attr in ("eos_token_id", "bos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def _bos(tokenizer) -> int | None:
+    v = getattr(tokenizer, "bos_token_id", None)
+    if v is None:
+        v = getattr(tokenizer, "eos_token_id", None)
+    return None if v is None else int(v)
+
+
+def context_windows(corpus: Corpus, tokenizer, context_size: int = 128, prepend_bos: bool = True,
+                    pack: bool = True, batch_docs: int = 64) -> Iterator[tuple[int, list[int]]]:
+    """Yield (doc_id, token ids) windows of exactly `context_size` tokens, deterministically.
+
+    pack=True (SAEBench): documents are joined by EOS and cut into windows; doc_id is the document
+    of the window's first content token. pack=False: each document gives its own windows (the last
+    one of a document may be shorter), e.g. for per-document probing."""
+    if context_size < 2:
+        raise MsaeError(f"context size must be >= 2 (got {context_size})")
+    bos = _bos(tokenizer) if prepend_bos else None
+    if prepend_bos and bos is None:
+        raise MsaeError("the tokenizer has no BOS (or EOS) token to prepend")
+    sep = _separator(tokenizer)
+    body = context_size - (1 if prepend_bos else 0)
+    head = [bos] if prepend_bos else []
+
+    def tokenised() -> Iterator[tuple[int, list[int]]]:
+        docs = corpus.documents()
+        while True:
+            chunk = list(itertools.islice(docs, batch_docs))
+            if not chunk:
+                return
+            enc = tokenizer([d.text for d in chunk], add_special_tokens=False)["input_ids"]
+            for d, ids in zip(chunk, enc):
+                yield d.doc_id, list(ids)
+
+    if not pack:
+        for doc_id, ids in tokenised():
+            for start in range(0, len(ids), body):
+                yield doc_id, head + ids[start:start + body]
+        return
+
+    buf: list[int] = []
+    owners: list[tuple[int, int]] = []  # (start offset in buf, doc_id), increasing
+    for doc_id, ids in tokenised():
+        if not ids:
+            continue
+        owners.append((len(buf), doc_id))
+        buf.extend(ids)
+        if sep is not None:
+            buf.append(sep)
+        while len(buf) >= body:
+            window = buf[:body]
+            # the document holding the window's first token
+            owner = next(d for s, d in reversed(owners) if s <= 0) if owners else -1
+            yield owner, head + window
+            del buf[:body]
+            owners = [(s - body, d) for s, d in owners]
+            # keep only the last owner starting at or before 0, and those after
+            keep = [i for i, (s, _) in enumerate(owners) if s <= 0]
+            if keep:
+                owners = owners[keep[-1]:]
