@@ -128,7 +128,8 @@ def load_fortunes(lang: str = "en", root: str | os.PathLike | None = None,
     files = _fortune_files(lang, base)
     packages = FORTUNE_LANGS[lang][1]
     if not files:
-        raise MsaeError(f"no {lang} fortunes in {base}: install them with "
+        names = {"en": "English", "de": "German", "es": "Spanish", "it": "Italian"}
+        raise MsaeError(f"no {names[lang]} fortunes in {base}: install them with "
                         f"`sudo apt-get install {packages[0]}`")
     wanted = None if labels is None else set(labels)
     docs: list[Document] = []

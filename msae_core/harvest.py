@@ -1,0 +1,210 @@
+"""`msae harvest`: run a language model over a corpus and store one layer's residual stream.
+
+Windows come from `text.context_windows` in a fixed order; each batch runs the model only up to
+block `layer` (the forward stops there). Rows of special tokens (BOS/EOS/PAD) are dropped by default.
+Rows are gathered into shards of about `shard_tokens` rows, each written by `StoreWriter` (renamed
+into place, then listed). Shards start at batch boundaries, so a harvest killed at any point and run
+again resumes after its last listed shard and ends with exactly the store an uninterrupted run
+writes. The store holds exactly `target_tokens` rows unless the corpus runs out first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import itertools
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from msae_core.artifacts import STORE_MANIFEST
+from msae_core.configutil import validate
+from msae_core.errors import MsaeError
+from msae_core.store import ActivationStore, StoreSettings, StoreWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_TOKENS = 32_768
+FLOAT16_MAX = 65504.0
+
+
+def _check_out_folder(out: Path, settings: StoreSettings) -> dict | None:
+    """The manifest already in `out` if it is this harvest's; refuse another harvest's folder early
+    (before the model loads). StoreWriter checks again when it opens the folder."""
+    try:
+        manifest = json.loads((out / STORE_MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MsaeError(f"{out / STORE_MANIFEST} is unreadable ({exc}): choose another --out folder") from exc
+    if not isinstance(manifest, dict) or manifest.get("settings_hash") != settings.settings_hash():
+        m = manifest if isinstance(manifest, dict) else {}
+        raise MsaeError(f"{out} already holds a different harvest (model {m.get('model')}, layer "
+                        f"{m.get('layer')}, {m.get('target_tokens')} tokens): choose another --out "
+                        "folder or delete it")
+    return manifest
+
+
+def _write_shard(writer: StoreWriter, parts: dict[str, list[torch.Tensor]]) -> None:
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    try:
+        writer.write_shard(**tensors)
+    except OSError as exc:
+        done = f"{len(writer.manifest['shards'])} complete shard(s), {writer.n_rows_done} rows"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MsaeError(f"disk full while writing to {writer.path}: {done} are intact and readable; "
+                            "free some space and run the same command again to resume") from exc
+        raise MsaeError(f"cannot write to {writer.path} ({exc.strerror or exc}): {done} are intact; "
+                        "run the same command again to resume") from exc
+
+
+def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int = 8,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, device: str | None = None,
+            progress: bool = True, lm=None, corpus=None) -> ActivationStore:
+    """Harvest `settings.target_tokens` rows of block `settings.layer`'s output into `out`.
+
+    Resumes a killed harvest of the same settings; returns at once when `out` is complete.
+    `lm` / `corpus` may be passed already loaded (they must be the ones the settings name)."""
+    from msae_core.lm import load_lm
+    from msae_core.text import context_windows, load_corpus
+
+    validate(settings)
+    if settings.hook != "resid_post":
+        raise MsaeError(f"hook {settings.hook!r} is not supported: only resid_post")
+    if batch_size < 1 or shard_tokens < 1:
+        raise MsaeError(f"batch size and shard tokens must be >= 1 (got {batch_size}, {shard_tokens})")
+    out = Path(out)
+    existing = _check_out_folder(out, settings)
+    if existing is not None and existing.get("complete"):
+        log.info("%s already holds this harvest (%d rows)", out, existing.get("n_rows", 0))
+        return ActivationStore(out)
+
+    corpus = corpus if corpus is not None else load_corpus(settings.corpus)
+    lm = lm if lm is not None else load_lm(settings.model, device=device)
+    lm.check_layer(settings.layer)
+    import transformers
+
+    meta = {
+        "corpus": {"name": corpus.name, "provenance": corpus.provenance},
+        "d_model": lm.d_model, "n_layers": lm.n_layers, "tokenizer": settings.model,
+        "bos_token_id": lm.bos_token_id, "special_ids": sorted(lm.special_ids),
+        "harvest": {"batch_size": batch_size, "shard_tokens": shard_tokens, "model_dtype": str(lm.dtype),
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "machine": platform.machine()},
+    }
+    writer = StoreWriter(out, settings, meta)
+    if writer.complete:
+        return ActivationStore(out)
+
+    special = torch.tensor(sorted(lm.special_ids), dtype=torch.long)
+    target = settings.target_tokens
+    windows = context_windows(corpus, lm.tokenizer, settings.context_size, settings.prepend_bos)
+    windows = itertools.islice(windows, writer.n_windows_done, None)  # resume after the last shard
+    rows_done, win_next = writer.n_rows_done, writer.n_windows_done
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                            ("acts", "token_ids", "window_ids", "positions",
+                                             "windows", "window_index", "doc_ids")}
+    buffered = 0
+    exhausted = False
+    bar = tqdm(total=target, initial=rows_done, unit="tok", unit_scale=True,
+               desc=f"harvest L{settings.layer}", disable=None if progress else True)
+    try:
+        while rows_done < target:
+            batch = list(itertools.islice(windows, batch_size))
+            if not batch:
+                exhausted = True
+                break
+            doc_ids = torch.tensor([d for d, _ in batch], dtype=torch.long)
+            ids_BT = torch.tensor([w for _, w in batch], dtype=torch.long)
+            B, T = ids_BT.shape
+            with torch.inference_mode():
+                acts_BTD = lm.resid_post(ids_BT, settings.layer, stop_early=True).float().cpu()
+            keep_BT = (~torch.isin(ids_BT, special) if settings.exclude_special
+                       else torch.ones_like(ids_BT, dtype=torch.bool))
+            win_ids_BT = (win_next + torch.arange(B))[:, None].expand(B, T)
+            pos_BT = torch.arange(T)[None, :].expand(B, T)
+            flat = keep_BT.reshape(-1)
+            acts = acts_BTD.reshape(B * T, -1)[flat]        # (N, D), rows in window/position order
+            tok, wid, pos = ids_BT.reshape(-1)[flat], win_ids_BT.reshape(-1)[flat], pos_BT.reshape(-1)[flat]
+            n_win = B
+            if rows_done + len(acts) > target:  # last batch: cut rows, and windows after the cut
+                need = target - rows_done
+                acts, tok, wid, pos = acts[:need], tok[:need], wid[:need], pos[:need]
+                n_win = int(wid[-1]) - win_next + 1
+            if settings.dtype == "float16" and len(acts) and acts.abs().max().item() > FLOAT16_MAX:
+                raise MsaeError(f"layer {settings.layer} activations exceed the float16 range "
+                                f"({acts.abs().max().item():.3g}): harvest with --dtype float32")
+            for k, v in (("acts", acts), ("token_ids", tok), ("window_ids", wid), ("positions", pos),
+                         ("windows", ids_BT[:n_win]), ("window_index", win_next + torch.arange(n_win)),
+                         ("doc_ids", doc_ids[:n_win])):
+                parts[k].append(v)
+            rows_done += len(acts)
+            win_next += n_win
+            buffered += len(acts)
+            bar.update(len(acts))
+            if buffered >= shard_tokens or rows_done >= target:
+                _write_shard(writer, parts)
+                parts = {k: [] for k in parts}
+                buffered = 0
+        if exhausted and parts["windows"]:
+            _write_shard(writer, parts)
+    finally:
+        bar.close()
+    if writer.n_rows_done == 0:
+        raise MsaeError(f"corpus {corpus.name!r} gave no tokens to harvest")
+    if exhausted:
+        log.warning("corpus %s ran out after %d of %d tokens", corpus.name, writer.n_rows_done, target)
+    try:
+        writer.finish(corpus_exhausted=exhausted)
+    except OSError as exc:
+        raise MsaeError(f"cannot finish {out} ({exc.strerror or exc}): run the same command again") from exc
+    return ActivationStore(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = StoreSettings(model=args.model, layer=args.layer, corpus=args.corpus,
+                             target_tokens=args.tokens, context_size=args.context_size,
+                             dtype=args.dtype, exclude_special=args.exclude_special)
+    store = harvest(settings, args.out, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
+                    device=args.device, progress=not args.no_progress)
+    log.info("activation store %s: %d rows of width %d (%s), %d shards", args.out, store.n_rows,
+             store.d_in, store.dtype, len(store.manifest["shards"]))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    d = StoreSettings()
+    p = subparsers.add_parser(
+        "harvest", help="store a layer's residual stream over a corpus",
+        description="Run a language model over a corpus and store the output of one block "
+                    "(resid_post) as safetensors shards. A killed harvest resumes when run again.")
+    p.add_argument("--model", default=d.model, help="'embedded' (Gemma 3 270M), a Hugging Face name or "
+                   "a local folder (default: %(default)s)")
+    p.add_argument("--layer", type=int, default=d.layer, help="block index (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=d.target_tokens,
+                   help="activation rows to store (default: %(default)s)")
+    p.add_argument("--out", required=True, help="store folder (created; resumed if it holds this harvest)")
+    p.add_argument("--corpus", default=d.corpus, help="'embedded' (Debian English fortunes), "
+                   "'fortunes-de|es|it', a Hugging Face dataset or a local .txt file (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default=d.dtype,
+                   help="on-disk dtype (default: %(default)s)")
+    p.add_argument("--context-size", type=int, default=d.context_size,
+                   help="tokens per window, BOS included (default: %(default)s)")
+    p.add_argument("--exclude-special", action=argparse.BooleanOptionalAction, default=d.exclude_special,
+                   help="drop BOS/EOS/PAD rows (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: %(default)s)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help="rows per shard, about (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
