@@ -1,0 +1,228 @@
+"""Harvest into an activation store with a tiny model: round trip, resume, refusals, disk full."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msae_core import harvest as harvest_mod
+from msae_core import store as store_mod
+from msae_core.errors import MsaeError
+from msae_core.harvest import add_cli, harvest
+from msae_core.lm import load_lm, save_tiny_model
+from msae_core.store import ActivationStore, StoreSettings
+
+WORDS = "the cat sat on a mat while dogs bark at night and fish swim in cold water".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harvest")
+    model = save_tiny_model(root / "model", "llama", seed=0)
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for _ in range(120):
+        n = int(torch.randint(3, 30, (1,), generator=g))
+        docs.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(docs))
+    return {"model": str(model), "corpus": str(corpus), "lm": load_lm(str(model), device="cpu")}
+
+
+def _settings(setup, **kw):
+    base = dict(model=setup["model"], corpus=setup["corpus"], layer=2, target_tokens=300,
+                context_size=16, dtype="float32")
+    return StoreSettings(**{**base, **kw})
+
+
+def _run(setup, out, **kw):
+    settings_kw = {k: kw.pop(k) for k in list(kw) if k in StoreSettings.__dataclass_fields__}
+    return harvest(_settings(setup, **settings_kw), out, batch_size=4, shard_tokens=64,
+                   progress=False, **kw)
+
+
+def _shards(path):
+    store = ActivationStore(path)
+    return store.manifest["shards"], [load_file(str(path / s["file"])) for s in store.manifest["shards"]]
+
+
+def test_round_trip_rows_trace_back_to_their_window(setup, tmp_path):
+    torch.manual_seed(0)
+    store = _run(setup, tmp_path / "st")
+    lm = setup["lm"]
+    m = store.manifest
+    assert store.n_rows == 300 and store.d_in == 64 and store.complete
+    assert m["model"] == setup["model"] and m["layer"] == 2 and m["hook"] == "resid_post"
+    assert m["corpus"]["name"] == setup["corpus"] and len(m["corpus"]["provenance"]["sha256"]) == 64
+    assert len(m["shards"]) == 3 and sum(s["rows"] for s in m["shards"]) == 300
+    info = store.row_info(torch.arange(store.n_rows))
+    assert not torch.isin(info["token_ids"].long(), torch.tensor(sorted(lm.special_ids))).any()
+    assert (info["positions"] > 0).all()  # BOS rows dropped
+    # every 7th row: recompute its window and compare the activation at its position
+    for r in range(0, 300, 7):
+        w, p = int(info["window_ids"][r]), int(info["positions"][r])
+        ids = store.window_tokens(w)
+        assert len(ids) == 16 and ids[0] == lm.bos_token_id and ids[p] == int(info["token_ids"][r])
+        ref = lm.resid_post(torch.tensor([ids]), 2)[0, p]
+        torch.testing.assert_close(store.rows(torch.tensor([r]))[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_float16_store_is_close(setup, tmp_path):
+    s16 = _run(setup, tmp_path / "a", dtype="float16", target_tokens=100)
+    s32 = _run(setup, tmp_path / "b", dtype="float32", target_tokens=100)
+    assert s16.dtype == "float16"
+    x16, x32 = s16.rows(torch.arange(100)), s32.rows(torch.arange(100))
+    torch.testing.assert_close(x16, x32, rtol=2e-3, atol=2e-3)
+
+
+def test_killed_harvest_resumes_to_the_uninterrupted_store(setup, tmp_path, monkeypatch):
+    _run(setup, tmp_path / "full")
+    real = store_mod.atomic_write_json
+    calls = {"n": 0}
+
+    def killed_on_third_manifest(path, obj):  # 1: empty manifest, 2: lists shard 0, 3: shard 1
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # shard_00001 renamed into place, never listed
+        real(path, obj)
+
+    monkeypatch.setattr(store_mod, "atomic_write_json", killed_on_third_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, tmp_path / "resumed")
+    monkeypatch.setattr(store_mod, "atomic_write_json", real)
+    partial = ActivationStore(tmp_path / "resumed")
+    assert len(partial.manifest["shards"]) == 1 and not partial.complete
+    assert (tmp_path / "resumed" / "shard_00001.safetensors").exists()  # unlisted: never read
+    _run(setup, tmp_path / "resumed")
+    meta_a, tensors_a = _shards(tmp_path / "full")
+    meta_b, tensors_b = _shards(tmp_path / "resumed")
+    assert meta_a == meta_b
+    for a, b in zip(tensors_a, tensors_b):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_complete_store_is_returned_without_loading_the_model(setup, tmp_path, monkeypatch):
+    _run(setup, tmp_path / "st", target_tokens=50)
+    monkeypatch.setattr("msae_core.lm.load_lm", lambda *a, **k: pytest.fail("model loaded"))
+    assert _run(setup, tmp_path / "st", target_tokens=50).n_rows == 50
+
+
+def test_refuses_a_folder_holding_another_harvest(setup, tmp_path):
+    _run(setup, tmp_path / "st", target_tokens=50)
+    with pytest.raises(MsaeError, match="different harvest"):
+        _run(setup, tmp_path / "st", target_tokens=50, layer=1)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(MsaeError, match="not empty"):
+        _run(setup, tmp_path / "other", target_tokens=50)
+
+
+def test_bad_inputs_fail_before_writing(setup, tmp_path, monkeypatch):
+    with pytest.raises(MsaeError, match="tokens must be > 0"):
+        _run(setup, tmp_path / "a", target_tokens=0)
+    with pytest.raises(MsaeError, match="layer 9 is out of range"):
+        _run(setup, tmp_path / "b", layer=9)
+    with pytest.raises(MsaeError, match="layer must be >= 0"):
+        _run(setup, tmp_path / "b", layer=-1)
+    monkeypatch.setenv("MSAE_FORTUNES_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(MsaeError, match="apt-get install fortunes"):
+        _run(setup, tmp_path / "c", corpus="embedded")
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_disk_full_keeps_completed_shards_and_resumes(setup, tmp_path, monkeypatch):
+    _run(setup, tmp_path / "full")
+    real = store_mod.atomic_save_safetensors
+    calls = {"n": 0}
+
+    def fills_up(path, tensors, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(store_mod, "atomic_save_safetensors", fills_up)
+    with pytest.raises(MsaeError, match="disk full.*2 complete shard"):
+        _run(setup, tmp_path / "st")
+    monkeypatch.setattr(store_mod, "atomic_save_safetensors", real)
+    partial = ActivationStore(tmp_path / "st")
+    full = ActivationStore(tmp_path / "full")
+    n = partial.n_rows
+    assert len(partial.manifest["shards"]) == 2 and 0 < n < 300
+    assert torch.equal(partial.rows(torch.arange(n)), full.rows(torch.arange(n)))
+    assert _run(setup, tmp_path / "st").n_rows == 300
+
+
+def test_float16_overflow_is_an_error(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(harvest_mod, "FLOAT16_MAX", 1e-3)
+    with pytest.raises(MsaeError, match="--dtype float32"):
+        _run(setup, tmp_path / "st", dtype="float16", target_tokens=20)
+
+
+def test_corpus_running_out_finishes_with_what_there_is(setup, tmp_path):
+    store = _run(setup, tmp_path / "st", target_tokens=10**6)
+    assert store.complete and store.manifest["corpus_exhausted"] and 500 < store.n_rows < 10**6
+
+
+def test_cli(setup, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["harvest", "--model", setup["model"], "--corpus", setup["corpus"],
+                              "--layer", "1", "--tokens", "40", "--context-size", "16",
+                              "--dtype", "float32", "--out", str(tmp_path / "st"), "--no-progress"])
+    assert args.func(args) == 0
+    store = ActivationStore(tmp_path / "st")
+    assert store.n_rows == 40 and store.manifest["layer"] == 1 and store.manifest["context_size"] == 16
+
+
+_CHILD = """
+import sys, time
+from msae_core import store
+from msae_core.harvest import harvest
+from msae_core.store import StoreSettings
+real = store.StoreWriter.write_shard
+def slow(self, *a, **k):
+    out = real(self, *a, **k)
+    time.sleep(0.3)  # room for the parent to kill us between (or inside) shard writes
+    return out
+store.StoreWriter.write_shard = slow
+s = StoreSettings(model=sys.argv[1], corpus=sys.argv[2], layer=2, target_tokens=300, context_size=16,
+                  dtype="float32")
+harvest(s, sys.argv[3], batch_size=4, shard_tokens=64, progress=False)
+"""
+
+
+def test_sigkilled_harvest_resumes_to_the_uninterrupted_store(setup, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, setup["model"], setup["corpus"], str(out)])
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 1:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    partial = ActivationStore(out)
+    assert not partial.complete and 1 <= len(partial.manifest["shards"]) < 3
+    _run(setup, out)
+    _run(setup, tmp_path / "full")
+    meta_a, tensors_a = _shards(tmp_path / "full")
+    meta_b, tensors_b = _shards(out)
+    assert meta_a == meta_b
+    for a, b in zip(tensors_a, tensors_b):
+        assert all(torch.equal(a[k], b[k]) for k in a)
