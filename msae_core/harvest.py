@@ -97,7 +97,10 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "machine": platform.machine()},
     }
-    writer = StoreWriter(out, settings, meta)
+    try:
+        writer = StoreWriter(out, settings, meta)
+    except OSError as exc:
+        raise MsaeError(f"cannot create the activation store {out}: {exc.strerror or exc}") from exc
     if writer.complete:
         return ActivationStore(out)
 
