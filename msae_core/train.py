@@ -48,7 +48,7 @@ from msae_core.artifacts import (OPTIMIZER_STATE, RUN_CHECKPOINT_DIR, RUN_CONFIG
                                  atomic_write_json, atomic_write_text, read_jsonl)
 from msae_core.configutil import add_dataclass_args, overrides_from_args
 from msae_core.errors import MsaeError
-from msae_core.runs import (DataConfig, RunConfig, TrainConfig, read_status, write_status)
+from msae_core.runs import DataConfig, RunConfig, TrainConfig, pid_alive, read_status, write_status
 from msae_core.sae import SAEConfig
 
 log = logging.getLogger(__name__)
@@ -292,11 +292,14 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True) 
             if diff:
                 raise MsaeError(f"{out_dir} holds a run with other settings ({diff}): "
                                 "choose another --out or delete it")
-    config.save(existing_cfg)
     try:
         prev = read_status(out_dir)
     except MsaeError:
         prev = {}
+    other = prev.get("pid")
+    if prev.get("state") == "running" and other != os.getpid() and pid_alive(other):
+        raise MsaeError(f"{out_dir} is being trained by process {other}: cancel it first")
+    config.save(existing_cfg)
     write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
                  total_steps=config.train.steps, started=prev.get("started") or time.time())
     try:
@@ -326,6 +329,7 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
         state = json.loads((ckpt / TRAINER_STATE).read_text())
         start = int(state["step"])
         if ckpt.name != RUN_CHECKPOINT_DIR:  # killed between the renames: take the old one back
+            shutil.rmtree(out_dir / RUN_CHECKPOINT_DIR, ignore_errors=True)
             os.rename(ckpt, out_dir / RUN_CHECKPOINT_DIR)
             ckpt = out_dir / RUN_CHECKPOINT_DIR
         sae = _sae_io().load_sae(ckpt).to(device)

@@ -224,5 +224,11 @@ def test_flags_override_config_file_and_bad_settings_refused(store, reference, t
     # the reference run folder refuses other settings rather than mixing two runs
     with pytest.raises(MsaeError, match="other settings"):
         train(make_config(store, beta=0.5), reference, progress=False)
+    # a folder another live process is training is refused
+    from msae_core.runs import write_status
+    write_status(reference, state="running", pid=os.getppid())
+    with pytest.raises(MsaeError, match="being trained by process"):
+        train(make_config(store), reference, progress=False)
+    write_status(reference, state="done", pid=None)
     # a done run asked again does nothing but report done
     assert train(make_config(store), reference, progress=False).state == "done"
