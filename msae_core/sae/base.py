@@ -1,0 +1,190 @@
+"""The shared SAE: config, registry, encoder/decoder parameters and the pieces every base uses.
+
+    x_n   = x * input_scale                           # fixed scalar so that E||x_n|| = sqrt(D)
+    f     = act(W_enc^T (x_n - b_dec) + b_enc)        # (B, F)
+    x_hat = (W_dec^T f + b_dec) / input_scale         # (B, D)
+
+Losses are computed in the normalised units, so one l1 coefficient means the same thing on any
+model. `input_scale` is a buffer (saved with the weights); it is 1 until `fit_input_scale_`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type["SAE"]] = {}
+
+
+def register_sae(name: str) -> Callable[[type["SAE"]], type["SAE"]]:
+    def deco(cls: type["SAE"]) -> type["SAE"]:
+        _REGISTRY[name] = cls
+        cls.arch_name = name
+        return cls
+    return deco
+
+
+def registered_archs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is: architecture, sizes and the knobs of its loss."""
+
+    arch: Literal["topk", "relu", "momentum"] = field(default="topk", metadata={
+        "help": "architecture: topk, relu (standard L1) or momentum (wraps --base)"})
+    d_in: int = field(default=0, metadata={"help": "input width (taken from the activation store when 0)"})
+    d_sae: int = field(default=4096, metadata={"help": "dictionary size F"})
+    k: int = field(default=32, metadata={"help": "active latents per token (topk)"})
+    l1_coeff: float = field(default=0.04, metadata={"help": "L1 coefficient (relu)"})
+    auxk_coeff: float = field(default=1 / 32, metadata={"help": "AuxK loss coefficient (topk)"})
+    dead_tokens_threshold: int = field(default=500_000, metadata={
+        "help": "a latent that has not fired for this many tokens counts as dead"})
+    base: Literal["topk", "relu"] = field(default="topk", metadata={"help": "base of a momentum SAE"})
+    beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})
+    tau: float = field(default=0.4, metadata={"help": "competition threshold on the pair score kappa"})
+    lam: float = field(default=0.0, metadata={"help": "competition penalty coefficient lambda"})
+    n_candidates: int = field(default=16, metadata={"help": "candidate pairs kept per feature (C)"})
+    cofire_top: int = field(default=32, metadata={
+        "help": "per token, the strongest active latents whose co-firing is tracked (momentum)"})
+    refresh_every: int = field(default=250, metadata={
+        "help": "steps between decoder-cosine neighbour refreshes of the candidate table"})
+    seed: int = field(default=0, metadata={"help": "seed of the weight initialisation"})
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.arch not in _REGISTRY:
+            out.append(f"arch must be one of {', '.join(registered_archs())} (got {self.arch!r})")
+        if self.d_in < 0:
+            out.append(f"d_in must be >= 1 (got {self.d_in})")
+        if self.d_sae < 1:
+            out.append(f"d_sae must be >= 1 (got {self.d_sae})")
+        uses_k = self.arch == "topk" or (self.arch == "momentum" and self.base == "topk")
+        if uses_k and not 1 <= self.k <= max(self.d_sae, 1):
+            out.append(f"k must be in [1, d_sae={self.d_sae}] (got {self.k})")
+        if self.l1_coeff < 0:
+            out.append(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+        if self.auxk_coeff < 0:
+            out.append(f"auxk_coeff must be >= 0 (got {self.auxk_coeff})")
+        if self.arch == "momentum" and self.base not in ("topk", "relu"):
+            out.append(f"base must be topk or relu (got {self.base!r})")
+        if not 0 <= self.beta < 1:
+            out.append(f"beta must be in [0, 1) (got {self.beta})")
+        if not 0 <= self.tau <= 1:
+            out.append(f"tau must be in [0, 1] (got {self.tau})")
+        if not self.lam >= 0:
+            out.append(f"lam must be >= 0 (got {self.lam})")
+        if self.n_candidates < 1:
+            out.append(f"n_candidates must be >= 1 (got {self.n_candidates})")
+        if self.cofire_top < 2:
+            out.append(f"cofire_top must be >= 2 (got {self.cofire_top})")
+        if self.refresh_every < 0:
+            out.append(f"refresh_every must be >= 0 (got {self.refresh_every})")
+        return out
+
+
+class SAEOutput(NamedTuple):
+    x_hat: torch.Tensor  # (B, D) reconstruction, input units
+    f: torch.Tensor  # (B, F) latent activations
+    pre_acts: torch.Tensor  # (B, F) encoder pre-activations
+
+
+def build_sae(cfg: SAEConfig) -> "SAE":
+    if cfg.arch not in _REGISTRY:
+        raise ValueError(f"unknown SAE architecture {cfg.arch!r}; known: {', '.join(registered_archs())}")
+    if cfg.d_in < 1:
+        raise ValueError("d_in must be set (>= 1) before building an SAE")
+    return _REGISTRY[cfg.arch](cfg)
+
+
+class SAE(nn.Module):
+    """Parameters and encode/decode shared by the bases. Subclasses define `activation` and
+    `loss_terms`; the decoder rows are kept at unit norm by `post_step_`."""
+
+    arch_name = "base"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, F = cfg.d_in, cfg.d_sae
+        g = torch.Generator().manual_seed(cfg.seed)  # never the global RNG: momentum must match its base
+        W_dec_FD = torch.randn(F, D, generator=g)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_FD)  # (F, D), unit-norm rows
+        self.W_enc = nn.Parameter(W_dec_FD.T.clone())  # (D, F), tied at init
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_dec = nn.Parameter(torch.zeros(D))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long))
+
+    # -- the math --------------------------------------------------------------------------------
+    def pre_activation(self, x_n_BD: torch.Tensor) -> torch.Tensor:
+        return (x_n_BD - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode_n(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return f_BF @ self.W_dec + self.b_dec
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.pre_activation(x_BD * self.input_scale))
+
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return self._decode_n(f_BF) / self.input_scale
+
+    def forward(self, x_BD: torch.Tensor) -> SAEOutput:
+        pre = self.pre_activation(x_BD * self.input_scale)
+        f = self.activation(pre)
+        return SAEOutput(self.decode(f), f, pre)
+
+    def _forward_n(self, x_n_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre = self.pre_activation(x_n_BD)
+        f = self.activation(pre)
+        return self._decode_n(f), f, pre
+
+    # -- training --------------------------------------------------------------------------------
+    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+        """Loss terms (in normalised units; "loss" is the total) and the forward outputs."""
+        raise NotImplementedError
+
+    def training_loss(self, x_BD: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        return self.loss_terms(x_BD, step)[0]
+
+    @torch.no_grad()
+    def _track_firing_(self, f_BF: torch.Tensor) -> None:
+        fired = (f_BF > 0).any(dim=0)
+        self.tokens_since_fired += f_BF.shape[0]
+        self.tokens_since_fired[fired] = 0
+
+    @property
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens_threshold
+
+    @torch.no_grad()
+    def unit_norm_decoder_(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def post_step_(self, step: int) -> None:
+        self.unit_norm_decoder_()
+
+    @torch.no_grad()
+    def fit_input_scale_(self, x_BD: torch.Tensor) -> None:
+        """Set the fixed input scale so that the mean input norm becomes sqrt(D) (as SAELens's
+        'expected_average_only_in' normalisation), and b_dec to the scaled mean input."""
+        scale = (self.cfg.d_in ** 0.5) / x_BD.float().norm(dim=1).mean().clamp_min(1e-8)
+        self.input_scale.copy_(scale)
+        self.b_dec.copy_((x_BD.float() * scale).mean(0))
+
+    def step_counts(self) -> dict[str, float]:
+        return {"dead_features": float(self.dead_mask.sum())}
+
+
+def mse_loss(x_n_BD: torch.Tensor, x_hat_n_BD: torch.Tensor) -> torch.Tensor:
+    """||x - x_hat||^2 summed over D, averaged over the batch."""
+    return (x_n_BD - x_hat_n_BD).pow(2).sum(-1).mean()

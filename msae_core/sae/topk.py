@@ -1,0 +1,41 @@
+"""The TopK SAE with the AuxK loss for dead latents (Gao et al. 2024).
+
+    f     = scatter(TopK(ReLU(pre), k))
+    e     = x - x_hat                                  (detached target)
+    e_hat = W_dec^T TopK_{dead}(pre, k_aux)            k_aux = min(d_in // 2, #dead)
+    loss  = ||x - x_hat||^2 + auxk_coeff * ||e - e_hat||^2 / ||e - mean(e)||^2
+"""
+
+from __future__ import annotations
+
+import torch
+
+from msae_core.sae.base import SAE, SAEOutput, mse_loss, register_sae
+
+
+@register_sae("topk")
+class TopKSAE(SAE):
+    def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre_BF).scatter_(-1, idx_BK, torch.relu(vals_BK))
+
+    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+        x_n = x_BD * self.input_scale
+        x_hat_n, f, pre = self._forward_n(x_n)
+        mse = mse_loss(x_n, x_hat_n)
+        dead_F = self.dead_mask
+        n_dead = int(dead_F.sum())
+        auxk = x_n.new_zeros(())
+        if n_dead > 0 and self.cfg.auxk_coeff > 0:
+            k_aux = min(self.cfg.d_in // 2, n_dead)
+            e_BD = (x_n - x_hat_n).detach()
+            dead_pre = pre.masked_fill(~dead_F, float("-inf"))
+            vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
+            aux_f = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+            e_hat_BD = aux_f @ self.W_dec
+            denom = (e_BD - e_BD.mean(0, keepdim=True)).pow(2).sum(-1).mean().clamp_min(1e-8)
+            auxk = (e_BD - e_hat_BD).pow(2).sum(-1).mean() / denom
+            auxk = torch.nan_to_num(auxk, nan=0.0)
+        self._track_firing_(f.detach())
+        losses = {"loss": mse + self.cfg.auxk_coeff * auxk, "mse": mse, "auxk": auxk}
+        return losses, SAEOutput(x_hat_n / self.input_scale, f, pre)

@@ -1,0 +1,163 @@
+"""SAE weights on disk: our format (safetensors + json, momentum buffers included), SAELens's
+on-disk format, and a wrapper with SAEBench's custom-SAE interface.
+
+Only safetensors and json are read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from msae_core import __version__
+from msae_core.artifacts import (SAE_CONFIG, SAE_WEIGHTS, SAELENS_CONFIG, SAELENS_WEIGHTS,
+                                 atomic_save_safetensors, atomic_write_json)
+from msae_core.configutil import from_dict
+from msae_core.errors import MsaeError
+from msae_core.sae import SAE, SAEConfig, build_sae
+
+SAE_FORMAT = "msae-sae/1"
+
+
+def save_sae(sae: SAE, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write `sae.safetensors` (parameters and buffers) and `sae_config.json`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
+    atomic_save_safetensors(folder / SAE_WEIGHTS, state, metadata={"format": SAE_FORMAT})
+    atomic_write_json(folder / SAE_CONFIG, {"format": SAE_FORMAT, "msae_version": __version__,
+                                           "config": dataclasses.asdict(sae.cfg), **(extra or {})})
+
+
+def read_sae_config(folder: str | os.PathLike) -> SAEConfig:
+    path = Path(folder) / SAE_CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MsaeError(f"no SAE weights in {folder} ({SAE_CONFIG} missing)") from None
+    except (json.JSONDecodeError, OSError) as exc:
+        raise MsaeError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != SAE_FORMAT:
+        raise MsaeError(f"{path} is not an msae SAE config (format {data.get('format') if isinstance(data, dict) else None!r})")
+    return from_dict(SAEConfig, data["config"])
+
+
+def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+    """Rebuild the SAE saved in `folder`; its outputs equal the saved module's."""
+    cfg = read_sae_config(folder)
+    path = Path(folder) / SAE_WEIGHTS
+    if not path.exists():
+        raise MsaeError(f"no SAE weights in {folder} ({SAE_WEIGHTS} missing)")
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types on a torn file
+        raise MsaeError(f"{path} is unreadable: {exc}") from exc
+    sae = build_sae(cfg).to(device)
+    missing, unexpected = sae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise MsaeError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return sae
+
+
+def folded_weights(sae: SAE) -> dict[str, torch.Tensor]:
+    """Weights acting on raw (unscaled) inputs: the input scale folded into W_enc, W_dec and b_dec.
+
+    pre = (x s - b_dec) W_enc + b_enc = (x - b_dec / s)(s W_enc) + b_enc
+    x_hat = (f W_dec + b_dec) / s = f (W_dec / s) + b_dec / s
+    """
+    s = sae.input_scale.detach().float()
+    return {"W_enc": (sae.W_enc.detach().float() * s).contiguous(),
+            "W_dec": (sae.W_dec.detach().float() / s).contiguous(),
+            "b_enc": sae.b_enc.detach().float().contiguous(),
+            "b_dec": (sae.b_dec.detach().float() / s).contiguous()}
+
+
+def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
+                   hook_name: str = "", context_size: int = 128, dataset_path: str = "",
+                   prepend_bos: bool = True) -> Path:
+    """Write SAELens's on-disk format: `cfg.json` with its field names and
+    `sae_weights.safetensors` with W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc, b_dec.
+
+    A momentum SAE is exported as its base architecture (the tracker is training-time state); a
+    `relu` SAE as SAELens's "standard" architecture."""
+    folder = Path(folder)
+    base = sae.cfg.base if sae.cfg.arch == "momentum" else sae.cfg.arch
+    architecture = {"relu": "standard", "topk": "topk"}[base]
+    w = folded_weights(sae)
+    atomic_save_safetensors(folder / SAELENS_WEIGHTS, w)
+    cfg: dict[str, Any] = {
+        "architecture": architecture,
+        "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"model_name": model_name, "hook_name": hook_name, "hook_head_index": None,
+                     "prepend_bos": prepend_bos, "context_size": context_size,
+                     "dataset_path": dataset_path, "sae_lens_training_version": None,
+                     "msae_arch": sae.cfg.arch, "msae_config": dataclasses.asdict(sae.cfg)},
+        # SAELens 5.x flat field names, kept for older readers
+        "model_name": model_name, "hook_name": hook_name, "hook_layer": _layer_of(hook_name),
+        "context_size": context_size, "prepend_bos": prepend_bos, "dataset_path": dataset_path,
+        "activation_fn_str": "topk" if architecture == "topk" else "relu",
+        "finetuning_scaling_factor": False,
+    }
+    if architecture == "topk":
+        cfg["k"] = sae.cfg.k
+        cfg["activation_fn_kwargs"] = {"k": sae.cfg.k}
+    atomic_write_json(folder / SAELENS_CONFIG, cfg)
+    return folder
+
+
+def _layer_of(hook_name: str) -> int | None:
+    for part in hook_name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+class SAEBenchSAE(torch.nn.Module):
+    """SAEBench's custom-SAE interface (sae_bench/custom_saes/base_sae.py): W_enc (d_in, d_sae),
+    W_dec (d_sae, d_in), b_enc, b_dec, encode, decode, forward, cfg, dtype, device.
+
+    Works without sae-bench installed; when it is, `cfg` is its CustomSAEConfig."""
+
+    def __init__(self, sae: SAE, *, model_name: str, hook_layer: int, hook_name: str | None = None,
+                 context_size: int = 128, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.inner = sae.to(device=device)
+        w = folded_weights(sae)
+        for k, v in w.items():
+            setattr(self, k, torch.nn.Parameter(v.to(device=device, dtype=dtype), requires_grad=False))
+        self.device = torch.device(device)
+        self.dtype = dtype
+        hook_name = hook_name or f"blocks.{hook_layer}.hook_resid_post"
+        fields = dict(model_name=model_name, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
+                      hook_layer=hook_layer, hook_name=hook_name, context_size=context_size,
+                      architecture=sae.cfg.arch, dtype=str(dtype).removeprefix("torch."),
+                      apply_b_dec_to_input=True, prepend_bos=True, normalize_activations="none",
+                      dataset_path="", dataset_trust_remote_code=False, seqpos_slice=(None,),
+                      device=str(device), activation_fn_str="topk" if sae.cfg.arch == "topk" else "relu")
+        try:
+            from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig  # type: ignore
+
+            self.cfg = CustomSAEConfig(model_name, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
+                                       hook_name=hook_name, hook_layer=hook_layer)
+            self.cfg.architecture = sae.cfg.arch
+            self.cfg.dtype = fields["dtype"]
+        except ImportError:
+            self.cfg = SimpleNamespace(**fields)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode(x.to(self.inner.W_enc.dtype)).to(self.dtype)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(f.to(self.inner.W_dec.dtype)).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
