@@ -1,0 +1,252 @@
+"""Plotly figure builders for the workbench (and for exports). No Streamlit here.
+
+Every builder takes plain data (numpy arrays, dataframes) and returns a `plotly.graph_objects.Figure`;
+an empty input gives a figure with a centred note instead of raising. `tokens_html` renders a
+context with each token shaded by activation (token text is HTML-escaped).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+TEMPLATE = "plotly_white"
+FEATURE_COLOURS = ((31, 119, 180), (214, 39, 40))  # first and second feature of a pair
+RECONSTRUCTION_LABELS = {"explained_variance": "explained variance", "ce_loss_score": "CE-loss score",
+                         "kl_div_score": "KL score"}
+
+
+def _empty(note: str, title: str = "") -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=note, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 14})
+    fig.update_layout(template=TEMPLATE, title=title, xaxis={"visible": False},
+                      yaxis={"visible": False}, height=320)
+    return fig
+
+
+# ------------------------------------------------------------------------------------- trade-off
+def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
+    """Indices of the points no other point beats on both axes (lower x, higher y), by x.
+    NaN points never belong to the front."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.nonzero(np.isfinite(x) & np.isfinite(y))[0]
+    order = ok[np.lexsort((-y[ok], x[ok]))]  # by x, ties: best y first
+    front, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return np.asarray(front, dtype=int)
+
+
+def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "absorption",
+                    color: str | None = None, reference: pd.DataFrame | None = None,
+                    frontier: bool = True, hover: Sequence[str] = ()) -> go.Figure:
+    """Reconstruction (`y`) against absorption (`x`) for every run with both, coloured by `color`,
+    the Pareto frontier (low absorption, high reconstruction) as a line, reference points as
+    crosses. Each run's marker carries its name as customdata (for click-to-open)."""
+    ylab = RECONSTRUCTION_LABELS.get(y, y)
+    d = df[df[x].notna() & df[y].notna()] if len(df) and x in df and y in df else df.iloc[0:0]
+    if d.empty and (reference is None or reference.empty):
+        return _empty("no run has both an absorption and a reconstruction score yet",
+                      f"{ylab} vs absorption")
+    fig = go.Figure()
+    hover_cols = [c for c in ("arch", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "l0", *hover)
+                  if c in d.columns]
+    if not d.empty:
+        custom = d[["name"] + hover_cols].astype(object).where(d[["name"] + hover_cols].notna(), "-")
+        tmpl = "<b>%{customdata[0]}</b><br>" + f"{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}" + "".join(
+            f"<br>{c}=%{{customdata[{n + 1}]}}" for n, c in enumerate(hover_cols)) + "<extra></extra>"
+        marker: dict[str, Any] = {"size": 11, "line": {"width": 1, "color": "#333"}}
+        if color and color in d.columns:
+            vals = d[color]
+            if pd.api.types.is_numeric_dtype(vals) and vals.notna().any():
+                marker.update(color=vals.fillna(np.nan), colorscale="Viridis", showscale=True,
+                              colorbar={"title": color})
+            else:
+                cats = vals.astype(str)
+                codes = {c: n for n, c in enumerate(sorted(cats.unique()))}
+                palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                           "#7f7f7f", "#bcbd22", "#17becf"]
+                marker["color"] = [palette[codes[c] % len(palette)] for c in cats]
+        fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="markers", name="runs", marker=marker,
+                                 customdata=custom.to_numpy(), hovertemplate=tmpl))
+        if frontier and len(d) > 1:
+            idx = pareto_front(d[x].to_numpy(), d[y].to_numpy())
+            fd = d.iloc[idx]
+            fig.add_trace(go.Scatter(x=fd[x], y=fd[y], mode="lines", name="Pareto frontier",
+                                     line={"dash": "dash", "color": "#444"}, hoverinfo="skip"))
+    if reference is not None and not reference.empty and x in reference and y in reference:
+        r = reference[reference[x].notna() & reference[y].notna()]
+        fig.add_trace(go.Scatter(
+            x=r[x], y=r[y], mode="markers+text", name="research log (reported)",
+            text=r.get("label", r.index.astype(str)), textposition="top center",
+            marker={"symbol": "x", "size": 11, "color": "#d62728"},
+            hovertemplate="%{text}<br>" + f"{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra>reported</extra>"))
+    fig.update_layout(template=TEMPLATE, title=f"{ylab} vs absorption", xaxis_title=f"{x} (lower is better)",
+                      yaxis_title=f"{ylab} (higher is better)", height=520, clickmode="event+select",
+                      legend={"orientation": "h", "y": -0.15})
+    return fig
+
+
+# ----------------------------------------------------------------------------- training metrics
+def metrics_figure(metrics: pd.DataFrame, keys: Sequence[str] = ("loss", "explained_variance", "l0",
+                                                                   "competing_pairs"),
+                   title: str = "") -> go.Figure:
+    """One small panel per metric over steps."""
+    keys = [k for k in keys if k in metrics.columns and metrics[k].notna().any()]
+    if metrics.empty or "step" not in metrics or not keys:
+        return _empty("no metrics logged yet", title)
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=keys)
+    for n, k in enumerate(keys, start=1):
+        fig.add_trace(go.Scatter(x=metrics["step"], y=metrics[k], mode="lines", name=k, showlegend=False),
+                      row=1, col=n)
+    fig.update_layout(template=TEMPLATE, title=title, height=260, margin={"t": 50, "b": 30})
+    return fig
+
+
+# ---------------------------------------------------------------------------------- traces
+def traces_figure(steps: np.ndarray, features: Sequence[int], rate: np.ndarray, mag: np.ndarray,
+                  pressure: np.ndarray, title: str = "momentum traces") -> go.Figure:
+    """rate, mag and pressure (each (n_features, n_steps)) of chosen features over steps."""
+    if len(steps) == 0 or len(features) == 0:
+        return _empty("no trace snapshots for these features", title)
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=("firing rate", "mean activation (mag)", "competition pressure"))
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf"]
+    for n, f in enumerate(features):
+        c = palette[n % len(palette)]
+        for row, arr in enumerate((rate, mag, pressure), start=1):
+            fig.add_trace(go.Scatter(x=steps, y=arr[n], mode="lines", name=f"feature {f}", legendgroup=str(f),
+                                     showlegend=row == 1, line={"color": c}), row=row, col=1)
+    fig.update_layout(template=TEMPLATE, title=title, height=640)
+    fig.update_xaxes(title_text="step", row=3, col=1)
+    return fig
+
+
+def heatmap_figure(steps: np.ndarray, features: Sequence[int], values: np.ndarray,
+                   title: str = "pressure: features x steps") -> go.Figure:
+    """values (n_features, n_steps) as a heatmap, one row per feature."""
+    if len(steps) == 0 or len(features) == 0:
+        return _empty("no trace snapshots", title)
+    fig = go.Figure(go.Heatmap(z=values, x=steps, y=[str(f) for f in features], colorscale="Magma",
+                               hovertemplate="feature %{y}<br>step %{x}<br>%{z:.4g}<extra></extra>"))
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="step", yaxis_title="feature",
+                      yaxis={"type": "category"}, height=max(320, min(900, 16 * len(features) + 120)))
+    return fig
+
+
+def events_figure(events: pd.DataFrame, title: str = "competition events") -> go.Figure:
+    """Each event at its step: upward crossings of tau above, downward below (pair in hover)."""
+    if events.empty or "step" not in events:
+        return _empty("no competition events logged", title)
+    d = events.copy()
+    direction = d["direction"].astype(str).str.lower() if "direction" in d else pd.Series("up", index=d.index)
+    up = direction.isin(["up", "1", "+1", "enter", "start", "true"])
+    kappa = d["kappa"] if "kappa" in d else pd.Series(np.nan, index=d.index)
+    fig = go.Figure()
+    for mask, name, sym, col in ((up, "starts competing (kappa up through tau)", "triangle-up", "#d62728"),
+                                 (~up, "stops competing (kappa down through tau)", "triangle-down", "#1f77b4")):
+        s = d[mask]
+        if s.empty:
+            continue
+        fig.add_trace(go.Scattergl(
+            x=s["step"], y=kappa[mask], mode="markers", name=name, marker={"symbol": sym, "size": 8, "color": col},
+            customdata=np.stack([s["i"], s["j"]], axis=1),
+            hovertemplate="step %{x}<br>pair (%{customdata[0]}, %{customdata[1]})<br>kappa %{y:.3f}<extra></extra>"))
+    counts = d.groupby("step").size()
+    fig.add_trace(go.Bar(x=counts.index, y=counts.values, name="events per step", yaxis="y2", opacity=0.3,
+                         marker={"color": "#888"}))
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="step", yaxis_title="kappa",
+                      yaxis2={"overlaying": "y", "side": "right", "title": "events", "showgrid": False},
+                      height=380, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+# ------------------------------------------------------------------------------ feature explorer
+def umap_figure(coords: np.ndarray, values: np.ndarray | None = None, colour_name: str = "",
+                selected: int | None = None, title: str = "decoder directions (UMAP)") -> go.Figure:
+    """WebGL scatter of (F, 2) coordinates; customdata is the feature id (for click-to-select)."""
+    if coords is None or len(coords) == 0:
+        return _empty("no UMAP coordinates", title)
+    ids = np.arange(len(coords))
+    marker: dict[str, Any] = {"size": 4 if len(coords) > 2000 else 7, "opacity": 0.8}
+    if values is not None and len(values) == len(coords):
+        marker.update(color=np.nan_to_num(values, nan=float(np.nanmin(values)) if np.isfinite(values).any() else 0.0),
+                      colorscale="Viridis", showscale=True, colorbar={"title": colour_name})
+    fig = go.Figure(go.Scattergl(x=coords[:, 0], y=coords[:, 1], mode="markers", marker=marker,
+                                 customdata=ids, name="features",
+                                 hovertemplate="feature %{customdata}" + (f"<br>{colour_name} %{{marker.color:.3g}}"
+                                                                          if "color" in marker else "")
+                                 + "<extra></extra>"))
+    if selected is not None and 0 <= selected < len(coords):
+        fig.add_trace(go.Scattergl(x=[coords[selected, 0]], y=[coords[selected, 1]], mode="markers",
+                                   marker={"size": 16, "symbol": "circle-open", "color": "#d62728",
+                                           "line": {"width": 3}}, name=f"feature {selected}", hoverinfo="skip"))
+    fig.update_layout(template=TEMPLATE, title=title, height=560, xaxis={"showticklabels": False},
+                      yaxis={"showticklabels": False}, dragmode="pan")
+    return fig
+
+
+def histogram_figure(counts: np.ndarray, edges: np.ndarray, feature: int, fraction: float) -> go.Figure:
+    title = f"feature {feature}: activations where it fires ({fraction:.3%} of sampled tokens)"
+    if len(counts) == 0:
+        return _empty("never fires on the sample", title)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure(go.Bar(x=centres, y=counts, width=np.diff(edges), marker={"color": "#1f77b4"}))
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="activation", yaxis_title="tokens",
+                      height=300, bargap=0)
+    return fig
+
+
+def logits_figure(promoted: list[tuple[str, float]], suppressed: list[tuple[str, float]],
+                  feature: int) -> go.Figure:
+    """Top promoted and suppressed output tokens of a feature, as two bar panels."""
+    title = f"feature {feature}: output tokens through the unembedding"
+    if not promoted and not suppressed:
+        return _empty("no output tokens", title)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("promoted", "suppressed"), horizontal_spacing=0.25)
+    for col, items, c in ((1, promoted, "#2ca02c"), (2, suppressed, "#d62728")):
+        toks = [repr(t)[1:-1] or "''" for t, _ in items][::-1]
+        fig.add_trace(go.Bar(x=[v for _, v in items][::-1], y=toks, orientation="h", marker={"color": c},
+                             showlegend=False), row=1, col=col)
+    fig.update_layout(template=TEMPLATE, title=title, height=max(300, 24 * max(len(promoted), 1) + 100))
+    return fig
+
+
+# ------------------------------------------------------------------------------ token shading
+def tokens_html(tokens: Sequence[str], acts: Sequence[float], vmax: float | None = None,
+                rgb: tuple[int, int, int] = FEATURE_COLOURS[0], center: int | None = None) -> str:
+    """Tokens as inline spans shaded by activation (alpha = act / vmax); hover shows the value."""
+    vmax = vmax if vmax and vmax > 0 else max([a for a in acts if math.isfinite(a)] + [0.0]) or 1.0
+    parts = []
+    for n, (t, a) in enumerate(zip(tokens, acts)):
+        alpha = 0.0 if not math.isfinite(a) else max(0.0, min(1.0, a / vmax))
+        border = "border-bottom:2px solid #000;" if n == center else ""
+        text = html.escape(t).replace("\n", "⏎").replace(" ", "&nbsp;") or "&#8203;"
+        parts.append(f'<span title="{a:.3g}" style="background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f});'
+                     f'{border}border-radius:2px;padding:0 1px;">{text}</span>')
+    return ('<div style="font-family:monospace;font-size:0.85rem;line-height:1.7;white-space:normal;">'
+            + "".join(parts) + "</div>")
+
+
+def example_html(example: Any, features: Sequence[int], vmax: dict[int, float] | None = None,
+                 colour_offset: int = 0) -> str:
+    """One context (workbench_data.Example) shaded once per feature, one line each."""
+    rows = []
+    for n, f in enumerate(features):
+        rgb = FEATURE_COLOURS[(n + colour_offset) % len(FEATURE_COLOURS)]
+        acts = example.acts.get(f, [0.0] * len(example.tokens))
+        peak = max(acts) if acts else 0.0
+        rows.append(f'<div style="display:flex;gap:6px;align-items:baseline;">'
+                    f'<span style="min-width:7em;color:rgb{rgb};font-size:0.75rem;">#{f} max {peak:.3g}</span>'
+                    + tokens_html(example.tokens, acts, (vmax or {}).get(f), rgb, example.center) + "</div>")
+    return '<div style="margin-bottom:8px;border-left:3px solid #ddd;padding-left:6px;">' + "".join(rows) + "</div>"

@@ -1,0 +1,87 @@
+"""Feature explorer: a UMAP of decoder directions, and one feature's dashboard (activation
+histogram, top contexts with token shading, promoted and suppressed output tokens)."""
+
+import streamlit as st
+
+import ui
+from msae_core import figures as F
+from msae_core import workbench_data as wd
+from msae_core.errors import MsaeError
+
+AUTO_MAX_F = 4096  # compute UMAP / the sample without asking up to this d_sae
+
+st.title("Feature explorer")
+df = ui.runs_table()
+ready = df[df["problem"].fillna("").eq("") & df["state"].eq("done")] if not df.empty else df
+ready = ready[[wd.has_weights(p) for p in ready["path"]]] if not ready.empty else ready
+if ready.empty:
+    st.info("No finished run with readable weights yet.")
+    st.stop()
+run = ui.pick_run(ready, key="explorer")
+if run is None:
+    st.stop()
+d_sae = int(ready[ready["name"] == run.name]["d_sae"].fillna(0).iloc[0])
+auto = 0 < d_sae <= AUTO_MAX_F
+
+coords, layout = None, "UMAP"
+try:
+    coords = ui.umap(run, compute=st.session_state.get(f"umap_{run.name}", False))
+    if coords is None:
+        st.info(f"The UMAP of {d_sae} decoder directions is not cached yet: a PCA projection is shown "
+                "until it is (UMAP compiles for ~40 s the first time in a server, then ~1 min per 16k).")
+        coords, layout = ui.pca(run), "PCA"
+        if st.button("Compute UMAP", key="e_umap"):
+            st.session_state[f"umap_{run.name}"] = True
+            with st.spinner("UMAP of the decoder directions..."):
+                coords, layout = ui.umap(run, compute=True), "UMAP"
+except MsaeError as exc:
+    st.error(str(exc))
+except ImportError as exc:
+    st.error(f"umap-learn is not installed: {exc}")
+
+sample = None
+try:
+    sample = ui.sample(run, compute=auto or st.session_state.get(f"sample_{run.name}", False))
+    if sample is None and st.button("Compute activation sample (needed for density and dashboards)",
+                                    key="e_sample"):
+        st.session_state[f"sample_{run.name}"] = True
+        sample = ui.sample(run, compute=True)
+except MsaeError as exc:
+    st.warning(f"no activation sample: {exc}")
+
+c1, c2 = st.columns([1, 1])
+colour_by = c1.radio("Colour by", ["density", "pressure"], horizontal=True, key="e_colour")
+feature = int(c2.number_input("Feature", 0, max(d_sae - 1, 0), 0, key="e_feature"))
+if coords is not None:
+    vals = wd.feature_colour_values(run, colour_by, len(coords), sample)
+    name = "log10 firing fraction" if colour_by == "density" else "pressure"
+    ev = ui.show_figure(F.umap_figure(coords, vals, name if vals is not None else "", feature,
+                                      title=f"{run.name}: decoder directions ({layout}, {len(coords)} features)"),
+                        "umap", on_select="rerun", selection_mode=("points",), width="stretch")
+    try:
+        pts = ev.selection.points if ev else []
+        if pts and pts[0].get("customdata") is not None:
+            cd = pts[0]["customdata"]
+            feature = int(cd[0] if isinstance(cd, (list, tuple)) else cd)
+            st.caption(f"selected feature {feature} on the map")
+    except (AttributeError, TypeError, ValueError):
+        pass
+    if vals is None:
+        st.caption(f"no {colour_by} values for this run (density needs the activation sample, "
+                   "pressure needs momentum traces)")
+
+st.subheader(f"Feature {feature}")
+if sample is not None:
+    counts, edges, frac = wd.activation_histogram(sample, feature)
+    ui.show_figure(F.histogram_figure(counts, edges, feature, frac), "histogram", width="stretch")
+    st.markdown("**Top activating contexts**")
+    try:
+        for e in wd.top_examples(sample, feature, n=st.slider("Contexts", 1, 20, 6, key="e_n")):
+            st.html(F.example_html(e, [feature]))
+    except MsaeError as exc:
+        st.error(str(exc))
+try:
+    out = wd.output_tokens(run, feature, k=12)
+    ui.show_figure(F.logits_figure(out["promoted"], out["suppressed"], feature), "logits", width="stretch")
+except MsaeError as exc:
+    st.info(f"output tokens unavailable: {exc}")

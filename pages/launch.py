@@ -1,0 +1,181 @@
+"""Launch: settings -> a training process (then its eval), live progress, cancel, sweep grids."""
+
+import time
+
+import streamlit as st
+
+import ui
+from msae_core import workbench_data as wd
+from msae_core.errors import MsaeError
+from msae_core.runs import cancel_run, launch_run, list_runs, safe_run_name
+
+st.title("Launch runs")
+root = ui.root()
+runs_dir = wd.runs_root(root)
+slots: dict[str, object] = {}
+
+# ------------------------------------------------------------------ activations
+st.subheader("Activations")
+stores = [s for s in wd.list_stores(root) if not s.get("problem")]
+c1, c2 = st.columns([3, 2])
+with c1:
+    options = [s["path"] for s in stores] + ["other folder..."]
+    choice = st.selectbox("Activation store", options, key="store_choice",
+                          format_func=lambda p: p if p == "other folder..." else
+                          next(f"{s['name']}  (model {s['model']}, layer {s['layer']}, corpus {s['corpus']}, "
+                               f"{s['n_rows']} rows{'' if s['complete'] else ', harvest unfinished'})"
+                               for s in stores if s["path"] == p))
+    acts = st.text_input("Store folder", key="store_path") if choice == "other folder..." else choice
+    slots["acts"] = st.empty()
+with c2:
+    with st.expander("Harvest a new store (model, layer, corpus)"):
+        h_model = st.text_input("Model", "embedded", key="h_model",
+                                help="'embedded' (Gemma 3 270M), a Hugging Face name or a local folder")
+        h_layer = st.number_input("Layer", 0, 200, 6, key="h_layer")
+        h_corpus = st.text_input("Corpus", "embedded", key="h_corpus",
+                                 help="'embedded' (Debian fortunes) or a Hugging Face dataset")
+        h_tokens = st.number_input("Tokens", 1000, 100_000_000, 100_000, step=10_000, key="h_tokens")
+        h_name = st.text_input("Store name", f"{h_model}-L{h_layer}-{h_tokens // 1000}k", key="h_name")
+        if st.button("Start harvest", key="h_go"):
+            try:
+                out = wd.start_harvest(root, h_name, h_model, int(h_layer), h_corpus, int(h_tokens))
+                st.success(f"Harvest started into `{out}`; it appears in the list when its first shard is written.")
+            except MsaeError as exc:
+                st.error(str(exc))
+
+# ------------------------------------------------------------------ SAE and training
+st.subheader("SAE and training")
+a1, a2, a3 = st.columns(3)
+with a1:
+    arch = st.radio("Architecture", ["momentum", "topk", "relu"], horizontal=True, key="arch")
+    base = st.radio("Base architecture", ["topk", "relu"], horizontal=True, key="base",
+                    disabled=arch != "momentum", help="the SAE the momentum machinery wraps")
+    sparsity = base if arch == "momentum" else arch
+    if sparsity == "topk":
+        k = st.number_input("k (active features per token)", 1, 65536, 32, key="k")
+        slots["k"] = st.empty()
+        l1 = 0.04
+    else:
+        l1 = st.number_input("L1 coefficient", 0.0, 100.0, 0.04, step=0.01, format="%.4f", key="l1")
+        slots["l1_coeff"] = st.empty()
+        k = 32
+    d_sae = st.number_input("d_sae (dictionary size)", 1, 1 << 20, 2048, step=256, key="d_sae")
+    slots["d_sae"] = st.empty()
+with a2:
+    on = arch == "momentum"
+    beta = st.slider("beta (momentum rate)", 0.0, 0.999, 0.95, 0.001, format="%.3f", key="beta", disabled=not on)
+    slots["beta"] = st.empty()
+    tau = st.slider("tau (competition threshold)", 0.0, 1.0, 0.4, 0.01, key="tau", disabled=not on)
+    slots["tau"] = st.empty()
+    lam = st.number_input("lambda (competition penalty)", 0.0, 100.0, 0.1, step=0.05, format="%.3f", key="lam",
+                          disabled=not on)
+    slots["lam"] = st.empty()
+with a3:
+    lr = st.number_input("Learning rate", 1e-7, 1.0, 3e-4, step=1e-4, format="%.2e", key="lr")
+    slots["lr"] = st.empty()
+    steps = st.number_input("Steps", 1, 10_000_000, 1500, step=100, key="steps")
+    slots["steps"] = st.empty()
+    batch = st.number_input("Batch size (tokens per step)", 1, 1 << 20, 1024, step=256, key="batch")
+    slots["batch_size"] = st.empty()
+    st.caption(f"= {int(steps) * int(batch):,} training tokens")
+    evals = st.multiselect("Evals when done", ["core", "absorption", "sparse_probing"], key="evals")
+
+sae = {"arch": arch, "d_in": 0, "d_sae": int(d_sae), "k": int(k), "l1_coeff": float(l1)}
+if arch == "momentum":
+    sae.update(base=base, beta=float(beta), tau=float(tau), lam=float(lam))
+cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch), "lr": float(lr),
+                                  "warmup_steps": min(1000, int(steps) // 5), "snapshot_every":
+                                  max(1, int(steps) // 20) if arch == "momentum" else 0,
+                                  "log_every": max(1, min(50, int(steps) // 20))},
+            "data": {"acts": acts or ""}}
+cfg, problems = wd.config_problems(cfg_dict)
+general = []
+for p in problems:
+    field = wd.problem_field(p)
+    field = "acts" if field in ("data", "acts") or p.startswith("data.") else field
+    if field in slots:
+        slots[field].error(p)
+    else:
+        general.append(p)
+
+# ------------------------------------------------------------------ launch
+st.subheader("Launch")
+default_name = f"{arch}-F{int(d_sae)}" + (f"-b{beta:g}-t{tau:g}-l{lam:g}" if arch == "momentum" else
+                                         f"-k{int(k)}" if sparsity == "topk" else f"-l1{l1:g}")
+n1, n2 = st.columns([3, 1])
+raw_name = n1.text_input("Run name", default_name, key="run_name")
+parallel = n2.number_input("Runs at once", 1, 32, 2, key="parallel",
+                           help="more launches wait queued until a slot is free")
+try:
+    name = safe_run_name(raw_name)
+    if name != raw_name:
+        n1.caption(f"will be saved as `{name}`")
+except MsaeError as exc:
+    name = None
+    n1.error(str(exc))
+for p in general:
+    st.error(p)
+if st.button("Launch run", type="primary", key="launch", disabled=bool(problems) or name is None):
+    try:
+        run_dir = launch_run(cfg, runs_dir, name, evals=evals, max_parallel=int(parallel))
+        st.session_state.setdefault("launched", []).append(run_dir.name)
+        st.success(f"Launched `{run_dir.name}` in its own process.")
+    except MsaeError as exc:
+        st.error(str(exc))
+
+with st.expander("Sweep grid (same settings, one run per point)"):
+    grid_text = st.text_area("One line per setting: name=v1,v2 (e.g. beta=0.9,0.95 or train.lr=1e-4,3e-4)",
+                             "beta=0.9,0.95\nlam=0.1,0.3", key="grid")
+    sweep_name = st.text_input("Sweep name", "sweep", key="sweep_name")
+    points = []
+    try:
+        from msae_core.sweep import expand_grid, parse_grid
+
+        if cfg is None:
+            raise MsaeError("fix the settings above first")
+        grid = parse_grid([ln for ln in grid_text.splitlines() if ln.strip()])
+        points = expand_grid(cfg, grid, safe_run_name(sweep_name))
+        st.caption(f"{len(points)} runs: " + ", ".join(p.name for p in points[:12]) + (" ..." if len(points) > 12 else ""))
+    except MsaeError as exc:
+        st.error(str(exc))
+    if st.button(f"Launch sweep ({len(points)} runs)", key="sweep_go", disabled=not points or bool(problems)):
+        started = []
+        for p in points:
+            try:
+                launch_run(p.config, runs_dir, p.name, evals=evals, max_parallel=int(parallel))
+                started.append(p.name)
+            except MsaeError as exc:
+                st.error(f"{p.name}: {exc}")
+        st.session_state.setdefault("launched", []).extend(started)
+        if started:
+            st.success(f"Launched {len(started)} runs ({int(parallel)} at a time).")
+
+
+# ------------------------------------------------------------------ live progress
+@st.fragment(run_every=2.0)
+def progress() -> None:
+    launched = set(st.session_state.get("launched", []))
+    infos = [i for i in list_runs(runs_dir, metrics_tail=1)
+             if i.state in ("queued", "running") or i.name in launched]
+    st.subheader(f"Progress ({sum(i.state in ('queued', 'running') for i in infos)} active)")
+    if not infos:
+        st.caption("No queued or running runs.")
+        return
+    for info in infos:
+        s, m = info.status, (info.metrics[-1] if info.metrics else {})
+        step, total = int(s.get("step") or 0), int(s.get("total_steps") or 0)
+        c1, c2, c3 = st.columns([3, 5, 1])
+        c1.markdown(f"**{info.name}** · `{info.state}`" + (f"  \n:red[{info.problem}]" if info.problem else ""))
+        c1.progress(min(1.0, step / total) if total else 0.0, text=f"step {step}/{total}")
+        eta = s.get("eta_s")
+        fmt = lambda k, f: f"{m[k]:{f}}" if isinstance(m.get(k), (int, float)) else "-"  # noqa: E731
+        c2.markdown(f"loss {fmt('loss', '.4g')} · EV {fmt('explained_variance', '.3f')} · L0 {fmt('l0', '.1f')}"
+                    f" · competing pairs {fmt('competing_pairs', '.0f')} · time left "
+                    f"{time.strftime('%H:%M:%S', time.gmtime(eta)) if isinstance(eta, (int, float)) else '-'}"
+                    + (f"  \n{s.get('error')}" if s.get("error") else ""))
+        if info.state in ("queued", "running") and c3.button("Cancel", key=f"cancel_{info.name}"):
+            cancel_run(info.path)
+            st.toast(f"cancelling {info.name}")
+
+
+progress()

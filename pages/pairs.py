@@ -1,0 +1,78 @@
+"""Competing pairs: the pair table, and token-level examples of a chosen pair side by side."""
+
+import streamlit as st
+
+import ui
+from msae_core import figures as F
+from msae_core import workbench_data as wd
+from msae_core.errors import MsaeError
+
+AUTO_SAMPLE_MAX_F = 4096  # compute the activation sample without asking up to this d_sae
+
+st.title("Competing pairs")
+df = ui.runs_table()
+mom = df[df["arch"] == "momentum"] if not df.empty else df
+if mom.empty:
+    st.info("No momentum runs yet: launch one on the Launch page.")
+    st.stop()
+run = ui.pick_run(mom, key="pairs")
+if run is None:
+    st.stop()
+pairs, step = ui.pairs(run)
+if pairs.empty:
+    st.info(f"Run {run.name} has no readable pair table yet (it comes with the trace snapshots).")
+    st.stop()
+
+sample, sample_error = None, None
+if wd.has_weights(run):
+    d_sae = mom[mom["name"] == run.name]["d_sae"].iloc[0]
+    auto = d_sae == d_sae and d_sae <= AUTO_SAMPLE_MAX_F
+    try:
+        sample = ui.sample(run, compute=auto or st.session_state.get(f"sample_{run.name}", False))
+        if sample is None and st.button("Compute activation examples (encodes a sample of the store)",
+                                        key="p_sample"):
+            st.session_state[f"sample_{run.name}"] = True
+            sample = ui.sample(run, compute=True)
+    except MsaeError as exc:
+        sample_error = str(exc)
+else:
+    sample_error = f"run {run.name} has no final weights yet: examples need them"
+
+table = wd.add_cofiring(pairs.head(2000), sample)
+st.caption(f"{len(pairs)} candidate pairs at step {step}; kappa is the competition score, cofiring the "
+           "Jaccard index of the two features' firing tokens on the sample.")
+st.dataframe(table, hide_index=True, width="stretch", key="pair_table",
+             column_config={"kappa": st.column_config.NumberColumn(format="%.3f"),
+                            "dec_cos": st.column_config.NumberColumn("decoder cos", format="%.3f"),
+                            "cofiring": st.column_config.NumberColumn(format="%.3f")})
+st.session_state.setdefault("tables", {})["pairs"] = table
+
+top = table.head(300)
+labels = [f"{int(r.i)} & {int(r.j)}  (kappa {r.kappa:.3f})" for r in top.itertuples()]
+pick = st.selectbox("Pair", range(len(labels)), format_func=lambda n: labels[n], key="p_pair")
+i, j = int(top.iloc[pick]["i"]), int(top.iloc[pick]["j"])
+if sample_error:
+    st.info(sample_error)
+    st.stop()
+if sample is None:
+    st.stop()
+co = wd.pair_cofiring(sample, i, j)
+st.markdown(f"On {sample.n_rows} sampled tokens: both fire on **{co['both']}**, only {i} on **{co['only_i']}**, "
+            f"only {j} on **{co['only_j']}** (Jaccard {co['cofiring']:.3f}).")
+n_ex = st.slider("Contexts per group", 1, 10, 3, key="p_n")
+try:
+    groups = wd.pair_examples(sample, i, j, n=n_ex)
+except MsaeError as exc:
+    st.error(str(exc))
+    st.stop()
+for title, exs in groups.items():
+    st.markdown(f"**{title}**")
+    if not exs:
+        st.caption("none in the sample")
+        continue
+    left, right = st.columns(2)
+    left.caption(f"shaded by feature {i}")
+    right.caption(f"shaded by feature {j}")
+    for e in exs:
+        left.html(F.example_html(e, [i]))
+        right.html(F.example_html(e, [j], colour_offset=1))

@@ -1,0 +1,50 @@
+"""Trade-off: reconstruction against absorption for every run, the Pareto frontier, reported points."""
+
+import streamlit as st
+
+import ui
+from msae_core import figures as F
+from msae_core import workbench_data as wd
+
+st.title("Reconstruction vs absorption")
+df = ui.runs_table()
+c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+y = c1.selectbox("Reconstruction", ["explained_variance", "ce_loss_score", "kl_div_score"], key="t_y",
+                 format_func=lambda k: F.RECONSTRUCTION_LABELS.get(k, k))
+colour_opts = ["arch", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "lr", "tokens", "l0", "state"]
+colour = c2.selectbox("Colour by", colour_opts, key="t_colour")
+frontier = c3.checkbox("Pareto frontier", True, key="t_front")
+show_ref = c4.checkbox("Research log points", False, key="t_ref",
+                       help="the points the research log reported (gemma-2-2b, layer 12, F=16384)")
+ref = wd.reference_points() if show_ref else None
+if ref is not None and (y not in ref or ref[y].isna().all()):
+    st.caption(f"The research log reported no {F.RECONSTRUCTION_LABELS.get(y, y)}: its points are not drawn.")
+fig = F.tradeoff_figure(df, y=y, color=colour, reference=ref, frontier=frontier)
+event = ui.show_figure(fig, "tradeoff", on_select="rerun", selection_mode=("points",), width="stretch")
+
+have = df[df["absorption"].notna() & df[y].notna()] if not df.empty else df
+missing = len(df) - len(have)
+if missing:
+    st.caption(f"{missing} run(s) have no {y} or absorption yet (not evaluated, or unfinished).")
+
+picked = None
+try:
+    pts = event.selection.points if event else []
+    if pts:
+        cd = pts[0].get("customdata")
+        picked = cd[0] if isinstance(cd, (list, tuple)) else cd
+except AttributeError:
+    picked = None
+names = have["name"].tolist() if not have.empty else []
+if names:
+    default = names.index(picked) if picked in names else 0
+    name = st.selectbox("Open run", names, index=default, key="t_open")
+    row = have[have["name"] == name].iloc[0]
+    st.session_state["selected_run"] = name
+    st.dataframe(row.dropna().astype(str).rename("value").to_frame(), width="stretch")
+    ui.page_links(["traces", "pairs", "explorer"])
+if show_ref and ref is not None:
+    with st.expander("Reported points (research log)"):
+        st.dataframe(ref, hide_index=True)
+        st.caption("Read them with care: the baseline's L0 of 8896 is not a sparse code, negative explained "
+                   "variance is worse than predicting the mean, and runs 3 and 4 report the same KL score.")

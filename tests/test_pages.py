@@ -1,0 +1,197 @@
+"""Every workbench page under AppTest: with no runs, with fixture runs, with broken run folders.
+No exception, and the page's key elements are there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from fixtures_runs import make_results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "workbench" / "Home.py")
+PAGES = ["home", "launch", "tradeoff", "traces", "pairs", "explorer", "export"]
+
+
+@pytest.fixture(scope="module")
+def full_root(tmp_path_factory):
+    return make_results(tmp_path_factory.mktemp("wb") / "results", n_runs=4, broken=True)
+
+
+@pytest.fixture(scope="module")
+def broken_only_root(tmp_path_factory, full_root):
+    """Only broken folders (and the store the good runs used)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("wb-broken") / "results"
+    (root / "runs").mkdir(parents=True)
+    for p in (full_root / "runs").iterdir():
+        if p.name.startswith("broken"):
+            shutil.copytree(p, root / "runs" / p.name)
+    return root
+
+
+def open_page(root: Path, page: str, monkeypatch, session: dict | None = None) -> AppTest:
+    monkeypatch.setenv("MSAE_RESULTS", str(root))
+    at = AppTest.from_file(APP, default_timeout=120)
+    for k, v in (session or {}).items():
+        at.session_state[k] = v
+    at.run()
+    if page != "home":
+        at.switch_page(f"../pages/{page}.py")
+        at.run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def texts(at: AppTest) -> str:
+    parts = []
+    for kind in ("title", "subheader", "markdown", "caption", "info", "warning", "error", "success"):
+        parts += [str(getattr(e, "value", "")) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def charts(at: AppTest) -> list[dict]:
+    out = []
+    for el in at.get("plotly_chart"):
+        spec = el.proto.spec if hasattr(el, "proto") else el.spec
+        out.append(json.loads(spec))
+    return out
+
+
+def arr(v) -> list:
+    """A plotly json array, plain or binary-encoded ({dtype, bdata})."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist()
+    return list(v)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_with_no_runs(page, tmp_path, monkeypatch):
+    at = open_page(tmp_path / "empty-results", page, monkeypatch)
+    assert_clean(at)
+    if page == "home":
+        assert "No runs yet" in texts(at)
+        assert any("demo" in b.label.lower() for b in at.button)
+    if page == "launch":
+        assert at.button(key="launch").disabled  # no store chosen: launch is refused up front
+        assert any("acts" in e.value or "store" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_with_broken_runs_only(page, broken_only_root, monkeypatch):
+    at = open_page(broken_only_root, page, monkeypatch)
+    assert_clean(at)
+    if page == "home":
+        df = at.dataframe[0].value
+        assert set(df["name"]) >= {"broken-empty", "broken-status-not-json", "broken-corrupt-files"}
+        probs = dict(zip(df["name"], df["problem"]))
+        assert "empty" in probs["broken-empty"]
+        assert "version" in probs["broken-old-version"]
+        assert "eval.json" in probs["broken-corrupt-files"]
+
+
+def test_home_lists_runs_with_scores_and_filters(full_root, monkeypatch):
+    at = open_page(full_root, "home", monkeypatch)
+    assert_clean(at)
+    df = at.dataframe[0].value
+    good = df[df["name"].str.startswith("run-")]
+    assert len(good) == 4
+    for col in ("state", "arch", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
+                "explained_variance", "absorption", "l0", "kl_div_score"):
+        assert col in df.columns
+    assert good["explained_variance"].notna().all() and good["absorption"].notna().all()
+    mom = good[good["arch"] == "momentum"]
+    assert mom["beta"].notna().all() and good[good["arch"] == "relu"]["l1_coeff"].notna().all()
+    at.multiselect(key="f_arch").set_value(["relu"]).run()
+    assert_clean(at)
+    assert set(at.dataframe[0].value["arch"]) == {"relu"}
+
+
+def test_launch_explains_invalid_settings_beside_widgets(full_root, monkeypatch):
+    at = open_page(full_root, "launch", monkeypatch)
+    assert_clean(at)
+    assert not at.button(key="launch").disabled, [e.value for e in at.error]
+    at.number_input(key="k").set_value(4096).run()  # k > d_sae (2048)
+    assert_clean(at)
+    assert any("k must" in e.value or "k " in e.value for e in at.error), [e.value for e in at.error]
+    assert at.button(key="launch").disabled
+    at.number_input(key="k").set_value(8).run()
+    at.text_input(key="run_name").set_value("../../etc/evil").run()
+    assert_clean(at)
+    assert any("etc-evil" in c.value for c in at.caption)  # sanitised name shown before launch
+    assert "sweep" in texts(at).lower() or at.text_area(key="grid")
+
+
+def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):
+    at = open_page(full_root, "tradeoff", monkeypatch)
+    assert_clean(at)
+    spec = charts(at)[0]
+    names = [t.get("name") for t in spec["data"]]
+    assert "runs" in names and "Pareto frontier" in names
+    runs_trace = next(t for t in spec["data"] if t.get("name") == "runs")
+    assert len(arr(runs_trace["x"])) == 4
+    at.checkbox(key="t_ref").check().run()
+    assert_clean(at)
+    ref = next(t for t in charts(at)[0]["data"] if t.get("name") == "research log (reported)")
+    assert len(arr(ref["x"])) == 6 and min(arr(ref["y"])) < 0  # negative EV shown, not hidden
+    at.selectbox(key="t_y").set_value("ce_loss_score").run()
+    assert_clean(at)
+    spec = charts(at)[0]
+    assert "CE-loss" in spec["layout"]["title"]["text"]
+    assert "reported no" in texts(at)  # the log has no CE-loss scores: said, not faked
+    assert at.selectbox(key="t_open").value.startswith("run-")
+
+
+def test_traces_page_shows_traces_heatmap_and_events(full_root, monkeypatch):
+    at = open_page(full_root, "traces", monkeypatch)
+    assert_clean(at)
+    specs = charts(at)
+    assert len(specs) >= 3
+    assert any(t["type"] == "heatmap" for s in specs for t in s["data"])
+    at.radio(key="tr_mode").set_value("by id").run()
+    at.text_input(key="tr_ids").set_value("3, 7, 999999").run()
+    assert_clean(at)
+    assert any("ignored" in w.value for w in at.warning)
+
+
+def test_pairs_page_shows_table_and_token_examples(full_root, monkeypatch):
+    at = open_page(full_root, "pairs", monkeypatch)
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert {"i", "j", "kappa", "dec_cos", "first", "last", "cofiring"} <= set(table.columns)
+    assert table["kappa"].is_monotonic_decreasing
+    md = texts(at)
+    assert "both fire" in md and "fires" in md
+    htmls = [h.proto.body for h in at.get("html")]
+    assert htmls and any("background:rgba" in h for h in htmls)
+
+
+def test_explorer_page_map_and_dashboard(full_root, monkeypatch):
+    at = open_page(full_root, "explorer", monkeypatch)
+    assert_clean(at)
+    specs = charts(at)
+    assert specs[0]["data"][0]["type"] == "scattergl"
+    titles = " ".join(str(s["layout"].get("title", {}).get("text", "")) for s in specs)
+    assert "activations where it fires" in titles and "output tokens" in titles
+    at.number_input(key="e_feature").set_value(5).run()
+    assert_clean(at)
+
+
+def test_export_page_lists_figures_and_tables(full_root, monkeypatch):
+    at = open_page(full_root, "export", monkeypatch)
+    assert_clean(at)
+    assert "tradeoff-explained-variance" in at.selectbox(key="x_fig").options
+    assert any(b.label.startswith("Runs table") for b in at.get("download_button"))

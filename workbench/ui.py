@@ -1,0 +1,164 @@
+"""Streamlit helpers shared by the pages: cached loaders keyed by file fingerprints, the run picker,
+and the figure registry the Export page reads. Logic lives in msae_core; this only wires widgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from msae_core import workbench_data as wd
+from msae_core.errors import MsaeError
+
+
+def root() -> Path:
+    return wd.results_root()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _runs_table(root_str: str, fingerprint: tuple) -> pd.DataFrame:
+    return wd.runs_table(root_str)
+
+
+def runs_table() -> pd.DataFrame:
+    r = root()
+    return _runs_table(str(r), wd.runs_fingerprint(r))
+
+
+def _run_key(run_dir: Path) -> tuple:
+    """Changes when a run's weights, traces or events change."""
+    files = wd.trace_files(run_dir)
+    return (str(run_dir), wd._mtime(run_dir / "sae.safetensors"), len(files), files[-1][0] if files else -1,
+            wd._mtime(run_dir / "events.jsonl"), wd._mtime(run_dir / "metrics.jsonl"))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _traces(key: tuple, features: tuple | None) -> wd.Traces:
+    return wd.load_traces(key[0], None if features is None else list(features))
+
+
+def traces(run_dir: Path, features: list[int] | None) -> wd.Traces:
+    return _traces(_run_key(run_dir), None if features is None else tuple(features))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _pairs(key: tuple) -> tuple[pd.DataFrame, int | None]:
+    return wd.load_pairs(key[0])
+
+
+def pairs(run_dir: Path) -> tuple[pd.DataFrame, int | None]:
+    return _pairs(_run_key(run_dir))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _events(key: tuple) -> pd.DataFrame:
+    return wd.load_events(key[0])
+
+
+def events(run_dir: Path) -> pd.DataFrame:
+    return _events(_run_key(run_dir))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _top_pressure(key: tuple, n: int) -> list[int]:
+    return wd.top_pressure_features(key[0], n)
+
+
+def top_pressure(run_dir: Path, n: int) -> list[int]:
+    return _top_pressure(_run_key(run_dir), n)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _sample(key: tuple, compute: bool) -> wd.FeatureSample | None:
+    return wd.feature_sample(key[0], compute=compute)
+
+
+def sample(run_dir: Path, compute: bool) -> wd.FeatureSample | None:
+    """The run's feature sample (cached in-process and in the run folder); None if not computed."""
+    key = _run_key(run_dir)
+    s = _sample(key, False)
+    if s is None and compute:
+        _sample.clear()
+        s = _sample(key, True)
+    return s
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _umap(key: tuple, compute: bool):
+    return wd.umap_coords(key[0], compute=compute)
+
+
+def umap(run_dir: Path, compute: bool):
+    key = _run_key(run_dir)
+    c = _umap(key, False)
+    if c is None and compute:
+        _umap.clear()
+        c = _umap(key, True)
+    return c
+
+
+# ---------------------------------------------------------------------------------- run picker
+def pick_run(df: pd.DataFrame, label: str = "Run", key: str = "run", help: str | None = None) -> Path | None:
+    """A selectbox over df's runs; remembers the choice across pages (session 'run' and ?run=)."""
+    sound = df["problem"].fillna("").eq("") if "problem" in df else pd.Series(True, index=df.index)
+    names = df[sound]["name"].tolist() + df[~sound]["name"].tolist()  # sound runs first
+    if not names:
+        return None
+    wanted = st.session_state.get("selected_run") or st.query_params.get("run")
+    index = names.index(wanted) if wanted in names else 0
+    name = st.selectbox(label, names, index=index, key=f"pick_{key}", help=help,
+                        format_func=lambda n: _run_label(df, n))
+    st.session_state["selected_run"] = name
+    try:
+        return wd.run_path(root(), name)
+    except MsaeError as exc:
+        st.error(str(exc))
+        return None
+
+
+def _run_label(df: pd.DataFrame, name: str) -> str:
+    r = df[df["name"] == name]
+    if r.empty:
+        return name
+    r = r.iloc[0]
+    bits = [str(r.get("state"))]
+    if isinstance(r.get("arch"), str):
+        bits.append(r["arch"])
+    if pd.notna(r.get("d_sae")):
+        bits.append(f"F={int(r['d_sae'])}")
+    return f"{name}  ({', '.join(bits)})"
+
+
+# ----------------------------------------------------------------------------- figure registry
+def show_figure(fig, name: str, **kw):
+    """st.plotly_chart + remember the figure for the Export page (by name, latest wins)."""
+    st.session_state.setdefault("figures", {})[name] = fig
+    return st.plotly_chart(fig, key=f"fig_{name}", **kw)
+
+
+def problems_box(problems: list[str], what: str = "") -> None:
+    if problems:
+        with st.expander(f"{len(problems)} problem(s) {what}".strip(), expanded=False):
+            for p in problems:
+                st.warning(p)
+
+
+PAGES: dict = {}  # name -> st.Page, set by workbench/Home.py
+
+
+def page_links(names: list[str]) -> None:
+    """Links to other pages (they keep the selected run through session state)."""
+    cols = st.columns(len(names))
+    for c, n in zip(cols, names):
+        if n in PAGES:
+            c.page_link(PAGES[n], label=f"Open in {PAGES[n].title}")
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _pca(key: tuple):
+    return wd.pca_coords(key[0])
+
+
+def pca(run_dir: Path):
+    return _pca(_run_key(run_dir))
