@@ -229,25 +229,23 @@ class _StopFlag:
 
 
 # ------------------------------------------------------------------------------------- observables
-def _batch_metrics(sae: Any, x_BD: torch.Tensor, losses: dict) -> dict:
-    """l0 and explained variance on the step's batch (an extra no-grad forward, log steps only)."""
-    out = {}
-    with torch.no_grad():
-        if "l0" in losses and "explained_variance" in losses:
-            return {}
-        o = sae.forward(x_BD)
-        x_hat_BD, f_BF = o.x_hat.float(), o.f.float()
-        try:
-            from msae_core import metrics as M
+def _step_loss(sae: Any, x_BD: torch.Tensor, step: int) -> tuple[dict, Any]:
+    """The loss dict and, when the SAE gives it (`loss_terms`), the step's forward output."""
+    if hasattr(sae, "loss_terms"):
+        return sae.loss_terms(x_BD, step)
+    return sae.training_loss(x_BD, step), None
 
-            out["l0"] = float(M.l0(f_BF))
-            out["explained_variance"] = float(M.explained_variance(x_BD, x_hat_BD))
-        except (ImportError, AttributeError, TypeError):
-            out["l0"] = float((f_BF != 0).float().sum(-1).mean())
-            resid = (x_BD - x_hat_BD).pow(2).sum()
-            total = (x_BD - x_BD.mean(0, keepdim=True)).pow(2).sum()
-            out["explained_variance"] = float(1 - resid / total.clamp_min(1e-12))
-    return out
+
+def _batch_metrics(sae: Any, x_BD: torch.Tensor, out: Any) -> dict:
+    """l0 and explained variance of the step's batch, from the step's own forward output (the one
+    the loss saw) or, for an SAE that does not return it, a no-grad forward after the update."""
+    from msae_core import metrics as M
+
+    with torch.no_grad():
+        if out is None:
+            out = sae.forward(x_BD)
+        x_hat_BD, f_BF = out.x_hat.detach().float(), out.f.detach().float()
+        return {"l0": float(M.l0(f_BF)), "explained_variance": float(M.explained_variance(x_BD, x_hat_BD))}
 
 
 def _write_snapshot(out_dir: Path, sae: Any, step: int) -> None:
@@ -332,7 +330,7 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
             shutil.rmtree(out_dir / RUN_CHECKPOINT_DIR, ignore_errors=True)
             os.rename(ckpt, out_dir / RUN_CHECKPOINT_DIR)
             ckpt = out_dir / RUN_CHECKPOINT_DIR
-        sae = _sae_io().load_sae(ckpt).to(device)
+        sae = _sae_io().load_sae(ckpt, device=device)
         opt = torch.optim.Adam(sae.parameters(), lr=lr_at(start, tc))
         opt.load_state_dict(torch.load(ckpt / OPTIMIZER_STATE, map_location=device, weights_only=True))
         _set_rng_state(state.get("rng", {}))
@@ -340,6 +338,9 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
     else:
         torch.manual_seed(tc.seed)
         sae = _build_sae(config.sae).to(device)
+        if hasattr(sae, "fit_input_scale_"):  # fixed input normalisation, from a sample of the store
+            n = min(store.n_rows, max(tc.batch_size, 16_384))
+            sae.fit_input_scale_(store.batch(0, n, tc.seed).to(device))
         opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, tc))
         for name in (SAE_WEIGHTS, SAE_CONFIG):
             (out_dir / name).unlink(missing_ok=True)
@@ -369,7 +370,7 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
                 for g in opt.param_groups:
                     g["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on):
-                    losses = sae.training_loss(x_BD, s)
+                    losses, out = _step_loss(sae, x_BD, s)
                 loss = losses["loss"]
                 if not bool(torch.isfinite(loss.detach())):
                     err = (f"loss became {float(loss.detach())} at step {done} (lr {lr:.3g}): diverged; "
@@ -381,6 +382,8 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
                 loss.backward()
                 opt.step()
                 sae.post_step_(s)
+                if not (done % tc.log_every == 0 or done == tc.steps):
+                    out = None  # keep the forward output only where it is logged
                 _drain_events(out_dir, sae)
                 for k, v in losses.items():
                     if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -395,7 +398,7 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
                     step_time = (now - t_interval) / max(n_sum, 1)
                     row: dict[str, Any] = {"step": done}
                     row.update({k: float(v) / n_sum for k, v in sums.items()})
-                    row.update(_batch_metrics(sae, x_BD, losses))
+                    row.update(_batch_metrics(sae, x_BD, out))
                     if hasattr(sae, "step_counts"):
                         row.update({k: float(v) for k, v in sae.step_counts().items()})
                     row.update({"lr": lr, "step_time_s": step_time,

@@ -1,0 +1,80 @@
+"""`msae eval`: SAEBench's metric definitions on our runs, written in SAEBench's result schema.
+
+Each eval lives in its own module, found through `EVALS` (name -> module path). A module exposes
+`EVAL_TYPE_ID`, a dataclass `Config` (SAEBench's eval_config fields; defaults sized for a CPU) and
+`run(ctx: EvalContext, cfg: Config) -> dict`, the per-eval result built by `schema.make_result`.
+`run_evals` runs the chosen ones and merges each into the run's `eval.json` atomically as soon as it
+is done, so a killed eval keeps the evals finished before it and never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from msae_core.errors import MsaeError
+from msae_core.evals.context import EvalContext, open_run
+
+log = logging.getLogger(__name__)
+
+EVALS: dict[str, str] = {
+    "core": "msae_core.evals.core",
+    "absorption": "msae_core.evals.absorption",
+    "sparse_probing": "msae_core.evals.sparse_probing",
+}
+
+__all__ = ["EVALS", "EvalContext", "open_run", "eval_module", "parse_evals", "run_evals"]
+
+
+def eval_module(name: str) -> Any:
+    if name not in EVALS:
+        raise MsaeError(f"unknown eval {name!r}; known: {', '.join(EVALS)}")
+    return importlib.import_module(EVALS[name])
+
+
+def parse_evals(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """'core,absorption' or ['core', 'absorption'] -> checked list, order kept, duplicates dropped."""
+    items = text.split(",") if isinstance(text, str) else [p for t in text for p in str(t).split(",")]
+    names = list(dict.fromkeys(s.strip() for s in items if s.strip()))
+    unknown = [n for n in names if n not in EVALS]
+    if unknown:
+        raise MsaeError(f"unknown eval(s) {', '.join(unknown)}; known: {', '.join(EVALS)}")
+    if not names:
+        raise MsaeError(f"no eval chosen; known: {', '.join(EVALS)}")
+    return names
+
+
+def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: bool = True,
+              skip_done: bool = False, device: str | None = None,
+              overrides: dict[str, dict] | None = None) -> dict:
+    """Run `evals` on the run in `run_dir` and merge each result into its eval.json.
+
+    `overrides` maps an eval name to Config field overrides. With `skip_done`, evals already in
+    eval.json are not run again. Returns the whole eval.json content.
+    """
+    from msae_core.configutil import from_dict
+    from msae_core.evals.schema import read_eval_json, write_eval_result
+
+    names = parse_evals(evals)
+    run_dir = Path(run_dir)
+    existing = read_eval_json(run_dir)
+    todo = [n for n in names if not (skip_done and n in existing)]
+    if not todo:
+        return existing
+    modules = {n: eval_module(n) for n in todo}
+    configs = {}
+    for n, mod in modules.items():
+        over = dict((overrides or {}).get(n, {}))
+        try:
+            configs[n] = from_dict(mod.Config, over) if over else mod.Config()
+        except (TypeError, ValueError) as exc:
+            raise MsaeError(f"{n}: bad eval setting: {exc}") from exc
+    ctx = open_run(run_dir, device=device, progress=progress)
+    for i, n in enumerate(todo, 1):
+        log.info("eval %d/%d: %s on %s", i, len(todo), n, run_dir.name)
+        result = modules[n].run(ctx, configs[n])
+        existing = write_eval_result(run_dir, n, result)
+    return existing

@@ -1,0 +1,131 @@
+"""What an eval needs about one run: its trained SAE, its run config, the activation store's manifest
+(model, layer, corpus, context size) and, loaded once and shared by every eval, the language model."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS, STORE_MANIFEST
+from msae_core.errors import MsaeError
+
+_NOT_FINISHED = {"queued": "is queued and has not trained yet",
+                 "running": "is still training",
+                 "diverged": "diverged (its loss became NaN or inf)",
+                 "failed": "failed",
+                 "cancelled": "was cancelled before it finished"}
+
+
+@dataclass
+class EvalContext:
+    """One run, ready to evaluate. `lm` loads the run's language model on first use."""
+
+    run_dir: Path
+    sae: Any                       # msae_core.sae.SAE, eval mode, on `device`
+    config: Any                    # msae_core.runs.RunConfig
+    manifest: dict                 # the activation store's manifest.json
+    device: torch.device
+    progress: bool = True
+    _lm: Any = field(default=None, repr=False)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest.get("model", "embedded"))
+
+    @property
+    def layer(self) -> int:
+        return int(self.manifest["layer"])
+
+    @property
+    def hook_name(self) -> str:
+        """SAELens/TransformerLens name of the hook point the SAE reads."""
+        return f"blocks.{self.layer}.hook_resid_post"
+
+    @property
+    def context_size(self) -> int:
+        return int(self.manifest.get("context_size", 128))
+
+    @property
+    def corpus_name(self) -> str:
+        c = self.manifest.get("corpus", "embedded")
+        return str(c.get("name", "embedded")) if isinstance(c, dict) else str(c)
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.config.data.acts)
+
+    @property
+    def lm(self) -> Any:
+        if self._lm is None:
+            from msae_core.lm import load_lm
+
+            self._lm = load_lm(self.model_name, device=self.device)
+        return self._lm
+
+    @lm.setter
+    def lm(self, value: Any) -> None:
+        self._lm = value
+
+    def sae_encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.sae.encode(x_BD.to(self.device, torch.float32))
+
+    def sae_reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.sae.forward(x_BD.to(self.device, torch.float32)).x_hat
+
+    def sae_info(self) -> dict:
+        """The SAE's settings for `sae_cfg_dict` of SAEBench's schema."""
+        import dataclasses
+
+        cfg = dataclasses.asdict(self.sae.cfg)
+        return {**cfg, "model_name": self.model_name, "hook_name": self.hook_name,
+                "hook_layer": self.layer, "context_size": self.context_size,
+                "dataset_path": self.corpus_name, "architecture": cfg.get("arch")}
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
+             progress: bool = True) -> EvalContext:
+    """Check that `run_dir` holds a finished run with weights, and load it. Refusals are one line."""
+    from msae_core.runs import RunConfig, read_status
+    from msae_core.sae_io import load_sae
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MsaeError(f"no run folder at {run_dir}")
+    status = read_status(run_dir)
+    state = status.get("state")
+    if state in _NOT_FINISHED and not (run_dir / SAE_WEIGHTS).exists():
+        raise MsaeError(f"run {run_dir.name} {_NOT_FINISHED[state]}: nothing to evaluate yet")
+    if state == "running":
+        raise MsaeError(f"run {run_dir.name} is still training (step {status.get('step')} of "
+                        f"{status.get('total_steps')}); evaluate it when it is done")
+    if state in ("diverged", "failed"):
+        raise MsaeError(f"run {run_dir.name} {_NOT_FINISHED[state]}; its weights are not a trained SAE "
+                        f"({status.get('error') or 'see train.log'})")
+    if not (run_dir / SAE_WEIGHTS).exists() or not (run_dir / SAE_CONFIG).exists():
+        raise MsaeError(f"run {run_dir.name} has no final weights ({SAE_WEIGHTS} missing)")
+    config = RunConfig.load(run_dir / RUN_CONFIG)
+    manifest_path = Path(config.data.acts) / STORE_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise MsaeError(f"run {run_dir.name}: its activation store {config.data.acts} is gone "
+                        f"(needed for the model, layer and corpus)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MsaeError(f"{manifest_path} is unreadable: {exc}") from exc
+    dev = _device(device)
+    sae = load_sae(run_dir, device=dev).eval()
+    return EvalContext(run_dir=run_dir, sae=sae, config=config, manifest=manifest, device=dev,
+                       progress=progress)

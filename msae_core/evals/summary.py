@@ -1,0 +1,41 @@
+"""eval.json (SAEBench layout, one entry per eval) -> the flat numbers the workbench shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# workbench key -> (eval, metric group, metric) in SAEBench's names
+PATHS: dict[str, tuple[str, str, str]] = {
+    "explained_variance": ("core", "reconstruction_quality", "explained_variance"),
+    "mse": ("core", "reconstruction_quality", "mse"),
+    "cossim": ("core", "reconstruction_quality", "cossim"),
+    "kl_div_score": ("core", "model_behavior_preservation", "kl_div_score"),
+    "ce_loss_score": ("core", "model_performance_preservation", "ce_loss_score"),
+    "l0": ("core", "sparsity", "l0"),
+    "l1": ("core", "sparsity", "l1"),
+    "l2_ratio": ("core", "shrinkage", "l2_ratio"),
+    "relative_reconstruction_bias": ("core", "shrinkage", "relative_reconstruction_bias"),
+    "dead_fraction": ("core", "misc_metrics", "frac_dead_features"),
+    "dense_fraction": ("core", "misc_metrics", "frac_dense_features"),
+    "absorption": ("absorption", "mean", "mean_absorption_fraction_score"),
+    "absorption_full": ("absorption", "mean", "mean_full_absorption_score"),
+    "n_split_features": ("absorption", "mean", "mean_num_split_features"),
+    "llm_probe_acc": ("sparse_probing", "llm", "llm_test_accuracy"),
+    "sae_probe_acc": ("sparse_probing", "sae", "sae_test_accuracy"),
+    "sae_top1_acc": ("sparse_probing", "sae", "sae_top_1_test_accuracy"),
+}
+
+
+def summarize(eval_json: Any) -> dict[str, float]:
+    """The numbers present in `eval_json`; a missing or non-numeric one is left out."""
+    out: dict[str, float] = {}
+    if not isinstance(eval_json, dict):
+        return out
+    for key, (section, group, name) in PATHS.items():
+        try:
+            v = eval_json[section]["eval_result_metrics"][group][name]
+        except (KeyError, TypeError):
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
