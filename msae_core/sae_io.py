@@ -137,12 +137,13 @@ class SAEBenchSAE(torch.nn.Module):
         self.device = torch.device(device)
         self.dtype = dtype
         hook_name = hook_name or f"blocks.{hook_layer}.hook_resid_post"
+        base = sae.cfg.base if sae.cfg.arch == "momentum" else sae.cfg.arch
         fields = dict(model_name=model_name, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
                       hook_layer=hook_layer, hook_name=hook_name, context_size=context_size,
                       architecture=sae.cfg.arch, dtype=str(dtype).removeprefix("torch."),
                       apply_b_dec_to_input=True, prepend_bos=True, normalize_activations="none",
                       dataset_path="", dataset_trust_remote_code=False, seqpos_slice=(None,),
-                      device=str(device), activation_fn_str="topk" if sae.cfg.arch == "topk" else "relu")
+                      device=str(device), activation_fn_str="topk" if base == "topk" else "relu")
         try:
             from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig  # type: ignore
 

@@ -1,0 +1,287 @@
+"""SAE modules: registry, the lam = 0 identity, the momentum tracker against a naive reference,
+duplicate separation, the candidate cap, planted-direction recovery, save/load and export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msae_core import sae_io
+from msae_core.sae import SAEConfig, build_sae, registered_archs
+
+
+def _cfg(**kw) -> SAEConfig:
+    base = dict(arch="topk", d_in=16, d_sae=48, k=4, seed=0)
+    base.update(kw)
+    return SAEConfig(**base)
+
+
+def _sparse_data(n: int, dirs_TD: torch.Tensor, per_row: int, g: torch.Generator) -> torch.Tensor:
+    """Rows that are sums of `per_row` ground-truth directions with magnitudes in [0.5, 1.5)."""
+    T = dirs_TD.shape[0]
+    idx = torch.rand(n, T, generator=g).argsort(1)[:, :per_row]
+    mags = torch.rand(n, per_row, generator=g) + 0.5
+    return (mags[..., None] * dirs_TD[idx]).sum(1)
+
+
+def _train(sae, batches, lr=3e-3, start=0):
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    losses = []
+    for t, x in enumerate(batches, start):
+        out = sae.training_loss(x, t)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        sae.post_step_(t)
+        losses.append({k: float(v.detach()) for k, v in out.items()})
+    return losses
+
+
+# ----------------------------------------------------------------------------------------- registry
+def test_registry_builds_each_arch_and_refuses_unknown():
+    assert {"relu", "topk", "momentum"} <= set(registered_archs())
+    for arch in ("relu", "topk", "momentum"):
+        sae = build_sae(_cfg(arch=arch))
+        out = sae.forward(torch.randn(5, 16))
+        assert out.x_hat.shape == (5, 16) and out.f.shape == (5, 48)
+        assert torch.equal(sae.encode(torch.ones(2, 16)), sae.forward(torch.ones(2, 16)).f)
+        assert "loss" in sae.training_loss(torch.randn(8, 16), 0)
+    with pytest.raises(ValueError, match="unknown SAE architecture"):
+        build_sae(_cfg(arch="gated"))
+
+
+def test_config_lists_every_problem_at_once():
+    problems = _cfg(arch="momentum", k=0, beta=1.0, tau=1.5, lam=-1, d_sae=0).problems()
+    text = " | ".join(problems)
+    for word in ("d_sae", "k must", "beta", "tau", "lam"):
+        assert word in text, text
+
+
+def test_topk_fires_exactly_k_and_relu_is_nonnegative():
+    x = torch.randn(64, 16)
+    f = build_sae(_cfg(arch="topk", k=5)).encode(x).detach()
+    assert int((f > 0).sum(1).max()) <= 5 and float(f.min()) >= 0
+    assert float(build_sae(_cfg(arch="relu")).encode(x).min()) >= 0
+
+
+def test_decoder_rows_stay_unit_norm_after_steps():
+    g = torch.Generator().manual_seed(1)
+    for arch in ("relu", "topk"):
+        sae = build_sae(_cfg(arch=arch))
+        _train(sae, [torch.randn(32, 16, generator=g) for _ in range(5)], lr=1e-2)
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- lam = 0 equals base
+@pytest.mark.parametrize("base", ["topk", "relu"])
+def test_lambda_zero_momentum_equals_its_base_exactly(base):
+    g = torch.Generator().manual_seed(2)
+    dirs = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+    batches = [_sparse_data(64, dirs, 3, g) for _ in range(30)]
+    plain = build_sae(_cfg(arch=base, l1_coeff=0.01, dead_tokens_threshold=64))
+    mom = build_sae(_cfg(arch="momentum", base=base, lam=0.0, l1_coeff=0.01, tau=0.1,
+                         dead_tokens_threshold=64, refresh_every=10))
+    for s in (plain, mom):
+        s.fit_input_scale_(batches[0])
+    lp = _train(plain, batches)
+    lm = _train(mom, batches)
+    assert [r["loss"] for r in lp] == [r["loss"] for r in lm]
+    for name, p in plain.named_parameters():
+        assert torch.equal(p, dict(mom.named_parameters())[name]), name
+    # and the tracker did track something: lam = 0 is not "momentum switched off"
+    assert int(mom.n_updates) == 30 and float(mom.rate.sum()) > 0 and int((mom.cand_j >= 0).sum()) > 0
+
+
+# --------------------------------------------------------------------- tracker vs a naive reference
+def test_momentum_buffers_match_a_naive_ema_reference():
+    torch.manual_seed(0)
+    F, beta, tau = 6, 0.8, 0.3
+    sae = build_sae(_cfg(arch="momentum", base="relu", d_in=5, d_sae=F, beta=beta, tau=tau,
+                         cofire_top=F, n_candidates=F - 1, refresh_every=0))
+    g = torch.Generator().manual_seed(3)
+    rate, mag = torch.zeros(F), torch.zeros(F)
+    kappa = torch.zeros(F, F)
+    was = torch.zeros(F, F, dtype=torch.bool)
+    events = []
+    for t in range(12):
+        x = torch.randn(20, 5, generator=g)
+        with torch.no_grad():
+            f = sae.forward(x).f.double()
+        sae.training_loss(x, t)  # no optimizer step: f is what the tracker saw
+        rate = beta * rate + (1 - beta) * (f > 0).double().mean(0).float()
+        mag = beta * mag + (1 - beta) * f.mean(0).float()
+        s = torch.zeros(F, F)
+        for i in range(F):
+            for j in range(i + 1, F):
+                den = (f[:, i].pow(2).sum() * f[:, j].pow(2).sum()).sqrt()
+                if float((f[:, i] * f[:, j]).sum()) > 0:
+                    s[i, j] = float((f[:, i] * f[:, j]).sum() / den)
+        kappa = beta * kappa + (1 - beta) * s
+        now = kappa >= tau
+        for i, j in zip(*torch.where(now & ~was)):
+            events.append((t, int(i), int(j), "up"))
+        for i, j in zip(*torch.where(was & ~now)):
+            events.append((t, int(i), int(j), "down"))
+        was = now
+    bias = 1 - beta ** 12
+    assert torch.allclose(sae.rate_hat(), rate / bias, atol=1e-6)
+    assert torch.allclose(sae.mag_hat(), mag / bias, atol=1e-5)
+    table = torch.zeros(F, F)
+    for i, j, k in zip(*(sae.observables()[n] for n in ("pair_i", "pair_j", "pair_kappa"))):
+        table[int(i), int(j)] = float(k)
+    assert torch.allclose(table, kappa, atol=1e-5)
+    got = sorted((e["step"], e["i"], e["j"], e["direction"]) for e in sae.drain_events())
+    assert got == sorted(events) and len(events) > 0
+
+
+def test_candidate_table_never_exceeds_C_pairs_and_stays_symmetric():
+    C = 3
+    sae = build_sae(_cfg(arch="momentum", base="relu", d_in=8, d_sae=24, n_candidates=C,
+                         cofire_top=24, refresh_every=5, tau=0.05))
+    g = torch.Generator().manual_seed(4)
+    _train(sae, [torch.randn(64, 8, generator=g) for _ in range(15)], lr=1e-2)
+    obs = sae.observables()
+    pairs = list(zip(obs["pair_i"].tolist(), obs["pair_j"].tolist()))
+    assert len(pairs) > 24  # the table is busy: many features have partners
+    degree = torch.zeros(24, dtype=torch.long)
+    for i, j in pairs:
+        degree[i] += 1
+        degree[j] += 1
+        assert j in sae.cand_j[i].tolist() and i in sae.cand_j[j].tolist()
+    assert int(degree.max()) <= C
+    assert int(degree.max()) == C  # the cap binds somewhere, so the check above means something
+
+
+# ------------------------------------------------------------------------ duplicates get separated
+def _duplicate_run(lam: float, steps: int = 200):
+    """A ReLU-base momentum SAE whose features 0 and 1 start as near-duplicates of one planted
+    direction. Returns (step the pair first crossed tau or None, co-firing of 0 and 1 at the end)."""
+    g = torch.Generator().manual_seed(0)
+    D, T = 32, 48
+    dirs = torch.nn.functional.normalize(torch.randn(T, D, generator=g), dim=1)
+    sae = build_sae(SAEConfig(arch="momentum", base="relu", d_in=D, d_sae=64, l1_coeff=0.01,
+                              beta=0.9, tau=0.3, lam=lam, n_candidates=8, refresh_every=50))
+    with torch.no_grad():
+        sae.W_dec[0] = dirs[0]
+        sae.W_enc[:, 0] = dirs[0]
+        sae.W_dec[1] = torch.nn.functional.normalize(dirs[0] + 0.05 * torch.randn(D, generator=g), dim=0)
+        sae.W_enc[:, 1] = sae.W_dec[1]
+    opt = torch.optim.Adam(sae.parameters(), 3e-3)
+    first_up, kappa_max = None, 0.0
+    for t in range(steps):
+        x = _sparse_data(256, dirs, 3, g)
+        loss = sae.training_loss(x, t)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sae.post_step_(t)
+        for e in sae.drain_events():
+            if {e["i"], e["j"]} == {0, 1} and e["direction"] == "up" and first_up is None:
+                first_up = t
+        row = sae.cand_kappa[0][sae.cand_j[0] == 1]
+        kappa_max = max(kappa_max, float(row.max()) if len(row) else 0.0)
+    x = _sparse_data(2048, dirs, 3, g)
+    with torch.no_grad():
+        f = sae.encode(x)
+    both = ((f[:, 0] > 0) & (f[:, 1] > 0)).float().sum()
+    either = ((f[:, 0] > 0) | (f[:, 1] > 0)).float().sum().clamp_min(1)
+    return first_up, kappa_max, float(both / either)
+
+
+@pytest.mark.slow
+def test_penalty_separates_a_duplicated_pair_the_plain_loss_keeps():
+    first_up, kappa_max, cofire_pen = _duplicate_run(lam=0.1)
+    assert first_up is not None and first_up < 20 and kappa_max >= 0.3  # detected, early
+    assert cofire_pen < 0.05  # separated: they (almost) never fire together any more
+    _, _, cofire_plain = _duplicate_run(lam=0.0)
+    assert cofire_plain > 0.15  # the control: without the penalty the duplicates keep co-firing
+
+
+# --------------------------------------------------------------------------- known-answer recovery
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,extra", [("topk", {}), ("relu", {"l1_coeff": 1.0}),
+                                        ("momentum", {"base": "topk", "lam": 0.3})])
+def test_each_arch_recovers_planted_sparse_directions(arch, extra):
+    # 32 directions in 24 dims, 3 active per row. The L1 coefficient is in units of the normalised
+    # input (mean norm sqrt(D)); below ~0.5 here the L1 SAE settles on a dense code (L0 ~ 30 of 64).
+    g = torch.Generator().manual_seed(5)
+    D, T = 24, 32
+    dirs = torch.nn.functional.normalize(torch.randn(T, D, generator=g), dim=1)
+    sae = build_sae(SAEConfig(arch=arch, d_in=D, d_sae=64, k=3, dead_tokens_threshold=2048,
+                              seed=1, **extra))
+    data = [_sparse_data(512, dirs, 3, g) for _ in range(1500)]
+    sae.fit_input_scale_(data[0])
+    _train(sae, data, lr=3e-3)
+    W = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+    best = (dirs @ W.T).max(dim=1).values  # best decoder cosine of each planted direction
+    assert float((best >= 0.9).float().mean()) >= 0.9, best
+
+
+# ------------------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("arch", ["relu", "topk", "momentum"])
+def test_save_load_round_trip_gives_identical_outputs_and_state(arch, tmp_path):
+    g = torch.Generator().manual_seed(6)
+    sae = build_sae(_cfg(arch=arch, lam=0.2, tau=0.1))
+    batches = [torch.randn(32, 16, generator=g) for _ in range(12)]
+    sae.fit_input_scale_(batches[0])
+    _train(sae, batches[:6])
+    sae_io.save_sae(sae, tmp_path)
+    back = sae_io.load_sae(tmp_path)
+    assert type(back).__name__ == type(sae).__name__
+    for (n, a), (_, b) in zip(sorted(sae.state_dict().items()), sorted(back.state_dict().items())):
+        assert torch.equal(a, b), n
+    x = torch.randn(10, 16, generator=g)
+    assert torch.equal(sae.forward(x).x_hat, back.forward(x).x_hat)
+    # the momentum table and EMAs survive, so training continues the same way
+    la = _train(sae, batches[6:], start=6)
+    lb = _train(back, batches[6:], start=6)
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_load_refuses_missing_or_foreign_weights(tmp_path):
+    from msae_core.errors import MsaeError
+
+    with pytest.raises(MsaeError, match="missing"):
+        sae_io.load_sae(tmp_path)
+    sae_io.save_sae(build_sae(_cfg()), tmp_path)
+    (tmp_path / "sae_config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(MsaeError, match="not an msae SAE config"):
+        sae_io.load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "momentum"])
+def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path):
+    """Read the export back with SAELens's own forward (raw inputs, no normalisation):
+    standard: f = relu((x - b_dec) W_enc + b_enc); topk: keep the k largest of that; x_hat = f W_dec + b_dec."""
+    g = torch.Generator().manual_seed(7)
+    sae = build_sae(_cfg(arch=arch))
+    x = 7.0 * torch.randn(64, 16, generator=g) + 3.0  # raw activations far from unit scale
+    sae.fit_input_scale_(x)
+    _train(sae, [x] * 5)
+    sae_io.export_saelens(sae, tmp_path, model_name="m", hook_name="blocks.3.hook_resid_post")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    w = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert {"d_in", "d_sae", "architecture", "apply_b_dec_to_input", "normalize_activations"} <= set(cfg)
+    assert cfg["architecture"] == ("standard" if arch == "relu" else "topk")
+    assert w["W_enc"].shape == (16, 48) and w["W_dec"].shape == (48, 16)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "topk":
+        v, i = pre.topk(cfg["k"], dim=-1)
+        f = torch.zeros_like(pre).scatter_(-1, i, torch.relu(v))
+    else:
+        f = torch.relu(pre)
+    x_hat = f @ w["W_dec"] + w["b_dec"]
+    assert torch.allclose(x_hat, sae.forward(x).x_hat.detach(), atol=1e-4, rtol=1e-4)
+    assert cfg["hook_layer"] == 3
+
+
+def test_saebench_wrapper_has_the_custom_sae_interface():
+    sae = build_sae(_cfg(arch="momentum"))
+    w = sae_io.SAEBenchSAE(sae, model_name="m", hook_layer=2)
+    x = torch.randn(4, 16)
+    assert torch.allclose(w(x), sae.forward(x).x_hat)
+    assert w.W_enc.shape == (16, 48) and w.cfg.d_sae == 48 and w.cfg.hook_name == "blocks.2.hook_resid_post"
+    assert torch.equal(w.encode(x), sae.encode(x))
