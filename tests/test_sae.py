@@ -100,7 +100,7 @@ def test_momentum_buffers_match_a_naive_ema_reference():
     torch.manual_seed(0)
     F, beta, tau = 6, 0.8, 0.3
     sae = build_sae(_cfg(arch="momentum", base="relu", d_in=5, d_sae=F, beta=beta, tau=tau,
-                         cofire_top=F, n_candidates=F - 1, refresh_every=0))
+                         cofire_top=F, n_candidates=F - 1, refresh_every=0, admit_frac=0.0))
     g = torch.Generator().manual_seed(3)
     rate, mag = torch.zeros(F), torch.zeros(F)
     kappa = torch.zeros(F, F)
@@ -285,3 +285,28 @@ def test_saebench_wrapper_has_the_custom_sae_interface():
     assert torch.allclose(w(x), sae.forward(x).x_hat)
     assert w.W_enc.shape == (16, 48) and w.cfg.d_sae == 48 and w.cfg.hook_name == "blocks.2.hook_resid_post"
     assert torch.equal(w.encode(x), sae.encode(x))
+
+
+@pytest.mark.parametrize("F", [40, 5000])  # 5000^2 keys exceed the hash table: collisions happen
+def test_admission_screen_equals_exact_grouping(F):
+    """_batch_scores keeps exactly the table pairs plus the new pairs whose summed s >= admit."""
+    from msae_core.sae.momentum import MomentumMixin
+
+    g = torch.Generator().manual_seed(8)
+    n_pairs = 3000 if F > 100 else 300
+    lo = torch.randint(0, F - 1, (n_pairs,), generator=g)
+    hi = lo + 1 + (torch.rand(n_pairs, generator=g) * (F - 1 - lo)).long()
+    pair_keys = torch.unique(lo * F + hi)
+    k_occ = pair_keys[torch.randint(0, len(pair_keys), (20 * len(pair_keys),), generator=g)]
+    c = torch.rand(len(k_occ), generator=g) * 0.02
+    o_key = pair_keys[torch.randperm(len(pair_keys), generator=g)[:50]]
+    keys, s = MomentumMixin._batch_scores(k_occ, c, o_key, 0.2, F)
+    u, inv = torch.unique(k_occ, return_inverse=True)
+    exact = torch.zeros(len(u)).index_add_(0, inv, c)
+    want = {int(k): float(v) for k, v in zip(u, exact.clamp(0, 1)) if v >= 0.2 or bool((o_key == k).any())}
+    for k in o_key.tolist():
+        want.setdefault(k, 0.0)
+    got = {int(k): float(v) for k, v in zip(keys, s)}
+    assert got.keys() == want.keys()
+    assert all(abs(got[k] - want[k]) < 1e-5 for k in want)
+    assert 0 < sum(v >= 0.2 for v in want.values()) < len(u)  # the screen had something to do

@@ -51,6 +51,8 @@ class SAEConfig:
     n_candidates: int = field(default=16, metadata={"help": "candidate pairs kept per feature (C)"})
     cofire_top: int = field(default=32, metadata={
         "help": "per token, the strongest active latents whose co-firing is tracked (momentum)"})
+    admit_frac: float = field(default=0.5, metadata={
+        "help": "a batch pair enters the candidate table when its co-firing score s_ij >= admit_frac * tau"})
     refresh_every: int = field(default=250, metadata={
         "help": "steps between decoder-cosine neighbour refreshes of the candidate table"})
     seed: int = field(default=0, metadata={"help": "seed of the weight initialisation"})
@@ -82,6 +84,8 @@ class SAEConfig:
             out.append(f"n_candidates must be >= 1 (got {self.n_candidates})")
         if self.cofire_top < 2:
             out.append(f"cofire_top must be >= 2 (got {self.cofire_top})")
+        if not 0 <= self.admit_frac <= 1:
+            out.append(f"admit_frac must be in [0, 1] (got {self.admit_frac})")
         if self.refresh_every < 0:
             out.append(f"refresh_every must be >= 0 (got {self.refresh_every})")
         return out

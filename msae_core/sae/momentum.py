@@ -23,8 +23,11 @@ Deliberate choices where the note leaves room (the three knobs keep their meanin
   them for a TopK base with k <= cofire_top) form pairs, B * M (M - 1) / 2 occurrences per batch,
   never a dense F x F product. With a ReLU base whose L0 exceeds `cofire_top`, co-firing among the
   weaker latents of a token is not counted, in the statistic nor in the penalty.
-- Pairs enter the table from the batch's co-firing (kappa starts at (1 - beta) s_ij, as if it had
-  been 0) and, every `refresh_every` steps, from decoder-cosine neighbours (kappa 0, so they only
+- Pairs enter the table from the batch's co-firing when their batch statistic is at least
+  `admit_frac * tau` (kappa starts at (1 - beta) s_ij, as if it had been 0): a pair whose s_ij stays
+  below tau can never reach tau, and admitting every pair that co-fired once (about 500k per batch
+  at k = 32, B = 1024) made the table update cost more than the SAE step. admit_frac = 0 admits all
+  (the naive reference in the tests); pairs already in the table always take the batch in. and, every `refresh_every` steps, from decoder-cosine neighbours (kappa 0, so they only
   take free slots). When a row is full the weakest kappa leaves; a pair not co-firing in a batch
   decays by beta (s_ij = 0).
 - The penalty uses the table as it stood before this batch's update, the statistics then take the
@@ -133,19 +136,21 @@ class MomentumMixin:
         self.mag.mul_(beta).add_(f_BF.float().mean(0), alpha=1 - beta)
         self.n_updates += 1
 
-        # batch statistic s_ij on the co-firing pairs
+        # batch statistic s_ij of the co-firing pairs, as the sum over each pair's co-firing tokens
+        # of c = f_bi f_bj / sqrt(q_i q_j), q_i = sum_b f_bi^2
         _, tp, tq, valid, key = occ
         idx_BM = occ[0]
         vals_BM = f_BF.gather(1, idx_BM).float()
-        prod = (vals_BM[:, tp] * vals_BM[:, tq])[valid]
-        b_key, inv = torch.unique(key[valid], return_inverse=True)
-        cof = torch.zeros(len(b_key), device=f_BF.device).index_add_(0, inv, prod)
+        k_occ = key[valid]
         sq_F = f_BF.float().pow(2).sum(0)
-        s = cof / (sq_F[b_key // F] * sq_F[b_key % F]).sqrt().clamp_min(1e-12)
-
-        # everything that may be in the table after this step, keyed once per unordered pair
+        c = (vals_BM[:, tp] * vals_BM[:, tq])[valid]
+        c = c / (sq_F[k_occ // F] * sq_F[k_occ % F]).sqrt().clamp_min(1e-12)
         old = self._pairs()
         o_key = old["i"] * F + old["j"]
+        b_key, s = self._batch_scores(k_occ, c, o_key, self.cfg.admit_frac * self.cfg.tau, F)
+
+        # everything that may be in the table after this step, keyed once per unordered pair: the
+        # table's pairs, the batch's admitted pairs, decoder neighbours
         keys = [o_key, b_key]
         if self.cfg.refresh_every and step % self.cfg.refresh_every == 0:
             keys.append(self._decoder_neighbour_keys())
@@ -158,7 +163,7 @@ class MomentumMixin:
             kappa[p], first[p], last[p] = old["kappa"], old["first"], old["last"]
         s_u = torch.zeros_like(kappa)
         if len(b_key):
-            s_u[torch.searchsorted(u_key, b_key)] = s.clamp(0.0, 1.0)
+            s_u[torch.searchsorted(u_key, b_key)] = s
         kappa = beta * kappa + (1 - beta) * s_u
 
         # competition and its events
@@ -173,6 +178,38 @@ class MomentumMixin:
                                      "kappa": float(kv), "direction": direction})
         self.last_update_step.fill_(step)
         self._write_table_(u_key, kappa, first, last)
+
+    @staticmethod
+    def _batch_scores(k_occ: torch.Tensor, c: torch.Tensor, o_key: torch.Tensor, admit: float,
+                      F: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, s) of the batch's pairs that take part in the update: every table pair (s may be
+        0) and every new pair with s >= admit (all new pairs when admit is 0).
+
+        Grouping ~B M^2 / 2 occurrences by pair with a sort cost more than the SAE step, so: table
+        pairs are found by binary search in the (small) sorted table, and new pairs are screened by
+        a hashed sum of c, an upper bound of s (colliding pairs only add, c >= 0); only the few
+        that pass are grouped exactly."""
+        dev = k_occ.device
+        if admit <= 0:
+            b_key, inv = torch.unique(k_occ, return_inverse=True)
+            s = torch.zeros(len(b_key), device=dev).index_add_(0, inv, c)
+            return b_key, s.clamp(0.0, 1.0)
+        o_sorted = o_key.sort().values
+        in_tab = torch.zeros(len(k_occ), dtype=torch.bool, device=dev)
+        s_old = torch.zeros(len(o_sorted), device=dev)
+        if len(o_sorted):
+            pos = torch.searchsorted(o_sorted, k_occ).clamp_max(len(o_sorted) - 1)
+            in_tab = o_sorted[pos] == k_occ
+            s_old.index_add_(0, pos[in_tab], c[in_tab])
+        k_new, c_new = k_occ[~in_tab], c[~in_tab]
+        H = 1 << min(22, max(1, (F * F - 1).bit_length()))
+        h = k_new if F * F <= H else (k_new * 2654435761) % 4294967291 % H
+        bound = torch.zeros(H, device=dev).index_add_(0, h, c_new)[h]
+        cand = bound >= admit
+        n_key, inv = torch.unique(k_new[cand], return_inverse=True)
+        s_new = torch.zeros(len(n_key), device=dev).index_add_(0, inv, c_new[cand])
+        keep = s_new >= admit
+        return torch.cat([o_sorted, n_key[keep]]), torch.cat([s_old, s_new[keep]]).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def _write_table_(self, u_key: torch.Tensor, kappa: torch.Tensor, first: torch.Tensor,
