@@ -163,7 +163,8 @@ def _duplicate_run(lam: float, steps: int = 200):
     D, T = 32, 48
     dirs = torch.nn.functional.normalize(torch.randn(T, D, generator=g), dim=1)
     sae = build_sae(SAEConfig(arch="momentum", base="relu", d_in=D, d_sae=64, l1_coeff=0.01,
-                              beta=0.9, tau=0.3, lam=lam, n_candidates=8, refresh_every=50))
+                              beta=0.9, tau=0.3, lam=lam, n_candidates=8, refresh_every=50,
+                              cofire_top=64))  # the toy L1 SAE is dense: count all co-firing
     with torch.no_grad():
         sae.W_dec[0] = dirs[0]
         sae.W_enc[:, 0] = dirs[0]

@@ -49,7 +49,7 @@ class SAEConfig:
     tau: float = field(default=0.4, metadata={"help": "competition threshold on the pair score kappa"})
     lam: float = field(default=0.0, metadata={"help": "competition penalty coefficient lambda"})
     n_candidates: int = field(default=16, metadata={"help": "candidate pairs kept per feature (C)"})
-    cofire_top: int = field(default=32, metadata={
+    cofire_top: int = field(default=8, metadata={
         "help": "per token, the strongest active latents whose co-firing is tracked (momentum)"})
     admit_frac: float = field(default=0.5, metadata={
         "help": "a batch pair enters the candidate table when its co-firing score s_ij >= admit_frac * tau"})

@@ -19,10 +19,13 @@ Deliberate choices where the note leaves room (the three knobs keep their meanin
 - The candidate table is symmetric: pair (i, j) sits in row i and in row j, each row holds at most
   C = n_candidates partners, and a pair is kept only while both rows keep it, so no feature is in
   more than C pairs. State is O(F * C): (F, C) partner ids, kappa, first and last competing step.
-- Co-firing is counted sparsely: per token, only its `cofire_top` strongest active latents (all of
-  them for a TopK base with k <= cofire_top) form pairs, B * M (M - 1) / 2 occurrences per batch,
-  never a dense F x F product. With a ReLU base whose L0 exceeds `cofire_top`, co-firing among the
-  weaker latents of a token is not counted, in the statistic nor in the penalty.
+- Co-firing is counted sparsely: per token, only its `cofire_top` (M, default 8) strongest active
+  latents form pairs, B * M (M - 1) / 2 occurrences per batch, never a dense F x F product.
+  Co-firing among the weaker latents of a token is not counted, in the statistic nor in the
+  penalty. M trades detection for cost: at k = 32, B = 1024 on a CPU, M = 32 (every active pair)
+  made the momentum step about 3x its base's, M = 8 keeps it near the design's bound. Duplicates
+  share their input, so both are usually among the strongest latents of the tokens they split;
+  raise M (up to k) to count more.
 - Pairs enter the table from the batch's co-firing when their batch statistic is at least
   `admit_frac * tau` (kappa starts at (1 - beta) s_ij, as if it had been 0): a pair whose s_ij stays
   below tau can never reach tau, and admitting every pair that co-fired once (about 500k per batch
