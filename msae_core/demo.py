@@ -96,7 +96,12 @@ def demo_state(root: Path | None = None) -> dict:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    plan = DemoPlan(tokens=args.tokens, steps=args.steps, d_sae=args.d_sae,
+    from msae_core.errors import MsaeError
+
+    if args.tokens < 1 or args.steps < 1 or args.d_sae < 1 or args.batch_size < 1:
+        raise MsaeError("--tokens, --steps, --d-sae and --batch-size must be >= 1")
+    plan = DemoPlan(model=args.model, layer=args.layer, tokens=args.tokens, steps=args.steps,
+                    d_sae=args.d_sae, batch_size=args.batch_size,
                     evals=tuple(e for e in args.evals.split(",") if e))
     run_demo(Path(args.root), plan)
     return 0
@@ -106,6 +111,10 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="harvest, train and evaluate demo runs on the embedded default",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(results_root()), help="results folder (default: %(default)s)")
+    p.add_argument("--model", default=DemoPlan.model, help="language model (default: %(default)s)")
+    p.add_argument("--layer", type=int, default=DemoPlan.layer, help="layer (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DemoPlan.batch_size,
+                   help="training batch size (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=DemoPlan.tokens, help="tokens to harvest (default: %(default)s)")
     p.add_argument("--steps", type=int, default=DemoPlan.steps, help="training steps per run (default: %(default)s)")
     p.add_argument("--d-sae", type=int, default=DemoPlan.d_sae, help="dictionary size (default: %(default)s)")
