@@ -57,7 +57,9 @@ Where we differ, and why:
   definition as msae_core.metrics.mse); SAEBench's number is kept in eval_result_unstructured as
   `mse_saebench_formula`.
 - The language model is our Hugging Face LanguageModel, not TransformerLens; block L's output is
-  the tensor TransformerLens calls blocks.L.hook_resid_post. Logits are float32.
+  the tensor TransformerLens calls blocks.L.hook_resid_post. Logits are float32, and KL is computed
+  from log_softmax (SAEBench takes the log of a softmax, which gives -inf and then NaN for
+  probabilities that underflow).
 - Text is the run's own corpus (the activation store's) by default, not openwebtext: the machines
   this runs on have no network. The windows are held out from training when possible: the store
   holds the stream's first `n_windows` windows, so we skip that many tokens of the same stream and
