@@ -10,13 +10,13 @@ from msae_core.errors import MsaeError
 
 
 def _overrides(items: list[str]) -> dict[str, dict]:
-    """['core.n_eval_batches=8', 'absorption.max_words=500'] -> {'core': {...}, ...} (json values)."""
+    """['core.n_eval_reconstruction_batches=4', 'absorption.max_words=500'] -> {'core': {...}, ...} (json values)."""
     out: dict[str, dict] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         name, dot, field = key.partition(".")
         if not sep or not dot or not field:
-            raise MsaeError(f"--set {item!r}: expected EVAL.FIELD=VALUE, e.g. core.n_eval_batches=8")
+            raise MsaeError(f"--set {item!r}: expected EVAL.FIELD=VALUE, e.g. core.n_eval_reconstruction_batches=4")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -48,6 +48,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--skip-done", action="store_true", help="skip evals already in eval.json")
     p.add_argument("--set", action="append", metavar="EVAL.FIELD=VALUE",
-                   help="an eval setting, e.g. core.n_eval_batches=8 (repeatable)")
+                   help="an eval setting, e.g. core.n_eval_reconstruction_batches=4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_cli)
