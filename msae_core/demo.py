@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from msae_core.artifacts import RUN_STATUS
+from msae_core.errors import MsaeError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
     log.info("demo: harvesting %d tokens of layer %d into %s", plan.tokens, plan.layer, store_dir)
     store = harvest(StoreSettings(model=plan.model, layer=plan.layer, target_tokens=plan.tokens),
                     store_dir, progress=progress)
-    runs = []
+    runs, failed = [], []
     for name, sae_over in DEMO_RUNS.items():
         run_dir = root / "runs" / name
         cfg = RunConfig(
@@ -67,9 +68,16 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
         if read_status(run_dir).get("state") != "done":
             log.info("demo: training %s", name)
             train(cfg, run_dir, progress=progress)
-        log.info("demo: evaluating %s (%s)", name, ", ".join(plan.evals))
-        run_evals(run_dir, list(plan.evals), progress=progress, skip_done=True)
+        for ev in plan.evals:  # one eval failing does not cost the others
+            log.info("demo: evaluating %s (%s)", name, ev)
+            try:
+                run_evals(run_dir, [ev], progress=progress, skip_done=True)
+            except MsaeError as exc:
+                log.error("demo: %s eval of %s failed: %s", ev, name, exc)
+                failed.append(f"{name}/{ev}: {exc}")
         runs.append(run_dir)
+    if failed:
+        raise MsaeError(f"demo runs trained, but {len(failed)} eval(s) failed: " + "; ".join(failed))
     return runs
 
 
@@ -96,8 +104,6 @@ def demo_state(root: Path | None = None) -> dict:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from msae_core.errors import MsaeError
-
     if args.tokens < 1 or args.steps < 1 or args.d_sae < 1 or args.batch_size < 1:
         raise MsaeError("--tokens, --steps, --d-sae and --batch-size must be >= 1")
     plan = DemoPlan(model=args.model, layer=args.layer, tokens=args.tokens, steps=args.steps,
