@@ -220,7 +220,8 @@ def test_split_features_walk():
 N_TOKEN_DIRS = 15
 
 
-def _planted_letters(absorb: bool, seed: int = 0, n_per_letter: int = 40, n_s: int = 150, n_absorbed: int = 45):
+def _planted_letters(absorb: bool, seed: int = 0, n_per_letter: int = 40, n_s: int = 150, n_absorbed: int = 45,
+                     latent_scale: float = 1.0):
     """LM activations of words with 26 letter directions; 's' words: `n_absorbed` of them carry one
     of 10 token directions; 'b' words carry one of two sub-directions. The SAE has one latent per
     letter (b: two split latents) and, with `absorb`, 15 token latents whose decoders lean on 's'
@@ -270,17 +271,17 @@ def _planted_letters(absorb: bool, seed: int = 0, n_per_letter: int = 40, n_s: i
         else:      # a token latent orthogonal to 's'
             W_enc[:, col], b_enc[col], W_dec[col] = T[j], -2.0, T[j]
     sae = build_sae(SAEConfig(arch="relu", d_in=D, d_sae=F, seed=0)).eval()
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.W_dec.copy_(W_dec)
-        sae.b_enc.copy_(b_enc)
+    with torch.no_grad():  # latent_scale: the same SAE with activations scaled, decoder rows unscaled
+        sae.W_enc.copy_(W_enc * latent_scale)
+        sae.W_dec.copy_(W_dec / latent_scale)
+        sae.b_enc.copy_(b_enc * latent_scale)
         sae.b_dec.zero_()
     perm = torch.randperm(len(y), generator=g)
     return x[perm], y[perm], absorbed[perm], sae
 
 
-def _evaluate(absorb: bool, **cfg_kw):
-    x, y, absorbed, sae = _planted_letters(absorb)
+def _evaluate(absorb: bool, latent_scale: float = 1.0, **cfg_kw):
+    x, y, absorbed, sae = _planted_letters(absorb, latent_scale=latent_scale)
     n_train = int(0.8 * len(y))
     cfg = A.Config(max_k_value=4, k_sparse_probe_batch_size=128, k_sparse_probe_num_epochs=30, **cfg_kw)
 
@@ -316,6 +317,19 @@ def test_evaluate_finds_planted_absorption_and_split():
     assert m["mean_absorption_fraction_score"] == pytest.approx(s["mean_absorption_fraction"] / 26)
     assert m["mean_num_split_features"] == pytest.approx(27 / 26)
     assert m["std_dev_num_split_features"] > 0
+
+
+def test_evaluate_reads_latents_in_saebench_units():
+    """An SAE whose activations are 1000x smaller and decoder rows 1000x longer (as ours are, in input
+    units, when their input scale is small) is the same SAE: same probes, same absorption."""
+    torch.manual_seed(0)
+    m1, d1, e1, _, _ = _evaluate(absorb=True)
+    torch.manual_seed(0)
+    m2, d2, e2, _, _ = _evaluate(absorb=True, latent_scale=0.001)
+    assert e2["main_latents"] == e1["main_latents"]
+    for letter in d1:
+        for key, v in d1[letter].items():
+            assert d2[letter][key] == pytest.approx(v, abs=1e-6), (letter, key)
 
 
 def test_evaluate_reports_zero_without_absorption():

@@ -39,10 +39,12 @@ Where we differ, and why:
   is causal, so the activation at a word is exactly that of a SAEBench prompt with those examples,
   for about a seventh of the tokens (16 words a prompt). `queries_per_prompt=1` gives SAEBench's
   one-word prompts.
-- A latent's probe projection is its contribution to the reconstruction, a_i (d_i.p) with d_i its
-  decoder direction in input units (`sae.decode(e_i) - sae.decode(0)`). SAEBench writes a_i cos_i,
-  the same for its unit-norm decoders; our SAEs scale their inputs internally, so their decoder rows
-  are not unit-norm in input units and a_i cos_i would compare numbers in different units.
+- Latent activations are read in SAEBench's units. SAEBench folds decoder norms into the activations
+  (SAELens's `fold_W_dec_norm`) and then takes a latent's probe projection as a_i cos_i. Our SAEs
+  scale their inputs internally, so their decoder rows are not unit-norm in input units: we take
+  each latent's decoder direction in input units, d_i = `sae.decode(e_i) - sae.decode(0)`, and use
+  a_i |d_i| as its activation everywhere (k-sparse probes too, whose regularisation is not scale
+  free), so a_i |d_i| cos_i = a_i (d_i.p) is its contribution to the reconstruction along p.
 - Probes, LM and SAE run in float32 on the run's device with the run's language model (loaded by
   the eval context: any Hugging Face model, the embedded Gemma 3 270M offline); SAEBench loads the
   model through TransformerLens. A letter with no training example gets a positive-class weight of
@@ -522,11 +524,20 @@ def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     """Probe, k-sparse probing, split features and absorption from LM activations.
 
     train_x/test_x (N, D) with letter classes train_y/test_y (N,); `encode` maps activations to SAE
-    latents; `reprompt(test indices)` gives those test words' activations in fresh prompts
+    latents, `dec_FD` their decoder directions in input units; `reprompt(test indices)` gives those test words' activations in fresh prompts
     (SAEBench's absorption pass; None reuses test_x). Returns (metrics, details, unstructured)."""
     from tqdm.auto import tqdm
 
     d_sae = dec_FD.shape[0]
+    # SAEBench's units: decoder rows of norm 1 in input units, the norm folded into the activations
+    # (SAELens's fold_W_dec_norm, which SAEBench applies): probes on latents see the same numbers
+    dec_norm_F = dec_FD.float().norm(dim=1).clamp_min(1e-12)
+    dec_FD = dec_FD.float() / dec_norm_F[:, None]
+    raw_encode = encode
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return raw_encode(x).float().cpu() * dec_norm_F
+
     probe = train_letter_probe(train_x, train_y, seed=cfg.random_seed)
     enc_batch = cfg.k_sparse_probe_batch_size
     if cfg.precalc_k_sparse_probe_sae_acts:
