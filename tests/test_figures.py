@@ -1,0 +1,200 @@
+"""Figure builders, workbench data loading (traces, pairs, the feature sample, token examples,
+output tokens, UMAP cache) and figure export, against fixture run folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fixtures_runs import make_results
+from msae_core import export as X
+from msae_core import figures as F
+from msae_core import workbench_data as wd
+from msae_core.errors import MsaeError
+
+HAVE_CHROMIUM = os.access("/usr/bin/chromium", os.X_OK)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_results(tmp_path_factory.mktemp("figs") / "results", n_runs=3, broken=True)
+
+
+@pytest.fixture()
+def run(root):
+    return root / "runs" / "run-000-momentum"
+
+
+def test_pareto_front_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.random(30), rng.random(30)
+        x[3], y[5] = np.nan, np.nan
+        got = set(F.pareto_front(x, y).tolist())
+        want = {i for i in range(30) if np.isfinite(x[i]) and np.isfinite(y[i]) and not any(
+            (x[j] <= x[i] and y[j] >= y[i] and (x[j] < x[i] or y[j] > y[i]))
+            for j in range(30) if np.isfinite(x[j]) and np.isfinite(y[j]))}
+        assert got == want
+
+
+def test_tradeoff_figure_frontier_customdata_and_empty():
+    df = pd.DataFrame({"name": ["a", "b", "c", "d"], "absorption": [0.1, 0.05, 0.2, np.nan],
+                       "explained_variance": [0.9, 0.8, 0.85, 0.99], "arch": ["topk", "momentum", "relu", "topk"],
+                       "beta": [np.nan, 0.9, np.nan, np.nan]})
+    fig = F.tradeoff_figure(df, color="beta")
+    runs = next(t for t in fig.data if t.name == "runs")
+    assert [c[0] for c in runs.customdata] == ["a", "b", "c"]  # NaN absorption left out
+    front = next(t for t in fig.data if t.name == "Pareto frontier")
+    assert list(front.x) == [0.05, 0.1]  # c is beaten by a on both axes
+    empty = F.tradeoff_figure(df.iloc[0:0])
+    assert "no run" in empty.layout.annotations[0].text
+
+
+def test_tokens_html_escapes_and_shades():
+    h = F.tokens_html(["<script>", "ok"], [2.0, 0.0])
+    assert "<script>" not in h and "&lt;script&gt;" in h
+    assert "rgba(31,119,180,1.00)" in h and "rgba(31,119,180,0.00)" in h
+
+
+def test_traces_skip_a_corrupt_snapshot_and_subset_features(root):
+    bad = root / "runs" / "broken-corrupt-files"
+    tr = wd.load_traces(bad, [0, 5, 10_000])
+    assert tr.problems and "unreadable" in tr.problems[0]
+    assert tr.features.tolist() == [0, 5] and tr.rate.shape == (2, len(tr.steps))
+    full = wd.load_traces(root / "runs" / "run-000-momentum")
+    assert full.rate.shape == (256, 10) and not full.problems
+    sub = wd.load_traces(root / "runs" / "run-000-momentum", [7])
+    np.testing.assert_array_equal(sub.pressure[0], full.pressure[7])
+    top = wd.top_pressure_features(root / "runs" / "run-000-momentum", 5)
+    assert full.pressure[top[0], -1] == full.pressure[:, -1].max()
+    fig = F.heatmap_figure(full.steps, top, full.pressure[top])
+    assert fig.data[0].z.shape == (5, 10)
+
+
+def test_pairs_sorted_and_events(run):
+    pairs, step = wd.load_pairs(run)
+    assert step == 100 and len(pairs) == 64 and pairs["kappa"].is_monotonic_decreasing
+    ev = wd.load_events(root_bad := run.parent / "broken-corrupt-files")
+    assert len(ev) == 30  # the torn line is skipped
+    assert len(F.events_figure(ev).data) >= 2
+    assert root_bad.exists()
+
+
+def test_feature_sample_equals_dense_encoding_and_is_cached(run):
+    from msae_core.store import ActivationStore
+
+    cache = run / wd.CACHE_DIR / wd.SAMPLE_FILE
+    cache.unlink(missing_ok=True)
+    s = wd.feature_sample(run, n_rows=512)
+    assert cache.is_file()
+    sae = wd.load_run_sae(run)
+    store = ActivationStore(wd.run_store_path(run))
+    with torch.no_grad():
+        dense = sae.encode(store.rows(torch.from_numpy(s.rows))).float().numpy()
+    for f in (0, 17, 255):
+        np.testing.assert_allclose(s.column(f), dense[:, f], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.density(), (dense > 0).mean(0), atol=1e-6)
+    # whole windows: every row of a sampled window is in the sample
+    w = int(s.window_ids[0])
+    assert len(s.window_rows(w)) == len(store.window_tokens(w)) - 1  # all but the BOS
+    mtime = cache.stat().st_mtime_ns
+    again = wd.feature_sample(run, n_rows=512)
+    assert cache.stat().st_mtime_ns == mtime and np.array_equal(again.nz_val, s.nz_val)
+
+
+def test_pair_examples_split_by_who_fires(run):
+    s = wd.feature_sample(run, n_rows=512)
+    counts = np.diff(s.feat_ptr)
+    i, j = (int(t) for t in np.argsort(-counts)[:2])
+    co = wd.pair_cofiring(s, i, j)
+    assert co["both"] + co["only_i"] == counts[i]
+    groups = wd.pair_examples(s, i, j, n=3)
+    for title, exs in groups.items():
+        for e in exs:
+            ai, aj = e.acts[i][e.center], e.acts[j][e.center]
+            if title == "both fire":
+                assert ai > 0 and aj > 0
+            elif title.startswith(f"only {i}"):
+                assert ai > 0 and aj == 0
+            else:
+                assert aj > 0 and ai == 0
+            assert len(e.tokens) == len(e.acts[i]) and "<" not in "".join(e.tokens)[:0]
+    assert sum(len(v) for v in groups.values()) > 0
+    html = F.example_html(groups["both fire"][0] if groups["both fire"] else next(
+        v[0] for v in groups.values() if v), [i, j])
+    assert "background:rgba" in html
+
+
+def test_output_tokens_are_the_unembedding_of_the_decoder_row(run):
+    from msae_core.lm import load_lm
+
+    out = wd.output_tokens(run, 3, k=5)
+    sae = wd.load_run_sae(run)
+    lm = load_lm(wd._store_manifest(wd.run_store_path(run))["model"], device="cpu")
+    logits = lm.unembed_matrix().float() @ sae.W_dec[3].detach().float()
+    assert [round(v, 4) for _, v in out["promoted"]] == [round(float(v), 4) for v in logits.topk(5).values]
+    assert out["suppressed"][0][1] == pytest.approx(float(logits.min()), abs=1e-5)
+    with pytest.raises(MsaeError):
+        wd.output_tokens(run, 10_000)
+
+
+def test_runs_table_survives_broken_folders_and_run_path_refuses_traversal(root):
+    df = wd.runs_table(root)
+    assert len(df) == 3 + 6
+    assert df.set_index("name").loc["run-001-topk", "k"] == 8
+    assert (df[df["name"].str.startswith("broken")]["problem"] != "").all()
+    for bad in ("../x", "a/b", "..", ".hidden", ""):
+        with pytest.raises(MsaeError):
+            wd.run_path(root, bad)
+
+
+def test_umap_cache_is_keyed_by_the_weights(tmp_path, run):
+    copy = tmp_path / "runs" / "copy"
+    shutil.copytree(run, copy)
+    assert wd.umap_coords(copy, compute=False) is not None  # the fixture's cache
+    (copy / "sae.safetensors").touch()
+    os.utime(copy / "sae.safetensors", ns=(1, 1))
+    assert wd.umap_coords(copy, compute=False) is None  # stale after the weights changed
+    pca = wd.pca_coords(copy)
+    assert pca.shape == (256, 2) and np.isfinite(pca).all()
+
+
+@pytest.mark.slow
+def test_umap_computes_and_caches(tmp_path, run):
+    copy = tmp_path / "runs" / "copy"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / wd.CACHE_DIR)
+    c = wd.umap_coords(copy)
+    assert c.shape == (256, 2) and np.isfinite(c).all()
+    np.testing.assert_array_equal(wd.umap_coords(copy, compute=False), c)
+
+
+def test_runs_markdown_and_csv(root):
+    df = wd.runs_table(root)
+    md = X.runs_markdown(df)
+    assert md.splitlines()[0].startswith("| name | state |") and "run-000-momentum" in md
+    assert b"run-002-relu" in X.table_csv(df)
+    with pytest.raises(MsaeError):
+        X.figure_bytes(F.tradeoff_figure(df), "gif")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason="/usr/bin/chromium is not installed (kaleido needs a Chromium)")
+def test_figure_export_and_writeup_bundle(root):
+    fig = F.tradeoff_figure(wd.runs_table(root))
+    assert X.figure_bytes(fig, "png").startswith(b"\x89PNG")
+    assert b"<svg" in X.figure_bytes(fig, "svg")[:500]
+    assert X.figure_bytes(fig, "pdf").startswith(b"%PDF")
+    out = X.write_bundle(root, formats=("png",), name="t")
+    assert out.parent == root / "exports"
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert "tradeoff-explained-variance.png" in figs and any("pressure-heatmap" in f for f in figs)
+    readme = (out / "README.md").read_text()
+    assert "| name |" in readme and "figures/tradeoff-explained-variance.png" in readme
+    assert (out / "runs.csv").is_file()
