@@ -18,6 +18,8 @@ from plotly.subplots import make_subplots
 
 TEMPLATE = "plotly_white"
 FEATURE_COLOURS = ((31, 119, 180), (214, 39, 40))  # first and second feature of a pair
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf"]
 RECONSTRUCTION_LABELS = {"explained_variance": "explained variance", "ce_loss_score": "CE-loss score",
                          "kl_div_score": "KL score"}
 
@@ -51,7 +53,9 @@ def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "a
                     frontier: bool = True, hover: Sequence[str] = ()) -> go.Figure:
     """Reconstruction (`y`) against absorption (`x`) for every run with both, coloured by `color`,
     the Pareto frontier (low absorption, high reconstruction) as a line, reference points as
-    crosses. Each run's marker carries its name as customdata (for click-to-open)."""
+    crosses. Run traces share legendgroup "runs": one trace with a colour scale for a numeric
+    `color` (runs without a value in grey), one trace per value for a categorical one. Each run's
+    marker carries its name as customdata[0] (for click-to-open)."""
     ylab = RECONSTRUCTION_LABELS.get(y, y)
     d = df[df[x].notna() & df[y].notna()] if len(df) and x in df and y in df else df.iloc[0:0]
     if d.empty and (reference is None or reference.empty):
@@ -64,20 +68,26 @@ def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "a
         custom = d[["name"] + hover_cols].astype(object).where(d[["name"] + hover_cols].notna(), "-")
         tmpl = "<b>%{customdata[0]}</b><br>" + f"{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}" + "".join(
             f"<br>{c}=%{{customdata[{n + 1}]}}" for n, c in enumerate(hover_cols)) + "<extra></extra>"
-        marker: dict[str, Any] = {"size": 11, "line": {"width": 1, "color": "#333"}}
-        if color and color in d.columns:
-            vals = d[color]
-            if pd.api.types.is_numeric_dtype(vals) and vals.notna().any():
-                marker.update(color=vals.fillna(np.nan), colorscale="Viridis", showscale=True,
-                              colorbar={"title": color})
-            else:
-                cats = vals.astype(str)
-                codes = {c: n for n, c in enumerate(sorted(cats.unique()))}
-                palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-                           "#7f7f7f", "#bcbd22", "#17becf"]
-                marker["color"] = [palette[codes[c] % len(palette)] for c in cats]
-        fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="markers", name="runs", marker=marker,
-                                 customdata=custom.to_numpy(), hovertemplate=tmpl))
+        base_marker: dict[str, Any] = {"size": 11, "line": {"width": 1, "color": "#333"}}
+        vals = d[color] if color and color in d.columns else None
+        groups: list[tuple[str, pd.Series, dict[str, Any]]] = []  # (legend name, row mask, marker)
+        if vals is None:
+            groups.append(("runs", pd.Series(True, index=d.index), dict(base_marker)))
+        elif pd.api.types.is_numeric_dtype(vals) and vals.notna().any():
+            have = vals.notna()
+            groups.append((f"runs (colour: {color})", have, {
+                **base_marker, "color": vals[have].to_numpy(dtype=float), "colorscale": "Viridis",
+                "showscale": True, "colorbar": {"title": color}}))
+            if (~have).any():
+                groups.append((f"{color}: n/a", ~have, {**base_marker, "color": "#bbbbbb"}))
+        else:  # categorical: one legend entry per value
+            cats = vals.astype(object).where(vals.notna(), "n/a").astype(str)
+            for n, c in enumerate(sorted(cats.unique())):
+                groups.append((f"{color}: {c}", cats == c, {**base_marker, "color": _PALETTE[n % len(_PALETTE)]}))
+        for name, mask, marker in groups:
+            g = d[mask]
+            fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers", name=name, legendgroup="runs",
+                                     marker=marker, customdata=custom[mask].to_numpy(), hovertemplate=tmpl))
         if frontier and len(d) > 1:
             idx = pareto_front(d[x].to_numpy(), d[y].to_numpy())
             fd = d.iloc[idx]
@@ -192,7 +202,8 @@ def umap_figure(coords: np.ndarray, values: np.ndarray | None = None, colour_nam
                                    marker={"size": 16, "symbol": "circle-open", "color": "#d62728",
                                            "line": {"width": 3}}, name=f"feature {selected}", hoverinfo="skip"))
     fig.update_layout(template=TEMPLATE, title=title, height=560, xaxis={"showticklabels": False},
-                      yaxis={"showticklabels": False}, dragmode="pan")
+                      yaxis={"showticklabels": False}, dragmode="pan",
+                      legend={"orientation": "h", "y": -0.04, "x": 0})
     return fig
 
 

@@ -48,8 +48,15 @@ def test_tradeoff_figure_frontier_customdata_and_empty():
                        "explained_variance": [0.9, 0.8, 0.85, 0.99], "arch": ["topk", "momentum", "relu", "topk"],
                        "beta": [np.nan, 0.9, np.nan, np.nan]})
     fig = F.tradeoff_figure(df, color="beta")
-    runs = next(t for t in fig.data if t.name == "runs")
-    assert [c[0] for c in runs.customdata] == ["a", "b", "c"]  # NaN absorption left out
+    runs = [t for t in fig.data if t.legendgroup == "runs"]
+    assert sorted(c[0] for t in runs for c in t.customdata) == ["a", "b", "c"]  # NaN absorption left out
+    scaled = next(t for t in runs if t.marker.colorscale)
+    assert [c[0] for c in scaled.customdata] == ["b"] and list(scaled.marker.color) == [0.9]
+    assert next(t for t in runs if t.name == "beta: n/a").marker.color == "#bbbbbb"  # no beta: grey, not hidden
+    by_arch = [t for t in F.tradeoff_figure(df, color="arch").data if t.legendgroup == "runs"]
+    assert {t.name: [c[0] for c in t.customdata] for t in by_arch} == {
+        "arch: momentum": ["b"], "arch: relu": ["c"], "arch: topk": ["a"]}  # one legend entry per value
+    assert len({t.marker.color for t in by_arch}) == 3
     front = next(t for t in fig.data if t.name == "Pareto frontier")
     assert list(front.x) == [0.05, 0.1]  # c is beaten by a on both axes
     empty = F.tradeoff_figure(df.iloc[0:0])

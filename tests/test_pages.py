@@ -140,9 +140,10 @@ def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):
     assert_clean(at)
     spec = charts(at)[0]
     names = [t.get("name") for t in spec["data"]]
-    assert "runs" in names and "Pareto frontier" in names
-    runs_trace = next(t for t in spec["data"] if t.get("name") == "runs")
-    assert len(arr(runs_trace["x"])) == 4
+    assert "Pareto frontier" in names
+    run_traces = [t for t in spec["data"] if t.get("legendgroup") == "runs"]
+    assert sum(len(arr(t["x"])) for t in run_traces) == 4
+    assert {t["name"] for t in run_traces} == {"arch: momentum", "arch: topk", "arch: relu"}  # coloured by arch
     at.checkbox(key="t_ref").check().run()
     assert_clean(at)
     ref = next(t for t in charts(at)[0]["data"] if t.get("name") == "research log (reported)")
