@@ -218,17 +218,25 @@ def histogram_figure(counts: np.ndarray, edges: np.ndarray, feature: int, fracti
     return fig
 
 
-def logits_figure(promoted: list[tuple[str, float]], suppressed: list[tuple[str, float]],
-                  feature: int) -> go.Figure:
-    """Top promoted and suppressed output tokens of a feature, as two bar panels."""
+def logits_figure(promoted: Sequence[tuple], suppressed: Sequence[tuple], feature: int) -> go.Figure:
+    """Top promoted and suppressed output tokens of a feature, as two bar panels. Items are
+    (token, logit) or (token, logit, token id); the id is shown so that tokens decoding to the same
+    text (byte pieces, '\ufffd') stay separate bars."""
     title = f"feature {feature}: output tokens through the unembedding"
     if not promoted and not suppressed:
         return _empty("no output tokens", title)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("promoted", "suppressed"), horizontal_spacing=0.25)
     for col, items, c in ((1, promoted, "#2ca02c"), (2, suppressed, "#d62728")):
-        toks = [repr(t)[1:-1] or "''" for t, _ in items][::-1]
-        fig.add_trace(go.Bar(x=[v for _, v in items][::-1], y=toks, orientation="h", marker={"color": c},
-                             showlegend=False), row=1, col=col)
+        labels, seen = [], {}
+        for n, item in enumerate(items):
+            text = repr(str(item[0]))[1:-1] or "''"
+            label = f"{text} ({item[2]})" if len(item) > 2 else text
+            seen[label] = seen.get(label, 0) + 1
+            labels.append(label if seen[label] == 1 else f"{label} [{seen[label]}]")
+        fig.add_trace(go.Bar(x=[float(item[1]) for item in items][::-1], y=labels[::-1], orientation="h",
+                             marker={"color": c}, showlegend=False,
+                             hovertemplate="%{y}: %{x:.4g}<extra></extra>"), row=1, col=col)
+    fig.update_yaxes(type="category")
     fig.update_layout(template=TEMPLATE, title=title, height=max(300, 24 * max(len(promoted), 1) + 100))
     return fig
 

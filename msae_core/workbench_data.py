@@ -755,8 +755,8 @@ def _unembed(model: str):
 
 def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: Any = None) -> dict:
     """The tokens a feature's decoder direction promotes and suppresses through the unembedding:
-    logits W_U @ W_dec[feature] (no final norm: the direct path). {"promoted": [(token, logit)],
-    "suppressed": [...]}; MsaeError when the model or weights are unavailable."""
+    logits W_U @ W_dec[feature] (no final norm: the direct path). {"promoted": [(token, logit,
+    token id)], "suppressed": [...]}; MsaeError when the model or weights are unavailable."""
     import torch
 
     run_dir = Path(run_dir)
@@ -782,8 +782,8 @@ def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: An
     top = np.argsort(-logits, kind="stable")[:k]
     bot = np.argsort(logits, kind="stable")[:k]
     toks = token_strings(store_path, [int(t) for t in np.concatenate([top, bot])])
-    return {"promoted": list(zip(toks[:k], logits[top].tolist())),
-            "suppressed": list(zip(toks[k:], logits[bot].tolist()))}
+    return {"promoted": list(zip(toks[:k], logits[top].tolist(), top.tolist())),
+            "suppressed": list(zip(toks[k:], logits[bot].tolist(), bot.tolist()))}
 
 
 # -------------------------------------------------------------------------------------------- UMAP

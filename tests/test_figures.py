@@ -145,8 +145,12 @@ def test_output_tokens_are_the_unembedding_of_the_decoder_row(run):
     sae = wd.load_run_sae(run)
     lm = load_lm(wd._store_manifest(wd.run_store_path(run))["model"], device="cpu")
     logits = lm.unembed_matrix().float() @ sae.W_dec[3].detach().float()
-    assert [round(v, 4) for _, v in out["promoted"]] == [round(float(v), 4) for v in logits.topk(5).values]
+    assert [round(v, 4) for _, v, _ in out["promoted"]] == [round(float(v), 4) for v in logits.topk(5).values]
+    assert [i for _, _, i in out["promoted"]] == logits.topk(5).indices.tolist()
     assert out["suppressed"][0][1] == pytest.approx(float(logits.min()), abs=1e-5)
+    # tokens that decode to the same text stay separate bars
+    fig = F.logits_figure([("\ufffd", 2.0, 7), ("\ufffd", 1.0, 9), ("a", 0.5, 3)], [("b", -1.0, 4)], 3)
+    assert len(set(fig.data[0].y)) == 3 and list(fig.data[0].x) == [0.5, 1.0, 2.0]
     with pytest.raises(MsaeError):
         wd.output_tokens(run, 10_000)
 
