@@ -196,3 +196,14 @@ def test_export_page_lists_figures_and_tables(full_root, monkeypatch):
     assert_clean(at)
     assert "tradeoff-explained-variance" in at.selectbox(key="x_fig").options
     assert any(b.label.startswith("Runs table") for b in at.get("download_button"))
+
+
+def test_server_binds_localhost_by_default():
+    """`streamlit run workbench/Home.py` from the repository serves on this machine only."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    cfg = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["address"] == "127.0.0.1"
+    assert cfg["browser"]["gatherUsageStats"] is False
