@@ -79,6 +79,21 @@ def folded_weights(sae: SAE) -> dict[str, torch.Tensor]:
             "b_dec": (sae.b_dec.detach().float() / s).contiguous()}
 
 
+def saebench_weights(sae: SAE) -> dict[str, torch.Tensor]:
+    """The weights in SAEBench's units: decoder rows of norm 1 in input units, each latent's
+    decoder norm folded into its activation (SAELens's `fold_W_dec_norm`, which SAEBench applies to
+    the SAEs it loads and assumes of custom ones).
+
+    With n_j = ||row j of folded_weights' W_dec||: W_dec_j / n_j, W_enc[:, j] n_j, b_enc_j n_j, and
+    a latent's activation f_j n_j (`latent_scale` = n). The reconstruction is unchanged; for a
+    ReLU SAE encode(x) n equals relu(x W_enc' + b_enc') exactly; a TopK SAE keeps the latents its
+    own pre-activations select (scaling them by n could change the top k)."""
+    w = folded_weights(sae)
+    n = w["W_dec"].norm(dim=1).clamp_min(1e-12)
+    return {"W_enc": (w["W_enc"] * n[None, :]).contiguous(), "W_dec": (w["W_dec"] / n[:, None]).contiguous(),
+            "b_enc": (w["b_enc"] * n).contiguous(), "b_dec": w["b_dec"], "latent_scale": n.contiguous()}
+
+
 def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
                    hook_name: str = "", context_size: int = 128, dataset_path: str = "",
                    prepend_bos: bool = True) -> Path:
@@ -125,13 +140,17 @@ class SAEBenchSAE(torch.nn.Module):
     """SAEBench's custom-SAE interface (sae_bench/custom_saes/base_sae.py): W_enc (d_in, d_sae),
     W_dec (d_sae, d_in), b_enc, b_dec, encode, decode, forward, cfg, dtype, device.
 
-    Works without sae-bench installed; when it is, `cfg` is its CustomSAEConfig."""
+    In SAEBench's units (`saebench_weights`): decoder rows of norm 1 in input units, latents
+    scaled by their decoder norms, so SAEBench's probe projections, k-sparse probes and L1 see the
+    numbers it assumes (it only warns about unnormalised decoders). Works without sae-bench
+    installed; when it is, `cfg` is its CustomSAEConfig."""
 
     def __init__(self, sae: SAE, *, model_name: str, hook_layer: int, hook_name: str | None = None,
                  context_size: int = 128, device: str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__()
         self.inner = sae.to(device=device)
-        w = folded_weights(sae)
+        w = saebench_weights(sae)
+        self.register_buffer("latent_scale", w.pop("latent_scale").to(device=device, dtype=torch.float32))
         for k, v in w.items():
             setattr(self, k, torch.nn.Parameter(v.to(device=device, dtype=dtype), requires_grad=False))
         self.device = torch.device(device)
@@ -155,10 +174,11 @@ class SAEBenchSAE(torch.nn.Module):
             self.cfg = SimpleNamespace(**fields)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.encode(x.to(self.inner.W_enc.dtype)).to(self.dtype)
+        f = self.inner.encode(x.to(self.inner.W_enc.dtype)).float() * self.latent_scale
+        return f.to(self.dtype)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return self.inner.decode(f.to(self.inner.W_dec.dtype)).to(self.dtype)
+        return f.to(self.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -347,7 +347,10 @@ def _run_folder(tiny, name: str, state: str = "done", weights: bool = True, seed
     write_status(run, state=state, step=10 if state == "done" else 5, total_steps=10, pid=None,
                  error="loss is nan at step 5" if state == "diverged" else None)
     if weights:
-        save_sae(build_sae(cfg), run)
+        sae = build_sae(cfg)
+        with torch.no_grad():
+            sae.input_scale.fill_(0.5)  # decoder rows of norm 2 in input units
+        save_sae(sae, run)
     return run
 
 
@@ -368,6 +371,12 @@ def test_run_evals_writes_core_eval_json(tiny):
     dens = torch.tensor([d["feature_density"] for d in details])
     assert res["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(4.0)  # TopK k=4 fires 4 per token
     assert float(dens.sum()) == pytest.approx(4.0, rel=1e-5)  # the densities sum to L0
+    # weight metrics in SAEBench's units: decoder norms folded into the encoder columns
+    from msae_core.sae_io import load_sae, saebench_weights
+
+    w = saebench_weights(load_sae(run))
+    assert float(w["latent_scale"].mean()) == pytest.approx(2.0, rel=1e-4)
+    assert [d["encoder_norm"] for d in details] == pytest.approx(w["W_enc"].norm(dim=0).tolist(), rel=1e-5)
     misc = res["eval_result_metrics"]["misc_metrics"]
     assert misc["frac_dead_features"] == pytest.approx(float((dens == 0).float().mean()))
     hist = res["eval_result_unstructured"]["feature_density_histogram"]

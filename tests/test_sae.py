@@ -279,13 +279,24 @@ def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path)
     assert cfg["hook_layer"] == 3
 
 
-def test_saebench_wrapper_has_the_custom_sae_interface():
-    sae = build_sae(_cfg(arch="momentum"))
+@pytest.mark.parametrize("base", ["relu", "topk"])
+def test_saebench_wrapper_has_the_custom_sae_interface(base):
+    """SAEBench's units: unit-norm decoder rows in input units, latents times their decoder norms,
+    the same reconstruction; a ReLU SAE's latents are relu((x - b_dec) W_enc + b_enc) exactly."""
+    sae = build_sae(_cfg(arch="momentum", base=base))
+    with torch.no_grad():
+        sae.input_scale.fill_(0.25)  # a scale != 1 is what makes the units matter
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, 48)[:, None])  # rows of different norms
     w = sae_io.SAEBenchSAE(sae, model_name="m", hook_layer=2)
-    x = torch.randn(4, 16)
-    assert torch.allclose(w(x), sae.forward(x).x_hat)
+    x = torch.randn(4, 16) * 3
+    assert torch.allclose(w(x), sae.forward(x).x_hat, atol=1e-5)
     assert w.W_enc.shape == (16, 48) and w.cfg.d_sae == 48 and w.cfg.hook_name == "blocks.2.hook_resid_post"
-    assert torch.equal(w.encode(x), sae.encode(x))
+    assert torch.allclose(w.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
+    raw_norm = (sae.W_dec.detach() / 0.25).norm(dim=1)
+    assert torch.allclose(w.encode(x), sae.encode(x) * raw_norm, rtol=1e-5, atol=1e-6)
+    assert torch.equal(w.encode(x) != 0, sae.encode(x) != 0)
+    if base == "relu":
+        assert torch.allclose(w.encode(x), torch.relu((x - w.b_dec) @ w.W_enc + w.b_enc), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("F", [40, 5000])  # 5000^2 keys exceed the hash table: collisions happen

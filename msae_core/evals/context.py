@@ -32,6 +32,7 @@ class EvalContext:
     device: torch.device
     progress: bool = True
     _lm: Any = field(default=None, repr=False)
+    _latent_scale: Any = field(default=None, repr=False)
 
     @property
     def model_name(self) -> str:
@@ -74,6 +75,15 @@ class EvalContext:
     def sae_encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.sae.encode(x_BD.to(self.device, torch.float32))
+
+    def sae_encode_saebench(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Latents in SAEBench's units: each scaled by its decoder norm in input units
+        (msae_core.sae_io.saebench_weights; SAEBench folds decoder norms into the SAEs it loads)."""
+        if self._latent_scale is None:
+            from msae_core.sae_io import saebench_weights
+
+            self._latent_scale = saebench_weights(self.sae)["latent_scale"].to(self.device)
+        return self.sae_encode(x_BD) * self._latent_scale
 
     def sae_reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -24,7 +24,7 @@ Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-be
 4. Sparsity and variance batches (`n_eval_sparsity_variance_batches`): the windows start again from
    the first one (SAEBench resets its activation store between the two parts), so their first
    batches reuse the activations captured by the clean forwards. Per kept token:
-   l0 = #(f != 0), l1 = sum f, l2_norm_in = ||x||, l2_norm_out = ||x_hat||, l2_ratio = ||x_hat|| /
+   l0 = #(f != 0), l1 = sum f (latents in SAEBench's units, see 6), l2_norm_in = ||x||, l2_norm_out = ||x_hat||, l2_ratio = ||x_hat|| /
    ||x|| (an input norm below 1e-4 divides by 1), cossim = cos(x, x_hat), all averaged over tokens;
    relative_reconstruction_bias = mean ||x_hat||^2 / mean <x, x_hat> per batch, averaged over
    batches (Eq. 10 of arXiv:2404.16014); explained_variance_legacy = mean over tokens of
@@ -40,8 +40,9 @@ Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-be
 6. eval_result_details: one object per latent in SAEBench's CoreFeatureMetric layout (index,
    feature_density, consistent_activation_heuristic, encoder_bias, encoder_norm,
    encoder_decoder_cosine_sim, max_decoder_cosine_sim, max_encoder_cosine_sim), the weight-based
-   ones on the weights acting on raw inputs (msae_core.sae_io.folded_weights, what SAEBench sees
-   through our SAEBenchSAE wrapper). eval_result_unstructured holds the histogram of log10 feature
+   ones on the weights in SAEBench's units (msae_core.sae_io.saebench_weights: acting on raw
+   inputs, decoder rows of norm 1, each latent scaled by its decoder norm, as SAELens's
+   fold_W_dec_norm leaves the SAEs SAEBench loads; what SAEBench sees through our SAEBenchSAE). eval_result_unstructured holds the histogram of log10 feature
    density (counts per bin, bin edges, dead latents counted apart), which windows were used, and
    the token counts the means ran over.
 
@@ -470,11 +471,17 @@ def run(ctx: Any, cfg: Config) -> dict:
     per_token: dict[str, list[torch.Tensor]] = {k: [] for k in (
         "kl_with_sae", "kl_with_ablation", "ce_with_sae", "ce_with_ablation", "ce_without_sae")}
 
+    from msae_core.sae_io import saebench_weights
+
+    sb_weights = saebench_weights(sae)
+    latent_scale_F = sb_weights["latent_scale"].to(ctx.device)
+
     def encode(x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = x_BTD.shape
         with torch.no_grad():
             out = sae.forward(x_BTD.reshape(B * T, D).to(ctx.device, torch.float32))
-        return out.x_hat.reshape(B, T, D), out.f.reshape(B, T, -1)
+        # latents in SAEBench's units (decoder norm folded in): what l1 is summed over
+        return out.x_hat.reshape(B, T, D), (out.f * latent_scale_F).reshape(B, T, -1)
 
     rec_tokens = sv_tokens = 0
     t_setup = time.time()
@@ -544,9 +551,7 @@ def run(ctx: Any, cfg: Config) -> dict:
         feature["feature_density"] = acc.feature_density()
         feature["consistent_activation_heuristic"] = acc.consistent_activation_heuristic()
     if cfg.compute_featurewise_weight_based_metrics:
-        from msae_core.sae_io import folded_weights
-
-        w = folded_weights(sae)
+        w = sb_weights
         feature.update(weight_metrics(w["W_enc"], w["W_dec"], w["b_enc"]))
     if feature:
         misc = misc_metrics(acc.feature_density(), cfg.dead_feature_threshold, cfg.dense_feature_threshold,

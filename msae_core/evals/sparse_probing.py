@@ -7,7 +7,10 @@ with sae_bench_utils/dataset_utils.py and activation_collection.py (sae-bench 0.
    test texts (msae_core.evals.probe_data). Each text is truncated to `context_length` tokens.
 2. The LM runs to the SAE's hook (resid_post of its layer); the activations of each text are
    mean-pooled over its tokens that are not BOS/EOS/PAD (or any other special token). The SAE
-   encodes each such token and its latents are mean-pooled the same way.
+   encodes each such token and its latents are mean-pooled the same way. Latents are read in
+   SAEBench's units, each scaled by its decoder norm in input units (SAEBench folds decoder norms
+   into the SAEs it loads; the top-k choice and the L2-regularised probes depend on the units, and
+   our SAEs scale their inputs internally).
 3. Per class, a binary one-vs-rest task: the class's texts (label 1) against as many texts drawn
    evenly from the other classes (label 0), shuffled (SAEBench's prepare_probe_data).
 4. Probes: on all LM channels (`llm_test_accuracy`), on all SAE latents (`sae_test_accuracy`), and
@@ -369,7 +372,7 @@ def evaluate_dataset(ctx: Any, cfg: Config, name: str) -> tuple[dict[str, float]
         texts = [t for t, _ in rows]
         labels = [lab for _, lab in rows]
         llm_ND, sae_NF = pooled_activations(
-            ctx.lm, ctx.layer, texts, cfg.context_length, cfg.llm_batch_size, ctx.sae_encode,
+            ctx.lm, ctx.layer, texts, cfg.context_length, cfg.llm_batch_size, ctx.sae_encode_saebench,
             cfg.sae_batch_size, ctx.progress, desc=f"{name} {split}")
         acts[split] = (_split_by_class(llm_ND, labels, ds.classes), _split_by_class(sae_NF, labels, ds.classes))
     tasks: dict = {}
