@@ -21,21 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_name  # noqa: E402
 
 
 def _sets(items: list[str]) -> dict:
@@ -147,7 +139,7 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
                 absorption_row = f"failed after {time.perf_counter() - t:.1f} s: {exc}"
 
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
           f"load average at start {load_avg[0]:.2f} (other processes share these cores)")
     print(f"run: {'given ' + str(run) if args.run else 'self-made'} ({ctx.model_name}, layer {ctx.layer}, "
           f"{ctx.sae.cfg.arch} d_sae {ctx.sae.cfg.d_sae}), context {ctx_size}, "

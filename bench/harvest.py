@@ -15,22 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_name  # noqa: E402
 
 
 def _peak_mb() -> float:
@@ -109,7 +102,7 @@ def main() -> None:
                               "--context-size", str(args.context_size)],
                              check=True, capture_output=True, text=True).stdout
         res[mode] = json.loads(out.strip().splitlines()[-1])
-    print(f"machine: {_cpu_name()}, {torch.get_num_threads()} torch threads, "
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; embedded Gemma 3 270M float32 CPU, layer {args.layer}, "
           f"{args.batches} batches of {args.batch_size} x {args.context_size} tokens")
     print(f"cached model load: {res['early']['load_s']:.1f} s")

@@ -79,24 +79,16 @@ def embedded_dir() -> Path:
     return cache_root() / f"{EMBEDDED_ID}-{pkg.EXPECTED_SHA256[:12]}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_tmp(parent: Path) -> None:
     """Remove temporary build folders left by killed processes (their pid is in the name)."""
+    from msae_core.runs import pid_alive
+
     for p in parent.glob(".*.tmp-*"):
         try:
             pid = int(p.name.rsplit("-", 2)[-2])
         except (ValueError, IndexError):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
 

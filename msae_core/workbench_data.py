@@ -111,42 +111,12 @@ def runs_fingerprint(root: str | os.PathLike | None = None) -> tuple:
                   _mtime(rroot / n / RUN_METRICS), _mtime(rroot / n / RUN_CONFIG)) for n in names)
 
 
-def _flat_metrics_fallback(eval_json: dict) -> dict:
-    """SAEBench metric names -> workbench keys, used only when msae_core.evals.summary is absent."""
-    paths = {
-        "explained_variance": ("core", "reconstruction_quality", "explained_variance"),
-        "mse": ("core", "reconstruction_quality", "mse"),
-        "cossim": ("core", "reconstruction_quality", "cossim"),
-        "kl_div_score": ("core", "model_behavior_preservation", "kl_div_score"),
-        "ce_loss_score": ("core", "model_performance_preservation", "ce_loss_score"),
-        "l0": ("core", "sparsity", "l0"),
-        "l1": ("core", "sparsity", "l1"),
-        "absorption": ("absorption", "mean", "mean_absorption_fraction_score"),
-        "absorption_full": ("absorption", "mean", "mean_full_absorption_score"),
-        "n_split_features": ("absorption", "mean", "mean_num_split_features"),
-        "llm_probe_acc": ("sparse_probing", "llm", "llm_test_accuracy"),
-        "sae_probe_acc": ("sparse_probing", "sae", "sae_test_accuracy"),
-        "sae_top1_acc": ("sparse_probing", "sae", "sae_top_1_test_accuracy"),
-    }
-    out = {}
-    for key, (section, group, name) in paths.items():
-        try:
-            v = eval_json[section]["eval_result_metrics"][group][name]
-        except (KeyError, TypeError):
-            continue
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = float(v)
-    return out
-
-
 def summarize_eval(eval_json: Any) -> dict:
     """The flat metrics of an eval.json (msae_core.evals.summary.summarize); {} when unusable."""
     if not isinstance(eval_json, dict):
         return {}
-    try:
-        from msae_core.evals.summary import summarize
-    except ImportError:
-        return _flat_metrics_fallback(eval_json)
+    from msae_core.evals.summary import summarize
+
     try:
         out = summarize(eval_json)
     except Exception as exc:  # noqa: BLE001 - a corrupt eval must not break the table
@@ -899,60 +869,13 @@ def config_problems(config_dict: dict) -> tuple[Any, list[str]]:
 
 
 # ----------------------------------------------------------------------------- reported points
-# The research log's table (../shared/design/momentum-sae.md), used only when
-# msae_core.evals.reference is not installed. The baseline is kept with its odd L0 on purpose.
-_LOG_POINTS = [
-    {"label": "log baseline", "absorption": 0.0161, "explained_variance": 0.984, "kl_div_score": 0.9996,
-     "l0": 8895.8, "sae_top1_acc": 0.958},
-    {"label": "log run 1", "beta": 0.9, "tau": 0.5, "lam": 0.1, "absorption": 0.1039, "explained_variance": 0.207,
-     "kl_div_score": 0.6475, "l0": 57.19, "sae_top1_acc": 0.916},
-    {"label": "log run 2", "beta": 0.99, "tau": 0.3, "lam": 0.1, "absorption": 0.1178,
-     "explained_variance": 0.2139, "kl_div_score": 0.6553, "l0": 58.41, "sae_top1_acc": 0.913},
-    {"label": "log run 3", "beta": 0.8, "tau": 0.7, "lam": 0.5, "absorption": 0.0029,
-     "explained_variance": -0.3945, "kl_div_score": 0.4783, "l0": 40.11, "sae_top1_acc": 0.911},
-    {"label": "log run 4", "beta": 0.95, "tau": 0.4, "lam": 0.5, "absorption": 0.0017,
-     "explained_variance": -0.4043, "kl_div_score": 0.4783, "l0": 41.55, "sae_top1_acc": 0.913},
-    {"label": "log run 5", "beta": 0.95, "tau": 0.4, "lam": 0.3, "absorption": 0.0046,
-     "explained_variance": -0.0767, "kl_div_score": 0.5621, "l0": 45.20, "sae_top1_acc": 0.914},
-]
-
-
 def reference_points() -> pd.DataFrame:
-    """The research log's reported points (msae_core.evals.reference when present) as a dataframe
-    with a `label` column and the workbench's metric names."""
-    rows: Any = None
-    try:
-        from msae_core.evals import reference as ref
+    """The research log's reported points (msae_core.evals.reference) with a `label` column and
+    the workbench's metric names."""
+    from msae_core.evals.reference import reference_frame
 
-        for attr in ("reference_points", "reported_points", "REFERENCE_POINTS", "REPORTED_POINTS",
-                     "REFERENCE", "REPORTED", "POINTS", "RUNS"):
-            obj = getattr(ref, attr, None)
-            if obj is None:
-                continue
-            rows = obj() if callable(obj) else obj
-            break
-    except Exception as exc:  # noqa: BLE001 - fall back to the spec's table
-        log.info("msae_core.evals.reference unavailable: %s", exc)
-    try:
-        if isinstance(rows, pd.DataFrame):
-            df = rows.copy()
-        elif isinstance(rows, dict):
-            df = pd.DataFrame([{"label": str(k), **(v if isinstance(v, dict) else {})} for k, v in rows.items()])
-        elif isinstance(rows, (list, tuple)) and rows:
-            df = pd.DataFrame([r if isinstance(r, dict) else getattr(r, "__dict__", {}) for r in rows])
-        else:
-            df = pd.DataFrame(_LOG_POINTS)
-    except Exception:  # noqa: BLE001
-        df = pd.DataFrame(_LOG_POINTS)
-    if "label" not in df:
-        for c in ("name", "run", "id"):
-            if c in df:
-                df["label"] = df[c].astype(str)
-                break
-        else:
-            df["label"] = [f"log {n}" for n in range(len(df))]
-    if "absorption" not in df or "explained_variance" not in df:
-        df = pd.DataFrame(_LOG_POINTS)
+    df = reference_frame()
+    df.insert(0, "label", df["name"].astype(str))
     return df
 
 

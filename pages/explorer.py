@@ -41,11 +41,8 @@ except ImportError as exc:
 
 sample = None
 try:
-    sample = ui.sample(run, compute=auto or st.session_state.get(f"sample_{run.name}", False))
-    if sample is None and st.button("Compute activation sample (needed for density and dashboards)",
-                                    key="e_sample"):
-        st.session_state[f"sample_{run.name}"] = True
-        sample = ui.sample(run, compute=True)
+    sample = ui.sample_or_button(run, auto, "Compute activation sample (needed for density and dashboards)",
+                                 "e_sample")
 except MsaeError as exc:
     st.warning(f"no activation sample: {exc}")
 

@@ -10,14 +10,7 @@ from msae_core.errors import MsaeError
 AUTO_SAMPLE_MAX_F = 4096  # compute the activation sample without asking up to this d_sae
 
 st.title("Competing pairs")
-df = ui.runs_table()
-mom = df[df["arch"] == "momentum"] if not df.empty else df
-if mom.empty:
-    st.info("No momentum runs yet: launch one on the Launch page.")
-    st.stop()
-run = ui.pick_run(mom, key="pairs")
-if run is None:
-    st.stop()
+run, mom = ui.pick_momentum_run("pairs")
 pairs, step = ui.pairs(run)
 if pairs.empty:
     st.info(f"Run {run.name} has no readable pair table yet (it comes with the trace snapshots).")
@@ -28,11 +21,8 @@ if wd.has_weights(run):
     d_sae = mom[mom["name"] == run.name]["d_sae"].iloc[0]
     auto = d_sae == d_sae and d_sae <= AUTO_SAMPLE_MAX_F
     try:
-        sample = ui.sample(run, compute=auto or st.session_state.get(f"sample_{run.name}", False))
-        if sample is None and st.button("Compute activation examples (encodes a sample of the store)",
-                                        key="p_sample"):
-            st.session_state[f"sample_{run.name}"] = True
-            sample = ui.sample(run, compute=True)
+        sample = ui.sample_or_button(run, auto, "Compute activation examples (encodes a sample of the store)",
+                                     "p_sample")
     except MsaeError as exc:
         sample_error = str(exc)
 else:

@@ -11,14 +11,7 @@ from msae_core import figures as F
 from msae_core import workbench_data as wd
 
 st.title("Momentum traces")
-df = ui.runs_table()
-mom = df[df["arch"] == "momentum"] if not df.empty else df
-if mom.empty:
-    st.info("No momentum runs yet: launch one (architecture 'momentum') on the Launch page.")
-    st.stop()
-run = ui.pick_run(mom, key="traces")
-if run is None:
-    st.stop()
+run, _ = ui.pick_momentum_run("traces")
 files = wd.trace_files(run)
 if not files:
     st.info(f"Run {run.name} has no trace snapshots yet (train.snapshot_every steps).")

@@ -64,7 +64,7 @@ def test_topk_fires_exactly_k_and_relu_is_nonnegative():
     x = torch.randn(64, 16)
     f = build_sae(_cfg(arch="topk", k=5)).encode(x).detach()
     assert int((f > 0).sum(1).max()) <= 5 and float(f.min()) >= 0
-    assert float(build_sae(_cfg(arch="relu")).encode(x).min()) >= 0
+    assert float(build_sae(_cfg(arch="relu")).encode(x).detach().min()) >= 0
 
 
 def test_decoder_rows_stay_unit_norm_after_steps():

@@ -74,14 +74,20 @@ def _sample(key: tuple, compute: bool) -> wd.FeatureSample | None:
     return wd.feature_sample(key[0], compute=compute)
 
 
+def _cached_or_computed(cached, run_dir: Path, compute: bool):
+    """cached(key, False) (in-process, or from the run folder's cache); computed when missing and
+    `compute`, clearing the in-process None first."""
+    key = _run_key(run_dir)
+    value = cached(key, False)
+    if value is None and compute:
+        cached.clear()
+        value = cached(key, True)
+    return value
+
+
 def sample(run_dir: Path, compute: bool) -> wd.FeatureSample | None:
     """The run's feature sample (cached in-process and in the run folder); None if not computed."""
-    key = _run_key(run_dir)
-    s = _sample(key, False)
-    if s is None and compute:
-        _sample.clear()
-        s = _sample(key, True)
-    return s
+    return _cached_or_computed(_sample, run_dir, compute)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -90,12 +96,8 @@ def _umap(key: tuple, compute: bool):
 
 
 def umap(run_dir: Path, compute: bool):
-    key = _run_key(run_dir)
-    c = _umap(key, False)
-    if c is None and compute:
-        _umap.clear()
-        c = _umap(key, True)
-    return c
+    """The run's UMAP coordinates (cached in-process and in the run folder); None if not computed."""
+    return _cached_or_computed(_umap, run_dir, compute)
 
 
 # ---------------------------------------------------------------------------------- run picker
@@ -115,6 +117,31 @@ def pick_run(df: pd.DataFrame, label: str = "Run", key: str = "run", help: str |
     except MsaeError as exc:
         st.error(str(exc))
         return None
+
+
+def pick_momentum_run(key: str) -> tuple[Path, pd.DataFrame]:
+    """The momentum run chosen on this page and the momentum rows of the runs table; stops the
+    page with a hint when there is none."""
+    df = runs_table()
+    mom = df[df["arch"] == "momentum"] if not df.empty else df
+    if mom.empty:
+        st.info("No momentum runs yet: launch one (architecture 'momentum') on the Launch page.")
+        st.stop()
+    run = pick_run(mom, key=key)
+    if run is None:
+        st.stop()
+    return run, mom
+
+
+def sample_or_button(run_dir: Path, auto: bool, label: str, key: str) -> wd.FeatureSample | None:
+    """The run's activation sample: computed without asking when `auto`, else behind a button
+    (remembered for the session). Raises MsaeError as `sample` does."""
+    flag = f"sample_{run_dir.name}"
+    s = sample(run_dir, compute=auto or st.session_state.get(flag, False))
+    if s is None and st.button(label, key=key):
+        st.session_state[flag] = True
+        s = sample(run_dir, compute=True)
+    return s
 
 
 def _run_label(df: pd.DataFrame, name: str) -> str:
