@@ -410,24 +410,10 @@ def load_run_sae(run_dir: str | os.PathLike):
 
 
 def decoder_directions(sae: Any) -> np.ndarray:
-    """W_dec as (F, D) float32 numpy, whichever way the module stores it."""
-    w = None
-    for name in ("W_dec", "W_dec_FD", "W_dec_DF"):
-        if hasattr(sae, name):
-            w = getattr(sae, name)
-            break
-    if w is None:
-        sd = sae.state_dict()
-        w = next((v for k, v in sd.items() if k.split(".")[-1].startswith("W_dec")), None)
-    if w is None:
-        raise MsaeError("the SAE has no W_dec")
-    w = w.detach().float().cpu().numpy()
-    f = getattr(getattr(sae, "cfg", None), "d_sae", None)
-    if w.ndim != 2:
-        raise MsaeError(f"W_dec has shape {w.shape}")
-    if f is not None and w.shape[0] != f and w.shape[1] == f:
-        w = w.T
-    return np.ascontiguousarray(w)
+    """Decoder rows in input units, (F, D) float32 numpy (msae_core.sae_io.folded_weights)."""
+    from msae_core.sae_io import folded_weights
+
+    return np.ascontiguousarray(folded_weights(sae)["W_dec"].cpu().numpy())
 
 
 # -------------------------------------------------------------------------------- feature sample
@@ -725,7 +711,8 @@ def _unembed(model: str):
 
 def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: Any = None) -> dict:
     """The tokens a feature's decoder direction promotes and suppresses through the unembedding:
-    logits W_U @ W_dec[feature] (no final norm: the direct path). {"promoted": [(token, logit,
+    logits W_U @ d of its unit-norm decoder direction d in input units (no final norm: the direct
+    path). {"promoted": [(token, logit,
     token id)], "suppressed": [...]}; MsaeError when the model or weights are unavailable."""
     import torch
 
@@ -747,7 +734,8 @@ def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: An
         raise MsaeError(f"cannot load model {model!r} for its unembedding: {exc}".splitlines()[0]) from exc
     if w_u.shape[1] != w_dec.shape[1]:
         raise MsaeError(f"model {model} has width {w_u.shape[1]}, the SAE {w_dec.shape[1]}")
-    logits = (w_u @ torch.from_numpy(w_dec[feature])).numpy()
+    d = torch.from_numpy(w_dec[feature])
+    logits = (w_u @ (d / d.norm().clamp_min(1e-12))).numpy()
     k = min(k, len(logits))
     top = np.argsort(-logits, kind="stable")[:k]
     bot = np.argsort(logits, kind="stable")[:k]
@@ -884,5 +872,5 @@ def pca_coords(run_dir: str | os.PathLike) -> np.ndarray:
     w = decoder_directions(load_run_sae(run_dir)).astype(np.float64)
     w /= np.linalg.norm(w, axis=1, keepdims=True).clip(1e-12)
     w -= w.mean(0, keepdims=True)
-    _, _, vt = np.linalg.svd(w, full_matrices=False)
-    return (w @ vt[:2].T).astype(np.float32)
+    _, vecs = np.linalg.eigh(w.T @ w)  # (D, D): the top right singular vectors, without an (F, D) SVD
+    return (w @ vecs[:, ::-1][:, :2]).astype(np.float32)

@@ -196,7 +196,7 @@ def test_decoder_directions_are_in_input_units():
     with torch.no_grad():
         sae.input_scale.fill_(0.25)
         sae.b_dec.normal_()
-    dec = A.decoder_directions(sae, batch=7)
+    dec = A.decoder_directions(sae)
     torch.testing.assert_close(dec, sae.W_dec.detach() / 0.25)
     f = torch.rand(5, 40)
     torch.testing.assert_close(sae.decode(f).detach(), f @ dec + sae.decode(torch.zeros(1, 40)).detach())

@@ -437,14 +437,12 @@ def split_features(f1_by_k: Sequence[float], feats_by_k: Sequence[Sequence[int]]
 # absorption (SAEBench feature_absorption_calculator.py), pure torch
 
 
-def decoder_directions(sae, batch: int = 1024) -> torch.Tensor:
-    """(F, D) each latent's contribution to the reconstruction per unit activation, input units."""
-    F = sae.cfg.d_sae
-    dev = next(sae.parameters()).device
-    with torch.no_grad():
-        zero = sae.decode(torch.zeros(1, F, device=dev))
-        out = [sae.decode(torch.eye(F, device=dev)[s:s + batch]) - zero for s in range(0, F, batch)]
-    return torch.cat(out).float().cpu()
+def decoder_directions(sae) -> torch.Tensor:
+    """(F, D) each latent's contribution to the reconstruction per unit activation, input units
+    (decode is f W_dec / s + b_dec / s: the rows of W_dec / s, msae_core.sae_io.folded_weights)."""
+    from msae_core.sae_io import folded_weights
+
+    return folded_weights(sae)["W_dec"].cpu()
 
 
 @dataclass

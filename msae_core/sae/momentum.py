@@ -30,7 +30,8 @@ Deliberate choices where the note leaves room (the three knobs keep their meanin
   `admit_frac * tau` (kappa starts at (1 - beta) s_ij, as if it had been 0): a pair whose s_ij stays
   below tau can never reach tau, and admitting every pair that co-fired once (about 500k per batch
   at k = 32, B = 1024) made the table update cost more than the SAE step. admit_frac = 0 admits all
-  (the naive reference in the tests); pairs already in the table always take the batch in. and, every `refresh_every` steps, from decoder-cosine neighbours (kappa 0, so they only
+  (the naive reference in the tests); pairs already in the table always take the batch in. Pairs
+  also enter every `refresh_every` steps from decoder-cosine neighbours (kappa 0, so they only
   take free slots). When a row is full the weakest kappa leaves; a pair not co-firing in a batch
   decays by beta (s_ij = 0).
 - The penalty uses the table as it stood before this batch's update, the statistics then take the
