@@ -712,8 +712,8 @@ def _unembed(model: str):
 def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: Any = None) -> dict:
     """The tokens a feature's decoder direction promotes and suppresses through the unembedding:
     logits W_U @ d of its unit-norm decoder direction d in input units (no final norm: the direct
-    path). {"promoted": [(token, logit,
-    token id)], "suppressed": [...]}; MsaeError when the model or weights are unavailable."""
+    path). {"promoted": [(token, logit, token id)], "suppressed": [...]}; MsaeError when the model
+    or weights are unavailable."""
     import torch
 
     run_dir = Path(run_dir)

@@ -24,8 +24,9 @@ Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-be
 4. Sparsity and variance batches (`n_eval_sparsity_variance_batches`): the windows start again from
    the first one (SAEBench resets its activation store between the two parts), so their first
    batches reuse the activations captured by the clean forwards. Per kept token:
-   l0 = #(f != 0), l1 = sum f (latents in SAEBench's units, see 6), l2_norm_in = ||x||, l2_norm_out = ||x_hat||, l2_ratio = ||x_hat|| /
-   ||x|| (an input norm below 1e-4 divides by 1), cossim = cos(x, x_hat), all averaged over tokens;
+   l0 = #(f != 0), l1 = sum f (latents in SAEBench's units, see 6), l2_norm_in = ||x||,
+   l2_norm_out = ||x_hat||, l2_ratio = ||x_hat|| / ||x|| (an input norm below 1e-4 divides by 1),
+   cossim = cos(x, x_hat), all averaged over tokens;
    relative_reconstruction_bias = mean ||x_hat||^2 / mean <x, x_hat> per batch, averaged over
    batches (Eq. 10 of arXiv:2404.16014); explained_variance_legacy = mean over tokens of
    1 - ||x - x_hat||^2 / ||x - batch mean||^2 (SAEBench's "legacy" formula, the one its paper
@@ -42,9 +43,10 @@ Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-be
    encoder_decoder_cosine_sim, max_decoder_cosine_sim, max_encoder_cosine_sim), the weight-based
    ones on the weights in SAEBench's units (msae_core.sae_io.saebench_weights: acting on raw
    inputs, decoder rows of norm 1, each latent scaled by its decoder norm, as SAELens's
-   fold_W_dec_norm leaves the SAEs SAEBench loads; what SAEBench sees through our SAEBenchSAE). eval_result_unstructured holds the histogram of log10 feature
-   density (counts per bin, bin edges, dead latents counted apart), which windows were used, and
-   the token counts the means ran over.
+   fold_W_dec_norm leaves the SAEs SAEBench loads; what SAEBench sees through our SAEBenchSAE).
+   eval_result_unstructured holds the histogram of log10 feature density (counts per bin, bin
+   edges, dead latents counted apart), which windows were used, and the token counts the means ran
+   over.
 
 Where we differ, and why:
 - explained_variance: sae-bench 0.6.0's code computes the total variance about zero, not about the
