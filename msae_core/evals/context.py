@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ class EvalContext:
     device: torch.device
     progress: bool = True
     _lm: Any = field(default=None, repr=False)
-    _latent_scale: Any = field(default=None, repr=False)
 
     @property
     def model_name(self) -> str:
@@ -76,14 +76,17 @@ class EvalContext:
         with torch.no_grad():
             return self.sae.encode(x_BD.to(self.device, torch.float32))
 
-    def sae_encode_saebench(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Latents in SAEBench's units: each scaled by its decoder norm in input units
-        (msae_core.sae_io.saebench_weights; SAEBench folds decoder norms into the SAEs it loads)."""
-        if self._latent_scale is None:
-            from msae_core.sae_io import saebench_weights
+    @cached_property
+    def saebench_weights(self) -> dict[str, torch.Tensor]:
+        """The SAE's weights in SAEBench's units, on `device` (msae_core.sae_io.saebench_weights:
+        SAEBench folds decoder norms into the SAEs it loads)."""
+        from msae_core.sae_io import saebench_weights
 
-            self._latent_scale = saebench_weights(self.sae)["latent_scale"].to(self.device)
-        return self.sae_encode(x_BD) * self._latent_scale
+        return {k: v.to(self.device) for k, v in saebench_weights(self.sae).items()}
+
+    def sae_encode_saebench(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Latents in SAEBench's units: each scaled by its decoder norm in input units."""
+        return self.sae_encode(x_BD) * self.saebench_weights["latent_scale"]
 
     def sae_reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

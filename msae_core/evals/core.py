@@ -473,10 +473,7 @@ def run(ctx: Any, cfg: Config) -> dict:
     per_token: dict[str, list[torch.Tensor]] = {k: [] for k in (
         "kl_with_sae", "kl_with_ablation", "ce_with_sae", "ce_with_ablation", "ce_without_sae")}
 
-    from msae_core.sae_io import saebench_weights
-
-    sb_weights = saebench_weights(sae)
-    latent_scale_F = sb_weights["latent_scale"].to(ctx.device)
+    latent_scale_F = ctx.saebench_weights["latent_scale"]
 
     def encode(x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = x_BTD.shape
@@ -553,7 +550,7 @@ def run(ctx: Any, cfg: Config) -> dict:
         feature["feature_density"] = acc.feature_density()
         feature["consistent_activation_heuristic"] = acc.consistent_activation_heuristic()
     if cfg.compute_featurewise_weight_based_metrics:
-        w = sb_weights
+        w = ctx.saebench_weights
         feature.update(weight_metrics(w["W_enc"], w["W_dec"], w["b_enc"]))
     if feature:
         misc = misc_metrics(acc.feature_density(), cfg.dead_feature_threshold, cfg.dense_feature_threshold,
