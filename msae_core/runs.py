@@ -188,9 +188,20 @@ class RunConfig:
         if unknown:
             raise MsaeError(f"run config: unknown section(s) {', '.join(unknown)} (sae, train, data)")
         try:
-            sae = from_dict(SAEConfig, {"d_in": 0, "d_sae": 4096, **data.get("sae", {})})
-            train = from_dict(TrainConfig, data.get("train", {}))
-            dcfg = from_dict(DataConfig, data.get("data", {}))
+            sections = {name: data.get(name, {}) for name in ("sae", "train", "data")}
+            for name, v in sections.items():
+                if not isinstance(v, dict):
+                    raise MsaeError(f"run config: section {name} must be an object, got {json.dumps(v)}")
+            built, problems = {}, []
+            for name, section_cls in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig)):
+                given = {"d_in": 0, "d_sae": 4096, **sections[name]} if name == "sae" else sections[name]
+                try:
+                    built[name] = from_dict(section_cls, given, prefix=f"{name}.")
+                except MsaeError as exc:
+                    problems.append(str(exc))
+            if problems:
+                raise MsaeError("; ".join(problems))
+            sae, train, dcfg = built["sae"], built["train"], built["data"]
         except TypeError as exc:
             raise MsaeError(f"run config: {exc}") from exc
         return cls(sae=sae, train=train, data=dcfg)

@@ -69,7 +69,7 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
     for n, mod in modules.items():
         over = dict((overrides or {}).get(n, {}))
         try:
-            configs[n] = from_dict(mod.Config, over) if over else mod.Config()
+            configs[n] = from_dict(mod.Config, over, prefix=f"{n}.") if over else mod.Config()
         except (TypeError, ValueError) as exc:
             raise MsaeError(f"{n}: bad eval setting: {exc}") from exc
     ctx = open_run(run_dir, device=device, progress=progress)
