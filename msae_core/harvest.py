@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import errno
 import itertools
-import json
 import logging
 import os
 import platform
@@ -22,10 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from msae_core.artifacts import STORE_MANIFEST
 from msae_core.configutil import validate
 from msae_core.errors import MsaeError
-from msae_core.store import ActivationStore, StoreSettings, StoreWriter
+from msae_core.store import ActivationStore, StoreSettings, StoreWriter, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +32,19 @@ FLOAT16_MAX = 65504.0
 
 
 def _check_out_folder(out: Path, settings: StoreSettings) -> dict | None:
-    """The manifest already in `out` if it is this harvest's; refuse another harvest's folder early
-    (before the model loads). StoreWriter checks again when it opens the folder."""
-    try:
-        manifest = json.loads((out / STORE_MANIFEST).read_text())
-    except FileNotFoundError:
+    """The manifest already in `out` if it is this harvest's; refuse another harvest's folder, or a
+    folder holding anything else (a run, a sweep), early, before the model loads. StoreWriter
+    checks again when it opens the folder."""
+    manifest = read_manifest(out) if out.is_dir() else None
+    if manifest is None:
+        if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+            raise MsaeError(f"{out} is not empty and holds no activation store: choose an empty or "
+                            "new --out folder")
         return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MsaeError(f"{out / STORE_MANIFEST} is unreadable ({exc}): choose another --out folder") from exc
-    if not isinstance(manifest, dict) or manifest.get("settings_hash") != settings.settings_hash():
-        m = manifest if isinstance(manifest, dict) else {}
-        raise MsaeError(f"{out} already holds a different harvest (model {m.get('model')}, layer "
-                        f"{m.get('layer')}, {m.get('target_tokens')} tokens): choose another --out "
-                        "folder or delete it")
+    if manifest.get("settings_hash") != settings.settings_hash():
+        raise MsaeError(f"{out} already holds a different harvest (model {manifest.get('model')}, "
+                        f"layer {manifest.get('layer')}, {manifest.get('target_tokens')} tokens): "
+                        "choose another --out folder or delete it")
     return manifest
 
 

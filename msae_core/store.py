@@ -72,18 +72,71 @@ class StoreSettings:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _read_manifest(path: Path) -> dict | None:
+# the manifest fields readers rely on, with their json types (bool is no int here)
+_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "d_model": (int,), "dtype": (str,), "n_rows": (int,), "n_windows": (int,),
+    "settings_hash": (str,), "shards": (list,),
+}
+_SHARD_FIELDS: dict[str, tuple[type, ...]] = {"file": (str,), "rows": (int,), "windows": (int,),
+                                              "first_window": (int,)}
+
+
+def _field_problem(obj: dict, name: str, types: tuple[type, ...], where: str) -> str | None:
+    if name not in obj:
+        return f"{where}{name} is missing"
+    v = obj[name]
+    if isinstance(v, bool) or not isinstance(v, types):
+        return f"{where}{name} must be {' or '.join(t.__name__ for t in types)}, got {json.dumps(v)[:40]}"
+    return None
+
+
+def manifest_problems(m: dict) -> list[str]:
+    """What is wrong with a parsed manifest (its format already checked): missing fields, wrong
+    types, negative counts, shards that are not objects, a dtype other than float16/float32."""
+    out = [p for name, types in _MANIFEST_FIELDS.items()
+           if (p := _field_problem(m, name, types, "")) is not None]
+    if out:
+        return out
+    if m["d_model"] < 1 or m["n_rows"] < 0 or m["n_windows"] < 0:
+        out.append(f"d_model, n_rows and n_windows must be positive (got {m['d_model']}, "
+                   f"{m['n_rows']}, {m['n_windows']})")
+    if m["dtype"] not in ("float16", "float32"):
+        out.append(f"dtype must be float16 or float32, got {m['dtype']!r}")
+    for i, shard in enumerate(m["shards"]):
+        if not isinstance(shard, dict):
+            out.append(f"shards[{i}] must be an object, got {json.dumps(shard)[:40]}")
+            continue
+        out += [p for name, types in _SHARD_FIELDS.items()
+                if (p := _field_problem(shard, name, types, f"shards[{i}].")) is not None]
+        if len(out) > 3:
+            break
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    """The parsed, checked manifest of the store folder `path`; None when there is none. The one
+    parser of manifest.json: MsaeError "not a valid activation store: ..." naming the field when
+    it is unreadable, of another format, or has missing or wrongly typed fields."""
+    path = Path(path)
     try:
         with open(path / STORE_MANIFEST) as fh:
             m = json.load(fh)
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, OSError) as exc:
-        raise MsaeError(f"activation store manifest {path / STORE_MANIFEST} is unreadable: {exc}") from exc
-    if not isinstance(m, dict) or m.get("format") != STORE_FORMAT:
-        raise MsaeError(f"{path} does not hold an msae activation store (format {m.get('format')!r})"
-                        if isinstance(m, dict) else f"{path / STORE_MANIFEST} is not a store manifest")
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise MsaeError(f"not a valid activation store: {path / STORE_MANIFEST} is unreadable "
+                        f"({exc})") from exc
+    if not isinstance(m, dict):
+        raise MsaeError(f"not a valid activation store: {path / STORE_MANIFEST} is not a json object")
+    if m.get("format") != STORE_FORMAT:
+        raise MsaeError(f"not a valid activation store: {path} has format {m.get('format')!r} "
+                        f"(expected {STORE_FORMAT!r})")
+    problems = manifest_problems(m)
+    if problems:
+        raise MsaeError(f"not a valid activation store: {path / STORE_MANIFEST}: " + "; ".join(problems))
     return m
+
+
 
 
 class StoreWriter:
@@ -95,7 +148,7 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, settings: StoreSettings, meta: dict):
         self.path = Path(path)
         self.settings = settings
-        existing = _read_manifest(self.path) if self.path.exists() else None
+        existing = read_manifest(self.path) if self.path.exists() else None
         if existing is not None:
             if existing.get("settings_hash") != settings.settings_hash():
                 raise MsaeError(
@@ -204,7 +257,7 @@ class ActivationStore:
         self.path = Path(path)
         if not self.path.is_dir():
             raise MsaeError(f"no activation store at {self.path}: create one with `msae harvest --out {self.path}`")
-        manifest = _read_manifest(self.path)
+        manifest = read_manifest(self.path)
         if manifest is None:
             raise MsaeError(f"{self.path} has no {STORE_MANIFEST}: it is not an activation store "
                             "(or its harvest never wrote a shard)")

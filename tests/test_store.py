@@ -125,3 +125,48 @@ def test_settings_validation_lists_problems():
     assert len(probs) == 3 and any("tokens" in p for p in probs)
     assert StoreSettings().settings_hash() == StoreSettings().settings_hash()
     assert StoreSettings(layer=3).settings_hash() != StoreSettings().settings_hash()
+
+
+def _break_manifest(path, edit):
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda m: m.pop("shards"), "shards is missing"),
+    (lambda m: m.pop("d_model"), "d_model is missing"),
+    (lambda m: m.update(d_model="16"), "d_model must be int"),
+    (lambda m: m.update(d_model=16.5), "d_model must be int"),
+    (lambda m: m.update(shards={"file": "x"}), "shards must be list"),
+    (lambda m: m.update(shards=["shard_00000.safetensors"]), "shards[0] must be an object"),
+    (lambda m: m["shards"][0].pop("rows"), "shards[0].rows is missing"),
+    (lambda m: m["shards"][1].update(first_window="4"), "shards[1].first_window must be int"),
+    (lambda m: m.update(n_rows=None), "n_rows must be int"),
+    (lambda m: m.update(dtype="int8"), "dtype must be float16 or float32"),
+    (lambda m: m.update(d_model=True), "d_model must be int"),
+])
+def test_a_bad_manifest_is_named_not_a_traceback(tmp_path, edit, field):
+    _write(tmp_path / "s")
+    _break_manifest(tmp_path / "s", edit)
+    with pytest.raises(MsaeError) as err:
+        ActivationStore(tmp_path / "s")
+    assert str(err.value).startswith("not a valid activation store:")
+    assert field in str(err.value)
+    # the writer (a resumed harvest) and the trainer's config check say the same
+    with pytest.raises(MsaeError, match="not a valid activation store"):
+        StoreWriter(tmp_path / "s", StoreSettings(model="tiny", layer=1, target_tokens=1000,
+                                                  dtype="float32", context_size=T), {"d_model": D})
+    from msae_core.runs import DataConfig, RunConfig
+    from msae_core.sae import SAEConfig
+
+    problems = RunConfig(sae=SAEConfig(d_in=D, d_sae=32), data=DataConfig(acts=str(tmp_path / "s"))).problem_list()
+    assert any("not a valid activation store" in p and field in p for p in problems)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", "\x00\x01binary"])
+def test_a_manifest_that_is_not_an_object(tmp_path, text):
+    _write(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text(text)
+    with pytest.raises(MsaeError, match="not a valid activation store"):
+        ActivationStore(tmp_path / "s")

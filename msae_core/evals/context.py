@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,8 +11,9 @@ from typing import Any
 
 import torch
 
-from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS, STORE_MANIFEST
+from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS
 from msae_core.errors import MsaeError
+from msae_core.store import read_manifest
 
 _NOT_FINISHED = {"queued": "is queued and has not trained yet",
                  "running": "is still training",
@@ -130,14 +130,10 @@ def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     if not (run_dir / SAE_WEIGHTS).exists() or not (run_dir / SAE_CONFIG).exists():
         raise MsaeError(f"run {run_dir.name} has no final weights ({SAE_WEIGHTS} missing)")
     config = RunConfig.load(run_dir / RUN_CONFIG)
-    manifest_path = Path(config.data.acts) / STORE_MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
+    manifest = read_manifest(config.data.acts)
+    if manifest is None:
         raise MsaeError(f"run {run_dir.name}: its activation store {config.data.acts} is gone "
-                        f"(needed for the model, layer and corpus)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MsaeError(f"{manifest_path} is unreadable: {exc}") from exc
+                        f"(needed for the model, layer and corpus)")
     dev = _device(device)
     sae = load_sae(run_dir, device=dev).eval()
     return EvalContext(run_dir=run_dir, sae=sae, config=config, manifest=manifest, device=dev,
