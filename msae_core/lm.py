@@ -92,9 +92,26 @@ def _remove_stale_tmp(parent: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _check_gguf_requirements() -> None:
+    """transformers dequantises a GGUF with `gguf` and `accelerate`: name what is missing in one line
+    (transformers itself raises a ValueError with a traceback deep inside from_pretrained)."""
+    missing = [m for m in ("gguf", "accelerate") if not _installed(m)]
+    if missing:
+        raise MsaeError(f"converting the embedded model from GGUF needs {' and '.join(missing)}, "
+                        f"which is not installed: pip install {' '.join(missing)} "
+                        "(or run scripts/install.sh again)")
+
+
 def _build_embedded_part(part: str, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf_requirements()
     pkg = _embedded_pkg()
     gguf = pkg.assemble(tmp / "gguf" / pkg.MODEL_NAME)
     if part == "model":

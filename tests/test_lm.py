@@ -173,3 +173,32 @@ def test_embedded_model_early_stop_matches_full_forward():
     # a real model: the next token after a common phrase is predicted well above chance
     logp = out.logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     assert logp.mean().item() > -6.0  # chance would be -log(262144) = -12.5
+
+
+def test_gguf_conversion_names_a_missing_requirement(tmp_path, monkeypatch):
+    """Without accelerate, the first load says so in one line instead of transformers' traceback."""
+    monkeypatch.setenv("MSAE_CACHE", str(tmp_path))
+    real = lm_mod._installed
+    monkeypatch.setattr(lm_mod, "_installed", lambda name: name != "accelerate" and real(name))
+    with pytest.raises(MsaeError, match="needs accelerate.*pip install accelerate"):
+        lm_mod.ensure_embedded("model")
+    assert not (lm_mod.embedded_dir() / "model").exists()
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_embedded_model_converts_into_an_empty_cache(tmp_path, monkeypatch):
+    """The cold path a new user takes: GGUF -> float32 safetensors + tokenizer in an empty cache."""
+    monkeypatch.setenv("MSAE_CACHE", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    lm = load_lm("embedded", device="cpu")
+    root = lm_mod.embedded_dir()
+    assert root.parent == tmp_path
+    for part in ("model", "tokenizer"):
+        assert (root / part / lm_mod._CACHE_MARKER).is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    assert lm.d_model == 640 and lm.n_layers == 18
+    ids = lm.to_tokens("The capital of France is")
+    with torch.no_grad():
+        logits = lm.model(ids).logits
+    assert torch.isfinite(logits).all()
