@@ -3,9 +3,12 @@ half-written file where a reader would find it."""
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +26,11 @@ RUN_TRACE = "step_{step:09d}.safetensors"
 RUN_EVENTS = "events.jsonl"
 RUN_EVAL = "eval.json"
 RUN_LOG = "train.log"
+# an OS file lock held by the one process that trains (or waits to train) in a run folder
+FOLDER_LOCK = ".lock"
+
+# the evals a run can have: the top-level keys of eval.json (msae_core.evals maps them to modules)
+EVAL_NAMES = ("core", "absorption", "sparse_probing")
 
 # SAE weights (a run's final weights, a checkpoint's, an export's)
 SAE_WEIGHTS = "sae.safetensors"
@@ -35,10 +43,30 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
 
 
+def check_can_create(folder: str | os.PathLike) -> None:
+    """Raise the OSError that creating or writing into `folder` would meet (it is a file, it lies
+    below a file, its name is too long, the file system is read-only, no write permission), without
+    creating anything: for commands that load a model before their first write."""
+    folder = Path(folder)
+    p = folder
+    while not p.exists():  # raises for a name the file system refuses (too long)
+        p = p.parent
+    if not p.is_dir():
+        if p == folder:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(folder))
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    if os.statvfs(p).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+    if not os.access(p, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a temporary file `.NAME.PID.XXXX.tmp` beside `path`, fsync, rename it into place; then
+    remove the temporary files of this name that writers killed mid-write left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -49,6 +77,26 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _remove_orphan_tmp(path)
+
+
+def _remove_orphan_tmp(path: Path) -> None:
+    """Temporary files of `path` whose writer process is gone (a live writer's are left alone)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            pid = int(tmp.name[len(path.name) + 2:].split(".", 1)[0])
+            os.kill(pid, 0)
+        except ValueError:  # named the older way, without a pid: removed once it is old
+            try:
+                if time.time() - tmp.stat().st_mtime > 3600:
+                    tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            continue
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (PermissionError, OSError):
+            continue
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -20,6 +20,13 @@ SUBCOMMAND_MODULES = (
 )
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OS error: the path it names and the OS's own words for the cause."""
+    where = exc.filename if exc.filename is not None else ""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot use {where}: {cause}" if where else cause
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msae", description="Harvest activations, train and evaluate sparse autoencoders.")
@@ -49,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MsaeError as exc:
         print(f"msae: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path the OS refuses: a file, read-only, too long, ...
+        print(f"msae: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msae: interrupted", file=sys.stderr)

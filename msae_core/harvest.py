@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from msae_core.artifacts import check_can_create
 from msae_core.configutil import validate
 from msae_core.errors import MsaeError
 from msae_core.store import ActivationStore, StoreSettings, StoreWriter, read_manifest
@@ -35,7 +36,10 @@ def _check_out_folder(out: Path, settings: StoreSettings) -> dict | None:
     """The manifest already in `out` if it is this harvest's; refuse another harvest's folder, or a
     folder holding anything else (a run, a sweep), early, before the model loads. StoreWriter
     checks again when it opens the folder."""
-    manifest = read_manifest(out) if out.is_dir() else None
+    if not out.is_dir():  # a usable path, or the OS's own error for it, before the model loads
+        check_can_create(out)
+        return None
+    manifest = read_manifest(out)
     if manifest is None:
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
             raise MsaeError(f"{out} is not empty and holds no activation store: choose an empty or "

@@ -81,7 +81,7 @@ def embedded_dir() -> Path:
 
 def _remove_stale_tmp(parent: Path) -> None:
     """Remove temporary build folders left by killed processes (their pid is in the name)."""
-    from msae_core.runs import pid_alive
+    from msae_core.procs import pid_alive
 
     for p in parent.glob(".*.tmp-*"):
         try:

@@ -21,6 +21,7 @@ training process detached from the caller (the workbench), which polls the folde
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -35,11 +36,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from msae_core import __version__
-from msae_core.artifacts import (RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_EVAL, RUN_LOG, RUN_METRICS,
+from msae_core.artifacts import (EVAL_NAMES, RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_EVAL, RUN_LOG, RUN_METRICS,
                                  RUN_STATUS, SAE_CONFIG, SAE_WEIGHTS, TRAINER_STATE,
                                  atomic_write_json)
 from msae_core.configutil import collect_problems, from_dict, to_dict, validate
 from msae_core.errors import MsaeError
+from msae_core.procs import pid_alive, track_child
 from msae_core.sae import SAEConfig
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,9 @@ class TrainConfig:
                 out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.snapshot_every < 0:
             out.append(f"snapshot_every must be >= 0 (got {self.snapshot_every})")
+        unknown = [e for e in self.evals if e not in EVAL_NAMES]
+        if unknown:
+            out.append(f"evals: unknown eval(s) {', '.join(map(str, unknown))} (known: {', '.join(EVAL_NAMES)})")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
             out.append(f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         return out
@@ -234,11 +239,60 @@ def read_status(run_dir: str | os.PathLike) -> dict:
         raise MsaeError(f"{p} is unreadable: {exc}") from exc
     if not isinstance(s, dict):
         raise MsaeError(f"{p} is not a json object")
+    return _process_gone(s, Path(run_dir))
+
+
+def _process_gone(s: dict, run_dir: Path) -> dict:
+    """A status that says `running` while its process is dead is read as `failed (process gone)`,
+    so that no reader (listing, eval, cancel, the pages) ever takes a killed run for a live one."""
+    if s.get("state") == "running" and not pid_alive(s.get("pid")):
+        s = {**s, "state": "failed", "pid": None,
+             "error": f"process gone (pid {s.get('pid')} died without ending the run: killed?); "
+                      f"resume with `msae train --out {run_dir}`"}
     return s
 
 
+def refuse_foreign_out(out_dir: Path) -> None:
+    """MsaeError when `out_dir` is a folder of another kind than a run folder: an activation store
+    (or a folder inside one), a folder of run folders (a runs or sweep root), or a folder that holds
+    other files but no run (an eval output, an export). An empty or new folder, and a run folder
+    (its config.json or status.json there), are fine."""
+    from msae_core.artifacts import STORE_MANIFEST
+
+    if (out_dir / STORE_MANIFEST).is_file() or (out_dir.parent / STORE_MANIFEST).is_file():
+        raise MsaeError(f"{out_dir} is an activation store (or lies inside one), not a run folder: "
+                        "choose another --out")
+    if not out_dir.is_dir():
+        return
+    try:
+        entries = [p for p in out_dir.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return  # the write that follows reports it
+    names = {p.name for p in entries}
+    if RUN_CONFIG in names or RUN_STATUS in names or not entries:
+        return
+    if any(p.is_dir() and (p / RUN_CONFIG).is_file() for p in entries) or "_sweeps" in names:
+        raise MsaeError(f"{out_dir} holds run folders (a runs or sweep root): give the run a folder of "
+                        f"its own, e.g. --out {out_dir / 'NAME'}")
+    raise MsaeError(f"{out_dir} is not empty and holds no run ({', '.join(sorted(names)[:3])}"
+                    f"{' ...' if len(names) > 3 else ''}): choose an empty or new --out folder")
+
+
+def _write_in_place(path: Path, obj: Any) -> None:
+    """Overwrite an existing small json file in place: no new file, so it needs no free block when
+    the new text fits the old file's blocks (how a status is still written on a full disk)."""
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    with open(path, "r+b") as fh:
+        fh.write(data)
+        fh.truncate()
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_status(run_dir: str | os.PathLike, **fields: Any) -> dict:
-    """Merge `fields` into status.json (atomically) and stamp `updated` and `version`."""
+    """Merge `fields` into status.json (atomically) and stamp `updated` and `version`. On a full
+    disk the file is overwritten in place instead, so a run never stays `running` for want of a
+    block."""
     try:
         s = read_status(run_dir)
     except MsaeError:
@@ -249,21 +303,14 @@ def write_status(run_dir: str | os.PathLike, **fields: Any) -> dict:
     s["updated"] = time.time()
     s["version"] = STATUS_VERSION
     s.setdefault("msae_version", __version__)
-    atomic_write_json(Path(run_dir) / RUN_STATUS, s)
-    return s
-
-
-def pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    _reap()
+    path = Path(run_dir) / RUN_STATUS
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        atomic_write_json(path, s)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.is_file():
+            raise
+        _write_in_place(path, s)
+    return s
 
 
 # ---------------------------------------------------------------------------------------- listing
@@ -352,9 +399,8 @@ def read_run(path: str | os.PathLike, metrics_tail: int = 20) -> RunInfo:
         problems.append(f"unknown state {state!r}")
     if state == "done" and not info.has_weights:
         problems.append(f"state done but the final weights ({SAE_WEIGHTS}, {SAE_CONFIG}) are missing")
-    if state == "running" and not pid_alive(s.get("pid")):
-        problems.append(f"state running but its process {s.get('pid')} is gone (killed?): "
-                        f"resume with `msae train --out {path}`")
+    if state == "failed" and str(s.get("error", "")).startswith("process gone"):
+        problems.append(s["error"])  # read_status turned a dead `running` into this
     if state == "queued" and s.get("pid") is not None and not pid_alive(s.get("pid")) \
             and s.get("updated", 0) < time.time() - 60:
         problems.append("queued but its process never started (see train.log)")
@@ -395,16 +441,6 @@ def safe_run_name(text: str, max_len: int = 120) -> str:
     if not name:
         raise MsaeError(f"{text!r} is not a usable run name: use letters, digits, '.', '_' or '-'")
     return name
-
-
-_CHILDREN: list[subprocess.Popen] = []
-
-
-def _reap() -> None:
-    """Collect exited children that launch_run started, so they do not linger as zombies."""
-    for p in list(_CHILDREN):
-        if p.poll() is not None:
-            _CHILDREN.remove(p)
 
 
 def train_command(run_dir: str | os.PathLike) -> list[str]:
@@ -451,7 +487,7 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
         logf.flush()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=os.getcwd(), env=_child_env())
-    _CHILDREN.append(proc)
+    track_child(proc)
     write_status(run_dir, pid=proc.pid)
     log.info("launched run %s (pid %d)", run_dir, proc.pid)
     return run_dir
@@ -510,23 +546,28 @@ def running_runs(root: str | os.PathLike, exclude: Path | None = None) -> list[P
 
 
 def wait_for_slot(run_dir: str | os.PathLike, root: str | os.PathLike, max_parallel: int,
-                  poll_s: float = 1.0, timeout_s: float | None = None) -> bool:
+                  poll_s: float = 1.0, timeout_s: float | None = None, stop: Any = None) -> bool:
     """Stay `queued` until fewer than `max_parallel` runs under `root` are running, then mark this
     run running (checked and marked under a lock file, so two waiting runs never take one slot).
-    SIGTERM while waiting ends the run as `cancelled` (returns False); so does the timeout."""
+    SIGTERM while waiting ends the run as `cancelled` (returns False); so does the timeout.
+    `stop`: the caller's signal flag (an object with `.signum`), already catching SIGTERM."""
     import fcntl
     import threading
 
     run_dir, root = Path(run_dir), Path(root)
-    cancelled: list[int] = []
+    caught: list[int] = []
     old = None
-    if threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGTERM, lambda signum, frame: cancelled.append(signum))
+    if stop is None and threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+
+    def cancelled() -> bool:
+        return bool(caught) or (stop is not None and stop.signum is not None)
+
     try:
         write_status(run_dir, state="queued", pid=os.getpid())
         end = None if timeout_s is None else time.monotonic() + timeout_s
         root.mkdir(parents=True, exist_ok=True)
-        while not cancelled:
+        while not cancelled():
             with open(root / ".queue.lock", "a") as lockf:
                 fcntl.flock(lockf, fcntl.LOCK_EX)
                 try:
@@ -539,7 +580,7 @@ def wait_for_slot(run_dir: str | os.PathLike, root: str | os.PathLike, max_paral
                 break
             time.sleep(poll_s)
         write_status(run_dir, state="cancelled", pid=None,
-                     error="cancelled while queued" if cancelled else "gave up waiting for a free slot")
+                     error="cancelled while queued" if cancelled() else "gave up waiting for a free slot")
         return False
     finally:
         if old is not None:

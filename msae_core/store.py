@@ -344,6 +344,27 @@ class ActivationStore:
         assert self._perm is not None
         return self._perm
 
+    def nonfinite_rows(self, limit: int = 8, chunk_rows: int = 65_536) -> tuple[int, list[int]]:
+        """(number of rows holding NaN or inf, the first `limit` of them): a scan of every shard,
+        for naming bad rows when something downstream turned non-finite."""
+        count, first = 0, []
+        for s, shard in enumerate(self._shards):
+            acts = shard["acts"]
+            for lo in range(0, len(acts), chunk_rows):
+                bad = np.nonzero(~np.isfinite(acts[lo:lo + chunk_rows]).all(axis=1))[0]
+                count += len(bad)
+                first += [int(self._row_starts[s] + lo + b) for b in bad[:max(0, limit - len(first))]]
+        return count, first
+
+    def nonfinite_problem(self) -> str | None:
+        """None when every row is finite, else one line naming the bad rows."""
+        count, first = self.nonfinite_rows()
+        if not count:
+            return None
+        return (f"the activation store {self.path} holds non-finite values (NaN or inf) in {count} "
+                f"row(s): {', '.join(map(str, first))}{' ...' if count > len(first) else ''}; "
+                "re-harvest it (--dtype float32 for late layers)")
+
     def batch_indices(self, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
         """Global row indices of batch `step`: epochs of a seeded permutation, laid end to end."""
         start = step * batch_size

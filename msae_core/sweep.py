@@ -192,6 +192,11 @@ def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, na
     name = safe_run_name(name)
     base.validate()  # the store, once
     points = expand_grid(base, grid, name)
+    for acts in sorted({p.config.data.acts for p in points} - {base.data.acts}):
+        store_problems = [q for q in dataclasses.replace(base, data=dataclasses.replace(
+            base.data, acts=acts)).problem_list() if q.startswith("data.")]
+        if store_problems:  # a store named by the grid: refused before any point is queued
+            raise MsaeError("invalid sweep points: " + "; ".join(store_problems))
     root = Path(root)
     sdir = sweep_dir(root, name)
     sdir.mkdir(parents=True, exist_ok=True)

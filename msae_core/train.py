@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import errno
+import io
 import json
 import logging
 import math
@@ -48,7 +50,9 @@ from msae_core.artifacts import (OPTIMIZER_STATE, RUN_CHECKPOINT_DIR, RUN_CONFIG
                                  atomic_write_json, atomic_write_text, read_jsonl)
 from msae_core.configutil import add_dataclass_args, overrides_from_args
 from msae_core.errors import MsaeError
-from msae_core.runs import DataConfig, RunConfig, TrainConfig, pid_alive, read_status, write_status
+from msae_core.procs import FolderLock
+from msae_core.runs import (DataConfig, RunConfig, TrainConfig, read_status, refuse_foreign_out,
+                             write_status)
 from msae_core.sae import SAEConfig
 
 log = logging.getLogger(__name__)
@@ -153,14 +157,19 @@ def write_checkpoint(out_dir: Path, sae: Any, opt: torch.optim.Optimizer, state:
     """Write checkpoint/ atomically: fill a temporary folder, then swap it in by renames."""
     tmp = out_dir / _TMP_CHECKPOINT.format(pid=os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _sae_io().save_sae(sae, tmp)
-    opt_path = tmp / OPTIMIZER_STATE
-    with open(opt_path, "wb") as fh:
-        torch.save(opt.state_dict(), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    atomic_write_json(tmp / TRAINER_STATE, state)  # last: marks the folder whole
+    try:
+        tmp.mkdir(parents=True)
+        _sae_io().save_sae(sae, tmp)
+        buf = io.BytesIO()  # serialised in memory: a full disk is then a plain OSError on write
+        torch.save(opt.state_dict(), buf)
+        with open(tmp / OPTIMIZER_STATE, "wb") as fh:
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        atomic_write_json(tmp / TRAINER_STATE, state)  # last: marks the folder whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
+        raise
     ck, old = out_dir / RUN_CHECKPOINT_DIR, out_dir / _OLD_CHECKPOINT
     if ck.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -208,14 +217,17 @@ def _truncate_logs(out_dir: Path, step: int) -> None:
 
 # --------------------------------------------------------------------------------------- signals
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag the loop reads after each step (main thread only)."""
+    """SIGTERM/SIGINT set a flag the loop reads after each step (main thread only). Re-entrant: the
+    CLI enters it first (before anything is written) and train() enters the same one again."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._depth = 0
 
     def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -224,8 +236,11 @@ class _StopFlag:
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, h in self._old.items():
+                signal.signal(sig, h)
+            self._old = {}
 
 
 # ------------------------------------------------------------------------------------- observables
@@ -270,48 +285,76 @@ def _drain_events(out_dir: Path, sae: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ train
-def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True) -> RunResult:
+def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
+          stop: "_StopFlag | None" = None) -> RunResult:
     """Train (or resume) the run in `out_dir`. Returns how it ended; writes status.json throughout.
 
-    Invalid settings raise MsaeError before anything is written. A NaN loss returns state
-    `diverged`, SIGTERM `cancelled`; an unexpected exception is recorded as `failed` and re-raised."""
+    Invalid settings, a folder of another kind (a store, a runs root) and a folder another process
+    trains in raise MsaeError before anything is written. The folder is locked for as long as this
+    runs (procs.FolderLock); SIGTERM/SIGINT are caught before the status says `running`, so a
+    cancel at any moment ends the run `cancelled`. A NaN loss returns `diverged`, a full disk
+    `failed` with the last whole checkpoint kept; an unexpected exception is recorded as `failed`
+    and re-raised."""
     config.validate()
     out_dir = Path(out_dir)
+    refuse_foreign_out(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing_cfg = out_dir / RUN_CONFIG
-    ckpt = find_checkpoint(out_dir)
-    if existing_cfg.exists() and (ckpt is not None or (out_dir / SAE_WEIGHTS).exists()):
+    with FolderLock(out_dir, what="training"), (stop or _StopFlag()) as stop:
+        existing_cfg = out_dir / RUN_CONFIG
+        ckpt = find_checkpoint(out_dir)
+        if existing_cfg.exists() and (ckpt is not None or (out_dir / SAE_WEIGHTS).exists()):
+            try:
+                old = json.loads(existing_cfg.read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                old = None
+            if isinstance(old, dict):
+                diff = config_mismatch(old, config.to_dict())
+                if diff:
+                    raise MsaeError(f"{out_dir} holds a run with other settings ({diff}): "
+                                    "choose another --out or delete it")
         try:
-            old = json.loads(existing_cfg.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if isinstance(old, dict):
-            diff = config_mismatch(old, config.to_dict())
-            if diff:
-                raise MsaeError(f"{out_dir} holds a run with other settings ({diff}): "
-                                "choose another --out or delete it")
-    try:
-        prev = read_status(out_dir)
-    except MsaeError:
-        prev = {}
-    other = prev.get("pid")
-    if prev.get("state") == "running" and other != os.getpid() and pid_alive(other):
-        raise MsaeError(f"{out_dir} is being trained by process {other}: cancel it first")
-    config.save(existing_cfg)
-    write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
-                 total_steps=config.train.steps, started=prev.get("started") or time.time())
-    try:
-        return _train(config, out_dir, ckpt, progress)
-    except MsaeError as exc:
-        write_status(out_dir, state="failed", error=str(exc), pid=None, eta_s=None)
-        raise
-    except BaseException as exc:
-        write_status(out_dir, state="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0],
-                     pid=None, eta_s=None)
-        raise
+            prev = read_status(out_dir)
+        except MsaeError:
+            prev = {}
+        config.save(existing_cfg)
+        write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
+                     total_steps=config.train.steps, started=prev.get("started") or time.time())
+        try:
+            return _train(config, out_dir, ckpt, progress, stop)
+        except MsaeError as exc:
+            write_status(out_dir, state="failed", error=str(exc), pid=None, eta_s=None)
+            raise
+        except OSError as exc:
+            err = _os_error_text(exc, out_dir)
+            write_status(out_dir, state="failed", error=err, pid=None, eta_s=None)
+            raise MsaeError(err) from exc
+        except BaseException as exc:
+            write_status(out_dir, state="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                         pid=None, eta_s=None)
+            raise
 
 
-def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) -> RunResult:
+def _os_error_text(exc: OSError, out_dir: Path) -> str:
+    """One line for an OS error while training: what failed, and what the run folder still holds."""
+    ck = find_checkpoint(out_dir)
+    kept = (f"the last whole checkpoint (step {_checkpoint_step(ck)}) is kept" if ck is not None
+            else "no checkpoint had been written yet")
+    where = exc.filename or out_dir
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full while writing {where}: {kept}; free some space and run the same "
+                f"command again to resume")
+    return f"cannot write {where} ({exc.strerror or exc}): {kept}; run the same command again to resume"
+
+
+def _checkpoint_step(ckpt: Path) -> int | None:
+    try:
+        return int(json.loads((ckpt / TRAINER_STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool,
+           stop: "_StopFlag") -> RunResult:
     from msae_core.store import ActivationStore
 
     tc = config.train
@@ -323,6 +366,7 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
     autocast_on = bool(tc.bf16 and device.type == "cuda")
 
     start = 0
+    state: dict = {}
     if ckpt is not None:
         state = json.loads((ckpt / TRAINER_STATE).read_text())
         start = int(state["step"])
@@ -340,7 +384,10 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
         sae = _build_sae(config.sae).to(device)
         if hasattr(sae, "fit_input_scale_"):  # fixed input normalisation, from a sample of the store
             n = min(store.n_rows, max(tc.batch_size, 16_384))
-            sae.fit_input_scale_(store.batch(0, n, tc.seed).to(device))
+            sample_ND = store.batch(0, n, tc.seed)
+            if not bool(torch.isfinite(sample_ND).all()):
+                raise MsaeError(store.nonfinite_problem() or "non-finite activations in the store")
+            sae.fit_input_scale_(sample_ND.to(device))
         opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, tc))
         for name in (SAE_WEIGHTS, SAE_CONFIG):
             (out_dir / name).unlink(missing_ok=True)
@@ -350,80 +397,94 @@ def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool) 
     if start >= tc.steps:  # already trained this far: (re)write final weights only
         return _finish(out_dir, sae, start, start, {})
 
-    def ckpt_state(step: int) -> dict:
-        return {"step": step, "rng": _rng_state(), "time": time.time(),
-                "config": config.to_dict()}
+    # running sums of the losses since the last metrics line; the checkpoint keeps them (float32
+    # values are exact in json), so a resumed run's metrics.jsonl equals an uninterrupted run's
+    sums: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float32, device=device)
+                                     for k, v in state.get("log_sums", {}).items()}
+    n_sum = int(state.get("log_n", 0))
 
-    sums: dict[str, torch.Tensor] = {}
-    n_sum = 0
+    def ckpt_state(step: int) -> dict:
+        return {"step": step, "rng": _rng_state(), "time": time.time(), "config": config.to_dict(),
+                "log_sums": {k: float(v) for k, v in sums.items()}, "log_n": n_sum}
+
     t_interval = time.perf_counter()
     last: dict = {}
-    last_ckpt = start
+    last_ckpt = start if ckpt is not None else None
+    if stop.signum is not None:  # cancelled while starting up: nothing trained, nothing to save
+        msg = f"cancelled by signal {signal.Signals(stop.signum).name} before step {start + 1}"
+        write_status(out_dir, state="cancelled", step=start, error=msg, pid=None, eta_s=None)
+        log.warning(msg)
+        return RunResult("cancelled", start, out_dir, last, msg, start)
     bar = tqdm(total=tc.steps, initial=start, disable=None if progress else True,
                desc=out_dir.name, unit="step", dynamic_ncols=True)
-    with _StopFlag() as stop:
-        try:
-            for s in range(start, tc.steps):
-                done = s + 1
-                x_BD = store.batch(s, tc.batch_size, tc.seed).to(device, non_blocking=True)
-                lr = lr_at(s, tc)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on):
-                    losses, out = _step_loss(sae, x_BD, s)
-                loss = losses["loss"]
-                if not bool(torch.isfinite(loss.detach())):
-                    err = (f"loss became {float(loss.detach())} at step {done} (lr {lr:.3g}): diverged; "
-                           f"last good checkpoint at step {last_ckpt} kept")
-                    write_status(out_dir, state="diverged", step=s, error=err, pid=None, eta_s=None)
+    try:
+        for s in range(start, tc.steps):
+            done = s + 1
+            x_BD = store.batch(s, tc.batch_size, tc.seed).to(device, non_blocking=True)
+            lr = lr_at(s, tc)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on):
+                losses, out = _step_loss(sae, x_BD, s)
+            loss = losses["loss"]
+            if not bool(torch.isfinite(loss.detach())):
+                if not bool(torch.isfinite(x_BD).all()):  # the data, not the optimisation
+                    err = store.nonfinite_problem() or f"non-finite activations at step {done}"
+                    write_status(out_dir, state="failed", step=s, error=err, pid=None, eta_s=None)
                     log.error(err)
-                    return RunResult("diverged", s, out_dir, last, err, start)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sae.post_step_(s)
-                if not (done % tc.log_every == 0 or done == tc.steps):
-                    out = None  # keep the forward output only where it is logged
-                _drain_events(out_dir, sae)
-                for k, v in losses.items():
-                    if isinstance(v, torch.Tensor) and v.numel() == 1:
-                        v = v.detach().float()
-                        sums[k] = sums[k] + v if k in sums else v
-                n_sum += 1
-                if device.type == "cuda" and (done % tc.log_every == 0 or done == tc.steps):
-                    torch.cuda.synchronize()
+                    return RunResult("failed", s, out_dir, last, err, start)
+                kept = (f"last good checkpoint at step {last_ckpt} kept" if last_ckpt is not None
+                        else "no checkpoint was written before it")
+                err = f"loss became {float(loss.detach())} at step {done} (lr {lr:.3g}): diverged; {kept}"
+                write_status(out_dir, state="diverged", step=s, error=err, pid=None, eta_s=None)
+                log.error(err)
+                return RunResult("diverged", s, out_dir, last, err, start)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sae.post_step_(s)
+            if not (done % tc.log_every == 0 or done == tc.steps):
+                out = None  # keep the forward output only where it is logged
+            _drain_events(out_dir, sae)
+            for k, v in losses.items():
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    v = v.detach().float()
+                    sums[k] = sums[k] + v if k in sums else v
+            n_sum += 1
+            if device.type == "cuda" and (done % tc.log_every == 0 or done == tc.steps):
+                torch.cuda.synchronize()
 
-                if done % tc.log_every == 0 or done == tc.steps:
-                    now = time.perf_counter()
-                    step_time = (now - t_interval) / max(n_sum, 1)
-                    row: dict[str, Any] = {"step": done}
-                    row.update({k: float(v) / n_sum for k, v in sums.items()})
-                    row.update(_batch_metrics(sae, x_BD, out))
-                    if hasattr(sae, "step_counts"):
-                        row.update({k: float(v) for k, v in sae.step_counts().items()})
-                    row.update({"lr": lr, "step_time_s": step_time,
-                                "tokens_per_s": tc.batch_size / step_time if step_time > 0 else None,
-                                "time": time.time()})
-                    append_jsonl(out_dir / RUN_METRICS, row)
-                    last = row
-                    sums, n_sum, t_interval = {}, 0, now
-                    eta = step_time * (tc.steps - done)
-                    write_status(out_dir, step=done, eta_s=eta)
-                    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
-                                    l0=f"{row.get('l0', float('nan')):.1f}", refresh=False)
-                if tc.snapshot_every and done % tc.snapshot_every == 0:
-                    _write_snapshot(out_dir, sae, done)
-                bar.update(1)
-                if done % tc.checkpoint_every == 0 or done == tc.steps or stop.signum is not None:
-                    write_checkpoint(out_dir, sae, opt, ckpt_state(done))
-                    last_ckpt = done
-                if stop.signum is not None and done < tc.steps:
-                    msg = f"cancelled by signal {signal.Signals(stop.signum).name} at step {done}; checkpoint written"
-                    write_status(out_dir, state="cancelled", step=done, error=msg, pid=None, eta_s=None)
-                    log.warning(msg)
-                    return RunResult("cancelled", done, out_dir, last, msg, start)
-        finally:
-            bar.close()
+            if done % tc.log_every == 0 or done == tc.steps:
+                now = time.perf_counter()
+                step_time = (now - t_interval) / max(n_sum, 1)
+                row: dict[str, Any] = {"step": done}
+                row.update({k: float(v) / n_sum for k, v in sums.items()})
+                row.update(_batch_metrics(sae, x_BD, out))
+                if hasattr(sae, "step_counts"):
+                    row.update({k: float(v) for k, v in sae.step_counts().items()})
+                row.update({"lr": lr, "step_time_s": step_time,
+                            "tokens_per_s": tc.batch_size / step_time if step_time > 0 else None,
+                            "time": time.time()})
+                append_jsonl(out_dir / RUN_METRICS, row)
+                last = row
+                sums, n_sum, t_interval = {}, 0, now
+                eta = step_time * (tc.steps - done)
+                write_status(out_dir, step=done, eta_s=eta)
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
+                                l0=f"{row.get('l0', float('nan')):.1f}", refresh=False)
+            if tc.snapshot_every and done % tc.snapshot_every == 0:
+                _write_snapshot(out_dir, sae, done)
+            bar.update(1)
+            if done % tc.checkpoint_every == 0 or done == tc.steps or stop.signum is not None:
+                write_checkpoint(out_dir, sae, opt, ckpt_state(done))
+                last_ckpt = done
+            if stop.signum is not None and done < tc.steps:
+                msg = f"cancelled by signal {signal.Signals(stop.signum).name} at step {done}; checkpoint written"
+                write_status(out_dir, state="cancelled", step=done, error=msg, pid=None, eta_s=None)
+                log.warning(msg)
+                return RunResult("cancelled", done, out_dir, last, msg, start)
+    finally:
+        bar.close()
     return _finish(out_dir, sae, tc.steps, start, last)
 
 
@@ -496,15 +557,22 @@ def run_evals(out_dir: Path, evals: list[str]) -> int:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    cfg.validate()
-    if args.max_parallel:
-        from msae_core.runs import wait_for_slot
+    out = Path(args.out)
+    refuse_foreign_out(out)
+    if args.config or not out.exists():  # settings from outside the folder: check before creating it
+        config_from_args(args).validate()
+    out.mkdir(parents=True, exist_ok=True)
+    # the folder lock and the signal handler first: one trainer per folder, cancellable at once
+    with FolderLock(out, what="training"), _StopFlag() as stop:
+        cfg = config_from_args(args)
+        cfg.validate()
+        if args.max_parallel:
+            from msae_core.runs import wait_for_slot
 
-        root = Path(args.queue_root) if args.queue_root else Path(args.out).resolve().parent
-        if not wait_for_slot(args.out, root, args.max_parallel):
-            return 130
-    result = train(cfg, args.out, progress=not args.no_progress)
+            root = Path(args.queue_root) if args.queue_root else out.resolve().parent
+            if not wait_for_slot(out, root, args.max_parallel, stop=stop):
+                return 130
+        result = train(cfg, out, progress=not args.no_progress, stop=stop)
     if result.state in ("diverged", "failed"):
         raise MsaeError(result.error or result.state)
     if result.state == "cancelled":

@@ -4,6 +4,8 @@ and a killed eval leaving eval.json untouched."""
 
 from __future__ import annotations
 
+import os
+
 import json
 import math
 import random
@@ -344,7 +346,8 @@ def _run_folder(tiny, name: str, state: str = "done", weights: bool = True, seed
     run.mkdir(parents=True, exist_ok=True)
     cfg = SAEConfig(arch="topk", d_in=32, d_sae=64, k=4, seed=seed)
     RunConfig(sae=cfg, data=DataConfig(acts=str(tiny["store"]))).save(run / RUN_CONFIG)
-    write_status(run, state=state, step=10 if state == "done" else 5, total_steps=10, pid=None,
+    write_status(run, state=state, step=10 if state == "done" else 5, total_steps=10,
+                 pid=os.getpid() if state == "running" else None,  # a live trainer for "running"
                  error="loss is nan at step 5" if state == "diverged" else None)
     if weights:
         sae = build_sae(cfg)

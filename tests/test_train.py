@@ -3,6 +3,7 @@ SIGTERM -> cancelled with a checkpoint, CLI flags over a config file."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,14 +27,15 @@ D, F, STEPS = 64, 128, 40
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_store(path, n_rows=2048, d=D, seed=0):
-    """A tiny store of random activations with a little sparse structure."""
+def make_store(path, n_rows=2048, d=D, seed=0, nan_rows=()):
+    """A tiny store of random activations with a little sparse structure (NaN in `nan_rows`)."""
     g = torch.Generator().manual_seed(seed)
     w = StoreWriter(path, StoreSettings(model="tiny", layer=0, target_tokens=n_rows, dtype="float32",
                                         context_size=8), {"d_model": d, "tokenizer": "tiny", "bos_token_id": 1})
     dirs = torch.randn(32, d, generator=g)
     codes = torch.rand(n_rows, 32, generator=g) * (torch.rand(n_rows, 32, generator=g) < 0.1)
     acts = codes @ dirs + 0.05 * torch.randn(n_rows, d, generator=g)
+    acts[list(nan_rows), 3] = float("nan")
     n_win = n_rows // 8
     w.write_shard(acts, torch.zeros(n_rows, dtype=torch.int32), torch.arange(n_win).repeat_interleave(8),
                   torch.arange(8).repeat(n_win), torch.zeros(n_win, 8, dtype=torch.int32),
@@ -49,6 +51,15 @@ def make_config(store, steps=STEPS, **sae_kw):
                      train=TrainConfig(steps=steps, batch_size=128, lr=1e-3, warmup_steps=5, seed=3,
                                        device="cpu", log_every=5, checkpoint_every=10, snapshot_every=10),
                      data=DataConfig(acts=str(store)))
+
+
+HOLD_LOCK = """
+import sys, time
+from msae_core.procs import FolderLock
+with FolderLock(sys.argv[1], what="training"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
 
 
 def weights(run):
@@ -166,7 +177,10 @@ def test_sigkill_then_resume_equals_uninterrupted(store, reference, tmp_path, mo
     proc = subprocess.run([sys.executable, "-c", KILLER, mode, str(run), str(cfg_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert read_status(run)["state"] == "running"  # nobody got to say otherwise
+    raw = json.loads((run / "status.json").read_text())
+    assert raw["state"] == "running"  # nobody got to say otherwise on disk ...
+    status = read_status(run)  # ... but a dead process never reads as running
+    assert status["state"] == "failed" and "process gone" in status["error"]
     if mode == "rename":
         assert not (run / RUN_CHECKPOINT_DIR).exists() and (run / ".checkpoint.old").exists()
     assert cli.main(["train", "--out", str(run), "--no-progress"]) == 0  # resumes from its own config
@@ -178,18 +192,38 @@ def test_sigkill_then_resume_equals_uninterrupted(store, reference, tmp_path, mo
 def test_nan_loss_marks_diverged_and_keeps_last_checkpoint(store, tmp_path, monkeypatch, capsys):
     run, cfg_path = tmp_path / "run", tmp_path / "run.json"
     make_config(store).save(cfg_path)
-    _fail_at(monkeypatch, 23, lambda x: x * float("nan"))
+    _fail_at(monkeypatch, 23, lambda x: x * 1e30)  # finite inputs, a loss that overflows
     rc = cli.main(["train", "--config", str(cfg_path), "--out", str(run), "--no-progress"])
     assert rc != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("msae: error: loss became nan at step 24") and "checkpoint at step 20" in err[-1]
+    assert re.match(r"msae: error: loss became (nan|inf) at step 24", err[-1]), err[-1]
+    assert "last good checkpoint at step 20 kept" in err[-1]
     status = read_status(run)
-    assert status["state"] == "diverged" and "nan" in status["error"]
+    assert status["state"] == "diverged" and "loss became" in status["error"]
     state = json.loads((run / RUN_CHECKPOINT_DIR / TRAINER_STATE).read_text())
     assert state["step"] == 20
     ck = load_file(run / RUN_CHECKPOINT_DIR / SAE_WEIGHTS)
     assert all(torch.isfinite(v).all() for v in ck.values() if v.is_floating_point())
     assert not (run / SAE_WEIGHTS).exists()
+
+
+def test_divergence_before_any_checkpoint_says_so(store, tmp_path, monkeypatch):
+    _fail_at(monkeypatch, 3, lambda x: x * 1e30)
+    result = train(make_config(store), tmp_path / "run", progress=False)
+    assert result.state == "diverged"
+    assert "no checkpoint was written before it" in result.error and "step 0" not in result.error
+
+
+def test_non_finite_store_rows_are_named(tmp_path):
+    """NaN in the data is the store's fault, not a divergence: the run names the rows."""
+    bad = {5, 77, 1500}
+    store = make_store(tmp_path / "store", nan_rows=sorted(bad))
+    with pytest.raises(MsaeError) as err:
+        train(make_config(store), tmp_path / "run", progress=False)
+    result_error = str(err.value)
+    assert "holds non-finite values" in result_error and "diverged" not in result_error
+    assert "in 3 row(s): 5, 77, 1500;" in result_error
+    assert read_status(tmp_path / "run")["state"] == "failed"
 
 
 def test_sigterm_finishes_step_checkpoints_and_resumes(store, reference, tmp_path, monkeypatch):
@@ -224,11 +258,15 @@ def test_flags_override_config_file_and_bad_settings_refused(store, reference, t
     # the reference run folder refuses other settings rather than mixing two runs
     with pytest.raises(MsaeError, match="other settings"):
         train(make_config(store, beta=0.5), reference, progress=False)
-    # a folder another live process is training is refused
-    from msae_core.runs import write_status
-    write_status(reference, state="running", pid=os.getppid())
-    with pytest.raises(MsaeError, match="being trained by process"):
-        train(make_config(store), reference, progress=False)
-    write_status(reference, state="done", pid=None)
+    # a folder another live process holds is refused, naming that process
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(reference)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MsaeError, match=rf"locked by another training process \(pid {holder.pid}\)"):
+            train(make_config(store), reference, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
     # a done run asked again does nothing but report done
     assert train(make_config(store), reference, progress=False).state == "done"

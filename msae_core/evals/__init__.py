@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from msae_core.artifacts import EVAL_NAMES
 from msae_core.errors import MsaeError
 from msae_core.evals.context import EvalContext, open_run
 
@@ -25,6 +26,7 @@ EVALS: dict[str, str] = {
     "absorption": "msae_core.evals.absorption",
     "sparse_probing": "msae_core.evals.sparse_probing",
 }
+assert tuple(EVALS) == EVAL_NAMES  # the training config checks names against artifacts.EVAL_NAMES
 
 __all__ = ["EVALS", "EvalContext", "open_run", "eval_module", "parse_evals", "run_evals"]
 
@@ -60,6 +62,9 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
 
     names = parse_evals(evals)
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MsaeError(f"{run_dir} is not a run folder" + (" (it is a file)" if run_dir.exists() else
+                                                            " (no such folder)"))
     existing = read_eval_json(run_dir)
     todo = [n for n in names if not (skip_done and n in existing)]
     if not todo:

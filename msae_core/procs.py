@@ -1,0 +1,114 @@
+"""Processes: whether a pid is alive, and an exclusive lock on a folder held by one process.
+
+`FolderLock(path)` takes an OS file lock (flock) on `path/.lock` and writes its pid there. The
+kernel drops the lock when the holder exits, however it exits (SIGKILL included), so a killed
+holder never leaves a folder locked. A second process is refused at once with MsaeError naming the
+holder's pid; the same process may take the lock again (nested entry points: the CLI, then train()).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from msae_core.artifacts import FOLDER_LOCK
+from msae_core.errors import MsaeError
+
+
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def track_child(proc: subprocess.Popen) -> subprocess.Popen:
+    """Remember a started child so that `reap` collects it when it exits (no zombies linger)."""
+    _CHILDREN.append(proc)
+    return proc
+
+
+def reap() -> None:
+    """Collect the exited children started through `track_child`."""
+    for p in list(_CHILDREN):
+        if p.poll() is not None:
+            _CHILDREN.remove(p)
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether a process with this pid exists; a zombie (exited, not yet reaped) counts as gone."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    reap()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# path (resolved) -> [fd, depth]: the locks this process holds
+_HELD: dict[str, list[int]] = {}
+
+
+class FolderLock:
+    """Exclusive, process-lifetime lock on a folder (see the module docstring).
+
+        with FolderLock(run_dir, what="run"):
+            ...   # only this process reads and writes the folder's files here
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str = "folder") -> None:
+        self.path = Path(path)
+        self.what = what
+        self._key = ""
+
+    def __enter__(self) -> "FolderLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        self._key = str(self.path.resolve())
+        held = _HELD.get(self._key)
+        if held is not None:
+            held[1] += 1
+            return
+        fd = os.open(self.path / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MsaeError(f"{self.path} is locked by another {self.what} process"
+                                + (f" (pid {holder})" if holder else "")
+                                + ": wait for it to end or cancel it") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[self._key] = [fd, 1]
+
+    def release(self) -> None:
+        held = _HELD.get(self._key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self._key]
+            os.close(held[0])  # closing the descriptor drops the flock
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
