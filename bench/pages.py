@@ -68,12 +68,11 @@ def clear_caches() -> None:
     """What a fresh server process starts without."""
     import streamlit as st
 
-    from msae_core import workbench_data as wd
+    from msae_core.inspect import features
 
     st.cache_data.clear()
     st.cache_resource.clear()
-    for f in (wd._tokenizer, wd._unembed):
-        f.cache_clear()
+    features.clear_caches()
 
 
 def payload(at) -> int:
@@ -219,13 +218,15 @@ def main() -> int:
 
         print(f"machine: {cpu_name()}, {os.cpu_count()} cores (shared with other work while measured), "
               f"torch threads {torch.get_num_threads()}")
-        from msae_core import workbench_data as wd
+        from msae_core.artifacts import RUN_INSPECT_CACHE_DIR, UMAP_COORDS
+        from msae_core.inspect.run_files import load_events, load_pairs, trace_files
+        from msae_core.inspect.runs_table import runs_table
 
-        df = wd.runs_table(root)
+        df = runs_table(root)
         print(f"results: {len(df)} run folders ({int(df['problem'].fillna('').ne('').sum())} broken), "
               f"big run {big}: d_sae {args.big}, d_in {args.big_d_in}, "
-              f"{len(wd.trace_files(big_dir))} snapshots, {len(wd.load_pairs(big_dir)[0])} pairs, "
-              f"{len(wd.load_events(big_dir))} events")
+              f"{len(trace_files(big_dir))} snapshots, {len(load_pairs(big_dir)[0])} pairs, "
+              f"{len(load_events(big_dir))} events")
         print(f"goal: under {GOAL_S:.0f} s per page render\n")
         print(f"{'page (AppTest: entry + page script, no browser drawing)':58s} {'first s':>8s} {'':4s} "
               f"{'rerun s':>8s} {'':4s} {'fig MB':>7s}")
@@ -235,14 +236,14 @@ def main() -> int:
         for page in ("traces", "pairs", "explorer"):
             row(f"{page}, {mom} (256 features)", render(root, page, {"selected_run": mom}, n))
         if args.big:
-            shutil.rmtree(big_dir / wd.CACHE_DIR, ignore_errors=True)
+            shutil.rmtree(big_dir / RUN_INSPECT_CACHE_DIR, ignore_errors=True)
             sel = {"selected_run": big}
             row(f"traces, {big}", render(root, "traces", sel, n))
             row(f"pairs, {big} (no activation sample yet)", render(root, "pairs", sel, n))
             row(f"explorer, {big} (no UMAP yet: PCA shown)", render(root, "explorer", sel, n))
             r = render(root, "explorer", {**sel, f"umap_{big}": True}, n)
             row(f"explorer, {big}: Compute UMAP (one time)", r)
-            assert (big_dir / wd.CACHE_DIR / wd.UMAP_FILE).is_file()
+            assert (big_dir / RUN_INSPECT_CACHE_DIR / UMAP_COORDS).is_file()
             row(f"explorer, {big}: UMAP on disk, fresh server", render(root, "explorer", {**sel, f"umap_{big}": True}, n))
             r = render(root, "explorer", {**sel, f"umap_{big}": True, f"sample_{big}": True}, n)
             row(f"explorer, {big}: Compute sample (one time)", r)

@@ -7,6 +7,7 @@ import errno
 import glob
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ RUN_METRICS = "metrics.jsonl"
 RUN_CHECKPOINT_DIR = "checkpoint"
 RUN_TRACES_DIR = "traces"
 RUN_TRACE = "step_{step:09d}.safetensors"
+RUN_TRACE_GLOB = "step_*.safetensors"
+RUN_TRACE_RE = re.compile(r"^step_(\d+)\.safetensors$")
 RUN_EVENTS = "events.jsonl"
 RUN_EVAL = "eval.json"
 RUN_LOG = "train.log"
@@ -31,6 +34,24 @@ FOLDER_LOCK = ".lock"
 
 # the evals a run can have: the top-level keys of eval.json (msae_core.evals maps them to modules)
 EVAL_NAMES = ("core", "absorption", "sparse_probing")
+
+# a run's derived caches for the workbench (msae_core.inspect), recomputed when the weights change
+RUN_INSPECT_CACHE_DIR = "workbench"
+FEATURE_SAMPLE = "feature_sample.safetensors"
+UMAP_COORDS = "umap.safetensors"
+
+# results folder ($MSAE_RESULTS, else ./results)
+RESULTS_DIR = "results"
+RESULTS_RUNS = "runs"
+RESULTS_STORES = "stores"
+RESULTS_EXPORTS = "exports"
+HARVEST_LOG = "{name}.harvest.log"  # next to the store folder <name> under stores/
+
+# a write-up bundle under exports/<name>/
+EXPORT_FIGURES_DIR = "figures"
+EXPORT_README = "README.md"
+EXPORT_RUNS_MD = "runs.md"
+EXPORT_RUNS_CSV = "runs.csv"
 
 # SAE weights (a run's final weights, a checkpoint's, an export's)
 SAE_WEIGHTS = "sae.safetensors"
@@ -59,6 +80,12 @@ def check_can_create(folder: str | os.PathLike) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
     if not os.access(p, os.W_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
+def trace_step(path: str | os.PathLike) -> int | None:
+    """The step of a trace snapshot file (`RUN_TRACE`), None when the name is not one."""
+    m = RUN_TRACE_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

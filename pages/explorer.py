@@ -4,16 +4,17 @@ histogram, top contexts with token shading, promoted and suppressed output token
 import streamlit as st
 
 import ui
-from msae_core import figures as F
-from msae_core import workbench_data as wd
 from msae_core.errors import MsaeError
+from msae_core.inspect import features
+from msae_core.inspect import figures as F
+from msae_core.inspect.run_files import has_weights
 
 AUTO_MAX_F = 4096  # compute UMAP / the sample without asking up to this d_sae
 
 st.title("Feature explorer")
 df = ui.runs_table()
 ready = df[df["problem"].fillna("").eq("") & df["state"].eq("done")] if not df.empty else df
-ready = ready[[wd.has_weights(p) for p in ready["path"]]] if not ready.empty else ready
+ready = ready[[has_weights(p) for p in ready["path"]]] if not ready.empty else ready
 if ready.empty:
     st.info("No finished run with readable weights yet.")
     st.stop()
@@ -50,7 +51,7 @@ c1, c2 = st.columns([1, 1])
 colour_by = c1.radio("Colour by", ["density", "pressure"], horizontal=True, key="e_colour")
 feature = int(c2.number_input("Feature", 0, max(d_sae - 1, 0), 0, key="e_feature"))
 if coords is not None:
-    vals = wd.feature_colour_values(run, colour_by, len(coords), sample)
+    vals = features.feature_colour_values(run, colour_by, len(coords), sample)
     name = "log10 firing fraction" if colour_by == "density" else "pressure"
     ev = ui.show_figure(F.umap_figure(coords, vals, name if vals is not None else "", feature,
                                       title=f"{run.name}: decoder directions ({layout}, {len(coords)} features)"),
@@ -69,16 +70,16 @@ if coords is not None:
 
 st.subheader(f"Feature {feature}")
 if sample is not None:
-    counts, edges, frac = wd.activation_histogram(sample, feature)
+    counts, edges, frac = features.activation_histogram(sample, feature)
     ui.show_figure(F.histogram_figure(counts, edges, feature, frac), "histogram", width="stretch")
     st.markdown("**Top activating contexts**")
     try:
-        for e in wd.top_examples(sample, feature, n=st.slider("Contexts", 1, 20, 6, key="e_n")):
+        for e in features.top_examples(sample, feature, n=st.slider("Contexts", 1, 20, 6, key="e_n")):
             st.html(F.example_html(e, [feature]))
     except MsaeError as exc:
         st.error(str(exc))
 try:
-    out = wd.output_tokens(run, feature, k=12)
+    out = features.output_tokens(run, feature, k=12)
     ui.show_figure(F.logits_figure(out["promoted"], out["suppressed"], feature), "logits", width="stretch")
 except MsaeError as exc:
     st.info(f"output tokens unavailable: {exc}")

@@ -3,9 +3,10 @@
 import streamlit as st
 
 import ui
-from msae_core import export as X
-from msae_core import workbench_data as wd
+from msae_core.artifacts import EXPORT_FIGURES_DIR
 from msae_core.errors import MsaeError
+from msae_core.evals.reference import reference_points
+from msae_core.inspect import export as X
 
 st.title("Export")
 root = ui.root()
@@ -42,7 +43,7 @@ t1.download_button("Runs table (CSV)", X.table_csv(df), file_name="runs.csv", mi
 for name, table in st.session_state.get("tables", {}).items():
     t2.download_button(f"{name} (CSV)", X.table_csv(table), file_name=f"{name}.csv", mime="text/csv",
                        key=f"x_csv_{name}")
-ref = wd.reference_points()
+ref = reference_points()
 t1.download_button("Research log points (CSV)", X.table_csv(ref), file_name="research_log_points.csv",
                    mime="text/csv", key="x_ref_csv")
 with st.expander("Runs table as markdown"):
@@ -55,7 +56,7 @@ if st.button("Write bundle", type="primary", key="x_bundle", disabled=not format
         with st.spinner("writing figures and tables..."):
             out = X.write_bundle(root, figures=st.session_state.get("figures", {}), formats=tuple(formats),
                                  runs=df, include_standard=include_std)
-        st.success(f"Wrote `{out}` ({sum(1 for _ in (out / 'figures').iterdir())} figure files, runs.md, "
+        st.success(f"Wrote `{out}` ({sum(1 for _ in (out / EXPORT_FIGURES_DIR).iterdir())} figure files, runs.md, "
                    "runs.csv, README.md)")
     except MsaeError as exc:
         st.error(str(exc))

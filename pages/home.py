@@ -3,14 +3,15 @@
 import streamlit as st
 
 import ui
-from msae_core import workbench_data as wd
+from msae_core.inspect.paths import runs_root
+from msae_core.inspect.runs_table import EMBEDDED_DEFAULT, filter_runs
 
 st.title("msae workbench")
 root = ui.root()
 df = ui.runs_table()
 
 with st.expander("What the embedded default is", expanded=df.empty):
-    d = wd.EMBEDDED_DEFAULT
+    d = EMBEDDED_DEFAULT
     st.markdown(
         f"- **Model**: {d['model']}\n- **Corpus**: {d['corpus']}\n- **Layer**: {d['layer']}, "
         f"hook {d['hook']}\n- **Demo**: `msae demo` harvests it, trains a TopK baseline and a momentum "
@@ -18,7 +19,7 @@ with st.expander("What the embedded default is", expanded=df.empty):
         f"- **Results folder**: `{root}` (set `MSAE_RESULTS` to change it)")
 
 if df.empty:
-    st.info(f"No runs yet under `{wd.runs_root(root)}`.")
+    st.info(f"No runs yet under `{runs_root(root)}`.")
     try:
         from msae_core import demo
     except ImportError:
@@ -41,7 +42,7 @@ states = c1.multiselect("State", sorted(df["state"].dropna().unique()), key="f_s
 archs = c2.multiselect("Architecture", sorted(df["arch"].dropna().unique()), key="f_arch")
 text = c3.text_input("Name contains", key="f_text")
 only_eval = c4.checkbox("Evaluated only", key="f_eval")
-view = wd.filter_runs(df, states, archs, text, only_eval)
+view = filter_runs(df, states, archs, text, only_eval)
 
 cols = ["name", "state", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
         "explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "step", "total_steps",

@@ -5,18 +5,21 @@ import time
 import streamlit as st
 
 import ui
-from msae_core import workbench_data as wd
 from msae_core.errors import MsaeError
+from msae_core.inspect.launch import config_problems, problem_field
+from msae_core.inspect.paths import runs_root
+from msae_core.inspect.runs_table import list_stores
+from msae_core.jobs import start_harvest
 from msae_core.runs import cancel_run, launch_run, list_runs, safe_run_name
 
 st.title("Launch runs")
 root = ui.root()
-runs_dir = wd.runs_root(root)
+runs_dir = runs_root(root)
 slots: dict[str, object] = {}
 
 # ------------------------------------------------------------------ activations
 st.subheader("Activations")
-stores = [s for s in wd.list_stores(root) if not s.get("problem")]
+stores = [s for s in list_stores(root) if not s.get("problem")]
 c1, c2 = st.columns([3, 2])
 with c1:
     options = [s["path"] for s in stores] + ["other folder..."]
@@ -38,7 +41,7 @@ with c2:
         h_name = st.text_input("Store name", f"{h_model}-L{h_layer}-{h_tokens // 1000}k", key="h_name")
         if st.button("Start harvest", key="h_go"):
             try:
-                out = wd.start_harvest(root, h_name, h_model, int(h_layer), h_corpus, int(h_tokens))
+                out = start_harvest(root, h_name, h_model, int(h_layer), h_corpus, int(h_tokens))
                 st.success(f"Harvest started into `{out}`; it appears in the list when its first shard is written.")
             except MsaeError as exc:
                 st.error(str(exc))
@@ -88,10 +91,10 @@ cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch),
                                   max(1, int(steps) // 20) if arch == "momentum" else 0,
                                   "log_every": max(1, min(50, int(steps) // 20))},
             "data": {"acts": acts or ""}}
-cfg, problems = wd.config_problems(cfg_dict)
+cfg, problems = config_problems(cfg_dict)
 general = []
 for p in problems:
-    field = wd.problem_field(p)
+    field = problem_field(p)
     field = "acts" if field in ("data", "acts") or p.startswith("data.") else field
     if field in slots:
         slots[field].error(p)

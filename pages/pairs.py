@@ -3,9 +3,10 @@
 import streamlit as st
 
 import ui
-from msae_core import figures as F
-from msae_core import workbench_data as wd
 from msae_core.errors import MsaeError
+from msae_core.inspect import figures as F
+from msae_core.inspect.features import add_cofiring, pair_cofiring, pair_examples
+from msae_core.inspect.run_files import has_weights
 
 AUTO_SAMPLE_MAX_F = 4096  # compute the activation sample without asking up to this d_sae
 
@@ -17,7 +18,7 @@ if pairs.empty:
     st.stop()
 
 sample, sample_error = None, None
-if wd.has_weights(run):
+if has_weights(run):
     d_sae = mom[mom["name"] == run.name]["d_sae"].iloc[0]
     auto = d_sae == d_sae and d_sae <= AUTO_SAMPLE_MAX_F
     try:
@@ -28,7 +29,7 @@ if wd.has_weights(run):
 else:
     sample_error = f"run {run.name} has no final weights yet: examples need them"
 
-table = wd.add_cofiring(pairs.head(2000), sample)
+table = add_cofiring(pairs.head(2000), sample)
 st.caption(f"{len(pairs)} candidate pairs at step {step}; kappa is the competition score, cofiring the "
            "Jaccard index of the two features' firing tokens on the sample.")
 st.dataframe(table, hide_index=True, width="stretch", key="pair_table",
@@ -46,12 +47,12 @@ if sample_error:
     st.stop()
 if sample is None:
     st.stop()
-co = wd.pair_cofiring(sample, i, j)
+co = pair_cofiring(sample, i, j)
 st.markdown(f"On {sample.n_rows} sampled tokens: both fire on **{co['both']}**, only {i} on **{co['only_i']}**, "
             f"only {j} on **{co['only_j']}** (Jaccard {co['cofiring']:.3f}).")
 n_ex = st.slider("Contexts per group", 1, 10, 3, key="p_n")
 try:
-    groups = wd.pair_examples(sample, i, j, n=n_ex)
+    groups = pair_examples(sample, i, j, n=n_ex)
 except MsaeError as exc:
     st.error(str(exc))
     st.stop()

@@ -7,12 +7,12 @@ import numpy as np
 import streamlit as st
 
 import ui
-from msae_core import figures as F
-from msae_core import workbench_data as wd
+from msae_core.inspect import figures as F
+from msae_core.inspect.run_files import load_metrics, trace_files
 
 st.title("Momentum traces")
 run, _ = ui.pick_momentum_run("traces")
-files = wd.trace_files(run)
+files = trace_files(run)
 if not files:
     st.info(f"Run {run.name} has no trace snapshots yet (train.snapshot_every steps).")
     st.stop()
@@ -44,7 +44,7 @@ ui.show_figure(F.heatmap_figure(th.steps, th.features.tolist(), getattr(th, what
 st.subheader("Competition events")
 ev = ui.events(run)
 ui.show_figure(F.events_figure(ev, title=f"{run.name}: competition events ({len(ev)})"), "events", width="stretch")
-m = wd.load_metrics(run)
+m = load_metrics(run)
 ui.show_figure(F.metrics_figure(m, ("loss", "explained_variance", "l0", "competing_pairs"),
                                 title=f"{run.name}: training metrics"), "metrics", width="stretch")
 if not ev.empty:

@@ -3,8 +3,8 @@
 import streamlit as st
 
 import ui
-from msae_core import figures as F
-from msae_core import workbench_data as wd
+from msae_core.evals.reference import reference_points
+from msae_core.inspect import figures as F
 
 st.title("Reconstruction vs absorption")
 df = ui.runs_table()
@@ -16,7 +16,7 @@ colour = c2.selectbox("Colour by", colour_opts, key="t_colour")
 frontier = c3.checkbox("Pareto frontier", True, key="t_front")
 show_ref = c4.checkbox("Research log points", False, key="t_ref",
                        help="the points the research log reported (gemma-2-2b, layer 12, F=16384)")
-ref = wd.reference_points() if show_ref else None
+ref = reference_points() if show_ref else None
 if ref is not None and (y not in ref or ref[y].isna().all()):
     st.caption(f"The research log reported no {F.RECONSTRUCTION_LABELS.get(y, y)}: its points are not drawn.")
 fig = F.tradeoff_figure(df, y=y, color=colour, reference=ref, frontier=frontier)

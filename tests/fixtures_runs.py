@@ -123,13 +123,14 @@ def write_traces(run: Path, d_sae: int, steps: list[int], n_pairs: int, seed: in
 def write_umap_cache(run: Path, d_sae: int, seed: int = 0) -> None:
     """Random UMAP coordinates in the workbench's cache format (the real computation is tested once:
     numba compiles UMAP for ~40 s per process)."""
-    from msae_core import workbench_data as wd
+    from msae_core.artifacts import RUN_INSPECT_CACHE_DIR, UMAP_COORDS
+    from msae_core.inspect.run_files import weights_key
 
     if not (run / SAE_WEIGHTS).exists():
         return
     g = torch.Generator().manual_seed(seed)
-    key = {"weights": wd._weights_key(run), "n_neighbors": "15", "min_dist": "0.1", "seed": "0"}
-    atomic_save_safetensors(run / wd.CACHE_DIR / wd.UMAP_FILE, {"coords": torch.randn(d_sae, 2, generator=g)},
+    key = {"weights": weights_key(run), "n_neighbors": "15", "min_dist": "0.1", "seed": "0"}
+    atomic_save_safetensors(run / RUN_INSPECT_CACHE_DIR / UMAP_COORDS, {"coords": torch.randn(d_sae, 2, generator=g)},
                             metadata=key)
 
 

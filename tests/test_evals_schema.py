@@ -190,15 +190,13 @@ def test_reference_points_equal_the_design_note_table():
 
 
 def test_reference_frame_and_the_workbench_read_the_same_points():
-    from msae_core import workbench_data as wd
-
     df = reference.reference_frame()
     assert list(df.columns)[:11] == ["name", "arch", "beta", "tau", "lam", "absorption",
                                      "explained_variance", "kl_div_score", "l0", "sae_top1_acc", "source"]
     assert len(df) == 6 and df["l0"].iloc[0] == 8895.8 and math.isnan(df["beta"].iloc[0])
     df.loc[0, "l0"] = 1.0  # a copy: the module's points stay as reported
     assert reference.REFERENCE_POINTS[0]["l0"] == 8895.8
-    wb = wd.reference_points()
+    wb = reference.reference_points()
     assert wb["label"].tolist() == [p["name"] for p in reference.REFERENCE_POINTS]
     for key in ("absorption", "explained_variance", "kl_div_score", "l0", "sae_top1_acc"):
         assert wb[key].tolist() == [p[key] for p in reference.REFERENCE_POINTS]

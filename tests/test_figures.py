@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from fixtures_runs import make_results
-from msae_core import export as X
-from msae_core import figures as F
-from msae_core import workbench_data as wd
+from msae_core.artifacts import FEATURE_SAMPLE, RUN_INSPECT_CACHE_DIR
+from msae_core.inspect import export as X
+from msae_core.inspect import features, paths, projection, run_files
+from msae_core.inspect import figures as F
+from msae_core.inspect.runs_table import runs_table
 from msae_core.errors import MsaeError
 
 HAVE_CHROMIUM = os.access("/usr/bin/chromium", os.X_OK)
@@ -71,23 +73,23 @@ def test_tokens_html_escapes_and_shades():
 
 def test_traces_skip_a_corrupt_snapshot_and_subset_features(root):
     bad = root / "runs" / "broken-corrupt-files"
-    tr = wd.load_traces(bad, [0, 5, 10_000])
+    tr = run_files.load_traces(bad, [0, 5, 10_000])
     assert tr.problems and "unreadable" in tr.problems[0]
     assert tr.features.tolist() == [0, 5] and tr.rate.shape == (2, len(tr.steps))
-    full = wd.load_traces(root / "runs" / "run-000-momentum")
+    full = run_files.load_traces(root / "runs" / "run-000-momentum")
     assert full.rate.shape == (256, 10) and not full.problems
-    sub = wd.load_traces(root / "runs" / "run-000-momentum", [7])
+    sub = run_files.load_traces(root / "runs" / "run-000-momentum", [7])
     np.testing.assert_array_equal(sub.pressure[0], full.pressure[7])
-    top = wd.top_pressure_features(root / "runs" / "run-000-momentum", 5)
+    top = run_files.top_pressure_features(root / "runs" / "run-000-momentum", 5)
     assert full.pressure[top[0], -1] == full.pressure[:, -1].max()
     fig = F.heatmap_figure(full.steps, top, full.pressure[top])
     assert fig.data[0].z.shape == (5, 10)
 
 
 def test_pairs_sorted_and_events(run):
-    pairs, step = wd.load_pairs(run)
+    pairs, step = run_files.load_pairs(run)
     assert step == 100 and len(pairs) == 64 and pairs["kappa"].is_monotonic_decreasing
-    ev = wd.load_events(root_bad := run.parent / "broken-corrupt-files")
+    ev = run_files.load_events(root_bad := run.parent / "broken-corrupt-files")
     assert len(ev) == 30  # the torn line is skipped
     assert len(F.events_figure(ev).data) >= 2
     assert root_bad.exists()
@@ -96,12 +98,12 @@ def test_pairs_sorted_and_events(run):
 def test_feature_sample_equals_dense_encoding_and_is_cached(run):
     from msae_core.store import ActivationStore
 
-    cache = run / wd.CACHE_DIR / wd.SAMPLE_FILE
+    cache = run / RUN_INSPECT_CACHE_DIR / FEATURE_SAMPLE
     cache.unlink(missing_ok=True)
-    s = wd.feature_sample(run, n_rows=512)
+    s = features.feature_sample(run, n_rows=512)
     assert cache.is_file()
-    sae = wd.load_run_sae(run)
-    store = ActivationStore(wd.run_store_path(run))
+    sae = run_files.load_run_sae(run)
+    store = ActivationStore(run_files.run_store_path(run))
     with torch.no_grad():
         dense = sae.encode(store.rows(torch.from_numpy(s.rows))).float().numpy()
     for f in (0, 17, 255):
@@ -111,17 +113,17 @@ def test_feature_sample_equals_dense_encoding_and_is_cached(run):
     w = int(s.window_ids[0])
     assert len(s.window_rows(w)) == len(store.window_tokens(w)) - 1  # all but the BOS
     mtime = cache.stat().st_mtime_ns
-    again = wd.feature_sample(run, n_rows=512)
+    again = features.feature_sample(run, n_rows=512)
     assert cache.stat().st_mtime_ns == mtime and np.array_equal(again.nz_val, s.nz_val)
 
 
 def test_pair_examples_split_by_who_fires(run):
-    s = wd.feature_sample(run, n_rows=512)
+    s = features.feature_sample(run, n_rows=512)
     counts = np.diff(s.feat_ptr)
     i, j = (int(t) for t in np.argsort(-counts)[:2])
-    co = wd.pair_cofiring(s, i, j)
+    co = features.pair_cofiring(s, i, j)
     assert co["both"] + co["only_i"] == counts[i]
-    groups = wd.pair_examples(s, i, j, n=3)
+    groups = features.pair_examples(s, i, j, n=3)
     for title, exs in groups.items():
         for e in exs:
             ai, aj = e.acts[i][e.center], e.acts[j][e.center]
@@ -141,9 +143,9 @@ def test_pair_examples_split_by_who_fires(run):
 def test_output_tokens_are_the_unembedding_of_the_decoder_row(run):
     from msae_core.lm import load_lm
 
-    out = wd.output_tokens(run, 3, k=5)
-    sae = wd.load_run_sae(run)
-    lm = load_lm(wd._store_manifest(wd.run_store_path(run))["model"], device="cpu")
+    out = features.output_tokens(run, 3, k=5)
+    sae = run_files.load_run_sae(run)
+    lm = load_lm(features.store_manifest(run_files.run_store_path(run))["model"], device="cpu")
     logits = lm.unembed_matrix().float() @ sae.W_dec[3].detach().float()
     assert [round(v, 4) for _, v, _ in out["promoted"]] == [round(float(v), 4) for v in logits.topk(5).values]
     assert [i for _, _, i in out["promoted"]] == logits.topk(5).indices.tolist()
@@ -152,27 +154,27 @@ def test_output_tokens_are_the_unembedding_of_the_decoder_row(run):
     fig = F.logits_figure([("\ufffd", 2.0, 7), ("\ufffd", 1.0, 9), ("a", 0.5, 3)], [("b", -1.0, 4)], 3)
     assert len(set(fig.data[0].y)) == 3 and list(fig.data[0].x) == [0.5, 1.0, 2.0]
     with pytest.raises(MsaeError):
-        wd.output_tokens(run, 10_000)
+        features.output_tokens(run, 10_000)
 
 
 def test_runs_table_survives_broken_folders_and_run_path_refuses_traversal(root):
-    df = wd.runs_table(root)
+    df = runs_table(root)
     assert len(df) == 3 + 6
     assert df.set_index("name").loc["run-001-topk", "k"] == 8
     assert (df[df["name"].str.startswith("broken")]["problem"] != "").all()
     for bad in ("../x", "a/b", "..", ".hidden", ""):
         with pytest.raises(MsaeError):
-            wd.run_path(root, bad)
+            paths.run_path(root, bad)
 
 
 def test_umap_cache_is_keyed_by_the_weights(tmp_path, run):
     copy = tmp_path / "runs" / "copy"
     shutil.copytree(run, copy)
-    assert wd.umap_coords(copy, compute=False) is not None  # the fixture's cache
+    assert projection.umap_coords(copy, compute=False) is not None  # the fixture's cache
     (copy / "sae.safetensors").touch()
     os.utime(copy / "sae.safetensors", ns=(1, 1))
-    assert wd.umap_coords(copy, compute=False) is None  # stale after the weights changed
-    pca = wd.pca_coords(copy)
+    assert projection.umap_coords(copy, compute=False) is None  # stale after the weights changed
+    pca = projection.pca_coords(copy)
     assert pca.shape == (256, 2) and np.isfinite(pca).all()
 
 
@@ -180,14 +182,14 @@ def test_umap_cache_is_keyed_by_the_weights(tmp_path, run):
 def test_umap_computes_and_caches(tmp_path, run):
     copy = tmp_path / "runs" / "copy"
     shutil.copytree(run, copy)
-    shutil.rmtree(copy / wd.CACHE_DIR)
-    c = wd.umap_coords(copy)
+    shutil.rmtree(copy / RUN_INSPECT_CACHE_DIR)
+    c = projection.umap_coords(copy)
     assert c.shape == (256, 2) and np.isfinite(c).all()
-    np.testing.assert_array_equal(wd.umap_coords(copy, compute=False), c)
+    np.testing.assert_array_equal(projection.umap_coords(copy, compute=False), c)
 
 
 def test_runs_markdown_and_csv(root):
-    df = wd.runs_table(root)
+    df = runs_table(root)
     md = X.runs_markdown(df)
     assert md.splitlines()[0].startswith("| name | state |") and "run-000-momentum" in md
     assert b"run-002-relu" in X.table_csv(df)
@@ -198,7 +200,7 @@ def test_runs_markdown_and_csv(root):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_CHROMIUM, reason="/usr/bin/chromium is not installed (kaleido needs a Chromium)")
 def test_figure_export_and_writeup_bundle(root):
-    fig = F.tradeoff_figure(wd.runs_table(root))
+    fig = F.tradeoff_figure(runs_table(root))
     assert X.figure_bytes(fig, "png").startswith(b"\x89PNG")
     assert b"<svg" in X.figure_bytes(fig, "svg")[:500]
     assert X.figure_bytes(fig, "pdf").startswith(b"%PDF")

@@ -1,7 +1,7 @@
 """The msae workbench: `streamlit run workbench/Home.py` (serves on 127.0.0.1, see .streamlit/config.toml).
 
 This file only declares the pages (top-level pages/) with st.navigation; each page is thin: it reads
-widgets, calls msae_core (workbench_data, figures, runs, export) and renders."""
+widgets, calls msae_core (inspect: data and figures for the pages; runs, jobs) and renders."""
 
 import sys
 from pathlib import Path

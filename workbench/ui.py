@@ -8,43 +8,41 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from msae_core import workbench_data as wd
 from msae_core.errors import MsaeError
+from msae_core.inspect import features, paths, projection, run_files, runs_table as rt
 
 
 def root() -> Path:
-    return wd.results_root()
+    return paths.results_root()
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _runs_table(root_str: str, fingerprint: tuple) -> pd.DataFrame:
-    return wd.runs_table(root_str)
+    return rt.runs_table(root_str)
 
 
 def runs_table() -> pd.DataFrame:
     r = root()
-    return _runs_table(str(r), wd.runs_fingerprint(r))
+    return _runs_table(str(r), rt.runs_fingerprint(r))
 
 
 def _run_key(run_dir: Path) -> tuple:
-    """Changes when a run's weights, traces or events change."""
-    files = wd.trace_files(run_dir)
-    return (str(run_dir), wd._mtime(run_dir / "sae.safetensors"), len(files), files[-1][0] if files else -1,
-            wd._mtime(run_dir / "events.jsonl"), wd._mtime(run_dir / "metrics.jsonl"))
+    """Changes when a run's weights, traces, events or metrics change."""
+    return (str(run_dir), *run_files.run_fingerprint(run_dir))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _traces(key: tuple, features: tuple | None) -> wd.Traces:
-    return wd.load_traces(key[0], None if features is None else list(features))
+def _traces(key: tuple, feats: tuple | None) -> run_files.Traces:
+    return run_files.load_traces(key[0], None if feats is None else list(feats))
 
 
-def traces(run_dir: Path, features: list[int] | None) -> wd.Traces:
-    return _traces(_run_key(run_dir), None if features is None else tuple(features))
+def traces(run_dir: Path, feats: list[int] | None) -> run_files.Traces:
+    return _traces(_run_key(run_dir), None if feats is None else tuple(feats))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _pairs(key: tuple) -> tuple[pd.DataFrame, int | None]:
-    return wd.load_pairs(key[0])
+    return run_files.load_pairs(key[0])
 
 
 def pairs(run_dir: Path) -> tuple[pd.DataFrame, int | None]:
@@ -53,7 +51,7 @@ def pairs(run_dir: Path) -> tuple[pd.DataFrame, int | None]:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _events(key: tuple) -> pd.DataFrame:
-    return wd.load_events(key[0])
+    return run_files.load_events(key[0])
 
 
 def events(run_dir: Path) -> pd.DataFrame:
@@ -62,7 +60,7 @@ def events(run_dir: Path) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _top_pressure(key: tuple, n: int) -> list[int]:
-    return wd.top_pressure_features(key[0], n)
+    return run_files.top_pressure_features(key[0], n)
 
 
 def top_pressure(run_dir: Path, n: int) -> list[int]:
@@ -70,8 +68,8 @@ def top_pressure(run_dir: Path, n: int) -> list[int]:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _sample(key: tuple, compute: bool) -> wd.FeatureSample | None:
-    return wd.feature_sample(key[0], compute=compute)
+def _sample(key: tuple, compute: bool) -> features.FeatureSample | None:
+    return features.feature_sample(key[0], compute=compute)
 
 
 def _cached_or_computed(cached, run_dir: Path, compute: bool):
@@ -85,14 +83,14 @@ def _cached_or_computed(cached, run_dir: Path, compute: bool):
     return value
 
 
-def sample(run_dir: Path, compute: bool) -> wd.FeatureSample | None:
+def sample(run_dir: Path, compute: bool) -> features.FeatureSample | None:
     """The run's feature sample (cached in-process and in the run folder); None if not computed."""
     return _cached_or_computed(_sample, run_dir, compute)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _umap(key: tuple, compute: bool):
-    return wd.umap_coords(key[0], compute=compute)
+    return projection.umap_coords(key[0], compute=compute)
 
 
 def umap(run_dir: Path, compute: bool):
@@ -113,7 +111,7 @@ def pick_run(df: pd.DataFrame, label: str = "Run", key: str = "run", help: str |
                         format_func=lambda n: _run_label(df, n))
     st.session_state["selected_run"] = name
     try:
-        return wd.run_path(root(), name)
+        return paths.run_path(root(), name)
     except MsaeError as exc:
         st.error(str(exc))
         return None
@@ -133,7 +131,7 @@ def pick_momentum_run(key: str) -> tuple[Path, pd.DataFrame]:
     return run, mom
 
 
-def sample_or_button(run_dir: Path, auto: bool, label: str, key: str) -> wd.FeatureSample | None:
+def sample_or_button(run_dir: Path, auto: bool, label: str, key: str) -> features.FeatureSample | None:
     """The run's activation sample: computed without asking when `auto`, else behind a button
     (remembered for the session). Raises MsaeError as `sample` does."""
     flag = f"sample_{run_dir.name}"
@@ -184,7 +182,7 @@ def page_links(names: list[str]) -> None:
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _pca(key: tuple):
-    return wd.pca_coords(key[0])
+    return projection.pca_coords(key[0])
 
 
 def pca(run_dir: Path):

@@ -54,3 +54,11 @@ def reference_frame():
     import pandas as pd
 
     return pd.DataFrame([dict(p) for p in REFERENCE_POINTS], columns=[*COLUMNS, "notes"])
+
+
+def reference_points():
+    """The reported points as the workbench shows them: reference_frame() with a `label` column
+    first (the row's name)."""
+    df = reference_frame()
+    df.insert(0, "label", df["name"].astype(str))
+    return df

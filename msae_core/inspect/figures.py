@@ -259,7 +259,7 @@ def tokens_html(tokens: Sequence[str], acts: Sequence[float], vmax: float | None
 
 def example_html(example: Any, features: Sequence[int], vmax: dict[int, float] | None = None,
                  colour_offset: int = 0) -> str:
-    """One context (workbench_data.Example) shaded once per feature, one line each."""
+    """One context (msae_core.inspect.features.Example) shaded once per feature, one line each."""
     rows = []
     for n, f in enumerate(features):
         rgb = FEATURE_COLOURS[(n + colour_offset) % len(FEATURE_COLOURS)]

@@ -15,7 +15,12 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from msae_core.artifacts import EXPORT_FIGURES_DIR, EXPORT_README, EXPORT_RUNS_CSV, EXPORT_RUNS_MD
 from msae_core.errors import MsaeError
+from msae_core.inspect import figures as F
+from msae_core.inspect.paths import exports_root, results_root
+from msae_core.inspect.run_files import load_events, load_traces, top_pressure_features, trace_files
+from msae_core.inspect.runs_table import runs_table
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +93,21 @@ def standard_figures(root: str | os.PathLike | None = None, runs: pd.DataFrame |
                      max_runs: int = 4) -> dict[str, Any]:
     """The write-up's figures built from disk: trade-off (EV and CE score), and for up to
     `max_runs` momentum runs with traces, the pressure heatmap and competition events."""
-    from msae_core import figures as F
-    from msae_core import workbench_data as wd
-
-    df = runs if runs is not None else wd.runs_table(root)
+    df = runs if runs is not None else runs_table(root)
     figs: dict[str, Any] = {
         "tradeoff-explained-variance": F.tradeoff_figure(df, y="explained_variance", color="arch"),
         "tradeoff-ce-loss-score": F.tradeoff_figure(df, y="ce_loss_score", color="arch"),
     }
     mom = df[(df["arch"] == "momentum") & (df["problem"].fillna("") == "")] if not df.empty else df
     for path in list(mom["path"])[:max_runs]:
-        if not wd.trace_files(path):
+        if not trace_files(path):
             continue
         name = Path(path).name
-        feats = wd.top_pressure_features(path, 40)
-        tr = wd.load_traces(path, feats)
+        feats = top_pressure_features(path, 40)
+        tr = load_traces(path, feats)
         figs[f"{name}-pressure-heatmap"] = F.heatmap_figure(tr.steps, tr.features.tolist(), tr.pressure,
                                                             title=f"{name}: pressure, features x steps")
-        figs[f"{name}-events"] = F.events_figure(wd.load_events(path), title=f"{name}: competition events")
+        figs[f"{name}-events"] = F.events_figure(load_events(path), title=f"{name}: competition events")
     return figs
 
 
@@ -114,14 +116,12 @@ def write_bundle(root: str | os.PathLike | None = None, figures: Mapping[str, An
                  include_standard: bool = True, name: str | None = None) -> Path:
     """Write results/exports/<name or timestamp>/: figures/<fig>.<fmt>, runs.md, runs.csv and
     README.md (the runs table in markdown, the settings, the list of figures). Returns the folder."""
-    from msae_core import workbench_data as wd
-
     for f in formats:
         if f not in FORMATS:
             raise MsaeError(f"unknown figure format {f!r}: use one of {', '.join(FORMATS)}")
-    df = runs if runs is not None else wd.runs_table(root)
-    out = wd.exports_root(root) / safe_file_stem(name or time.strftime("writeup-%Y%m%d-%H%M%S"))
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    df = runs if runs is not None else runs_table(root)
+    out = exports_root(root) / safe_file_stem(name or time.strftime("writeup-%Y%m%d-%H%M%S"))
+    (out / EXPORT_FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     figs = dict(standard_figures(root, df) if include_standard else {})
     figs.update(figures or {})
     written: list[str] = []
@@ -130,20 +130,20 @@ def write_bundle(root: str | os.PathLike | None = None, figures: Mapping[str, An
 
     for fmt in formats:
         items = list(figs.items())
-        paths = [out / "figures" / f"{safe_file_stem(k)}.{fmt}" for k, _ in items]
+        paths = [out / EXPORT_FIGURES_DIR / f"{safe_file_stem(k)}.{fmt}" for k, _ in items]
         try:  # one Chromium session for all figures of this format
             pio.write_images([f for _, f in items], paths, format=fmt, width=1100)
         except Exception as exc:  # noqa: BLE001
             raise MsaeError(f"cannot render figures as {fmt}: {exc}".splitlines()[0]) from exc
         written += [p.relative_to(out).as_posix() for p in paths]
     table = runs_markdown(df)
-    (out / "runs.md").write_text(table)
-    df.to_csv(out / "runs.csv", index=False)
+    (out / EXPORT_RUNS_MD).write_text(table)
+    df.to_csv(out / EXPORT_RUNS_CSV, index=False)
     settings_cols = [c for c in ("name", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "lr",
                                  "steps", "batch_size") if c in df.columns]
     readme = ["# msae write-up bundle", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} from "
-              f"`{wd.results_root(root)}` ({len(df)} runs).", "", "## Runs and scores", "", table,
+              f"`{results_root(root)}` ({len(df)} runs).", "", "## Runs and scores", "", table,
               "## Settings", "", runs_markdown(df, settings_cols), "## Figures", ""]
     readme += [f"- [{w}]({w})" for w in written]
-    (out / "README.md").write_text("\n".join(readme) + "\n")
+    (out / EXPORT_README).write_text("\n".join(readme) + "\n")
     return out

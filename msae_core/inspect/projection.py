@@ -1,0 +1,75 @@
+"""2-D maps of a run's decoder directions for the feature explorer: UMAP (cosine, cached in the run
+folder, keyed by the weights' fingerprint) and an instant PCA shown until the UMAP is cached."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msae_core.artifacts import RUN_INSPECT_CACHE_DIR, UMAP_COORDS, atomic_save_safetensors
+from msae_core.inspect.run_files import load_run_sae, weights_key
+
+log = logging.getLogger(__name__)
+
+
+def numpy_decoder_rows(sae: Any) -> np.ndarray:
+    """Decoder rows in input units, (F, D) float32 numpy (msae_core.sae_io.folded_weights); the
+    numpy counterpart of msae_core.evals.absorption.decoder_directions, for plotting."""
+    from msae_core.sae_io import folded_weights
+
+    return np.ascontiguousarray(folded_weights(sae)["W_dec"].cpu().numpy())
+
+
+def compute_umap(w_FD: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
+    """UMAP of rows of w_FD (cosine), float32 (F, 2)."""
+    import umap
+
+    n = w_FD.shape[0]
+    if n < 4:
+        return np.zeros((n, 2), dtype=np.float32)
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=min_dist, metric="cosine",
+                        random_state=seed, n_components=2, low_memory=True)
+    return reducer.fit_transform(w_FD).astype(np.float32)
+
+
+def umap_coords(run_dir: str | os.PathLike, compute: bool = True, n_neighbors: int = 15,
+                min_dist: float = 0.1, seed: int = 0) -> np.ndarray | None:
+    """2-D UMAP (cosine metric) of the decoder directions, (F, 2), cached in the run folder.
+    None when not cached and compute is False."""
+    import torch
+
+    run_dir = Path(run_dir)
+    cache = run_dir / RUN_INSPECT_CACHE_DIR / UMAP_COORDS
+    key = {"weights": weights_key(run_dir), "n_neighbors": str(n_neighbors),
+           "min_dist": str(min_dist), "seed": str(seed)}
+    if cache.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(cache), framework="np") as fh:
+                if all((fh.metadata() or {}).get(k) == v for k, v in key.items()):
+                    return fh.get_tensor("coords")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("UMAP cache %s unreadable (%s): recomputing", cache, exc)
+    if not compute:
+        return None
+    w = numpy_decoder_rows(load_run_sae(run_dir))
+    coords = compute_umap(w, n_neighbors=n_neighbors, min_dist=min_dist, seed=seed)
+    try:
+        atomic_save_safetensors(cache, {"coords": torch.from_numpy(coords)}, metadata=key)
+    except OSError as exc:
+        log.warning("cannot cache UMAP coordinates in %s: %s", cache, exc)
+    return coords
+
+
+def pca_coords(run_dir: str | os.PathLike) -> np.ndarray:
+    """2-D PCA of the (unit-normalised) decoder directions, (F, 2): instant, shown until UMAP is cached."""
+    w = numpy_decoder_rows(load_run_sae(run_dir)).astype(np.float64)
+    w /= np.linalg.norm(w, axis=1, keepdims=True).clip(1e-12)
+    w -= w.mean(0, keepdims=True)
+    _, vecs = np.linalg.eigh(w.T @ w)  # (D, D): the top right singular vectors, without an (F, D) SVD
+    return (w @ vecs[:, ::-1][:, :2]).astype(np.float32)

