@@ -4,6 +4,7 @@ No exception, and the page's key elements are there."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,55 @@ def test_server_binds_localhost_by_default():
     cfg = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert cfg["server"]["address"] == "127.0.0.1"
     assert cfg["browser"]["gatherUsageStats"] is False
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port`, read from /proc/net/tcp and tcp6."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:  # 0A = LISTEN
+                out.add(addr)
+    return out
+
+
+@pytest.mark.slow
+def test_server_binds_localhost_from_another_folder(tmp_path):
+    """Started from a folder without .streamlit/ (so the project's config is not the one in the
+    working folder), the workbench still listens on 127.0.0.1 only."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "streamlit.log"
+    env = dict(os.environ, MSAE_RESULTS=str(tmp_path / "results"))
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "workbench" / "Home.py"),
+                                 "--server.port", str(port), "--server.headless", "true"],
+                                cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        addrs = _listening_addresses(port)
+        assert addrs == {"0100007F"}, addrs  # 127.0.0.1 in /proc's byte order, nothing wider
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
