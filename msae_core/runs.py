@@ -33,13 +33,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from msae_core import __version__
 from msae_core.artifacts import (EVAL_NAMES, RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_EVAL, RUN_LOG, RUN_METRICS,
                                  RUN_STATUS, SAE_CONFIG, SAE_WEIGHTS, TRAINER_STATE,
                                  atomic_write_json)
-from msae_core.configutil import collect_problems, from_dict, to_dict, validate
+from msae_core.configutil import collect_problems, from_dict, to_dict, type_problem, validate
 from msae_core.errors import MsaeError
 from msae_core.procs import pid_alive, track_child
 from msae_core.sae import SAEConfig
@@ -47,6 +47,12 @@ from msae_core.sae import SAEConfig
 log = logging.getLogger(__name__)
 
 STATUS_VERSION = 1
+# the status fields readers rely on, with their types (others are kept as they are)
+STATUS_FIELDS: dict[str, Any] = {
+    "state": str, "step": Optional[int], "total_steps": Optional[int], "pid": Optional[int],
+    "error": Optional[str], "eta_s": Optional[float], "started": Optional[float],
+    "updated": Optional[float], "version": Optional[int],
+}
 STATES = ("queued", "running", "done", "failed", "diverged", "cancelled")
 FINAL_STATES = ("done", "failed", "diverged", "cancelled")
 
@@ -383,12 +389,23 @@ def read_run(path: str | os.PathLike, metrics_tail: int = 20) -> RunInfo:
         problems.append(f"no {RUN_CONFIG}")
     except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
         problems.append(f"{RUN_CONFIG} is not valid json ({exc.__class__.__name__})")
+    if info.config:
+        try:
+            RunConfig.from_dict(info.config)
+        except MsaeError as exc:  # wrong types, unknown sections or fields: named, never raised
+            problems.append(f"{RUN_CONFIG}: {exc}")
     try:
         info.status = read_status(path)
         if not info.status:
             problems.append(f"no {RUN_STATUS}")
     except MsaeError:
         problems.append(f"{RUN_STATUS} is not valid json")
+    typed = [q for k, t in STATUS_FIELDS.items() if k in info.status
+             for q in [type_problem(info.status[k], t, k)] if q]
+    if typed:  # readers get only well-typed fields; the folder says what was wrong
+        problems.append(f"{RUN_STATUS}: " + "; ".join(typed))
+        info.status = {k: v for k, v in info.status.items()
+                       if k not in STATUS_FIELDS or type_problem(v, STATUS_FIELDS[k], k) is None}
     s = info.status
     version = s.get("version")
     if s and version != STATUS_VERSION:

@@ -97,7 +97,8 @@ def test_every_page_with_broken_runs_only(page, broken_only_root, monkeypatch):
     assert_clean(at)
     if page == "home":
         df = at.dataframe[0].value
-        assert set(df["name"]) >= {"broken-empty", "broken-status-not-json", "broken-corrupt-files"}
+        assert set(df["name"]) >= {"broken-empty", "broken-status-not-json", "broken-corrupt-files",
+                                   "broken-binary-metrics", "broken-list-fields"}
         probs = dict(zip(df["name"], df["problem"]))
         assert "empty" in probs["broken-empty"]
         assert "version" in probs["broken-old-version"]

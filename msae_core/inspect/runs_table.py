@@ -70,14 +70,19 @@ def _num(v: Any) -> float | None:
     return float(v)
 
 
+def _text(v: Any) -> str | None:
+    """A string field as it is; anything else (a list, an object from a damaged file) as None."""
+    return v if isinstance(v, str) else None
+
+
 def run_row(info: Any) -> dict:
     """One row of the runs table from a runs.RunInfo."""
     cfg = info.config if isinstance(info.config, dict) else {}
     sae = cfg.get("sae") if isinstance(cfg.get("sae"), dict) else {}
     train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
     status = info.status if isinstance(info.status, dict) else {}
-    arch = sae.get("arch")
-    base = sae.get("base") if arch == "momentum" else arch
+    arch = _text(sae.get("arch"))
+    base = _text(sae.get("base")) if arch == "momentum" else arch
     row: dict[str, Any] = {
         "name": info.name, "state": info.state, "step": _num(status.get("step")),
         "total_steps": _num(status.get("total_steps")), "problem": info.problem or "",
