@@ -46,6 +46,8 @@ RESULTS_RUNS = "runs"
 RESULTS_STORES = "stores"
 RESULTS_EXPORTS = "exports"
 HARVEST_LOG = "{name}.harvest.log"  # next to the store folder <name> under stores/
+DEMO_STATUS = "demo.json"  # the demo's phases and progress (msae_core.demo), polled by Home
+DEMO_LOG = "demo.log"      # output of a demo started from the workbench
 
 # a write-up bundle under exports/<name>/
 EXPORT_FIGURES_DIR = "figures"
@@ -168,3 +170,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     except FileNotFoundError:
         return []
     return out
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A json object from `path`, or None when it is missing, unreadable, not json or not an object
+    (for readers that must not raise: a page polling a file another process writes)."""
+    try:
+        with open(path, "rb") as fh:
+            obj = json.loads(fh.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None

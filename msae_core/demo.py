@@ -1,8 +1,14 @@
-"""`msae demo`: the main job on the embedded default, end to end.
+"""`msae demo`: the main job on the embedded default, end to end, in phases a user can watch.
 
 Harvests layer-6 activations of the embedded Gemma 3 270M on the embedded fortunes corpus, trains a
-TopK baseline and a momentum SAE on them, and evaluates both. Every stage resumes or skips what is
-already done, so running it again after a kill continues where it stopped.
+TopK baseline and a momentum SAE on them, and evaluates both. The phases are ordered so that
+something useful is on screen early: the TopK run trains first and gets its core eval at once
+(a trained, scored run within minutes), then the momentum run and its core eval, then the slower
+evals. `msae demo --serve` serves the workbench first, so the runs appear on Home as they progress.
+
+Progress goes to the terminal (one line a phase with the time left, and each phase's own progress
+bar) and to `RESULTS/demo.json` (DEMO_STATUS), which the Home page polls. Every phase resumes or
+skips what is already done, so running the demo again after a kill continues where it stopped.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from msae_core.artifacts import RUN_STATUS
+from msae_core.artifacts import DEMO_LOG, DEMO_STATUS, RESULTS_RUNS, RESULTS_STORES, atomic_write_json
 from msae_core.errors import MsaeError
 
 log = logging.getLogger(__name__)
@@ -28,7 +35,7 @@ class DemoPlan:
     tokens: int = 100_000
     d_sae: int = 2048
     k: int = 32
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 1024
     evals: tuple[str, ...] = ("core", "absorption", "sparse_probing")
 
@@ -39,84 +46,244 @@ DEMO_RUNS: dict[str, dict] = {
     "demo-momentum": {"arch": "momentum", "base": "topk", "beta": 0.95, "tau": 0.4, "lam": 0.3},
 }
 
+# rough seconds on 2 CPU cores (bench/RESULTS.md), scaled by the speed the demo actually sees
+_SECONDS_PER_TOKEN = 1 / 1500          # harvest with early stop, embedded model
+_MODEL_CONVERSION_S = 90               # first use only: GGUF -> cached safetensors
+_SECONDS_PER_STEP = 0.11               # TopK step at d_sae 2048, batch 1024, d_in 640
+_EVAL_S = {"core": 30, "absorption": 70, "sparse_probing": 60}
+
+
+@dataclass
+class Phase:
+    """One step of the demo: what it does and roughly how long it takes."""
+
+    kind: str        # harvest | train | eval
+    run: str         # run name ("" for the harvest)
+    eval: str        # eval name ("" unless kind == "eval")
+    estimate_s: float
+
+    @property
+    def label(self) -> str:
+        if self.kind == "harvest":
+            return "harvest activations"
+        if self.kind == "train":
+            return f"train {self.run}"
+        return f"{self.eval} eval of {self.run}"
+
+
+def plan_phases(plan: DemoPlan, model_cached: bool = True) -> list[Phase]:
+    """The demo's phases in order: harvest; TopK train + core; momentum train + core; the rest."""
+    scale = (plan.d_sae / 2048) * (plan.batch_size / 1024)
+    phases = [Phase("harvest", "", "", plan.tokens * _SECONDS_PER_TOKEN
+                    + (0 if model_cached else _MODEL_CONVERSION_S))]
+    first, later = [e for e in plan.evals if e == "core"], [e for e in plan.evals if e != "core"]
+    for name, over in DEMO_RUNS.items():
+        cost = 1.2 if over.get("arch") == "momentum" else 1.0
+        phases.append(Phase("train", name, "", plan.steps * _SECONDS_PER_STEP * scale * cost))
+        phases += [Phase("eval", name, ev, _EVAL_S.get(ev, 60)) for ev in first]
+    phases += [Phase("eval", name, ev, _EVAL_S.get(ev, 60)) for ev in later for name in DEMO_RUNS]
+    return phases
+
 
 def results_root() -> Path:
-    return Path(os.environ.get("MSAE_RESULTS", "results"))
+    from msae_core.inspect.paths import results_root as root
+
+    return root()
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(max(0.0, s)))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+class _Progress:
+    """Writes demo.json and the terminal lines; estimates the time left from the phases done."""
+
+    def __init__(self, root: Path, phases: list[Phase]) -> None:
+        self.root, self.phases = root, phases
+        self.started = time.time()
+        self.done_est = self.done_real = 0.0
+        self.record = {"state": "running", "pid": os.getpid(), "started": self.started, "error": None,
+                       "phases": [{"label": p.label, "kind": p.kind, "run": p.run, "eval": p.eval,
+                                   "state": "pending", "estimate_s": p.estimate_s} for p in phases]}
+        self._write()
+
+    def left_s(self, i: int) -> float:
+        speed = self.done_real / self.done_est if self.done_est > 0 else 1.0
+        return speed * sum(p.estimate_s for p in self.phases[i:])
+
+    def start(self, i: int) -> float:
+        left = self.left_s(i)
+        log.info("demo [%d/%d] %s; %s elapsed, about %s left", i + 1, len(self.phases),
+                 self.phases[i].label, _fmt_s(time.time() - self.started), _fmt_s(left))
+        self.record["phases"][i].update(state="running", started=time.time())
+        self.record.update(phase=i, eta_s=left)
+        self._write()
+        return time.time()
+
+    def finish(self, i: int, t0: float, state: str = "done", error: str | None = None) -> None:
+        took = time.time() - t0
+        self.done_est += self.phases[i].estimate_s
+        self.done_real += took
+        self.record["phases"][i].update(state=state, seconds=took, error=error)
+        self.record.update(eta_s=self.left_s(i + 1))
+        self._write()
+
+    def end(self, state: str, error: str | None = None) -> None:
+        self.record.update(state=state, error=error, eta_s=0, finished=time.time())
+        self._write()
+        log.info("demo %s in %s%s", state, _fmt_s(time.time() - self.started), f": {error}" if error else "")
+
+    def _write(self) -> None:
+        self.record["updated"] = time.time()
+        atomic_write_json(self.root / DEMO_STATUS, self.record)
 
 
 def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> list[Path]:
     from msae_core.evals import run_evals
     from msae_core.harvest import harvest
+    from msae_core.lm import embedded_is_cached
     from msae_core.runs import DataConfig, RunConfig, TrainConfig, read_status
     from msae_core.sae import SAEConfig
     from msae_core.store import StoreSettings
     from msae_core.train import train
 
-    store_dir = root / "stores" / f"{plan.model}-L{plan.layer}-{plan.tokens // 1000}k"
-    log.info("demo: harvesting %d tokens of layer %d into %s", plan.tokens, plan.layer, store_dir)
-    store = harvest(StoreSettings(model=plan.model, layer=plan.layer, target_tokens=plan.tokens),
-                    store_dir, progress=progress)
-    runs, failed = [], []
-    for name, sae_over in DEMO_RUNS.items():
-        run_dir = root / "runs" / name
-        cfg = RunConfig(
-            sae=SAEConfig(d_in=store.d_in, d_sae=plan.d_sae, k=plan.k, **sae_over),
-            train=TrainConfig(steps=plan.steps, batch_size=plan.batch_size,
-                              warmup_steps=min(200, plan.steps // 5)),
-            data=DataConfig(acts=str(store_dir)),
-        )
-        if read_status(run_dir).get("state") != "done":
-            log.info("demo: training %s", name)
-            train(cfg, run_dir, progress=progress)
-        for ev in plan.evals:  # one eval failing does not cost the others
-            log.info("demo: evaluating %s (%s)", name, ev)
-            try:
-                run_evals(run_dir, [ev], progress=progress, skip_done=True)
-            except MsaeError as exc:
-                log.error("demo: %s eval of %s failed: %s", ev, name, exc)
-                failed.append(f"{name}/{ev}: {exc}")
-        runs.append(run_dir)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    phases = plan_phases(plan, model_cached=plan.model != "embedded" or embedded_is_cached())
+    prog = _Progress(root, phases)
+    store_dir = root / RESULTS_STORES / f"{Path(plan.model).name}-L{plan.layer}-{plan.tokens // 1000}k"
+    store = None
+    failed: list[str] = []
+    try:
+        for i, ph in enumerate(phases):
+            t0 = prog.start(i)
+            run_dir = root / RESULTS_RUNS / ph.run
+            if ph.kind == "harvest":
+                store = harvest(StoreSettings(model=plan.model, layer=plan.layer, target_tokens=plan.tokens),
+                                store_dir, progress=progress)
+            elif ph.kind == "train":
+                cfg = RunConfig(
+                    sae=SAEConfig(d_in=store.d_in, d_sae=plan.d_sae, k=plan.k, **DEMO_RUNS[ph.run]),
+                    train=TrainConfig(steps=plan.steps, batch_size=plan.batch_size,
+                                      warmup_steps=min(200, plan.steps // 5),
+                                      snapshot_every=max(1, plan.steps // 100)),
+                    data=DataConfig(acts=str(store_dir)))
+                if read_status(run_dir).get("state") != "done":
+                    result = train(cfg, run_dir, progress=progress)
+                    if result.state != "done":
+                        raise MsaeError(f"{ph.run} ended {result.state}: {result.error}")
+            else:  # one eval failing does not cost the others
+                try:
+                    run_evals(run_dir, [ph.eval], progress=progress, skip_done=True)
+                except MsaeError as exc:
+                    log.error("demo: %s failed: %s", ph.label, exc)
+                    failed.append(f"{ph.label}: {exc}")
+                    prog.finish(i, t0, "failed", str(exc))
+                    continue
+            prog.finish(i, t0)
+    except BaseException as exc:
+        prog.end("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
     if failed:
-        raise MsaeError(f"demo runs trained, but {len(failed)} eval(s) failed: " + "; ".join(failed))
-    return runs
+        msg = f"demo runs trained, but {len(failed)} eval(s) failed: " + "; ".join(failed)
+        prog.end("failed", msg)
+        raise MsaeError(msg)
+    prog.end("done")
+    return [root / RESULTS_RUNS / name for name in DEMO_RUNS]
 
 
 def start_demo(root: Path | None = None) -> subprocess.Popen:
     """Start `msae demo` in its own process (for the workbench: the UI never trains in-process)."""
+    from msae_core.procs import track_child
+
     root = Path(root or results_root())
     root.mkdir(parents=True, exist_ok=True)
-    log_path = root / "demo.log"
-    with open(log_path, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "msae_core.cli", "demo", "--root", str(root)],
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(root / DEMO_LOG, "ab") as fh:
+        return track_child(subprocess.Popen(
+            [sys.executable, "-m", "msae_core.cli", "demo", "--root", str(root)],
+            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+
+
+def demo_progress(root: Path | None = None) -> dict | None:
+    """demo.json as the Home page shows it, None when no demo has run; never raises. A `running`
+    demo whose process is gone reads as failed."""
+    from msae_core.artifacts import read_json_object
+    from msae_core.procs import pid_alive
+
+    rec = read_json_object(Path(root or results_root()) / DEMO_STATUS)
+    if rec is None or not isinstance(rec.get("phases"), list):
+        return None
+    if rec.get("state") == "running" and not pid_alive(rec.get("pid")):
+        rec = {**rec, "state": "failed", "error": f"process gone (pid {rec.get('pid')}): run `msae demo` "
+                                                   "again to continue where it stopped"}
+    return rec
 
 
 def demo_state(root: Path | None = None) -> dict:
-    """Where a demo stands, for the Home page: the demo runs' states."""
-    root = Path(root or results_root())
-    out = {}
-    for name in DEMO_RUNS:
-        from msae_core.runs import read_status
+    """The demo runs' states, for the Home page: name -> state, or "absent"."""
+    from msae_core.runs import read_run
 
-        out[name] = read_status(root / "runs" / name).get("state", "absent") \
-            if (root / "runs" / name / RUN_STATUS).exists() else "absent"
-    return out
+    root = Path(root or results_root())
+    return {name: (read_run(root / RESULTS_RUNS / name).state if (root / RESULTS_RUNS / name).is_dir()
+                   else "absent") for name in DEMO_RUNS}
+
+
+def serve_workbench(root: Path, port: int) -> subprocess.Popen:
+    """Start `streamlit run workbench/Home.py` on 127.0.0.1:port showing `root`."""
+    from msae_core.procs import track_child
+
+    home = Path(__file__).resolve().parent.parent / "workbench" / "Home.py"
+    if not home.is_file():
+        raise MsaeError(f"the workbench is not beside this installation ({home} is missing): "
+                        "run msae from a checkout (pip install -e .)")
+    env = dict(os.environ, MSAE_RESULTS=str(Path(root).resolve()))
+    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.port", str(port),
+           "--server.address", "127.0.0.1", "--server.headless", "true"]
+    return track_child(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
 
 
 def _cli(args: argparse.Namespace) -> int:
     if args.tokens < 1 or args.steps < 1 or args.d_sae < 1 or args.batch_size < 1:
         raise MsaeError("--tokens, --steps, --d-sae and --batch-size must be >= 1")
+    from msae_core.evals import parse_evals
+
     plan = DemoPlan(model=args.model, layer=args.layer, tokens=args.tokens, steps=args.steps,
-                    d_sae=args.d_sae, batch_size=args.batch_size,
-                    evals=tuple(e for e in args.evals.split(",") if e))
-    run_demo(Path(args.root), plan)
-    return 0
+                    d_sae=args.d_sae, batch_size=args.batch_size, evals=tuple(parse_evals(args.evals)))
+    root = Path(args.root)
+    if not args.serve:
+        run_demo(root, plan)
+        return 0
+    server = serve_workbench(root, args.port)
+    log.info("workbench: http://127.0.0.1:%d (the demo's runs appear on Home as they progress)", args.port)
+    rc = 0
+    try:
+        try:
+            run_demo(root, plan)
+        except MsaeError as exc:
+            log.error("demo: %s", exc)
+            rc = 2
+        log.info("the workbench keeps serving at http://127.0.0.1:%d; Ctrl-C to stop", args.port)
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return rc
 
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="harvest, train and evaluate demo runs on the embedded default",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(results_root()), help="results folder (default: %(default)s)")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the workbench on 127.0.0.1 first and keep serving when the demo is done")
+    p.add_argument("--port", type=int, default=8501, help="workbench port with --serve (default: %(default)s)")
     p.add_argument("--model", default=DemoPlan.model, help="language model (default: %(default)s)")
     p.add_argument("--layer", type=int, default=DemoPlan.layer, help="layer (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=DemoPlan.batch_size,

@@ -134,6 +134,15 @@ def _build_embedded_part(part: str, tmp: Path) -> None:
         "gguf_sha256": pkg.EXPECTED_SHA256, "part": part}, indent=2))
 
 
+def embedded_is_cached() -> bool:
+    """Whether the embedded model and tokenizer are already converted into the cache."""
+    try:
+        root = embedded_dir()
+    except MsaeError:
+        return False
+    return all((root / part / _CACHE_MARKER).exists() for part in ("model", "tokenizer"))
+
+
 def ensure_embedded(part: str) -> Path:
     """Path of the cached embedded `model` or `tokenizer`, building it on first use."""
     if part not in ("model", "tokenizer"):

@@ -1,63 +1,96 @@
-"""Home: every run with its settings and scores, filters, the embedded default, a one-click demo."""
+"""Home: every run with its settings and scores, filters, the embedded default, a one-click demo.
+
+While a demo or a run is in progress the table and the demo's phases refresh every few seconds
+(a fragment), so runs appear with their live status and their scores as each eval lands."""
 
 import streamlit as st
 
 import ui
+from msae_core import demo
+from msae_core.artifacts import DEMO_LOG
+from msae_core.inspect import runs_table as rt
 from msae_core.inspect.paths import runs_root
-from msae_core.inspect.runs_table import EMBEDDED_DEFAULT, filter_runs
+
+LIVE_STATES = ("queued", "running")
 
 st.title("msae workbench")
 root = ui.root()
-df = ui.runs_table()
 
-with st.expander("What the embedded default is", expanded=df.empty):
-    d = EMBEDDED_DEFAULT
+with st.expander("What the embedded default is", expanded=ui.runs_table().empty):
+    d = rt.EMBEDDED_DEFAULT
     st.markdown(
         f"- **Model**: {d['model']}\n- **Corpus**: {d['corpus']}\n- **Layer**: {d['layer']}, "
         f"hook {d['hook']}\n- **Demo**: `msae demo` harvests it, trains a TopK baseline and a momentum "
         "SAE (the research log's run 5: beta 0.95, tau 0.4, lambda 0.3) and evaluates both.\n"
         f"- **Results folder**: `{root}` (set `MSAE_RESULTS` to change it)")
 
-if df.empty:
-    st.info(f"No runs yet under `{runs_root(root)}`.")
-    try:
-        from msae_core import demo
-    except ImportError:
-        demo = None
-    if demo is None:
-        st.caption("The demo command is not available in this installation.")
+
+def _demo_panel(progress: dict | None) -> None:
+    """The demo's phases: a bar, the phase in hand and the time left; its error when it failed."""
+    if progress is None:
+        return
+    phases = progress["phases"]
+    done = sum(1 for p in phases if isinstance(p, dict) and p.get("state") in ("done", "failed"))
+    state = progress.get("state")
+    current = phases[progress["phase"]] if isinstance(progress.get("phase"), int) and \
+        0 <= progress["phase"] < len(phases) and isinstance(phases[progress["phase"]], dict) else {}
+    eta = progress.get("eta_s")
+    if state == "running":
+        left = f", about {int(eta) // 60} min {int(eta) % 60:02d} s left" if isinstance(eta, (int, float)) else ""
+        st.progress(done / max(len(phases), 1),
+                    text=f"Demo: phase {done + 1} of {len(phases)}, {current.get('label', '')}{left}")
+    elif state == "done":
+        st.success(f"Demo done: {len(phases)} phases.")
     else:
-        states = demo.demo_state(root)
-        if any(s != "absent" for s in states.values()):
-            st.write("Demo runs:", states)
-        if st.button("Run the demo (harvest, train, evaluate on the embedded default)", key="demo",
-                     type="primary"):
-            proc = demo.start_demo(root)
-            st.success(f"Demo started in its own process (pid {proc.pid}); its log is `{root / 'demo.log'}`. "
-                       "Runs appear here as they start.")
-    st.stop()
+        st.error(f"Demo stopped: {progress.get('error') or state}")
 
-c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
-states = c1.multiselect("State", sorted(df["state"].dropna().unique()), key="f_state")
-archs = c2.multiselect("Architecture", sorted(df["arch"].dropna().unique()), key="f_arch")
-text = c3.text_input("Name contains", key="f_text")
-only_eval = c4.checkbox("Evaluated only", key="f_eval")
-view = filter_runs(df, states, archs, text, only_eval)
 
-cols = ["name", "state", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
-        "explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "step", "total_steps",
-        "train_explained_variance", "train_l0", "problem"]
-st.caption(f"{len(view)} of {len(df)} runs")
-st.dataframe(view[cols], hide_index=True, key="runs_table", width="stretch",
-             column_config={
-                 "explained_variance": st.column_config.NumberColumn("expl. var", format="%.4f"),
-                 "absorption": st.column_config.NumberColumn(format="%.4f"),
-                 "kl_div_score": st.column_config.NumberColumn("KL score", format="%.4f"),
-                 "ce_loss_score": st.column_config.NumberColumn("CE score", format="%.4f"),
-                 "l0": st.column_config.NumberColumn("L0", format="%.1f"),
-                 "tokens": st.column_config.NumberColumn(format="compact"),
-                 "train_explained_variance": st.column_config.NumberColumn("EV (train)", format="%.3f"),
-                 "train_l0": st.column_config.NumberColumn("L0 (train)", format="%.1f"),
-             })
-bad = df[df["problem"].fillna("") != ""]
-ui.problems_box([f"{r.name}: {r.problem}" for r in bad.itertuples()], "in run folders")
+def _live() -> bool:
+    df = ui.runs_table()
+    prog = demo.demo_progress(root)
+    return (prog is not None and prog.get("state") == "running") or \
+        (not df.empty and df["state"].isin(LIVE_STATES).any())
+
+
+@st.fragment(run_every=3 if _live() else None)
+def runs_section() -> None:
+    progress = demo.demo_progress(root)
+    _demo_panel(progress)
+    df = ui.runs_table()
+    if df.empty:
+        st.info(f"No runs yet under `{runs_root(root)}`.")
+        if progress is None or progress.get("state") != "running":
+            if st.button("Run the demo (harvest, train, evaluate on the embedded default)", key="demo",
+                         type="primary"):
+                proc = demo.start_demo(root)
+                st.success(f"Demo started in its own process (pid {proc.pid}); its log is "
+                           f"`{root / DEMO_LOG}`. Runs appear here as they start.")
+        return
+
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
+    states = c1.multiselect("State", sorted(df["state"].dropna().unique()), key="f_state")
+    archs = c2.multiselect("Architecture", sorted(df["arch"].dropna().unique()), key="f_arch")
+    text = c3.text_input("Name contains", key="f_text")
+    only_eval = c4.checkbox("Evaluated only", key="f_eval")
+    view = rt.filter_runs(df, states, archs, text, only_eval)
+
+    cols = ["name", "state", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
+            "explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "step", "total_steps",
+            "train_explained_variance", "train_l0", "problem"]
+    st.caption(f"{len(view)} of {len(df)} runs")
+    st.dataframe(view[cols], hide_index=True, key="runs_table", width="stretch",
+                 column_config={
+                     "explained_variance": st.column_config.NumberColumn("expl. var", format="%.4f"),
+                     "absorption": st.column_config.NumberColumn(format="%.4f"),
+                     "kl_div_score": st.column_config.NumberColumn("KL score", format="%.4f"),
+                     "ce_loss_score": st.column_config.NumberColumn("CE score", format="%.4f"),
+                     "l0": st.column_config.NumberColumn("L0", format="%.1f"),
+                     "tokens": st.column_config.NumberColumn(format="compact"),
+                     "train_explained_variance": st.column_config.NumberColumn("EV (train)", format="%.3f"),
+                     "train_l0": st.column_config.NumberColumn("L0 (train)", format="%.1f"),
+                 })
+    bad = df[df["problem"].fillna("") != ""]
+    ui.problems_box([f"{r.name}: {r.problem}" for r in bad.itertuples()], "in run folders")
+
+
+runs_section()

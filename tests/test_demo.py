@@ -4,21 +4,49 @@ parts are tested in test_lm, test_harvest and the evals' embedded tests)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
 from msae_core import cli, demo
+from msae_core.artifacts import DEMO_STATUS
 from msae_core.lm import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _argv(tmp_path, root):
+    model = tmp_path / "tiny"
+    if not model.exists():
+        save_tiny_model(model, family="llama", d_model=32, n_layers=2)
+    return ["demo", "--root", str(root), "--model", str(model), "--layer", "1", "--tokens", "3000",
+            "--steps", "30", "--d-sae", "64", "--batch-size", "128", "--evals", "core"]
+
+
+def test_phases_put_a_scored_baseline_first():
+    """Something useful early: the TopK run trains and gets its core eval before anything else."""
+    labels = [p.label for p in demo.plan_phases(demo.DemoPlan())]
+    assert labels[:5] == ["harvest activations", "train demo-topk", "core eval of demo-topk",
+                          "train demo-momentum", "core eval of demo-momentum"]
+    assert sorted(labels[5:]) == sorted(f"{e} eval of {r}" for e in ("absorption", "sparse_probing")
+                                        for r in demo.DEMO_RUNS)
+    cold = demo.plan_phases(demo.DemoPlan(), model_cached=False)
+    assert cold[0].estimate_s > demo.plan_phases(demo.DemoPlan())[0].estimate_s
 
 
 @pytest.mark.slow
-def test_demo_harvests_trains_and_evaluates_then_skips_what_is_done(tmp_path, capsys):
-    model = tmp_path / "tiny"
-    save_tiny_model(model, family="llama", d_model=32, n_layers=2)
+def test_demo_harvests_trains_and_evaluates_then_skips_what_is_done(tmp_path, caplog):
     root = tmp_path / "results"
-    argv = ["demo", "--root", str(root), "--model", str(model), "--layer", "1", "--tokens", "3000",
-            "--steps", "30", "--d-sae", "64", "--batch-size", "128", "--evals", "core"]
-    assert cli.main(argv) == 0
+    argv = _argv(tmp_path, root)
+    with caplog.at_level("INFO", logger="msae_core.demo"):
+        assert cli.main(argv) == 0
     assert demo.demo_state(root) == {name: "done" for name in demo.DEMO_RUNS}
     for name in demo.DEMO_RUNS:
         ev = json.loads((root / "runs" / name / "eval.json").read_text())
@@ -26,12 +54,74 @@ def test_demo_harvests_trains_and_evaluates_then_skips_what_is_done(tmp_path, ca
         assert ev["core"]["eval_result_metrics"]["sparsity"]["l0"] > 0
     cfg = json.loads((root / "runs" / "demo-momentum" / "config.json").read_text())
     assert cfg["sae"]["arch"] == "momentum" and cfg["sae"]["lam"] == 0.3
+    # the terminal got one line a phase with the time left; demo.json holds every phase, done
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("demo [")]
+    assert len(lines) == 5 and lines[0].startswith("demo [1/5] harvest activations")
+    assert all("left" in line for line in lines)
+    prog = demo.demo_progress(root)
+    assert prog["state"] == "done" and [p["state"] for p in prog["phases"]] == ["done"] * 5
+    assert all(p["seconds"] >= 0 for p in prog["phases"])
     # a second call finds everything done: the weights are not retrained
     mtime = (root / "runs" / "demo-topk" / "sae.safetensors").stat().st_mtime_ns
     assert cli.main(argv) == 0
     assert (root / "runs" / "demo-topk" / "sae.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_a_killed_demo_reads_as_failed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / DEMO_STATUS).write_text(json.dumps({"state": "running", "pid": dead.pid, "phase": 1,
+                                                     "phases": [{"label": "a", "state": "done"}]}))
+    prog = demo.demo_progress(tmp_path)
+    assert prog["state"] == "failed" and "process gone" in prog["error"]
+    (tmp_path / DEMO_STATUS).write_bytes(b"\x00garbage")
+    assert demo.demo_progress(tmp_path) is None
+
+
 def test_demo_refuses_bad_sizes(tmp_path, capsys):
     assert cli.main(["demo", "--root", str(tmp_path), "--steps", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--root", str(tmp_path), "--evals", "core,bogus"]) == 2
+    assert "unknown eval(s) bogus" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_serve_shows_the_workbench_at_once_and_keeps_serving(tmp_path):
+    """`msae demo --serve`: the workbench answers while the demo still runs, the demo finishes, and
+    the server keeps serving until interrupted."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "results"
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "msae_core.cli"] + _argv(tmp_path, root)
+                                + ["--serve", "--port", str(port)], cwd=tmp_path, stdout=fh,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        answered_while_running = None
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).close()
+                up = True
+            except OSError:
+                up = False
+            prog = demo.demo_progress(root)
+            if up and answered_while_running is None:
+                answered_while_running = prog is None or prog["state"] == "running"
+            if prog is not None and prog["state"] == "done" and up:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the demo did not finish:\n" + log.read_text()[-3000:])
+        assert answered_while_running, "the workbench only answered after the demo"
+        time.sleep(1)
+        assert proc.poll() is None  # still serving after the demo
+        text = log.read_text()
+        assert "keeps serving" in text and "demo [5/5]" in text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+    assert rc == 0

@@ -261,3 +261,27 @@ def test_server_binds_localhost_from_another_folder(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_home_shows_a_demo_in_progress_and_its_failure(tmp_path, monkeypatch):
+    import json
+
+    from msae_core.artifacts import DEMO_STATUS
+
+    root = tmp_path / "results"
+    root.mkdir()
+    phases = [{"label": "harvest activations", "state": "done"},
+              {"label": "train demo-topk", "state": "running"}, {"label": "core eval of demo-topk",
+                                                                 "state": "pending"}]
+    (root / DEMO_STATUS).write_text(json.dumps({"state": "running", "pid": os.getpid(), "phase": 1,
+                                                "eta_s": 125, "phases": phases}))
+    at = open_page(root, "home", monkeypatch)
+    assert_clean(at)
+    bars = [e.proto.text for e in at.get("progress")]
+    assert bars == ["Demo: phase 2 of 3, train demo-topk, about 2 min 05 s left"]
+    assert not at.button  # no second demo offered while one runs
+    (root / DEMO_STATUS).write_text(json.dumps({"state": "failed", "error": "disk full", "phases": phases}))
+    at = open_page(root, "home", monkeypatch)
+    assert_clean(at)
+    assert any("Demo stopped: disk full" in e.value for e in at.error)
+    assert at.button(key="demo")  # offered again
