@@ -195,14 +195,11 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
 
 def start_demo(root: Path | None = None) -> subprocess.Popen:
     """Start `msae demo` in its own process (for the workbench: the UI never trains in-process)."""
-    from msae_core.procs import track_child
+    from msae_core.procs import msae_command, spawn
 
     root = Path(root or results_root())
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / DEMO_LOG, "ab") as fh:
-        return track_child(subprocess.Popen(
-            [sys.executable, "-m", "msae_core.cli", "demo", "--root", str(root)],
-            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+    return spawn(msae_command("demo", "--root", root), log=root / DEMO_LOG)
 
 
 def demo_progress(root: Path | None = None) -> dict | None:
@@ -231,16 +228,15 @@ def demo_state(root: Path | None = None) -> dict:
 
 def serve_workbench(root: Path, port: int) -> subprocess.Popen:
     """Start `streamlit run workbench/Home.py` on 127.0.0.1:port showing `root`."""
-    from msae_core.procs import track_child
+    from msae_core.procs import spawn
 
     home = Path(__file__).resolve().parent.parent / "workbench" / "Home.py"
     if not home.is_file():
         raise MsaeError(f"the workbench is not beside this installation ({home} is missing): "
                         "run msae from a checkout (pip install -e .)")
-    env = dict(os.environ, MSAE_RESULTS=str(Path(root).resolve()))
     cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.port", str(port),
            "--server.address", "127.0.0.1", "--server.headless", "true"]
-    return track_child(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+    return spawn(cmd, detach=False, env={"MSAE_RESULTS": str(Path(root).resolve())})
 
 
 def _cli(args: argparse.Namespace) -> int:

@@ -4,13 +4,12 @@ for the pages to poll."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from msae_core.artifacts import HARVEST_LOG
 from msae_core.errors import MsaeError
 from msae_core.inspect.paths import stores_root
+from msae_core.procs import msae_command, spawn
 
 
 def start_harvest(root: str | os.PathLike | None, name: str, model: str = "embedded", layer: int = 6,
@@ -24,12 +23,7 @@ def start_harvest(root: str | os.PathLike | None, name: str, model: str = "embed
         raise MsaeError(f"layer must be >= 0 and tokens >= 1 (got layer {layer}, tokens {tokens})")
     out = stores_root(root) / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "msae_core.cli", "harvest", "--model", str(model), "--layer", str(int(layer)),
-           "--corpus", str(corpus), "--tokens", str(int(tokens)), "--out", str(out), "--no-progress"]
-    env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    with open(out.parent / HARVEST_LOG.format(name=name), "ab") as fh:
-        subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True, env=env)
+    spawn(msae_command("harvest", "--model", model, "--layer", int(layer), "--corpus", corpus,
+                       "--tokens", int(tokens), "--out", out, "--no-progress"),
+          log=out.parent / HARVEST_LOG.format(name=name))
     return out

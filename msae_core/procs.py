@@ -1,4 +1,5 @@
-"""Processes: whether a pid is alive, and an exclusive lock on a folder held by one process.
+"""Processes: the one way msae starts one (`spawn`), whether a pid is alive, a SIGTERM/SIGINT flag,
+and an exclusive lock on a folder held by one process.
 
 `FolderLock(path)` takes an OS file lock (flock) on `path/.lock` and writes its pid there. The
 kernel drops the lock when the holder exits, however it exits (SIGKILL included), so a killed
@@ -11,7 +12,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shlex
+import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,65 @@ from msae_core.errors import MsaeError
 
 
 _CHILDREN: list[subprocess.Popen] = []
+
+
+def msae_command(*args: str) -> list[str]:
+    """The command line of an `msae` subcommand, run by this interpreter."""
+    return [sys.executable, "-m", "msae_core.cli", *map(str, args)]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, with msae_core importable even when it is not installed (the repository
+    root first on PYTHONPATH) and unbuffered output, plus `extra`."""
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def spawn(cmd: list[str], *, log: str | os.PathLike | None = None, detach: bool = True,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `cmd` (the one place msae starts a process): stdin closed; output appended to `log`
+    after a line with the command (inherited when None); its own session when `detach`, so that
+    closing the page or a Ctrl-C in the terminal that started it does not kill it; environment
+    `child_env(env)`; tracked, so `reap` collects it when it exits."""
+    kw: dict[str, Any] = dict(stdin=subprocess.DEVNULL, start_new_session=detach, env=child_env(env))
+    if log is None:
+        return track_child(subprocess.Popen(cmd, **kw))
+    with open(log, "ab") as fh:
+        fh.write(f"\n$ {shlex.join(cmd)}\n".encode())
+        fh.flush()
+        return track_child(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, **kw))
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set `signum`, which a loop reads at its own safe points (main thread only).
+    Re-entrant: an entry point enters it first (before anything is written) and the code it calls
+    enters the same one again; the old handlers come back when the outermost `with` ends."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+        self._depth = 0
+
+    def __enter__(self) -> "StopFlag":
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, h in self._old.items():
+                signal.signal(sig, h)
+            self._old = {}
 
 
 def track_child(proc: subprocess.Popen) -> subprocess.Popen:

@@ -26,14 +26,11 @@ import json
 import logging
 import os
 import re
-import shlex
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from msae_core import __version__
 from msae_core.artifacts import (EVAL_NAMES, RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_EVAL, RUN_LOG, RUN_METRICS,
@@ -41,7 +38,7 @@ from msae_core.artifacts import (EVAL_NAMES, RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN
                                  atomic_write_json)
 from msae_core.configutil import collect_problems, from_dict, to_dict, type_problem, validate
 from msae_core.errors import MsaeError
-from msae_core.procs import pid_alive, track_child
+from msae_core.procs import msae_command, pid_alive, spawn
 from msae_core.sae import SAEConfig
 
 log = logging.getLogger(__name__)
@@ -230,6 +227,29 @@ class RunConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict())
+
+
+# settings that may change when a run is resumed (they do not change the trajectory)
+_RESUMABLE_CHANGES = {"steps", "device", "log_every", "checkpoint_every", "snapshot_every", "evals"}
+
+
+def config_mismatch(old: dict, new: dict) -> str:
+    """'' when a run with config `old` can be resumed under `new`, else what differs (first few)."""
+    diffs = []
+    for section in ("sae", "train", "data"):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in _RESUMABLE_CHANGES:
+                continue
+            va, vb = a.get(key), b.get(key)
+            if section == "data" and key == "acts" and va and vb:
+                va, vb = str(Path(va).resolve()), str(Path(vb).resolve())
+            if section == "sae" and key == "d_in" and (not va or not vb):
+                continue  # filled from the store
+            if va != vb:
+                diffs.append(f"{section}.{key} {va!r} -> {vb!r}")
+    return ", ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+
 
 
 # ----------------------------------------------------------------------------------------- status
@@ -462,8 +482,7 @@ def safe_run_name(text: str, max_len: int = 120) -> str:
 
 def train_command(run_dir: str | os.PathLike) -> list[str]:
     run_dir = Path(run_dir)
-    return [sys.executable, "-m", "msae_core.cli", "train", "--config", str(run_dir / RUN_CONFIG),
-            "--out", str(run_dir)]
+    return msae_command("train", "--config", run_dir / RUN_CONFIG, "--out", run_dir)
 
 
 def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
@@ -487,8 +506,6 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
         if info.state == "done":
             raise MsaeError(f"run {name} is done already: choose another name")
         if info.config:
-            from msae_core.train import config_mismatch
-
             diff = config_mismatch(info.config, config.to_dict())
             if diff:
                 raise MsaeError(f"run {name} exists with other settings ({diff}): choose another name")
@@ -499,25 +516,10 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
     cmd = train_command(run_dir)
     if max_parallel:
         cmd += ["--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
-    with open(run_dir / RUN_LOG, "ab") as logf:
-        logf.write(f"\n$ {shlex.join(cmd)}\n".encode())
-        logf.flush()
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=os.getcwd(), env=_child_env())
-    track_child(proc)
+    proc = spawn(cmd, log=run_dir / RUN_LOG)
     write_status(run_dir, pid=proc.pid)
     log.info("launched run %s (pid %d)", run_dir, proc.pid)
     return run_dir
-
-
-def _child_env() -> dict:
-    """The environment of a launched run: this one, with msae_core importable even when it is not
-    installed (the repository root on PYTHONPATH)."""
-    env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 def _checkpoint_step(run_dir: Path) -> int:

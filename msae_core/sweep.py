@@ -26,7 +26,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from msae_core.artifacts import RUN_CONFIG, RUN_LOG, atomic_write_json
 from msae_core.errors import MsaeError
-from msae_core.runs import (RunConfig, _child_env, read_run, safe_run_name, train_command,
+from msae_core.procs import StopFlag, spawn
+from msae_core.runs import (RunConfig, read_run, safe_run_name, train_command,
                             write_status)
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,6 @@ def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, na
               parallel: int = 1, poll_s: float = 0.2) -> dict:
     """Train every point (skipping those done), `parallel` processes at a time. Returns the sweep
     record written to ROOT/_sweeps/NAME/sweep.json; its points carry their final state."""
-    from msae_core.train import _StopFlag
-
     if parallel < 1:
         raise MsaeError(f"--parallel must be >= 1 (got {parallel})")
     name = safe_run_name(name)
@@ -230,8 +229,8 @@ def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, na
         todo.append((p, rec))
     save_record()
 
-    running: list[tuple[subprocess.Popen, Any, dict]] = []
-    with _StopFlag() as stop:
+    running: list[tuple[subprocess.Popen, dict]] = []
+    with StopFlag() as stop:
         while (todo or running):
             while todo and len(running) < parallel and stop.signum is None:
                 p, rec = todo.pop(0)
@@ -239,25 +238,22 @@ def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, na
                 cmd = train_command(run_dir)
                 cmd[cmd.index("--config") + 1] = str(sdir / f"{p.name}.json")
                 cmd.append("--no-progress")
-                logf = open(run_dir / RUN_LOG, "ab")
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=_child_env())
+                proc = spawn(cmd, log=run_dir / RUN_LOG, detach=False)
                 rec["state"] = "running"
-                running.append((proc, logf, rec))
+                running.append((proc, rec))
                 log.info("sweep %s: started %s (pid %d)", name, p.name, proc.pid)
                 save_record()
             if stop.signum is not None:
-                for proc, _, _ in running:
+                for proc, _ in running:
                     proc.terminate()  # each run checkpoints and ends cancelled
                 todo_left, todo = todo, []
                 for _, rec in todo_left:
                     rec["state"] = "not started"
             time.sleep(poll_s)
             for item in list(running):
-                proc, logf, rec = item
+                proc, rec = item
                 if proc.poll() is None:
                     continue
-                logf.close()
                 running.remove(item)
                 st = read_run(Path(rec["run"])).state
                 rec["state"] = st if proc.returncode == 0 or st != "running" else "failed"

@@ -29,13 +29,9 @@ import errno
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +46,15 @@ from msae_core.artifacts import (OPTIMIZER_STATE, RUN_CHECKPOINT_DIR, RUN_CONFIG
                                  atomic_write_json, atomic_write_text, read_jsonl)
 from msae_core.configutil import add_dataclass_args, overrides_from_args
 from msae_core.errors import MsaeError
-from msae_core.procs import FolderLock
-from msae_core.runs import (DataConfig, RunConfig, TrainConfig, read_status, refuse_foreign_out,
-                             write_status)
+from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
+from msae_core.runs import (DataConfig, RunConfig, TrainConfig, config_mismatch, read_status,
+                             refuse_foreign_out, write_status)
 from msae_core.sae import SAEConfig
 
 log = logging.getLogger(__name__)
 
 _OLD_CHECKPOINT = ".checkpoint.old"
 _TMP_CHECKPOINT = ".checkpoint.tmp-{pid}"
-# settings that may change when a run is resumed (they do not change the trajectory)
-_RESUMABLE_CHANGES = {"steps", "device", "log_every", "checkpoint_every", "snapshot_every", "evals"}
 
 
 @dataclass
@@ -76,24 +70,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------ small pieces
-def config_mismatch(old: dict, new: dict) -> str:
-    """'' when a run with config `old` can be resumed under `new`, else what differs (first few)."""
-    diffs = []
-    for section in ("sae", "train", "data"):
-        a, b = old.get(section) or {}, new.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            if section == "train" and key in _RESUMABLE_CHANGES:
-                continue
-            va, vb = a.get(key), b.get(key)
-            if section == "data" and key == "acts" and va and vb:
-                va, vb = str(Path(va).resolve()), str(Path(vb).resolve())
-            if section == "sae" and key == "d_in" and (not va or not vb):
-                continue  # filled from the store
-            if va != vb:
-                diffs.append(f"{section}.{key} {va!r} -> {vb!r}")
-    return ", ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over the first min(warmup_steps, steps) steps, then constant."""
     w = cfg.effective_warmup
@@ -216,33 +192,6 @@ def _truncate_logs(out_dir: Path, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------- signals
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag the loop reads after each step (main thread only). Re-entrant: the
-    CLI enters it first (before anything is written) and train() enters the same one again."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-        self._depth = 0
-
-    def __enter__(self) -> "_StopFlag":
-        self._depth += 1
-        if self._depth == 1 and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            for sig, h in self._old.items():
-                signal.signal(sig, h)
-            self._old = {}
-
-
 # ------------------------------------------------------------------------------------- observables
 def _step_loss(sae: Any, x_BD: torch.Tensor, step: int) -> tuple[dict, Any]:
     """The loss dict and, when the SAE gives it (`loss_terms`), the step's forward output."""
@@ -286,7 +235,7 @@ def _drain_events(out_dir: Path, sae: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ train
 def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
-          stop: "_StopFlag | None" = None) -> RunResult:
+          stop: "StopFlag | None" = None) -> RunResult:
     """Train (or resume) the run in `out_dir`. Returns how it ended; writes status.json throughout.
 
     Invalid settings, a folder of another kind (a store, a runs root) and a folder another process
@@ -299,7 +248,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
     out_dir = Path(out_dir)
     refuse_foreign_out(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out_dir, what="training"), (stop or _StopFlag()) as stop:
+    with FolderLock(out_dir, what="training"), (stop or StopFlag()) as stop:
         existing_cfg = out_dir / RUN_CONFIG
         ckpt = find_checkpoint(out_dir)
         if existing_cfg.exists() and (ckpt is not None or (out_dir / SAE_WEIGHTS).exists()):
@@ -354,7 +303,7 @@ def _checkpoint_step(ckpt: Path) -> int | None:
 
 
 def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool,
-           stop: "_StopFlag") -> RunResult:
+           stop: "StopFlag") -> RunResult:
     from msae_core.store import ActivationStore
 
     tc = config.train
@@ -550,8 +499,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def run_evals(out_dir: Path, evals: list[str]) -> int:
     """`msae eval RUN --evals a,b` in a child process; its outcome goes into status.json `eval`."""
     write_status(out_dir, eval="running")
-    cmd = [sys.executable, "-m", "msae_core.cli", "eval", str(out_dir), "--evals", ",".join(evals)]
-    rc = subprocess.call(cmd)
+    rc = spawn(msae_command("eval", out_dir, "--evals", ",".join(evals)), detach=False).wait()
     write_status(out_dir, eval="done" if rc == 0 else f"failed (exit {rc}, see train.log)")
     return rc
 
@@ -563,7 +511,7 @@ def run_cli(args: argparse.Namespace) -> int:
         config_from_args(args).validate()
     out.mkdir(parents=True, exist_ok=True)
     # the folder lock and the signal handler first: one trainer per folder, cancellable at once
-    with FolderLock(out, what="training"), _StopFlag() as stop:
+    with FolderLock(out, what="training"), StopFlag() as stop:
         cfg = config_from_args(args)
         cfg.validate()
         if args.max_parallel:
