@@ -142,47 +142,49 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "activations"})
 
     def problems(self) -> list[str]:
-        out = []
-        if not hasattr(self.sae, "problems"):
-            out += ["sae." + p for p in _sae_problems(self.sae)]
-        out += self._store_problems()
-        return out
+        """Problems of the fields alone (no IO); `check` adds the store's."""
+        return [] if hasattr(self.sae, "problems") else ["sae." + p for p in _sae_problems(self.sae)]
 
-    def _store_problems(self) -> list[str]:
-        if not self.data.acts:
-            return []
+    def _check(self, store: Any = None) -> tuple[Any, list[str]]:
+        """(the opened store or None, every problem): the store is opened once (unless given),
+        sae.d_in is filled from it when 0, and the settings are checked against it."""
         from msae_core.store import ActivationStore
 
-        try:
-            store = ActivationStore(self.data.acts)
-        except MsaeError as exc:
-            return [f"data.acts: {exc}"]
-        d_in = getattr(self.sae, "d_in", None)
-        if d_in and d_in != store.d_in:
-            return [f"sae.d_in {d_in} does not match the store's activation width {store.d_in} "
-                    f"({self.data.acts})"]
-        if self.train.batch_size > store.n_rows:
-            return [f"train.batch_size {self.train.batch_size} exceeds the store's {store.n_rows} rows"]
-        return []
-
-    def fill_from_store(self) -> "RunConfig":
-        """Set sae.d_in from the store when it is not given (0 or None). Returns self."""
-        if not getattr(self.sae, "d_in", None) and self.data.acts:
-            from msae_core.store import ActivationStore
-
+        typed = [p for p in collect_problems(self) if ": expected " in p]
+        if typed:  # wrong types first: nothing else can be checked on them
+            return None, typed
+        if store is None and self.data.acts:
             try:
-                self.sae = dataclasses.replace(self.sae, d_in=ActivationStore(self.data.acts).d_in)
-            except MsaeError:
-                pass  # validate() reports the store problem
-        return self
+                store = ActivationStore(self.data.acts)
+            except MsaeError as exc:
+                return None, collect_problems(self) + [f"data.acts: {exc}"]
+        if store is None:
+            return None, collect_problems(self)
+        if not self.sae.d_in:
+            self.sae = dataclasses.replace(self.sae, d_in=store.d_in)
+        out = collect_problems(self)
+        if self.sae.d_in != store.d_in:
+            out.append(f"sae.d_in {self.sae.d_in} does not match the store's activation width "
+                       f"{store.d_in} ({self.data.acts})")
+        if self.train.batch_size > store.n_rows:
+            out.append(f"train.batch_size {self.train.batch_size} exceeds the store's {store.n_rows} rows")
+        return store, out
+
+    def check(self, store: Any = None) -> Any:
+        """Validate once, at an entry point: MsaeError listing every problem, else the opened
+        activation store (pass it down instead of opening it again)."""
+        store, problems = self._check(store)
+        if problems:
+            raise MsaeError("invalid settings: " + "; ".join(problems))
+        return store
 
     def validate(self) -> "RunConfig":
-        self.fill_from_store()
-        validate(self)
+        self.check()
         return self
 
     def problem_list(self) -> list[str]:
-        return collect_problems(self.fill_from_store())
+        """Every problem, the store's included; never raises for bad settings (the Launch page)."""
+        return self._check()[1]
 
     def to_dict(self) -> dict:
         return to_dict(self)

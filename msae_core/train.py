@@ -235,7 +235,7 @@ def _drain_events(out_dir: Path, sae: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ train
 def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
-          stop: "StopFlag | None" = None) -> RunResult:
+          stop: "StopFlag | None" = None, store: Any = None) -> RunResult:
     """Train (or resume) the run in `out_dir`. Returns how it ended; writes status.json throughout.
 
     Invalid settings, a folder of another kind (a store, a runs root) and a folder another process
@@ -243,8 +243,9 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
     runs (procs.FolderLock); SIGTERM/SIGINT are caught before the status says `running`, so a
     cancel at any moment ends the run `cancelled`. A NaN loss returns `diverged`, a full disk
     `failed` with the last whole checkpoint kept; an unexpected exception is recorded as `failed`
-    and re-raised."""
-    config.validate()
+    and re-raised. `store`: the activation store an entry point already opened with
+    `config.check()` (else it is checked and opened here)."""
+    store = config.check(store)
     out_dir = Path(out_dir)
     refuse_foreign_out(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
         write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
                      total_steps=config.train.steps, started=prev.get("started") or time.time())
         try:
-            return _train(config, out_dir, ckpt, progress, stop)
+            return _train(config, out_dir, ckpt, progress, stop, store)
         except MsaeError as exc:
             write_status(out_dir, state="failed", error=str(exc), pid=None, eta_s=None)
             raise
@@ -303,11 +304,8 @@ def _checkpoint_step(ckpt: Path) -> int | None:
 
 
 def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool,
-           stop: "StopFlag") -> RunResult:
-    from msae_core.store import ActivationStore
-
+           stop: "StopFlag", store: Any) -> RunResult:
     tc = config.train
-    store = ActivationStore(config.data.acts)
     device = pick_device(tc.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -507,20 +505,23 @@ def run_evals(out_dir: Path, evals: list[str]) -> int:
 def run_cli(args: argparse.Namespace) -> int:
     out = Path(args.out)
     refuse_foreign_out(out)
-    if args.config or not out.exists():  # settings from outside the folder: check before creating it
-        config_from_args(args).validate()
+    cfg = store = None
+    if args.config or not out.exists():  # settings from outside the folder: checked before creating it
+        cfg = config_from_args(args)
+        store = cfg.check()
     out.mkdir(parents=True, exist_ok=True)
     # the folder lock and the signal handler first: one trainer per folder, cancellable at once
     with FolderLock(out, what="training"), StopFlag() as stop:
-        cfg = config_from_args(args)
-        cfg.validate()
+        if cfg is None:  # resuming from the folder's own config.json, read under the lock
+            cfg = config_from_args(args)
+            store = cfg.check()
         if args.max_parallel:
             from msae_core.runs import wait_for_slot
 
             root = Path(args.queue_root) if args.queue_root else out.resolve().parent
             if not wait_for_slot(out, root, args.max_parallel, stop=stop):
                 return 130
-        result = train(cfg, out, progress=not args.no_progress, stop=stop)
+        result = train(cfg, out, progress=not args.no_progress, stop=stop, store=store)
     if result.state in ("diverged", "failed"):
         raise MsaeError(result.error or result.state)
     if result.state == "cancelled":
