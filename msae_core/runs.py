@@ -271,9 +271,11 @@ def read_status(run_dir: str | os.PathLike) -> dict:
 
 
 def _process_gone(s: dict, run_dir: Path) -> dict:
-    """A status that says `running` while its process is dead is read as `failed (process gone)`,
-    so that no reader (listing, eval, cancel, the pages) ever takes a killed run for a live one."""
-    if s.get("state") == "running" and not pid_alive(s.get("pid")):
+    """A status that says `running` (or `queued` by a process that was started) while its process
+    is dead is read as `failed (process gone)`, so that no reader (listing, eval, cancel, a sweep
+    waiting for its points, the pages) ever takes a killed run for a live one."""
+    state, pid = s.get("state"), s.get("pid")
+    if (state == "running" or (state == "queued" and pid is not None)) and not pid_alive(pid):
         s = {**s, "state": "failed", "pid": None,
              "error": f"process gone (pid {s.get('pid')} died without ending the run: killed?); "
                       f"resume with `msae train --out {run_dir}`"}
@@ -440,9 +442,6 @@ def read_run(path: str | os.PathLike, metrics_tail: int = 20) -> RunInfo:
         problems.append(f"state done but the final weights ({SAE_WEIGHTS}, {SAE_CONFIG}) are missing")
     if state == "failed" and str(s.get("error", "")).startswith("process gone"):
         problems.append(s["error"])  # read_status turned a dead `running` into this
-    if state == "queued" and s.get("pid") is not None and not pid_alive(s.get("pid")) \
-            and s.get("updated", 0) < time.time() - 60:
-        problems.append("queued but its process never started (see train.log)")
     info.metrics = _tail_jsonl(path / RUN_METRICS, metrics_tail)
     info.problem = "; ".join(problems) or None
     return info
@@ -488,7 +487,8 @@ def train_command(run_dir: str | os.PathLike) -> list[str]:
 
 
 def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
-               evals: tuple[str, ...] | list[str] = (), max_parallel: int | None = None) -> Path:
+               evals: tuple[str, ...] | list[str] = (), max_parallel: int | None = None,
+               store: Any = None) -> Path:
     """Validate `config`, write root/<name>/config.json and status `queued`, and start training in
     a detached process (its own session, output in train.log). With `evals`, the training process
     runs `msae eval RUN --evals ...` once it is done. With `max_parallel`, the process stays
@@ -500,7 +500,7 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
     run_dir = Path(root) / name
     if evals:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, evals=list(evals)))
-    config.validate()
+    config.check(store)  # `store`: the caller's opened store for config.data.acts, if it has one
     if run_dir.exists() and any(run_dir.iterdir()):
         info = read_run(run_dir)
         if info.state == "running" and info.problem is None:

@@ -15,20 +15,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import logging
 import os
-import subprocess
 import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from msae_core.artifacts import RUN_CONFIG, RUN_LOG, atomic_write_json
+from msae_core.artifacts import atomic_write_json
 from msae_core.errors import MsaeError
-from msae_core.procs import StopFlag, spawn
-from msae_core.runs import (RunConfig, read_run, safe_run_name, train_command,
-                            write_status)
+from msae_core.procs import StopFlag
+from msae_core.runs import (RunConfig, read_run, safe_run_name)
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +181,18 @@ def sweep_dir(root: str | os.PathLike, name: str) -> Path:
     return Path(root) / SWEEPS_DIR / safe_run_name(name)
 
 
-def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, name: str,
-              parallel: int = 1, poll_s: float = 0.2) -> dict:
-    """Train every point (skipping those done), `parallel` processes at a time. Returns the sweep
-    record written to ROOT/_sweeps/NAME/sweep.json; its points carry their final state."""
+def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, name: str,
+                 parallel: int = 1, evals: list[str] | tuple[str, ...] = ()) -> dict:
+    """Write the sweep record ROOT/_sweeps/NAME/sweep.json and start every point that is not done
+    through the one run queue (runs.launch_run with max_parallel: each point is its own `msae
+    train` process, queued until fewer than `parallel` runs under ROOT are running). The Launch
+    page and `msae sweep` both start sweeps here. Returns the record."""
+    from msae_core.runs import launch_run
+
     if parallel < 1:
         raise MsaeError(f"--parallel must be >= 1 (got {parallel})")
     name = safe_run_name(name)
-    base.validate()  # the store, once
+    store = base.check()  # the store, once
     points = expand_grid(base, grid, name)
     for acts in sorted({p.config.data.acts for p in points} - {base.data.acts}):
         store_problems = [q for q in dataclasses.replace(base, data=dataclasses.replace(
@@ -199,69 +202,68 @@ def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, na
     root = Path(root)
     sdir = sweep_dir(root, name)
     sdir.mkdir(parents=True, exist_ok=True)
-    record = {"name": name, "root": str(root), "base": base.to_dict(),
+    record = {"name": name, "root": str(root), "base": base.to_dict(), "parallel": parallel,
               "grid": {k: (vs.split(",") if isinstance(vs, str) else list(vs)) for k, vs in grid.items()},
               "created": time.time(), "points": []}
     for p in points:
         p.config.save(sdir / f"{p.name}.json")
         record["points"].append({"name": p.name, "run": str(root / p.name), "values": p.values,
                                  "state": None})
-
-    def save_record() -> None:
-        record["updated"] = time.time()
-        atomic_write_json(sdir / SWEEP_FILE, record)
-
-    todo = []
     for p, rec in zip(points, record["points"]):
         info = read_run(root / p.name)
-        if info.state == "done" and info.has_weights and info.problem is None:
-            rec["state"] = "done"
-            log.info("sweep %s: %s is done, skipped", name, p.name)
+        if info.problem is None and (info.state == "done" and info.has_weights
+                                     or info.state in ("queued", "running")):
+            rec["state"] = info.state  # done, or already on its way
+            log.info("sweep %s: %s is %s, not started again", name, p.name, info.state)
             continue
-        run_dir = root / p.name
-        if not (run_dir / RUN_CONFIG).exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            p.config.save(run_dir / RUN_CONFIG)
-        if info.state not in ("running",) or info.problem:
-            write_status(run_dir, state="queued", total_steps=p.config.train.steps, pid=None,
-                         error=None)
+        same_store = p.config.data.acts == base.data.acts
+        launch_run(p.config, root, p.name, evals=evals, max_parallel=parallel,
+                   store=store if same_store else None)
         rec["state"] = "queued"
-        todo.append((p, rec))
-    save_record()
-
-    running: list[tuple[subprocess.Popen, dict]] = []
-    with StopFlag() as stop:
-        while (todo or running):
-            while todo and len(running) < parallel and stop.signum is None:
-                p, rec = todo.pop(0)
-                run_dir = root / p.name
-                cmd = train_command(run_dir)
-                cmd[cmd.index("--config") + 1] = str(sdir / f"{p.name}.json")
-                cmd.append("--no-progress")
-                proc = spawn(cmd, log=run_dir / RUN_LOG, detach=False)
-                rec["state"] = "running"
-                running.append((proc, rec))
-                log.info("sweep %s: started %s (pid %d)", name, p.name, proc.pid)
-                save_record()
-            if stop.signum is not None:
-                for proc, _ in running:
-                    proc.terminate()  # each run checkpoints and ends cancelled
-                todo_left, todo = todo, []
-                for _, rec in todo_left:
-                    rec["state"] = "not started"
-            time.sleep(poll_s)
-            for item in list(running):
-                proc, rec = item
-                if proc.poll() is None:
-                    continue
-                running.remove(item)
-                st = read_run(Path(rec["run"])).state
-                rec["state"] = st if proc.returncode == 0 or st != "running" else "failed"
-                rec["exit_code"] = proc.returncode
-                log.info("sweep %s: %s ended %s", name, rec["name"], rec["state"])
-                save_record()
-    save_record()
+    _save_record(sdir, record)
     return record
+
+
+def _save_record(sdir: Path, record: dict) -> None:
+    record["updated"] = time.time()
+    atomic_write_json(sdir / SWEEP_FILE, record)
+
+
+def wait_sweep(root: str | os.PathLike, name: str, poll_s: float = 0.5, stop: Any = None) -> dict:
+    """Follow a launched sweep until every point has ended, keeping its record's states current.
+    When `stop` (a procs.StopFlag) is raised, every point still queued or running is cancelled
+    (each checkpoints and ends `cancelled`)."""
+    from msae_core.runs import FINAL_STATES, cancel_run
+
+    sdir = sweep_dir(root, name)
+    record = json.loads((sdir / SWEEP_FILE).read_text())
+    cancelled = False
+    while True:
+        changed = False
+        for rec in record["points"]:
+            state = read_run(Path(rec["run"])).state
+            if state != rec["state"]:
+                rec["state"], changed = state, True
+                log.info("sweep %s: %s is %s", name, rec["name"], state)
+        if changed:
+            _save_record(sdir, record)
+        live = [rec for rec in record["points"] if rec["state"] not in FINAL_STATES]
+        if not live:
+            return record
+        if stop is not None and stop.signum is not None and not cancelled:
+            for rec in live:
+                cancel_run(Path(rec["run"]))
+            cancelled = True
+        time.sleep(poll_s)
+
+
+def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, name: str,
+              parallel: int = 1, poll_s: float = 0.2) -> dict:
+    """Launch every point (skipping those done) and wait for all of them; SIGTERM cancels them.
+    Returns the sweep record; its points carry their final state."""
+    with StopFlag() as stop:
+        record = launch_sweep(base, grid, root, name, parallel)
+        return wait_sweep(root, record["name"], poll_s, stop)
 
 
 # -------------------------------------------------------------------------------------------- CLI

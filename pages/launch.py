@@ -142,16 +142,16 @@ with st.expander("Sweep grid (same settings, one run per point)"):
     except MsaeError as exc:
         st.error(str(exc))
     if st.button(f"Launch sweep ({len(points)} runs)", key="sweep_go", disabled=not points or bool(problems)):
-        started = []
-        for p in points:
-            try:
-                launch_run(p.config, runs_dir, p.name, evals=evals, max_parallel=int(parallel))
-                started.append(p.name)
-            except MsaeError as exc:
-                st.error(f"{p.name}: {exc}")
-        st.session_state.setdefault("launched", []).extend(started)
-        if started:
-            st.success(f"Launched {len(started)} runs ({int(parallel)} at a time).")
+        from msae_core.sweep import launch_sweep
+
+        try:  # the same path as `msae sweep`: a sweep record, every point through the run queue
+            record = launch_sweep(cfg, grid, runs_dir, safe_run_name(sweep_name), int(parallel), evals)
+        except MsaeError as exc:
+            st.error(str(exc))
+        else:
+            started = [p["name"] for p in record["points"]]
+            st.session_state.setdefault("launched", []).extend(started)
+            st.success(f"Launched sweep `{record['name']}`: {len(started)} runs ({int(parallel)} at a time).")
 
 
 # ------------------------------------------------------------------ live progress

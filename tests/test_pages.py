@@ -285,3 +285,32 @@ def test_home_shows_a_demo_in_progress_and_its_failure(tmp_path, monkeypatch):
     assert_clean(at)
     assert any("Demo stopped: disk full" in e.value for e in at.error)
     assert at.button(key="demo")  # offered again
+
+
+@pytest.mark.slow
+def test_sweep_from_the_launch_page_leaves_the_cli_sweep_record(tmp_path, monkeypatch):
+    """The page starts sweeps through the same path as `msae sweep`: a record in _sweeps/NAME and
+    every point queued through the run queue."""
+    import json
+
+    from msae_core.runs import cancel_run, read_status
+    from msae_core.sweep import sweep_dir
+
+    root = make_results(tmp_path / "results", n_runs=1)
+    at = open_page(root, "launch", monkeypatch)
+    at.number_input(key="steps").set_value(3).run()
+    at.number_input(key="batch").set_value(64).run()
+    at.text_area(key="grid").set_value("lam=0,0.1").run()
+    at.text_input(key="sweep_name").set_value("uisw").run()
+    at.button(key="sweep_go").click().run()
+    assert_clean(at)
+    rec_path = sweep_dir(root / "runs", "uisw") / "sweep.json"
+    try:
+        record = json.loads(rec_path.read_text())
+        assert [p["name"] for p in record["points"]] == ["uisw-lam0", "uisw-lam0.1"]
+        assert [p["values"] for p in record["points"]] == [{"sae.lam": 0.0}, {"sae.lam": 0.1}]
+        for p in record["points"]:
+            assert read_status(p["run"])["state"] in ("queued", "running", "done")
+    finally:
+        for name in ("uisw-lam0", "uisw-lam0.1"):
+            cancel_run(root / "runs" / name)
