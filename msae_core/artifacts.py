@@ -16,6 +16,7 @@ from typing import Any, Mapping
 # activation store
 STORE_MANIFEST = "manifest.json"
 STORE_SHARD = "shard_{index:05d}.safetensors"
+STORE_SHARD_GLOB = "shard_*.safetensors"
 
 # run folder
 RUN_CONFIG = "config.json"
@@ -29,8 +30,16 @@ RUN_TRACE_RE = re.compile(r"^step_(\d+)\.safetensors$")
 RUN_EVENTS = "events.jsonl"
 RUN_EVAL = "eval.json"
 RUN_LOG = "train.log"
+RUN_OLD_CHECKPOINT_DIR = ".checkpoint.old"        # the previous checkpoint while the new one is renamed in
+RUN_TMP_CHECKPOINT_DIR = ".checkpoint.tmp-{pid}"  # a checkpoint being written by process pid
+RUN_TMP_CHECKPOINT_GLOB = ".checkpoint.tmp-*"
 # an OS file lock held by the one process that trains (or waits to train) in a run folder
 FOLDER_LOCK = ".lock"
+
+# a folder of run folders (results/runs): its sweeps' records and the lock of its run queue
+SWEEPS_DIR = "_sweeps"                  # _sweeps/NAME/sweep.json + one config json per point
+SWEEP_RECORD = "sweep.json"
+RUN_QUEUE_LOCK = ".queue.lock"
 
 # the evals a run can have: the top-level keys of eval.json (msae_core.evals maps them to modules)
 EVAL_NAMES = ("core", "absorption", "sparse_probing")

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from msae_core import __version__
-from msae_core.artifacts import (EVAL_NAMES, RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_EVAL, RUN_LOG, RUN_METRICS,
+from msae_core.artifacts import (EVAL_NAMES, RUN_QUEUE_LOCK, STORE_MANIFEST, SWEEPS_DIR, RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_EVAL, RUN_LOG, RUN_METRICS,
                                  RUN_STATUS, SAE_CONFIG, SAE_WEIGHTS, TRAINER_STATE,
                                  atomic_write_json)
-from msae_core.configutil import collect_problems, from_dict, to_dict, type_problem, validate
+from msae_core.configutil import collect_problems, from_dict, to_dict, type_problem
 from msae_core.errors import MsaeError
 from msae_core.procs import msae_command, pid_alive, spawn
 from msae_core.sae import SAEConfig
@@ -287,8 +287,6 @@ def refuse_foreign_out(out_dir: Path) -> None:
     (or a folder inside one), a folder of run folders (a runs or sweep root), or a folder that holds
     other files but no run (an eval output, an export). An empty or new folder, and a run folder
     (its config.json or status.json there), are fine."""
-    from msae_core.artifacts import STORE_MANIFEST
-
     if (out_dir / STORE_MANIFEST).is_file() or (out_dir.parent / STORE_MANIFEST).is_file():
         raise MsaeError(f"{out_dir} is an activation store (or lies inside one), not a run folder: "
                         "choose another --out")
@@ -301,7 +299,7 @@ def refuse_foreign_out(out_dir: Path) -> None:
     names = {p.name for p in entries}
     if RUN_CONFIG in names or RUN_STATUS in names or not entries:
         return
-    if any(p.is_dir() and (p / RUN_CONFIG).is_file() for p in entries) or "_sweeps" in names:
+    if any(p.is_dir() and (p / RUN_CONFIG).is_file() for p in entries) or SWEEPS_DIR in names:
         raise MsaeError(f"{out_dir} holds run folders (a runs or sweep root): give the run a folder of "
                         f"its own, e.g. --out {out_dir / 'NAME'}")
     raise MsaeError(f"{out_dir} is not empty and holds no run ({', '.join(sorted(names)[:3])}"
@@ -589,7 +587,7 @@ def wait_for_slot(run_dir: str | os.PathLike, root: str | os.PathLike, max_paral
         end = None if timeout_s is None else time.monotonic() + timeout_s
         root.mkdir(parents=True, exist_ok=True)
         while not cancelled():
-            with open(root / ".queue.lock", "a") as lockf:
+            with open(root / RUN_QUEUE_LOCK, "a") as lockf:
                 fcntl.flock(lockf, fcntl.LOCK_EX)
                 try:
                     if len(running_runs(root, exclude=run_dir)) < max_parallel:

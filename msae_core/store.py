@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from msae_core import __version__
-from msae_core.artifacts import STORE_MANIFEST, STORE_SHARD, atomic_save_safetensors, atomic_write_json
+from msae_core.artifacts import (STORE_MANIFEST, STORE_SHARD, STORE_SHARD_GLOB, atomic_save_safetensors,
+                                 atomic_write_json)
 from msae_core.errors import MsaeError
 
 STORE_FORMAT = "msae-activation-store/1"
@@ -175,7 +176,7 @@ class StoreWriter:
 
     def _remove_unlisted_shards(self) -> None:
         listed = {s["file"] for s in self.manifest["shards"]}
-        for p in self.path.glob("shard_*.safetensors"):
+        for p in self.path.glob(STORE_SHARD_GLOB):
             if p.name not in listed:
                 p.unlink()  # a shard renamed into place but never listed: rewritten on resume
 

@@ -24,15 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from msae_core.artifacts import atomic_write_json
+from msae_core.artifacts import SWEEP_RECORD, SWEEPS_DIR, atomic_write_json
 from msae_core.errors import MsaeError
 from msae_core.procs import StopFlag
 from msae_core.runs import (RunConfig, read_run, safe_run_name)
 
 log = logging.getLogger(__name__)
 
-SWEEPS_DIR = "_sweeps"
-SWEEP_FILE = "sweep.json"
 _SECTIONS = ("sae", "train", "data")
 
 
@@ -226,7 +224,7 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
 
 def _save_record(sdir: Path, record: dict) -> None:
     record["updated"] = time.time()
-    atomic_write_json(sdir / SWEEP_FILE, record)
+    atomic_write_json(sdir / SWEEP_RECORD, record)
 
 
 def wait_sweep(root: str | os.PathLike, name: str, poll_s: float = 0.5, stop: Any = None) -> dict:
@@ -236,7 +234,7 @@ def wait_sweep(root: str | os.PathLike, name: str, poll_s: float = 0.5, stop: An
     from msae_core.runs import FINAL_STATES, cancel_run
 
     sdir = sweep_dir(root, name)
-    record = json.loads((sdir / SWEEP_FILE).read_text())
+    record = json.loads((sdir / SWEEP_RECORD).read_text())
     cancelled = False
     while True:
         changed = False

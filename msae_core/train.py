@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from msae_core.artifacts import (OPTIMIZER_STATE, RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_EVENTS,
+from msae_core.artifacts import (OPTIMIZER_STATE, RUN_CHECKPOINT_DIR, RUN_OLD_CHECKPOINT_DIR,
+                                 RUN_TMP_CHECKPOINT_DIR, RUN_TMP_CHECKPOINT_GLOB, RUN_TRACE_GLOB, trace_step, RUN_CONFIG, RUN_EVENTS,
                                  RUN_METRICS, RUN_TRACE, RUN_TRACES_DIR, SAE_CONFIG, SAE_WEIGHTS,
                                  TRAINER_STATE, append_jsonl, atomic_save_safetensors,
                                  atomic_write_json, atomic_write_text, read_jsonl)
@@ -53,8 +54,6 @@ from msae_core.sae import SAEConfig
 
 log = logging.getLogger(__name__)
 
-_OLD_CHECKPOINT = ".checkpoint.old"
-_TMP_CHECKPOINT = ".checkpoint.tmp-{pid}"
 
 
 @dataclass
@@ -122,7 +121,7 @@ def _build_sae(cfg: SAEConfig):
 # ----------------------------------------------------------------------------------- checkpoints
 def find_checkpoint(out_dir: Path) -> Path | None:
     """The latest whole checkpoint folder (trainer_state.json is written last), or None."""
-    for name in (RUN_CHECKPOINT_DIR, _OLD_CHECKPOINT):
+    for name in (RUN_CHECKPOINT_DIR, RUN_OLD_CHECKPOINT_DIR):
         p = out_dir / name
         if (p / TRAINER_STATE).is_file():
             return p
@@ -131,7 +130,7 @@ def find_checkpoint(out_dir: Path) -> Path | None:
 
 def write_checkpoint(out_dir: Path, sae: Any, opt: torch.optim.Optimizer, state: dict) -> Path:
     """Write checkpoint/ atomically: fill a temporary folder, then swap it in by renames."""
-    tmp = out_dir / _TMP_CHECKPOINT.format(pid=os.getpid())
+    tmp = out_dir / RUN_TMP_CHECKPOINT_DIR.format(pid=os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
@@ -146,7 +145,7 @@ def write_checkpoint(out_dir: Path, sae: Any, opt: torch.optim.Optimizer, state:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
         raise
-    ck, old = out_dir / RUN_CHECKPOINT_DIR, out_dir / _OLD_CHECKPOINT
+    ck, old = out_dir / RUN_CHECKPOINT_DIR, out_dir / RUN_OLD_CHECKPOINT_DIR
     if ck.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(ck, old)
@@ -181,13 +180,11 @@ def _truncate_logs(out_dir: Path, step: int) -> None:
         atomic_write_text(e, "".join(json.dumps(r) + "\n" for r in rows))
     t = out_dir / RUN_TRACES_DIR
     if t.is_dir():
-        for f in t.glob("step_*.safetensors"):
-            try:
-                if int(f.stem.split("_")[1]) > step:
-                    f.unlink()
-            except (ValueError, IndexError):
-                continue
-    for p in out_dir.glob(".checkpoint.tmp-*"):
+        for f in t.glob(RUN_TRACE_GLOB):
+            trace = trace_step(f)
+            if trace is not None and trace > step:
+                f.unlink()
+    for p in out_dir.glob(RUN_TMP_CHECKPOINT_GLOB):
         shutil.rmtree(p, ignore_errors=True)
 
 

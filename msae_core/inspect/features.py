@@ -21,12 +21,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from msae_core.artifacts import (FEATURE_SAMPLE, RUN_INSPECT_CACHE_DIR, STORE_MANIFEST,
-                                 atomic_save_safetensors)
+from msae_core.artifacts import (FEATURE_SAMPLE, RUN_INSPECT_CACHE_DIR, atomic_save_safetensors)
 from msae_core.errors import MsaeError
 from msae_core.inspect.projection import numpy_decoder_rows
-from msae_core.inspect.run_files import (latest_snapshots, load_run_sae, read_json_file,
-                                         run_store_path, weights_key)
+from msae_core.store import read_manifest
+from msae_core.inspect.run_files import (latest_snapshots, load_run_sae, run_store_path, weights_key)
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +205,10 @@ def _tokenizer(name: str):
 
 def store_manifest(store_path: str) -> dict:
     """The activation store's manifest; {} when it cannot be read."""
-    m, _ = read_json_file(Path(store_path) / STORE_MANIFEST)
-    return m if isinstance(m, dict) else {}
+    try:
+        return read_manifest(store_path) or {}
+    except MsaeError:
+        return {}
 
 
 def token_strings(store_path: str, ids: list[int]) -> list[str]:

@@ -12,9 +12,11 @@ from typing import Any
 
 import pandas as pd
 
-from msae_core.artifacts import RUN_CONFIG, RUN_EVAL, RUN_METRICS, RUN_STATUS, STORE_MANIFEST
+from msae_core.artifacts import RUN_CONFIG, RUN_EVAL, RUN_METRICS, RUN_STATUS
+from msae_core.errors import MsaeError
 from msae_core.inspect.paths import runs_root, stores_root
 from msae_core.inspect.run_files import file_fingerprint, read_json_file
+from msae_core.store import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +157,13 @@ def list_stores(root: str | os.PathLike | None = None) -> list[dict]:
     except OSError:
         return []
     for p in dirs:
-        m, problem = read_json_file(p / STORE_MANIFEST)
-        if not isinstance(m, dict):
-            out.append({"name": p.name, "path": str(p), "problem": problem or "manifest is not an object"})
+        try:
+            m = read_manifest(p)
+        except MsaeError as exc:
+            out.append({"name": p.name, "path": str(p), "problem": str(exc)})
+            continue
+        if m is None:
+            out.append({"name": p.name, "path": str(p), "problem": "no manifest.json: not an activation store"})
             continue
         out.append({"name": p.name, "path": str(p), "model": m.get("model"), "layer": m.get("layer"),
                     "corpus": (m.get("corpus") or {}).get("name") if isinstance(m.get("corpus"), dict)
