@@ -2,7 +2,7 @@
 
 Without --run it makes its own small run in a temporary folder: harvests `--tokens` rows of layer
 `--layer` of the embedded corpus and trains a TopK SAE (`--d-sae`, `--k`) for `--steps` steps with
-msae_core.train.train. With --run it evaluates that finished run. Nothing is written into a run:
+msae_core.training.trainer.train. With --run it evaluates that finished run. Nothing is written into a run:
 the evals' results are computed and dropped.
 
 Rows, all from this one run:
@@ -43,11 +43,11 @@ def _sets(items: list[str]) -> dict:
 
 def make_run(root: Path, args: argparse.Namespace, lm) -> tuple[Path, dict]:
     """Harvest a small store and train a small TopK run under `root`; returns (run, timings)."""
-    from msae_core.harvest import harvest
-    from msae_core.runs import DataConfig, RunConfig, TrainConfig
+    from msae_core.data.harvest import harvest
+    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
     from msae_core.sae import SAEConfig
-    from msae_core.store import StoreSettings
-    from msae_core.train import train
+    from msae_core.data.store import StoreSettings
+    from msae_core.training.trainer import train
 
     t0 = time.perf_counter()
     dtype = "float32" if args.layer >= 9 else "float16"  # Gemma 3 270M exceeds fp16 from layer ~9
@@ -82,7 +82,7 @@ def main() -> int:
 
     from msae_core.evals import core
     from msae_core.evals.context import open_run
-    from msae_core.lm import load_lm
+    from msae_core.data.lm import load_lm
 
     load_avg = os.getloadavg()
     tmp = None
@@ -102,7 +102,7 @@ def main() -> int:
     ctx.lm = lm
 
     # one plain forward with logits, on a window of the corpus
-    from msae_core.text import context_windows, load_corpus
+    from msae_core.data.text import context_windows, load_corpus
 
     cfg = core.Config(**_sets(args.core_set))
     ctx_size = cfg.context_size or ctx.context_size

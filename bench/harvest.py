@@ -5,7 +5,7 @@ the embedded corpus, after one warm-up batch:
   early    lm.resid_post(ids, L, stop_early=True)       blocks 0..L only
   body     lm.resid_post(ids, L, stop_early=False)      every block, no unembedding
   full     model(ids, output_hidden_states=True)        what a naive harvest does (with logits)
-  harvest  msae_core.harvest.harvest end to end (tokenise, forward, drop special rows, write fp16)
+  harvest  msae_core.data.harvest.harvest end to end (tokenise, forward, drop special rows, write fp16)
 Prints tokens/s, ratios against `full` from this one run, and peak RSS (ru_maxrss) per mode.
 
     python bench/harvest.py [--layer 6] [--batches 6] [--batch-size 8] [--context-size 128]
@@ -35,16 +35,16 @@ def child(mode: str, args: argparse.Namespace) -> dict:
 
     import torch
 
-    from msae_core.lm import load_lm
-    from msae_core.text import context_windows, load_corpus
+    from msae_core.data.lm import load_lm
+    from msae_core.data.text import context_windows, load_corpus
 
     t0 = time.perf_counter()
     lm = load_lm("embedded", device="cpu")
     load_s = time.perf_counter() - t0
     rss_loaded = _peak_mb()
     if mode == "harvest":
-        from msae_core.harvest import harvest
-        from msae_core.store import StoreSettings
+        from msae_core.data.harvest import harvest
+        from msae_core.data.store import StoreSettings
 
         n_tok = args.batches * args.batch_size * (args.context_size - 1)
         with tempfile.TemporaryDirectory() as d:
@@ -93,7 +93,7 @@ def main() -> None:
     import torch
 
     # make sure the embedded cache exists before timing anything
-    subprocess.run([sys.executable, "-c", "from msae_core.lm import ensure_embedded as e; "
+    subprocess.run([sys.executable, "-c", "from msae_core.data.lm import ensure_embedded as e; "
                     "e('model'); e('tokenizer')"], check=True)
     res = {}
     for mode in ("early", "body", "full", "harvest"):

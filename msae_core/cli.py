@@ -12,9 +12,9 @@ from msae_core.errors import MsaeError
 
 # each module exposes add_cli(subparsers); order is the order of `msae --help`
 SUBCOMMAND_MODULES = (
-    "msae_core.harvest",
-    "msae_core.train",
-    "msae_core.sweep",
+    "msae_core.data.harvest",
+    "msae_core.training.trainer",
+    "msae_core.training.sweep",
     "msae_core.evals.cli",
     "msae_core.demo",
 )

@@ -86,7 +86,7 @@ def plan_phases(plan: DemoPlan, model_cached: bool = True) -> list[Phase]:
 
 
 def results_root() -> Path:
-    from msae_core.inspect.paths import results_root as root
+    from msae_core.paths import results_root as root
 
     return root()
 
@@ -141,12 +141,13 @@ class _Progress:
 
 def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> list[Path]:
     from msae_core.evals import run_evals
-    from msae_core.harvest import harvest
-    from msae_core.lm import embedded_is_cached
-    from msae_core.runs import DataConfig, RunConfig, TrainConfig, read_status
+    from msae_core.data.harvest import harvest
+    from msae_core.data.lm import embedded_is_cached
+    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.training.run_folder import read_status
     from msae_core.sae import SAEConfig
-    from msae_core.store import StoreSettings
-    from msae_core.train import train
+    from msae_core.data.store import StoreSettings
+    from msae_core.training.trainer import train
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def demo_progress(root: Path | None = None) -> dict | None:
 
 def demo_state(root: Path | None = None) -> dict:
     """The demo runs' states, for the Home page: name -> state, or "absent"."""
-    from msae_core.runs import read_run
+    from msae_core.training.run_folder import read_run
 
     root = Path(root or results_root())
     return {name: (read_run(root / RESULTS_RUNS / name).state if (root / RESULTS_RUNS / name).is_dir()

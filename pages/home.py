@@ -9,7 +9,7 @@ import ui
 from msae_core import demo
 from msae_core.artifacts import DEMO_LOG
 from msae_core.inspect import runs_table as rt
-from msae_core.inspect.paths import runs_root
+from msae_core.paths import runs_root
 
 LIVE_STATES = ("queued", "running")
 

@@ -26,8 +26,8 @@ def make_store(path: Path, n_windows: int = 96, context: int = 16, d: int = D_IN
                model_dir: Path | None = None) -> Path:
     """A small store with planted structure (a few directions switched on by token id), its
     tokenizer/model a tiny one saved next to it (or `model_dir`)."""
-    from msae_core.lm import save_tiny_model
-    from msae_core.store import StoreSettings, StoreWriter
+    from msae_core.data.lm import save_tiny_model
+    from msae_core.data.store import StoreSettings, StoreWriter
 
     path = Path(path)
     if model_dir is None:

@@ -53,7 +53,7 @@ def test_alpha_vocab_sentencepiece_space_and_duplicates():
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    from msae_core.lm import load_lm, save_tiny_model
+    from msae_core.data.lm import load_lm, save_tiny_model
 
     path = tmp_path_factory.mktemp("tiny-lm") / "model"
     save_tiny_model(path, family="llama", d_model=64, n_layers=2, seed=0)
@@ -352,7 +352,7 @@ def test_evaluate_refuses_with_too_few_good_letters():
 @pytest.fixture()
 def tiny_run(tmp_path):
     from fixtures_runs import make_run, make_store
-    from msae_core.lm import save_tiny_model
+    from msae_core.data.lm import save_tiny_model
 
     model = save_tiny_model(tmp_path / "model", family="llama", d_model=64, n_layers=2, seed=0)
     store = make_store(tmp_path / "store", model_dir=model)

@@ -17,7 +17,7 @@ import pytest
 
 from msae_core import cli, demo
 from msae_core.artifacts import DEMO_STATUS
-from msae_core.lm import save_tiny_model
+from msae_core.data.lm import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

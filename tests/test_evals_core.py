@@ -224,9 +224,9 @@ def _write_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
 def tiny(tmp_path_factory):
     """A tiny random LM, a text corpus, a harvested store (layer 0, so later blocks attend to the
     spliced positions; 16-token windows)."""
-    from msae_core.harvest import harvest
-    from msae_core.lm import load_lm, save_tiny_model
-    from msae_core.store import StoreSettings
+    from msae_core.data.harvest import harvest
+    from msae_core.data.lm import load_lm, save_tiny_model
+    from msae_core.data.store import StoreSettings
 
     root = tmp_path_factory.mktemp("core")
     save_tiny_model(root / "lm", family="llama", d_model=32, n_layers=2, seed=0)
@@ -239,7 +239,7 @@ def tiny(tmp_path_factory):
 
 
 def test_eval_windows_are_held_out_and_seeded(tiny):
-    from msae_core.text import context_windows, load_corpus
+    from msae_core.data.text import context_windows, load_corpus
 
     corpus = load_corpus(str(tiny["corpus"]))
     n_store = tiny["manifest"]["n_windows"]
@@ -280,7 +280,7 @@ def _identity_sae(d: int, zero: bool = False):
 
 def _ctx(tiny, sae):
     from msae_core.evals.context import EvalContext
-    from msae_core.runs import DataConfig, RunConfig
+    from msae_core.training.config import DataConfig, RunConfig
 
     config = RunConfig(sae=sae.cfg, data=DataConfig(acts=str(tiny["store"])))
     ctx = EvalContext(run_dir=tiny["root"], sae=sae, config=config, manifest=tiny["manifest"],
@@ -338,7 +338,8 @@ def test_bad_config_is_one_line():
 
 def _run_folder(tiny, name: str, state: str = "done", weights: bool = True, seed: int = 0) -> Path:
     from msae_core.artifacts import RUN_CONFIG
-    from msae_core.runs import DataConfig, RunConfig, write_status
+    from msae_core.training.config import DataConfig, RunConfig
+    from msae_core.training.run_folder import write_status
     from msae_core.sae import SAEConfig, build_sae
     from msae_core.sae_io import save_sae
 
@@ -441,12 +442,12 @@ def test_an_eval_killed_midway_leaves_eval_json_untouched(tiny, monkeypatch, exc
 @pytest.mark.embedded
 def test_embedded_core_eval_through_the_cli(tmp_path):
     """Harvest a little of layer 6, train a small TopK SAE, `msae eval RUN --evals core`."""
-    from msae_core.harvest import harvest
-    from msae_core.lm import load_lm
-    from msae_core.runs import DataConfig, RunConfig, TrainConfig
+    from msae_core.data.harvest import harvest
+    from msae_core.data.lm import load_lm
+    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
     from msae_core.sae import SAEConfig
-    from msae_core.store import StoreSettings
-    from msae_core.train import train
+    from msae_core.data.store import StoreSettings
+    from msae_core.training.trainer import train
 
     lm = load_lm("embedded", device="cpu")
     store = tmp_path / "store"

@@ -70,11 +70,11 @@ def test_base_keys_are_saebench_base_eval_output():
 def core_result(tmp_path_factory):
     """A core result from core.run on a tiny random LM, corpus and store."""
     from msae_core.evals.context import EvalContext
-    from msae_core.harvest import harvest
-    from msae_core.lm import load_lm, save_tiny_model
-    from msae_core.runs import DataConfig, RunConfig
+    from msae_core.data.harvest import harvest
+    from msae_core.data.lm import load_lm, save_tiny_model
+    from msae_core.training.config import DataConfig, RunConfig
     from msae_core.sae import SAEConfig, build_sae
-    from msae_core.store import StoreSettings
+    from msae_core.data.store import StoreSettings
 
     root = tmp_path_factory.mktemp("schema")
     save_tiny_model(root / "lm", family="gpt2", d_model=32, n_layers=2, seed=0)

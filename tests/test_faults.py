@@ -20,8 +20,8 @@ from msae_core import cli
 from msae_core.artifacts import (RUN_CHECKPOINT_DIR, RUN_METRICS, RUN_STATUS, TRAINER_STATE,
                                  atomic_write_json, read_jsonl)
 from msae_core.errors import MsaeError
-from msae_core.runs import read_status
-from msae_core.train import train
+from msae_core.training.run_folder import read_status
+from msae_core.training.trainer import train
 from test_train import REPO, make_config, make_store, strip_times
 
 
@@ -119,7 +119,7 @@ def _assert_failed_on_full_disk(run: Path, result_error: str):
 def test_disk_full_while_training_injected(store, tmp_path, monkeypatch):
     """ENOSPC from the checkpoint writer at the second checkpoint: failed, first checkpoint kept,
     the same command resumes to the uninterrupted result."""
-    from msae_core import train as T
+    from msae_core.training import trainer as T
 
     run = tmp_path / "run"
     cfg = make_config(store, steps=30)
@@ -224,7 +224,7 @@ def test_racing_trainers_on_one_folder(store, tmp_path):
 SLOW_START = textwrap.dedent("""
     import sys, time
     from msae_core import cli
-    from msae_core.store import ActivationStore
+    from msae_core.data.store import ActivationStore
     orig = ActivationStore.__init__
     def slow(self, *a, **k):   # the trainer opens the store after the status says running
         orig(self, *a, **k)
@@ -260,7 +260,7 @@ def test_sigterm_before_the_first_step_ends_cancelled(cfg_path, tmp_path):
 def test_resume_after_sigterm_equals_uninterrupted_metrics_too(store, tmp_path, monkeypatch):
     """SIGTERM at step 77 with log_every 10: the resumed run's row for step 80 averages steps 71-80
     like the uninterrupted run's, because the checkpoint kept the running sums."""
-    from msae_core.store import ActivationStore
+    from msae_core.data.store import ActivationStore
 
     def cfg():
         c = make_config(store, steps=90)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,8 @@ import torch
 from fixtures_runs import make_results
 from msae_core.artifacts import FEATURE_SAMPLE, RUN_INSPECT_CACHE_DIR
 from msae_core.inspect import export as X
-from msae_core.inspect import features, paths, projection, run_files
+from msae_core import paths
+from msae_core.inspect import features, projection, run_files
 from msae_core.inspect import figures as F
 from msae_core.inspect.runs_table import runs_table
 from msae_core.errors import MsaeError
@@ -96,7 +96,7 @@ def test_pairs_sorted_and_events(run):
 
 
 def test_feature_sample_equals_dense_encoding_and_is_cached(run):
-    from msae_core.store import ActivationStore
+    from msae_core.data.store import ActivationStore
 
     cache = run / RUN_INSPECT_CACHE_DIR / FEATURE_SAMPLE
     cache.unlink(missing_ok=True)
@@ -141,7 +141,7 @@ def test_pair_examples_split_by_who_fires(run):
 
 
 def test_output_tokens_are_the_unembedding_of_the_decoder_row(run):
-    from msae_core.lm import load_lm
+    from msae_core.data.lm import load_lm
 
     out = features.output_tokens(run, 3, k=5)
     sae = run_files.load_run_sae(run)

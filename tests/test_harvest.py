@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from msae_core import harvest as harvest_mod
-from msae_core import store as store_mod
+from msae_core.data import harvest as harvest_mod
+from msae_core.data import store as store_mod
 from msae_core.errors import MsaeError
-from msae_core.harvest import add_cli, harvest
-from msae_core.lm import load_lm, save_tiny_model
-from msae_core.store import ActivationStore, StoreSettings
+from msae_core.data.harvest import add_cli, harvest
+from msae_core.data.lm import load_lm, save_tiny_model
+from msae_core.data.store import ActivationStore, StoreSettings
 
 WORDS = "the cat sat on a mat while dogs bark at night and fish swim in cold water".split()
 
@@ -107,7 +107,7 @@ def test_killed_harvest_resumes_to_the_uninterrupted_store(setup, tmp_path, monk
 
 def test_complete_store_is_returned_without_loading_the_model(setup, tmp_path, monkeypatch):
     _run(setup, tmp_path / "st", target_tokens=50)
-    monkeypatch.setattr("msae_core.lm.load_lm", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("msae_core.data.lm.load_lm", lambda *a, **k: pytest.fail("model loaded"))
     assert _run(setup, tmp_path / "st", target_tokens=50).n_rows == 50
 
 
@@ -181,9 +181,9 @@ def test_cli(setup, tmp_path):
 
 _CHILD = """
 import sys, time
-from msae_core import store
-from msae_core.harvest import harvest
-from msae_core.store import StoreSettings
+from msae_core.data import store
+from msae_core.data.harvest import harvest
+from msae_core.data.store import StoreSettings
 real = store.StoreWriter.write_shard
 def slow(self, *a, **k):
     out = real(self, *a, **k)

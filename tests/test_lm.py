@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msae_core import lm as lm_mod
+from msae_core.data import lm as lm_mod
 from msae_core.errors import MsaeError
-from msae_core.lm import TINY_FAMILIES, find_blocks, load_lm, save_tiny_model
+from msae_core.data.lm import TINY_FAMILIES, find_blocks, load_lm, save_tiny_model
 
 
 @pytest.fixture(scope="module")

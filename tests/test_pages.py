@@ -293,8 +293,10 @@ def test_sweep_from_the_launch_page_leaves_the_cli_sweep_record(tmp_path, monkey
     every point queued through the run queue."""
     import json
 
-    from msae_core.runs import cancel_run, read_status
-    from msae_core.sweep import sweep_dir
+    from msae_core.training.jobs import cancel_run
+
+    from msae_core.training.run_folder import read_status
+    from msae_core.training.sweep import sweep_dir
 
     root = make_results(tmp_path / "results", n_runs=1)
     at = open_page(root, "launch", monkeypatch)

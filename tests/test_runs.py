@@ -11,10 +11,12 @@ import torch
 
 from msae_core.artifacts import RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_STATUS, SAE_WEIGHTS, TRAINER_STATE
 from msae_core.errors import MsaeError
-from msae_core.runs import (STATUS_VERSION, DataConfig, RunConfig, TrainConfig, cancel_run,
-                            launch_run, list_runs, read_status, safe_run_name, write_status)
+from msae_core.paths import safe_run_name
+from msae_core.training.run_folder import STATUS_VERSION, list_runs, read_status, write_status
+from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.training.jobs import cancel_run, launch_run
 from msae_core.sae import SAEConfig
-from msae_core.store import StoreSettings, StoreWriter
+from msae_core.data.store import StoreSettings, StoreWriter
 
 D = 64
 
@@ -181,7 +183,7 @@ def test_launch_cancel_and_relaunch(store, tmp_path):
 def test_queue_waits_for_a_free_slot(tmp_path):
     import threading
 
-    from msae_core.runs import wait_for_slot
+    from msae_core.training.jobs import wait_for_slot
 
     root = tmp_path / "runs"
     busy, mine = root / "busy", root / "mine"

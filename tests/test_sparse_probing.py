@@ -115,7 +115,7 @@ def test_mean_pool_skips_masked_positions():
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    from msae_core.lm import load_lm, save_tiny_model
+    from msae_core.data.lm import load_lm, save_tiny_model
 
     d = tmp_path_factory.mktemp("tiny_lm")
     save_tiny_model(d, family="llama", d_model=64, n_layers=2, seed=0)
@@ -181,7 +181,7 @@ def test_offline_dataset_balanced_disjoint_deterministic(name, classes):
 
 @needs_fortunes
 def test_language_and_topic_labels_come_from_their_files():
-    from msae_core.text import load_fortunes
+    from msae_core.data.text import load_fortunes
 
     ds = probe_data.load_probe_dataset("fortunes-languages", 60, 20, seed=0)
     texts = {lang: {d.text for d in load_fortunes(lang).documents()} for lang in probe_data.LANGUAGES}
@@ -209,7 +209,7 @@ def test_code_snippets_are_stdlib_source_from_disjoint_files():
         assert all(f.endswith(".py") and "site-packages" not in f for f in files)
         sources = [(root / f).read_text(encoding="utf-8") for f in files]
         assert all(any(s in src for src in sources) for s in snippets)
-    from msae_core.text import load_fortunes
+    from msae_core.data.text import load_fortunes
 
     allowed = {d.text for d in load_fortunes("en").documents() if d.label not in probe_data.PROSE_EXCLUDED}
     assert all(t in allowed for t, lab in ds.train + ds.test if lab == "prose")
@@ -226,7 +226,7 @@ def test_dataset_errors_are_one_line():
 
 
 def test_list_datasets_and_saebench_names_offline(monkeypatch):
-    import msae_core.lm as lm_mod
+    import msae_core.data.lm as lm_mod
 
     monkeypatch.setattr(lm_mod, "hub_reachable", lambda timeout=3.0: False)
     assert probe_data.list_datasets(True) == ["fortunes-topics", "fortunes-languages", "code-vs-prose"]
@@ -240,7 +240,7 @@ def test_list_datasets_and_saebench_names_offline(monkeypatch):
 def _fake_hub(monkeypatch, rows_by_split: dict[str, list[dict]]):
     import datasets
 
-    import msae_core.lm as lm_mod
+    import msae_core.data.lm as lm_mod
 
     monkeypatch.setattr(lm_mod, "hub_reachable", lambda timeout=3.0: True)
     calls = []
@@ -360,7 +360,7 @@ def test_bad_settings_are_refused(tmp_path):
 def test_embedded_model_separates_languages(tmp_path):
     """The real model at layer 6 tells fortunes' languages apart from pooled activations."""
     from msae_core.evals.context import EvalContext
-    from msae_core.lm import load_lm
+    from msae_core.data.lm import load_lm
     from msae_core.sae import SAEConfig, build_sae
 
     lm = load_lm("embedded", device="cpu")

@@ -2,12 +2,11 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from msae_core.errors import MsaeError
-from msae_core.store import ActivationStore, StoreSettings, StoreWriter
+from msae_core.data.store import ActivationStore, StoreSettings, StoreWriter
 
 D, T = 16, 8
 
@@ -157,7 +156,7 @@ def test_a_bad_manifest_is_named_not_a_traceback(tmp_path, edit, field):
     with pytest.raises(MsaeError, match="not a valid activation store"):
         StoreWriter(tmp_path / "s", StoreSettings(model="tiny", layer=1, target_tokens=1000,
                                                   dtype="float32", context_size=T), {"d_model": D})
-    from msae_core.runs import DataConfig, RunConfig
+    from msae_core.training.config import DataConfig, RunConfig
     from msae_core.sae import SAEConfig
 
     problems = RunConfig(sae=SAEConfig(d_in=D, d_sae=32), data=DataConfig(acts=str(tmp_path / "s"))).problem_list()

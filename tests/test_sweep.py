@@ -9,10 +9,11 @@ import torch
 from msae_core import cli
 from msae_core.artifacts import SAE_WEIGHTS
 from msae_core.errors import MsaeError
-from msae_core.runs import DataConfig, RunConfig, TrainConfig, list_runs, read_status, write_status
+from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.training.run_folder import list_runs, read_status, write_status
 from msae_core.sae import SAEConfig
-from msae_core.store import StoreSettings, StoreWriter
-from msae_core.sweep import expand_grid, parse_grid, sweep_dir
+from msae_core.data.store import StoreSettings, StoreWriter
+from msae_core.training.sweep import expand_grid, parse_grid, sweep_dir
 
 D = 64
 

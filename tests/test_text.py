@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from msae_core import lm as lm_mod
+from msae_core.data import lm as lm_mod
 from msae_core.errors import MsaeError
-from msae_core.text import Corpus, Document, context_windows, load_corpus, load_fortunes
+from msae_core.data.text import Corpus, Document, context_windows, load_corpus, load_fortunes
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,11 @@ from msae_core import cli
 from msae_core.artifacts import (RUN_CHECKPOINT_DIR, RUN_EVENTS, RUN_METRICS, RUN_TRACES_DIR,
                                  SAE_CONFIG, SAE_WEIGHTS, TRAINER_STATE, read_jsonl)
 from msae_core.errors import MsaeError
-from msae_core.runs import RunConfig, TrainConfig, DataConfig, read_status
+from msae_core.training.config import RunConfig, TrainConfig, DataConfig
+from msae_core.training.run_folder import read_status
 from msae_core.sae import SAEConfig
-from msae_core.store import ActivationStore, StoreSettings, StoreWriter
-from msae_core.train import config_from_args, train
+from msae_core.data.store import ActivationStore, StoreSettings, StoreWriter
+from msae_core.training.trainer import config_from_args, train
 
 D, F, STEPS = 64, 128, 40
 REPO = Path(__file__).resolve().parent.parent
@@ -151,8 +152,9 @@ def test_resume_after_exception_equals_uninterrupted(store, reference, tmp_path,
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from msae_core import cli, train as T
-    from msae_core.store import ActivationStore
+    from msae_core import cli
+    from msae_core.training import trainer as T
+    from msae_core.data.store import ActivationStore
     mode, run, config = sys.argv[1], sys.argv[2], sys.argv[3]
     orig_batch, orig_rename = ActivationStore.batch, os.rename
     def batch(self, s, *a, **k):

@@ -9,7 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from msae_core.errors import MsaeError
-from msae_core.inspect import features, paths, projection, run_files, runs_table as rt
+from msae_core import paths
+from msae_core.inspect import features, projection, run_files, runs_table as rt
 
 
 def root() -> Path:

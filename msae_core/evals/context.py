@@ -13,7 +13,7 @@ import torch
 
 from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS
 from msae_core.errors import MsaeError
-from msae_core.store import read_manifest
+from msae_core.data.store import read_manifest
 
 _NOT_FINISHED = {"queued": "is queued and has not trained yet",
                  "running": "is still training",
@@ -28,7 +28,7 @@ class EvalContext:
 
     run_dir: Path
     sae: Any                       # msae_core.sae.SAE, eval mode, on `device`
-    config: Any                    # msae_core.runs.RunConfig
+    config: Any                    # msae_core.training.config.RunConfig
     manifest: dict                 # the activation store's manifest.json
     device: torch.device
     progress: bool = True
@@ -63,7 +63,7 @@ class EvalContext:
     @property
     def lm(self) -> Any:
         if self._lm is None:
-            from msae_core.lm import load_lm
+            from msae_core.data.lm import load_lm
 
             self._lm = load_lm(self.model_name, device=self.device)
         return self._lm
@@ -111,7 +111,8 @@ def _device(device: str | torch.device | None) -> torch.device:
 def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
              progress: bool = True) -> EvalContext:
     """Check that `run_dir` holds a finished run with weights, and load it. Refusals are one line."""
-    from msae_core.runs import RunConfig, read_status
+    from msae_core.training.config import RunConfig
+    from msae_core.training.run_folder import read_status
     from msae_core.sae_io import load_sae
 
     run_dir = Path(run_dir)

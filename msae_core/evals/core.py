@@ -3,7 +3,7 @@
 Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-bench 0.6.0:
 
 1. Text: context windows of `context_size` tokens (BOS + context_size - 1 tokens of the EOS-joined
-   documents), the same windowing as the harvest (msae_core.text.context_windows).
+   documents), the same windowing as the harvest (msae_core.data.text.context_windows).
 2. Reconstruction batches (`n_eval_reconstruction_batches` x `batch_size_prompts` windows): three
    full forwards each: clean; with block `layer`'s output (SAELens hook blocks.L.hook_resid_post)
    replaced by the SAE reconstruction; with it replaced by zeros (zero ablation, every position).
@@ -119,7 +119,7 @@ class Config:
         "help": "batches for sparsity, variance, shrinkage and feature density; SAEBench: 1 "
                 "(its README runs 2000)"})
     dataset: str = field(default="", metadata={
-        "help": "corpus to evaluate on (msae_core.text.load_corpus names); empty = the run's own "
+        "help": "corpus to evaluate on (msae_core.data.text.load_corpus names); empty = the run's own "
                 "corpus, with windows held out from the activation store"})
     context_size: int = field(default=0, metadata={
         "help": "tokens per window, BOS included; 0 = the activation store's context size"})
@@ -397,7 +397,7 @@ def eval_windows(corpus: Any, tokenizer: Any, context_size: int, n_windows: int,
     """`n_windows` context windows of `corpus`, chosen (seeded) from the `pool_factor * n_windows`
     windows that follow the first `skip_tokens` tokens of the packed stream; from the stream's
     beginning when too few follow. Returns (windows in stream order, provenance)."""
-    from msae_core.text import context_windows
+    from msae_core.data.text import context_windows
 
     body = context_size - 1
     skip = math.ceil(skip_tokens / body) if skip_tokens > 0 else 0
@@ -444,7 +444,7 @@ def _log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
 def run(ctx: Any, cfg: Config) -> dict:
     """The core eval on the run in `ctx` (module docstring); SAEBench's result layout."""
     from msae_core.configutil import validate
-    from msae_core.text import load_corpus
+    from msae_core.data.text import load_corpus
 
     validate(cfg)
     if cfg.model_name and cfg.model_name != ctx.model_name:

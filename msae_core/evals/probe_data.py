@@ -147,7 +147,7 @@ def _fortune_provenance(corpus) -> dict:
 
 
 def _fortunes_topics(n_train: int, n_test: int, seed: int) -> ProbeDataset:
-    from msae_core.text import load_fortunes
+    from msae_core.data.text import load_fortunes
 
     name = "fortunes-topics"
     tr, te = _per_class(name, n_train, n_test)
@@ -165,7 +165,7 @@ def _fortunes_topics(n_train: int, n_test: int, seed: int) -> ProbeDataset:
 
 
 def _fortunes_languages(n_train: int, n_test: int, seed: int) -> ProbeDataset:
-    from msae_core.text import load_fortunes
+    from msae_core.data.text import load_fortunes
 
     name = "fortunes-languages"
     tr, te = _per_class(name, n_train, n_test)
@@ -233,7 +233,7 @@ def _code_snippet(source: str, target_chars: int, rng: random.Random) -> str | N
 
 
 def _code_vs_prose(n_train: int, n_test: int, seed: int) -> ProbeDataset:
-    from msae_core.text import load_fortunes
+    from msae_core.data.text import load_fortunes
 
     name = "code-vs-prose"
     tr, te = _per_class(name, n_train, n_test)
@@ -388,7 +388,7 @@ def _collect(rows, spec: dict, quotas: dict[tuple[str, str], int]) -> dict[tuple
 
 
 def _saebench(name: str, n_train: int, n_test: int, seed: int) -> ProbeDataset:
-    from msae_core.lm import hub_reachable
+    from msae_core.data.lm import hub_reachable
 
     spec = SAEBENCH[name]
     tr, te = _per_class(name, n_train, n_test)
@@ -461,7 +461,7 @@ def list_datasets(offline: bool | None = None) -> list[str]:
         return list(OFFLINE)
     if offline is False:
         return list(SAEBENCH)
-    from msae_core.lm import hub_reachable
+    from msae_core.data.lm import hub_reachable
 
     return list(OFFLINE) + (list(SAEBENCH) if hub_reachable() else [])
 

@@ -2,7 +2,6 @@
 pages (pages/*.py, through workbench/ui.py) call these functions inside their own caches and render
 what they return.
 
-    paths        the results folder ($MSAE_RESULTS) and its runs/, stores/, exports/; run_path
     runs_table   the runs table, its filters and cache key; the activation stores
     run_files    readers of one run folder: config, metrics, events, trace snapshots, pairs, weights
     features     the cached activation sample and its queries: examples, histogram, co-firing,

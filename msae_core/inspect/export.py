@@ -18,7 +18,7 @@ import pandas as pd
 from msae_core.artifacts import EXPORT_FIGURES_DIR, EXPORT_README, EXPORT_RUNS_CSV, EXPORT_RUNS_MD
 from msae_core.errors import MsaeError
 from msae_core.inspect import figures as F
-from msae_core.inspect.paths import exports_root, results_root
+from msae_core.paths import exports_root, results_root
 from msae_core.inspect.run_files import load_events, load_traces, top_pressure_features, trace_files
 from msae_core.inspect.runs_table import runs_table
 

@@ -24,7 +24,7 @@ import pandas as pd
 from msae_core.artifacts import (FEATURE_SAMPLE, RUN_INSPECT_CACHE_DIR, atomic_save_safetensors)
 from msae_core.errors import MsaeError
 from msae_core.inspect.projection import numpy_decoder_rows
-from msae_core.store import read_manifest
+from msae_core.data.store import read_manifest
 from msae_core.inspect.run_files import (latest_snapshots, load_run_sae, run_store_path, weights_key)
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def feature_sample(run_dir: str | os.PathLike, n_rows: int = 8192, seed: int = 0
         return None
     if not store_path:
         raise MsaeError(f"run {run_dir.name} names no activation store")
-    from msae_core.store import ActivationStore
+    from msae_core.data.store import ActivationStore
 
     sae = load_run_sae(run_dir)
     store = ActivationStore(store_path)
@@ -198,7 +198,7 @@ def add_cofiring(pairs: pd.DataFrame, sample: FeatureSample | None) -> pd.DataFr
 # --------------------------------------------------------------------------- token-level examples
 @functools.lru_cache(maxsize=4)
 def _tokenizer(name: str):
-    from msae_core.lm import load_tokenizer
+    from msae_core.data.lm import load_tokenizer
 
     return load_tokenizer(name)
 
@@ -256,7 +256,7 @@ def _window_example(sample: FeatureSample, store: Any, window_id: int, center: i
 
 
 def _open_store(sample: FeatureSample):
-    from msae_core.store import ActivationStore
+    from msae_core.data.store import ActivationStore
 
     if not sample.store_path:
         raise MsaeError("the run names no activation store")
@@ -319,7 +319,7 @@ def activation_histogram(sample: FeatureSample, feature: int, bins: int = 40) ->
 @functools.lru_cache(maxsize=2)
 def _unembed(model: str):
     """W_U (V, D) float32 of a model, loaded once per process (the LM itself is dropped)."""
-    from msae_core.lm import load_lm
+    from msae_core.data.lm import load_lm
 
     lm = load_lm(model, device="cpu")
     w = lm.unembed_matrix().float().clone()

@@ -14,9 +14,9 @@ import pandas as pd
 
 from msae_core.artifacts import RUN_CONFIG, RUN_EVAL, RUN_METRICS, RUN_STATUS
 from msae_core.errors import MsaeError
-from msae_core.inspect.paths import runs_root, stores_root
+from msae_core.paths import runs_root, stores_root
 from msae_core.inspect.run_files import file_fingerprint, read_json_file
-from msae_core.store import read_manifest
+from msae_core.data.store import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def run_row(info: Any) -> dict:
 def runs_table(root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Every run under results/runs as a dataframe with TABLE_COLUMNS (missing values are NaN).
     A broken folder gives a row whose `problem` column says what is wrong."""
-    from msae_core.runs import list_runs
+    from msae_core.training.run_folder import list_runs
 
     rows = []
     for info in list_runs(runs_root(root), metrics_tail=1):

@@ -23,8 +23,13 @@ from tqdm.auto import tqdm
 
 from msae_core.artifacts import check_can_create
 from msae_core.configutil import validate
+from msae_core.data.store import (
+    ActivationStore,
+    StoreSettings,
+    StoreWriter,
+    read_manifest,
+)
 from msae_core.errors import MsaeError
-from msae_core.store import ActivationStore, StoreSettings, StoreWriter, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +77,8 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
 
     Resumes a killed harvest of the same settings; returns at once when `out` is complete.
     `lm` / `corpus` may be passed already loaded (they must be the ones the settings name)."""
-    from msae_core.lm import load_lm
-    from msae_core.text import context_windows, load_corpus
+    from msae_core.data.lm import load_lm
+    from msae_core.data.text import context_windows, load_corpus
 
     validate(settings)
     if settings.hook != "resid_post":

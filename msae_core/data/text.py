@@ -180,7 +180,7 @@ def _hf_corpus(name: str, split: str, text_column: str, config: str | None,
         import datasets
     except ImportError as exc:
         raise MsaeError("Hugging Face corpora need the `datasets` package: pip install datasets") from exc
-    from msae_core.lm import hub_reachable
+    from msae_core.data.lm import hub_reachable
 
     local = Path(name).expanduser()
     builder_kw: dict = {}

@@ -32,8 +32,13 @@ import numpy as np
 import torch
 
 from msae_core import __version__
-from msae_core.artifacts import (STORE_MANIFEST, STORE_SHARD, STORE_SHARD_GLOB, atomic_save_safetensors,
-                                 atomic_write_json)
+from msae_core.artifacts import (
+    STORE_MANIFEST,
+    STORE_SHARD,
+    STORE_SHARD_GLOB,
+    atomic_save_safetensors,
+    atomic_write_json,
+)
 from msae_core.errors import MsaeError
 
 STORE_FORMAT = "msae-activation-store/1"

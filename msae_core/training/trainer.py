@@ -40,17 +40,39 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from msae_core.artifacts import (OPTIMIZER_STATE, RUN_CHECKPOINT_DIR, RUN_OLD_CHECKPOINT_DIR,
-                                 RUN_TMP_CHECKPOINT_DIR, RUN_TMP_CHECKPOINT_GLOB, RUN_TRACE_GLOB, trace_step, RUN_CONFIG, RUN_EVENTS,
-                                 RUN_METRICS, RUN_TRACE, RUN_TRACES_DIR, SAE_CONFIG, SAE_WEIGHTS,
-                                 TRAINER_STATE, append_jsonl, atomic_save_safetensors,
-                                 atomic_write_json, atomic_write_text, read_jsonl)
+from msae_core.artifacts import (
+    OPTIMIZER_STATE,
+    RUN_CHECKPOINT_DIR,
+    RUN_CONFIG,
+    RUN_EVENTS,
+    RUN_METRICS,
+    RUN_OLD_CHECKPOINT_DIR,
+    RUN_TMP_CHECKPOINT_DIR,
+    RUN_TMP_CHECKPOINT_GLOB,
+    RUN_TRACE,
+    RUN_TRACE_GLOB,
+    RUN_TRACES_DIR,
+    SAE_CONFIG,
+    SAE_WEIGHTS,
+    TRAINER_STATE,
+    append_jsonl,
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    trace_step,
+)
 from msae_core.configutil import add_dataclass_args, overrides_from_args
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
-from msae_core.runs import (DataConfig, RunConfig, TrainConfig, config_mismatch, read_status,
-                             refuse_foreign_out, write_status)
 from msae_core.sae import SAEConfig
+from msae_core.training.config import (
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    config_mismatch,
+)
+from msae_core.training.run_folder import read_status, refuse_foreign_out, write_status
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +535,7 @@ def run_cli(args: argparse.Namespace) -> int:
             cfg = config_from_args(args)
             store = cfg.check()
         if args.max_parallel:
-            from msae_core.runs import wait_for_slot
+            from msae_core.training.jobs import wait_for_slot
 
             root = Path(args.queue_root) if args.queue_root else out.resolve().parent
             if not wait_for_slot(out, root, args.max_parallel, stop=stop):

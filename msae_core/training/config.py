@@ -1,0 +1,223 @@
+"""Run configs: what a training run is (the SAE, how to train it, on which activations), checked
+once per entry point against its activation store (`RunConfig.check`), and which settings may
+change when a run is resumed (`config_mismatch`). Pure dataclasses; the store is the only IO."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from msae_core.artifacts import EVAL_NAMES, atomic_write_json
+from msae_core.configutil import collect_problems, from_dict, to_dict
+from msae_core.errors import MsaeError
+from msae_core.sae import SAEConfig
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """How to train: optimiser, schedule, logging and checkpoint cadence."""
+
+    steps: int = field(default=10_000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=4096, metadata={"help": "activation rows per step"})
+    lr: float = field(default=3e-4, metadata={"help": "Adam learning rate"})
+    warmup_steps: int = field(default=1000, metadata={
+        "help": "linear learning-rate warm-up steps (capped at --steps)"})
+    seed: int = field(default=0, metadata={"help": "seed of the batch order (and of the SAE init "
+                                                   "when given on the command line)"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA (TF32 matmuls are always on)"})
+    log_every: int = field(default=50, metadata={"help": "steps between lines of metrics.jsonl"})
+    checkpoint_every: int = field(default=500, metadata={"help": "steps between resumable checkpoints"})
+    snapshot_every: int = field(default=500, metadata={
+        "help": "steps between momentum trace snapshots (traces/); 0 = none"})
+    evals: list[str] = field(default_factory=list, metadata={
+        "help": "evals to run when training is done (core, absorption, sparse_probing)"})
+
+    @property
+    def effective_warmup(self) -> int:
+        return max(0, min(self.warmup_steps, self.steps))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.steps < 1:
+            out.append(f"steps must be >= 1 (got {self.steps})")
+        if self.batch_size < 1:
+            out.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if not self.lr > 0:
+            out.append(f"lr must be > 0 (got {self.lr})")
+        if self.warmup_steps < 0:
+            out.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        for name in ("log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.snapshot_every < 0:
+            out.append(f"snapshot_every must be >= 0 (got {self.snapshot_every})")
+        unknown = [e for e in self.evals if e not in EVAL_NAMES]
+        if unknown:
+            out.append(f"evals: unknown eval(s) {', '.join(map(str, unknown))} (known: {', '.join(EVAL_NAMES)})")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
+            out.append(f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Where the training activations come from."""
+
+    acts: str = field(default="", metadata={"help": "activation store folder (written by msae harvest)"})
+
+    def problems(self) -> list[str]:
+        return [] if self.acts else ["acts: no activation store given (--acts DIR)"]
+
+
+def _sae_problems(cfg: Any) -> list[str]:
+    """The knob checks of the issue, for an SAEConfig that does not check them itself."""
+    out = []
+    g = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731
+    d_sae, k = g("d_sae"), g("k")
+    if d_sae is None or d_sae < 1:
+        out.append(f"d_sae must be >= 1 (got {d_sae})")
+    if g("arch") == "topk" or (g("arch") == "momentum" and g("base") == "topk"):
+        if k is None or k < 1 or (d_sae is not None and k > d_sae):
+            out.append(f"k must be in [1, d_sae={d_sae}] (got {k})")
+    beta, tau, lam = g("beta"), g("tau"), g("lam")
+    if beta is not None and not 0 <= beta < 1:
+        out.append(f"beta must be in [0, 1) (got {beta})")
+    if tau is not None and not 0 <= tau <= 1:
+        out.append(f"tau must be in [0, 1] (got {tau})")
+    if lam is not None and not lam >= 0:
+        out.append(f"lam must be >= 0 (got {lam})")
+    return out
+
+
+@dataclass
+class RunConfig:
+    """One training run: the SAE to build, how to train it, and on which activations."""
+
+    sae: SAEConfig = field(default_factory=lambda: SAEConfig(d_in=0, d_sae=4096),
+                           metadata={"help": "the SAE (msae_core.sae.SAEConfig)"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training settings"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "activations"})
+
+    def problems(self) -> list[str]:
+        """Problems of the fields alone (no IO); `check` adds the store's."""
+        return [] if hasattr(self.sae, "problems") else ["sae." + p for p in _sae_problems(self.sae)]
+
+    def _check(self, store: Any = None) -> tuple[Any, list[str]]:
+        """(the opened store or None, every problem): the store is opened once (unless given),
+        sae.d_in is filled from it when 0, and the settings are checked against it."""
+        from msae_core.data.store import ActivationStore
+
+        typed = [p for p in collect_problems(self) if ": expected " in p]
+        if typed:  # wrong types first: nothing else can be checked on them
+            return None, typed
+        if store is None and self.data.acts:
+            try:
+                store = ActivationStore(self.data.acts)
+            except MsaeError as exc:
+                return None, collect_problems(self) + [f"data.acts: {exc}"]
+        if store is None:
+            return None, collect_problems(self)
+        if not self.sae.d_in:
+            self.sae = dataclasses.replace(self.sae, d_in=store.d_in)
+        out = collect_problems(self)
+        if self.sae.d_in != store.d_in:
+            out.append(f"sae.d_in {self.sae.d_in} does not match the store's activation width "
+                       f"{store.d_in} ({self.data.acts})")
+        if self.train.batch_size > store.n_rows:
+            out.append(f"train.batch_size {self.train.batch_size} exceeds the store's {store.n_rows} rows")
+        return store, out
+
+    def check(self, store: Any = None) -> Any:
+        """Validate once, at an entry point: MsaeError listing every problem, else the opened
+        activation store (pass it down instead of opening it again)."""
+        store, problems = self._check(store)
+        if problems:
+            raise MsaeError("invalid settings: " + "; ".join(problems))
+        return store
+
+    def validate(self) -> "RunConfig":
+        self.check()
+        return self
+
+    def problem_list(self) -> list[str]:
+        """Every problem, the store's included; never raises for bad settings (the Launch page)."""
+        return self._check()[1]
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """Build from json; a missing section gets its defaults."""
+        if not isinstance(data, dict):
+            raise MsaeError(f"run config must be a json object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"sae", "train", "data"})
+        if unknown:
+            raise MsaeError(f"run config: unknown section(s) {', '.join(unknown)} (sae, train, data)")
+        try:
+            sections = {name: data.get(name, {}) for name in ("sae", "train", "data")}
+            for name, v in sections.items():
+                if not isinstance(v, dict):
+                    raise MsaeError(f"run config: section {name} must be an object, got {json.dumps(v)}")
+            built, problems = {}, []
+            for name, section_cls in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig)):
+                given = {"d_in": 0, "d_sae": 4096, **sections[name]} if name == "sae" else sections[name]
+                try:
+                    built[name] = from_dict(section_cls, given, prefix=f"{name}.")
+                except MsaeError as exc:
+                    problems.append(str(exc))
+            if problems:
+                raise MsaeError("; ".join(problems))
+            sae, train, dcfg = built["sae"], built["train"], built["data"]
+        except TypeError as exc:
+            raise MsaeError(f"run config: {exc}") from exc
+        return cls(sae=sae, train=train, data=dcfg)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RunConfig":
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise MsaeError(f"no run config at {path}") from None
+        except (json.JSONDecodeError, OSError) as exc:
+            raise MsaeError(f"run config {path} is not valid json: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, self.to_dict())
+
+
+# settings that may change when a run is resumed (they do not change the trajectory)
+_RESUMABLE_CHANGES = {"steps", "device", "log_every", "checkpoint_every", "snapshot_every", "evals"}
+
+
+def config_mismatch(old: dict, new: dict) -> str:
+    """'' when a run with config `old` can be resumed under `new`, else what differs (first few)."""
+    diffs = []
+    for section in ("sae", "train", "data"):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in _RESUMABLE_CHANGES:
+                continue
+            va, vb = a.get(key), b.get(key)
+            if section == "data" and key == "acts" and va and vb:
+                va, vb = str(Path(va).resolve()), str(Path(vb).resolve())
+            if section == "sae" and key == "d_in" and (not va or not vb):
+                continue  # filled from the store
+            if va != vb:
+                diffs.append(f"{section}.{key} {va!r} -> {vb!r}")
+    return ", ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+
+
+

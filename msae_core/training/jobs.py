@@ -1,0 +1,174 @@
+"""Jobs: long work in its own process, started through procs.spawn, which writes its own log and
+results for the pages and the CLI to poll. One run queue: `launch_run` starts `msae train` detached
+(`--max-parallel N`: it waits `queued` in `wait_for_slot` until fewer than N runs under the same
+root are running); sweeps (CLI and UI) start their points here; `cancel_run` stops a run at any
+moment; `start_harvest` starts `msae harvest`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from msae_core.artifacts import (
+    HARVEST_LOG,
+    RUN_CHECKPOINT_DIR,
+    RUN_CONFIG,
+    RUN_LOG,
+    RUN_QUEUE_LOCK,
+    TRAINER_STATE,
+)
+from msae_core.errors import MsaeError
+from msae_core.paths import safe_run_name, stores_root
+from msae_core.procs import msae_command, pid_alive, spawn
+from msae_core.training.config import RunConfig, config_mismatch
+from msae_core.training.run_folder import list_runs, read_run, read_status, write_status
+
+log = logging.getLogger(__name__)
+
+
+def train_command(run_dir: str | os.PathLike) -> list[str]:
+    run_dir = Path(run_dir)
+    return msae_command("train", "--config", run_dir / RUN_CONFIG, "--out", run_dir)
+
+
+def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
+               evals: tuple[str, ...] | list[str] = (), max_parallel: int | None = None,
+               store: Any = None) -> Path:
+    """Validate `config`, write root/<name>/config.json and status `queued`, and start training in
+    a detached process (its own session, output in train.log). With `evals`, the training process
+    runs `msae eval RUN --evals ...` once it is done. With `max_parallel`, the process stays
+    `queued` until fewer than that many runs under `root` are running. Returns the run folder.
+
+    A folder that already holds a finished or running run is refused; an unfinished one (failed,
+    cancelled, killed) with the same settings is resumed."""
+    name = safe_run_name(name)
+    run_dir = Path(root) / name
+    if evals:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, evals=list(evals)))
+    config.check(store)  # `store`: the caller's opened store for config.data.acts, if it has one
+    if run_dir.exists() and any(run_dir.iterdir()):
+        info = read_run(run_dir)
+        if info.state == "running" and info.problem is None:
+            raise MsaeError(f"run {name} is already running (pid {info.status.get('pid')})")
+        if info.state == "done":
+            raise MsaeError(f"run {name} is done already: choose another name")
+        if info.config:
+            diff = config_mismatch(info.config, config.to_dict())
+            if diff:
+                raise MsaeError(f"run {name} exists with other settings ({diff}): choose another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / RUN_CONFIG)
+    write_status(run_dir, state="queued", step=_checkpoint_step(run_dir),
+                 total_steps=config.train.steps, error=None, pid=None, queued=time.time())
+    cmd = train_command(run_dir)
+    if max_parallel:
+        cmd += ["--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
+    proc = spawn(cmd, log=run_dir / RUN_LOG)
+    write_status(run_dir, pid=proc.pid)
+    log.info("launched run %s (pid %d)", run_dir, proc.pid)
+    return run_dir
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    try:
+        with open(run_dir / RUN_CHECKPOINT_DIR / TRAINER_STATE) as fh:
+            return int(json.load(fh).get("step", 0))
+    except (OSError, ValueError, json.JSONDecodeError, AttributeError):
+        return 0
+
+
+def cancel_run(path: str | os.PathLike) -> bool:
+    """Ask a run to stop: SIGTERM to its process (it finishes the step, checkpoints, and ends as
+    `cancelled`). A queued run whose process is gone is marked cancelled at once. Returns whether
+    there was something to cancel."""
+    run_dir = Path(path)
+    try:
+        s = read_status(run_dir)
+    except MsaeError:
+        return False
+    pid = s.get("pid")
+    if s.get("state") in ("queued", "running") and pid_alive(pid):
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        else:
+            return True
+    if s.get("state") in ("queued", "running"):
+        write_status(run_dir, state="cancelled", error="cancelled (its process was not running)")
+        return True
+    return False
+
+
+def running_runs(root: str | os.PathLike, exclude: Path | None = None) -> list[Path]:
+    """Run folders under `root` whose state is running and whose process is alive."""
+    out = []
+    for info in list_runs(root, metrics_tail=0):
+        if exclude is not None and info.path.resolve() == exclude.resolve():
+            continue
+        if info.state == "running" and pid_alive(info.status.get("pid")):
+            out.append(info.path)
+    return out
+
+
+def wait_for_slot(run_dir: str | os.PathLike, root: str | os.PathLike, max_parallel: int,
+                  poll_s: float = 1.0, timeout_s: float | None = None, stop: Any = None) -> bool:
+    """Stay `queued` until fewer than `max_parallel` runs under `root` are running, then mark this
+    run running (checked and marked under a lock file, so two waiting runs never take one slot).
+    SIGTERM while waiting ends the run as `cancelled` (returns False); so does the timeout.
+    `stop`: the caller's signal flag (an object with `.signum`), already catching SIGTERM."""
+    import fcntl
+    import threading
+
+    run_dir, root = Path(run_dir), Path(root)
+    caught: list[int] = []
+    old = None
+    if stop is None and threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+
+    def cancelled() -> bool:
+        return bool(caught) or (stop is not None and stop.signum is not None)
+
+    try:
+        write_status(run_dir, state="queued", pid=os.getpid())
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        root.mkdir(parents=True, exist_ok=True)
+        while not cancelled():
+            with open(root / RUN_QUEUE_LOCK, "a") as lockf:
+                fcntl.flock(lockf, fcntl.LOCK_EX)
+                try:
+                    if len(running_runs(root, exclude=run_dir)) < max_parallel:
+                        write_status(run_dir, state="running", pid=os.getpid())
+                        return True
+                finally:
+                    fcntl.flock(lockf, fcntl.LOCK_UN)
+            if end is not None and time.monotonic() > end:
+                break
+            time.sleep(poll_s)
+        write_status(run_dir, state="cancelled", pid=None,
+                     error="cancelled while queued" if cancelled() else "gave up waiting for a free slot")
+        return False
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def start_harvest(root: str | os.PathLike | None, name: str, model: str = "embedded", layer: int = 6,
+                  corpus: str = "embedded", tokens: int = 100_000) -> Path:
+    """Start `msae harvest` into results/stores/<name> in its own process (output in
+    <name>.harvest.log next to the store). Returns the store folder."""
+    name = safe_run_name(name)
+    if layer < 0 or tokens < 1:
+        raise MsaeError(f"layer must be >= 0 and tokens >= 1 (got layer {layer}, tokens {tokens})")
+    out = stores_root(root) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spawn(msae_command("harvest", "--model", model, "--layer", int(layer), "--corpus", corpus,
+                       "--tokens", int(tokens), "--out", out, "--no-progress"),
+          log=out.parent / HARVEST_LOG.format(name=name))
+    return out
