@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from msae_core import sae_io
-from msae_core.sae import SAEConfig, build_sae, registered_archs
+from msae_core.sae import SAEConfig, build_sae, registered_archs, sae_class
 
 
 def _cfg(**kw) -> SAEConfig:
@@ -51,6 +51,16 @@ def test_registry_builds_each_arch_and_refuses_unknown():
         assert "loss" in sae.training_loss(torch.randn(8, 16), 0)
     with pytest.raises(ValueError, match="unknown SAE architecture"):
         build_sae(_cfg(arch="gated"))
+
+
+def test_sae_class_looks_up_the_registry_and_base_arch_names_the_sparsity():
+    for arch in ("relu", "topk"):
+        assert type(build_sae(_cfg(arch=arch))) is sae_class(arch)
+    with pytest.raises(ValueError, match="unknown SAE architecture"):
+        sae_class("gated")
+    assert _cfg(arch="relu", base="topk").base_arch == "relu"
+    assert _cfg(arch="momentum", base="relu").base_arch == "relu"
+    assert _cfg(arch="momentum", base="topk").base_arch == "topk"
 
 
 def test_config_lists_every_problem_at_once():

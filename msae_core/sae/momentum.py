@@ -45,7 +45,7 @@ from functools import lru_cache
 
 import torch
 
-from msae_core.sae.base import _REGISTRY, SAE, SAEConfig, SAEOutput, register_sae
+from msae_core.sae.base import SAE, SAEConfig, SAEOutput, register_sae, sae_class
 
 _EPS = 1e-6
 
@@ -323,7 +323,7 @@ def build_momentum(cfg: SAEConfig) -> SAE:
     """A momentum SAE over `cfg.base`: the base's parameters, initialisation and loss, plus the tracker."""
     if cfg.base not in ("topk", "relu"):
         raise ValueError(f"momentum base must be topk or relu, got {cfg.base!r}")
-    return _momentum_class(_REGISTRY[cfg.base])(cfg)
+    return _momentum_class(sae_class(cfg.base))(cfg)
 
 
 _TRIU: dict = {}
