@@ -4,6 +4,7 @@ duplicate separation, the candidate cap, planted-direction recovery, save/load a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,6 +251,50 @@ def test_save_load_round_trip_gives_identical_outputs_and_state(arch, tmp_path):
     la = _train(sae, batches[6:], start=6)
     lb = _train(back, batches[6:], start=6)
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+LEGACY_DIR = Path(__file__).parent / "data" / "momentum_sae_v1"
+
+
+def _legacy_recipe():
+    """How tests/data/momentum_sae_v1 was made, with the code of commit 5c337f5 (before MomentumSAE
+    composed a base SAE and a MomentumTracker; its state_dict keys were W_enc ..., rate, mag,
+    n_updates, last_update_step, cand_j, cand_kappa, cand_first, cand_last): `sae_io.save_sae` of
+    this SAE, and expected.safetensors with `forward(x)`, the observables ("obs_" + key, booleans
+    as uint8) and the sorted loss terms of three more steps (Adam lr 3e-3, batches of
+    torch.randn(32, 16) from a generator seeded 12, steps 10 to 12)."""
+    sae = build_sae(_cfg(arch="momentum", base="topk", lam=0.2, tau=0.1, refresh_every=3, n_candidates=4))
+    g = torch.Generator().manual_seed(11)
+    batches = [torch.randn(32, 16, generator=g) for _ in range(10)]
+    sae.fit_input_scale_(batches[0])
+    _train(sae, batches)
+    return sae, torch.randn(10, 16, generator=g)
+
+
+def test_a_momentum_sae_saved_by_the_first_format_loads_with_identical_outputs(tmp_path):
+    saved = load_file(str(LEGACY_DIR / "sae.safetensors"))
+    want = load_file(str(LEGACY_DIR / "expected.safetensors"))
+    sae = sae_io.load_sae(LEGACY_DIR)
+    state = sae.state_dict()
+    assert sorted(state) == sorted(saved)  # the module's state keeps the file's names
+    for name, t in saved.items():
+        assert torch.equal(state[name], t), name
+    with torch.no_grad():
+        out = sae.forward(want["x"])
+    torch.testing.assert_close(out.x_hat, want["x_hat"], rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.f != 0, want["f"] != 0)
+    obs = sae.observables()
+    assert sorted(obs) == sorted(k.removeprefix("obs_") for k in want if k.startswith("obs_"))
+    for k, v in obs.items():
+        torch.testing.assert_close(v.to(want["obs_" + k].dtype), want["obs_" + k], rtol=1e-6, atol=1e-6)
+    g = torch.Generator().manual_seed(12)
+    losses = _train(sae, [torch.randn(32, 16, generator=g) for _ in range(3)], start=10)
+    got = torch.tensor([[r[k] for k in sorted(r)] for r in losses], dtype=torch.float64)
+    torch.testing.assert_close(got, want["more_losses"], rtol=1e-5, atol=1e-6)
+    # today's code writes the same names, shapes and dtypes
+    sae_io.save_sae(_legacy_recipe()[0], tmp_path)
+    now = load_file(str(tmp_path / "sae.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in now.items()} == {k: (v.shape, v.dtype) for k, v in saved.items()}
 
 
 def test_load_refuses_missing_or_foreign_weights(tmp_path):
