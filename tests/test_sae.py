@@ -55,7 +55,7 @@ def test_registry_builds_each_arch_and_refuses_unknown():
 
 
 def test_sae_class_looks_up_the_registry_and_base_arch_names_the_sparsity():
-    for arch in ("relu", "topk"):
+    for arch in ("relu", "topk", "momentum"):
         assert type(build_sae(_cfg(arch=arch))) is sae_class(arch)
     with pytest.raises(ValueError, match="unknown SAE architecture"):
         sae_class("gated")
@@ -101,9 +101,10 @@ def test_lambda_zero_momentum_equals_its_base_exactly(base):
     lm = _train(mom, batches)
     assert [r["loss"] for r in lp] == [r["loss"] for r in lm]
     for name, p in plain.named_parameters():
-        assert torch.equal(p, dict(mom.named_parameters())[name]), name
+        assert torch.equal(p, dict(mom.base.named_parameters())[name]), name
     # and the tracker did track something: lam = 0 is not "momentum switched off"
-    assert int(mom.n_updates) == 30 and float(mom.rate.sum()) > 0 and int((mom.cand_j >= 0).sum()) > 0
+    tr = mom.tracker
+    assert int(tr.n_updates) == 30 and float(tr.rate.sum()) > 0 and int((tr.partner_FC >= 0).sum()) > 0
 
 
 # --------------------------------------------------------------------- tracker vs a naive reference
@@ -138,8 +139,8 @@ def test_momentum_buffers_match_a_naive_ema_reference():
             events.append((t, int(i), int(j), "down"))
         was = now
     bias = 1 - beta ** 12
-    assert torch.allclose(sae.rate_hat(), rate / bias, atol=1e-6)
-    assert torch.allclose(sae.mag_hat(), mag / bias, atol=1e-5)
+    assert torch.allclose(sae.tracker.rate_hat(), rate / bias, atol=1e-6)
+    assert torch.allclose(sae.tracker.mag_hat(), mag / bias, atol=1e-5)
     table = torch.zeros(F, F)
     for i, j, k in zip(*(sae.observables()[n] for n in ("pair_i", "pair_j", "pair_kappa"))):
         table[int(i), int(j)] = float(k)
@@ -161,7 +162,7 @@ def test_candidate_table_never_exceeds_C_pairs_and_stays_symmetric():
     for i, j in pairs:
         degree[i] += 1
         degree[j] += 1
-        assert j in sae.cand_j[i].tolist() and i in sae.cand_j[j].tolist()
+        assert j in sae.tracker.partner_FC[i].tolist() and i in sae.tracker.partner_FC[j].tolist()
     assert int(degree.max()) <= C
     assert int(degree.max()) == C  # the cap binds somewhere, so the check above means something
 
@@ -193,7 +194,7 @@ def _duplicate_run(lam: float, steps: int = 200):
         for e in sae.drain_events():
             if {e["i"], e["j"]} == {0, 1} and e["direction"] == "up" and first_up is None:
                 first_up = t
-        row = sae.cand_kappa[0][sae.cand_j[0] == 1]
+        row = sae.tracker.kappa_FC[0][sae.tracker.partner_FC[0] == 1]
         kappa_max = max(kappa_max, float(row.max()) if len(row) else 0.0)
     x = _sparse_data(2048, dirs, 3, g)
     with torch.no_grad():
@@ -356,8 +357,8 @@ def test_saebench_wrapper_has_the_custom_sae_interface(base):
 
 @pytest.mark.parametrize("F", [40, 5000])  # 5000^2 keys exceed the hash table: collisions happen
 def test_admission_screen_equals_exact_grouping(F):
-    """_batch_scores keeps exactly the table pairs plus the new pairs whose summed s >= admit."""
-    from msae_core.sae.momentum import MomentumMixin
+    """batch_scores keeps exactly the table pairs plus the new pairs whose summed s >= admit."""
+    from msae_core.sae.tracker import MomentumTracker
 
     g = torch.Generator().manual_seed(8)
     n_pairs = 3000 if F > 100 else 300
@@ -367,7 +368,7 @@ def test_admission_screen_equals_exact_grouping(F):
     k_occ = pair_keys[torch.randint(0, len(pair_keys), (20 * len(pair_keys),), generator=g)]
     c = torch.rand(len(k_occ), generator=g) * 0.02
     o_key = pair_keys[torch.randperm(len(pair_keys), generator=g)[:50]]
-    keys, s = MomentumMixin._batch_scores(k_occ, c, o_key, 0.2, F)
+    keys, s = MomentumTracker.batch_scores(k_occ, c, o_key, 0.2, F)
     u, inv = torch.unique(k_occ, return_inverse=True)
     exact = torch.zeros(len(u)).index_add_(0, inv, c)
     want = {int(k): float(v) for k, v in zip(u, exact.clamp(0, 1)) if v >= 0.2 or bool((o_key == k).any())}
