@@ -103,7 +103,7 @@ def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
     A momentum SAE is exported as its base architecture (the tracker is training-time state); a
     `relu` SAE as SAELens's "standard" architecture."""
     folder = Path(folder)
-    base = sae.cfg.base if sae.cfg.arch == "momentum" else sae.cfg.arch
+    base = sae.cfg.base_arch
     architecture = {"relu": "standard", "topk": "topk"}[base]
     w = folded_weights(sae)
     atomic_save_safetensors(folder / SAELENS_WEIGHTS, w)
@@ -156,7 +156,7 @@ class SAEBenchSAE(torch.nn.Module):
         self.device = torch.device(device)
         self.dtype = dtype
         hook_name = hook_name or f"blocks.{hook_layer}.hook_resid_post"
-        base = sae.cfg.base if sae.cfg.arch == "momentum" else sae.cfg.arch
+        base = sae.cfg.base_arch
         fields = dict(model_name=model_name, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
                       hook_layer=hook_layer, hook_name=hook_name, context_size=context_size,
                       architecture=sae.cfg.arch, dtype=str(dtype).removeprefix("torch."),

@@ -4,13 +4,14 @@ duplicate separation, the candidate cap, planted-direction recovery, save/load a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from msae_core import sae_io
-from msae_core.sae import SAEConfig, build_sae, registered_archs
+from msae_core.sae import SAEConfig, build_sae, registered_archs, sae_class
 
 
 def _cfg(**kw) -> SAEConfig:
@@ -53,6 +54,16 @@ def test_registry_builds_each_arch_and_refuses_unknown():
         build_sae(_cfg(arch="gated"))
 
 
+def test_sae_class_looks_up_the_registry_and_base_arch_names_the_sparsity():
+    for arch in ("relu", "topk", "momentum"):
+        assert type(build_sae(_cfg(arch=arch))) is sae_class(arch)
+    with pytest.raises(ValueError, match="unknown SAE architecture"):
+        sae_class("gated")
+    assert _cfg(arch="relu", base="topk").base_arch == "relu"
+    assert _cfg(arch="momentum", base="relu").base_arch == "relu"
+    assert _cfg(arch="momentum", base="topk").base_arch == "topk"
+
+
 def test_config_lists_every_problem_at_once():
     problems = _cfg(arch="momentum", k=0, beta=1.0, tau=1.5, lam=-1, d_sae=0).problems()
     text = " | ".join(problems)
@@ -90,9 +101,10 @@ def test_lambda_zero_momentum_equals_its_base_exactly(base):
     lm = _train(mom, batches)
     assert [r["loss"] for r in lp] == [r["loss"] for r in lm]
     for name, p in plain.named_parameters():
-        assert torch.equal(p, dict(mom.named_parameters())[name]), name
+        assert torch.equal(p, dict(mom.base.named_parameters())[name]), name
     # and the tracker did track something: lam = 0 is not "momentum switched off"
-    assert int(mom.n_updates) == 30 and float(mom.rate.sum()) > 0 and int((mom.cand_j >= 0).sum()) > 0
+    tr = mom.tracker
+    assert int(tr.n_updates) == 30 and float(tr.rate.sum()) > 0 and int((tr.partner_FC >= 0).sum()) > 0
 
 
 # --------------------------------------------------------------------- tracker vs a naive reference
@@ -127,8 +139,8 @@ def test_momentum_buffers_match_a_naive_ema_reference():
             events.append((t, int(i), int(j), "down"))
         was = now
     bias = 1 - beta ** 12
-    assert torch.allclose(sae.rate_hat(), rate / bias, atol=1e-6)
-    assert torch.allclose(sae.mag_hat(), mag / bias, atol=1e-5)
+    assert torch.allclose(sae.tracker.rate_hat(), rate / bias, atol=1e-6)
+    assert torch.allclose(sae.tracker.mag_hat(), mag / bias, atol=1e-5)
     table = torch.zeros(F, F)
     for i, j, k in zip(*(sae.observables()[n] for n in ("pair_i", "pair_j", "pair_kappa"))):
         table[int(i), int(j)] = float(k)
@@ -150,7 +162,7 @@ def test_candidate_table_never_exceeds_C_pairs_and_stays_symmetric():
     for i, j in pairs:
         degree[i] += 1
         degree[j] += 1
-        assert j in sae.cand_j[i].tolist() and i in sae.cand_j[j].tolist()
+        assert j in sae.tracker.partner_FC[i].tolist() and i in sae.tracker.partner_FC[j].tolist()
     assert int(degree.max()) <= C
     assert int(degree.max()) == C  # the cap binds somewhere, so the check above means something
 
@@ -182,7 +194,7 @@ def _duplicate_run(lam: float, steps: int = 200):
         for e in sae.drain_events():
             if {e["i"], e["j"]} == {0, 1} and e["direction"] == "up" and first_up is None:
                 first_up = t
-        row = sae.cand_kappa[0][sae.cand_j[0] == 1]
+        row = sae.tracker.kappa_FC[0][sae.tracker.partner_FC[0] == 1]
         kappa_max = max(kappa_max, float(row.max()) if len(row) else 0.0)
     x = _sparse_data(2048, dirs, 3, g)
     with torch.no_grad():
@@ -240,6 +252,50 @@ def test_save_load_round_trip_gives_identical_outputs_and_state(arch, tmp_path):
     la = _train(sae, batches[6:], start=6)
     lb = _train(back, batches[6:], start=6)
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+LEGACY_DIR = Path(__file__).parent / "data" / "momentum_sae_v1"
+
+
+def _legacy_recipe():
+    """How tests/data/momentum_sae_v1 was made, with the code of commit 5c337f5 (before MomentumSAE
+    composed a base SAE and a MomentumTracker; its state_dict keys were W_enc ..., rate, mag,
+    n_updates, last_update_step, cand_j, cand_kappa, cand_first, cand_last): `sae_io.save_sae` of
+    this SAE, and expected.safetensors with `forward(x)`, the observables ("obs_" + key, booleans
+    as uint8) and the sorted loss terms of three more steps (Adam lr 3e-3, batches of
+    torch.randn(32, 16) from a generator seeded 12, steps 10 to 12)."""
+    sae = build_sae(_cfg(arch="momentum", base="topk", lam=0.2, tau=0.1, refresh_every=3, n_candidates=4))
+    g = torch.Generator().manual_seed(11)
+    batches = [torch.randn(32, 16, generator=g) for _ in range(10)]
+    sae.fit_input_scale_(batches[0])
+    _train(sae, batches)
+    return sae, torch.randn(10, 16, generator=g)
+
+
+def test_a_momentum_sae_saved_by_the_first_format_loads_with_identical_outputs(tmp_path):
+    saved = load_file(str(LEGACY_DIR / "sae.safetensors"))
+    want = load_file(str(LEGACY_DIR / "expected.safetensors"))
+    sae = sae_io.load_sae(LEGACY_DIR)
+    state = sae.state_dict()
+    assert sorted(state) == sorted(saved)  # the module's state keeps the file's names
+    for name, t in saved.items():
+        assert torch.equal(state[name], t), name
+    with torch.no_grad():
+        out = sae.forward(want["x"])
+    torch.testing.assert_close(out.x_hat, want["x_hat"], rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.f != 0, want["f"] != 0)
+    obs = sae.observables()
+    assert sorted(obs) == sorted(k.removeprefix("obs_") for k in want if k.startswith("obs_"))
+    for k, v in obs.items():
+        torch.testing.assert_close(v.to(want["obs_" + k].dtype), want["obs_" + k], rtol=1e-6, atol=1e-6)
+    g = torch.Generator().manual_seed(12)
+    losses = _train(sae, [torch.randn(32, 16, generator=g) for _ in range(3)], start=10)
+    got = torch.tensor([[r[k] for k in sorted(r)] for r in losses], dtype=torch.float64)
+    torch.testing.assert_close(got, want["more_losses"], rtol=1e-5, atol=1e-6)
+    # today's code writes the same names, shapes and dtypes
+    sae_io.save_sae(_legacy_recipe()[0], tmp_path)
+    now = load_file(str(tmp_path / "sae.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in now.items()} == {k: (v.shape, v.dtype) for k, v in saved.items()}
 
 
 def test_load_refuses_missing_or_foreign_weights(tmp_path):
@@ -301,8 +357,8 @@ def test_saebench_wrapper_has_the_custom_sae_interface(base):
 
 @pytest.mark.parametrize("F", [40, 5000])  # 5000^2 keys exceed the hash table: collisions happen
 def test_admission_screen_equals_exact_grouping(F):
-    """_batch_scores keeps exactly the table pairs plus the new pairs whose summed s >= admit."""
-    from msae_core.sae.momentum import MomentumMixin
+    """batch_scores keeps exactly the table pairs plus the new pairs whose summed s >= admit."""
+    from msae_core.sae.tracker import MomentumTracker
 
     g = torch.Generator().manual_seed(8)
     n_pairs = 3000 if F > 100 else 300
@@ -312,7 +368,7 @@ def test_admission_screen_equals_exact_grouping(F):
     k_occ = pair_keys[torch.randint(0, len(pair_keys), (20 * len(pair_keys),), generator=g)]
     c = torch.rand(len(k_occ), generator=g) * 0.02
     o_key = pair_keys[torch.randperm(len(pair_keys), generator=g)[:50]]
-    keys, s = MomentumMixin._batch_scores(k_occ, c, o_key, 0.2, F)
+    keys, s = MomentumTracker.batch_scores(k_occ, c, o_key, 0.2, F)
     u, inv = torch.unique(k_occ, return_inverse=True)
     exact = torch.zeros(len(u)).index_add_(0, inv, c)
     want = {int(k): float(v) for k, v in zip(u, exact.clamp(0, 1)) if v >= 0.2 or bool((o_key == k).any())}

@@ -31,6 +31,13 @@ def registered_archs() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def sae_class(name: str) -> type["SAE"]:
+    """The class registered under `name`; ValueError when there is none."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown SAE architecture {name!r}; known: {', '.join(registered_archs())}")
+    return _REGISTRY[name]
+
+
 @dataclass
 class SAEConfig:
     """What an SAE is: architecture, sizes and the knobs of its loss."""
@@ -57,6 +64,12 @@ class SAEConfig:
         "help": "steps between decoder-cosine neighbour refreshes of the candidate table"})
     seed: int = field(default=0, metadata={"help": "seed of the weight initialisation"})
 
+    @property
+    def base_arch(self) -> str:
+        """The sparsity architecture (whose activation and loss the SAE uses): `base` for a
+        momentum SAE, else `arch`."""
+        return self.base if self.arch == "momentum" else self.arch
+
     def problems(self) -> list[str]:
         out = []
         if self.arch not in _REGISTRY:
@@ -65,8 +78,7 @@ class SAEConfig:
             out.append(f"d_in must be >= 1 (got {self.d_in})")
         if self.d_sae < 1:
             out.append(f"d_sae must be >= 1 (got {self.d_sae})")
-        uses_k = self.arch == "topk" or (self.arch == "momentum" and self.base == "topk")
-        if uses_k and not 1 <= self.k <= max(self.d_sae, 1):
+        if self.base_arch == "topk" and not 1 <= self.k <= max(self.d_sae, 1):
             out.append(f"k must be in [1, d_sae={self.d_sae}] (got {self.k})")
         if self.l1_coeff < 0:
             out.append(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
@@ -98,11 +110,10 @@ class SAEOutput(NamedTuple):
 
 
 def build_sae(cfg: SAEConfig) -> "SAE":
-    if cfg.arch not in _REGISTRY:
-        raise ValueError(f"unknown SAE architecture {cfg.arch!r}; known: {', '.join(registered_archs())}")
+    cls = sae_class(cfg.arch)
     if cfg.d_in < 1:
         raise ValueError("d_in must be set (>= 1) before building an SAE")
-    return _REGISTRY[cfg.arch](cfg)
+    return cls(cfg)
 
 
 class SAE(nn.Module):
