@@ -226,3 +226,26 @@ def test_sigkilled_harvest_resumes_to_the_uninterrupted_store(setup, tmp_path):
     assert meta_a == meta_b
     for a, b in zip(tensors_a, tensors_b):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_activations_are_never_written(setup, tmp_path, monkeypatch):
+    """A NaN from the model (float16 overflow aside, which has its own message) stops the harvest
+    naming where it came from; the shards written before stay whole and NaN-free."""
+    from msae_core.data.lm import LanguageModel
+
+    real = LanguageModel.resid_post
+    calls = {"n": 0}
+
+    def resid_post(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third batch, after a shard or two of 64 rows
+            out[1, 5, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(LanguageModel, "resid_post", resid_post)
+    with pytest.raises(MsaeError, match=r"non-finite activations \(NaN or inf\) at layer 2 in 1 row\(s\), "
+                                        r"the first in window \d+ at position 5"):
+        _run(setup, tmp_path / "nan")
+    store = ActivationStore(tmp_path / "nan")
+    assert store.n_rows > 0 and store.nonfinite_rows() == (0, [])

@@ -146,6 +146,13 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
                 need = target - rows_done
                 acts, tok, wid, pos = acts[:need], tok[:need], wid[:need], pos[:need]
                 n_win = int(wid[-1]) - win_next + 1
+            bad_N = ~torch.isfinite(acts).all(dim=1)
+            if bool(bad_N.any()):  # never write NaN/inf: a store holds only finite rows
+                first = int(bad_N.nonzero()[0])
+                raise MsaeError(f"the model gave non-finite activations (NaN or inf) at layer "
+                                f"{settings.layer} in {int(bad_N.sum())} row(s), the first in window "
+                                f"{int(wid[first])} at position {int(pos[first])}: nothing written "
+                                f"for that batch; try --dtype float32 or another layer")
             if settings.dtype == "float16" and len(acts) and acts.abs().max().item() > FLOAT16_MAX:
                 raise MsaeError(f"layer {settings.layer} activations exceed the float16 range "
                                 f"({acts.abs().max().item():.3g}): harvest with --dtype float32")

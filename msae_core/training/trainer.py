@@ -541,10 +541,10 @@ def run_cli(args: argparse.Namespace) -> int:
             if not wait_for_slot(out, root, args.max_parallel, stop=stop):
                 return 130
         result = train(cfg, out, progress=not args.no_progress, stop=stop, store=store)
-    if result.state in ("diverged", "failed"):
-        raise MsaeError(result.error or result.state)
-    if result.state == "cancelled":
-        return 130  # the cause is logged by train()
-    if cfg.train.evals:
-        return run_evals(Path(args.out), list(cfg.train.evals))
+        if result.state in ("diverged", "failed"):
+            raise MsaeError(result.error or result.state)
+        if result.state == "cancelled":
+            return 130  # the cause is logged by train()
+        if cfg.train.evals:  # still under the lock: no trainer rewrites the weights being evaluated
+            return run_evals(out, list(cfg.train.evals))
     return 0
