@@ -35,7 +35,7 @@ class DemoPlan:
     tokens: int = 100_000
     d_sae: int = 2048
     k: int = 32
-    steps: int = 1000
+    steps: int = 500
     batch_size: int = 1024
     evals: tuple[str, ...] = ("core", "absorption", "sparse_probing")
 
@@ -46,10 +46,11 @@ DEMO_RUNS: dict[str, dict] = {
     "demo-momentum": {"arch": "momentum", "base": "topk", "beta": 0.95, "tau": 0.4, "lam": 0.3},
 }
 
-# rough seconds on 2 CPU cores (bench/RESULTS.md), scaled by the speed the demo actually sees
-_SECONDS_PER_TOKEN = 1 / 1500          # harvest with early stop, embedded model
+# rough seconds on 2 CPU cores (`msae demo` in a fresh clone, 2026-11-25), scaled at run time by the
+# speed the demo actually sees
+_SECONDS_PER_TOKEN = 1 / 1200          # harvest with early stop, embedded model
 _MODEL_CONVERSION_S = 90               # first use only: GGUF -> cached safetensors
-_SECONDS_PER_STEP = 0.11               # TopK step at d_sae 2048, batch 1024, d_in 640
+_SECONDS_PER_STEP = 0.28               # TopK step at d_sae 2048, batch 1024, d_in 640
 _EVAL_S = {"core": 30, "absorption": 70, "sparse_probing": 60}
 
 
