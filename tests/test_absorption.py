@@ -410,6 +410,7 @@ def test_run_refuses_a_wrong_word_position(tiny_run):
 def test_embedded_model_tiny_settings(tmp_path):
     """Gemma 3 270M: its vocabulary, the template's word position (-6) and a run with few words."""
     from msae_core.artifacts import RUN_CONFIG, RUN_STATUS, STORE_MANIFEST, atomic_write_json
+    from msae_core.data.store import STORE_FORMAT
     from msae_core.evals import run_evals
     from msae_core.evals.schema import check_result
     from msae_core.sae import SAEConfig, build_sae
@@ -417,8 +418,10 @@ def test_embedded_model_tiny_settings(tmp_path):
 
     store = tmp_path / "store"
     store.mkdir()
-    atomic_write_json(store / STORE_MANIFEST, {"model": "embedded", "layer": 3, "context_size": 128,
-                                                "corpus": {"name": "embedded"}, "d_model": 640})
+    atomic_write_json(store / STORE_MANIFEST, {  # a valid store manifest with no rows: model and layer
+        "format": STORE_FORMAT, "model": "embedded", "layer": 3, "context_size": 128,
+        "corpus": {"name": "embedded"}, "d_model": 640, "dtype": "float16", "n_rows": 0,
+        "n_windows": 0, "settings_hash": "-", "shards": []})
     run = tmp_path / "run"
     run.mkdir()
     sae_cfg = {"arch": "topk", "d_in": 640, "d_sae": 256, "k": 16}
