@@ -269,9 +269,10 @@ def _cli(args: argparse.Namespace) -> int:
         if server.poll() is None:
             server.terminate()
             try:
-                server.wait(timeout=15)
+                server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
+                server.wait()
     return rc
 
 

@@ -123,5 +123,9 @@ def test_demo_serve_shows_the_workbench_at_once_and_keeps_serving(tmp_path):
         assert "keeps serving" in text and "demo [5/5]" in text
     finally:
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=30)
+        try:
+            rc = proc.wait(timeout=90)  # the server gets 10 s to stop, then is killed
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
     assert rc == 0

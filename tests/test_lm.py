@@ -191,6 +191,7 @@ def test_embedded_model_converts_into_an_empty_cache(tmp_path, monkeypatch):
     """The cold path a new user takes: GGUF -> float32 safetensors + tokenizer in an empty cache."""
     monkeypatch.setenv("MSAE_CACHE", str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+    lm_mod.load_tokenizer.cache_clear()  # an earlier test may hold the tokenizer of another cache
     lm = load_lm("embedded", device="cpu")
     root = lm_mod.embedded_dir()
     assert root.parent == tmp_path
