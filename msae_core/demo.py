@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -255,6 +256,11 @@ def _cli(args: argparse.Namespace) -> int:
     server = serve_workbench(root, args.port)
     log.info("workbench: http://127.0.0.1:%d (the demo's runs appear on Home as they progress)", args.port)
     rc = 0
+
+    def _stop(signum, frame):  # SIGTERM stops the demo and its server like Ctrl-C does
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, _stop)
     try:
         try:
             run_demo(root, plan)
@@ -266,6 +272,7 @@ def _cli(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         if server.poll() is None:
             server.terminate()
             try:

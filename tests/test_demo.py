@@ -122,7 +122,7 @@ def test_demo_serve_shows_the_workbench_at_once_and_keeps_serving(tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5).close()
         assert "keeps serving" in log.read_text()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # SIGINT may be ignored: a shell's background job inherits that
         try:
             rc = proc.wait(timeout=90)  # the server gets 10 s to stop, then is killed
         except subprocess.TimeoutExpired:
