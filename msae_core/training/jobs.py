@@ -7,7 +7,6 @@ moment; `start_harvest` starts `msae harvest`."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -21,13 +20,12 @@ from msae_core.artifacts import (
     RUN_CONFIG,
     RUN_LOG,
     RUN_QUEUE_LOCK,
-    TRAINER_STATE,
 )
 from msae_core.errors import MsaeError
 from msae_core.paths import safe_run_name, stores_root
 from msae_core.procs import msae_command, pid_alive, spawn
 from msae_core.training.config import RunConfig, config_mismatch
-from msae_core.training.run_folder import list_runs, read_run, read_status, write_status
+from msae_core.training.run_folder import checkpoint_step, list_runs, read_run, read_status, write_status
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
                 raise MsaeError(f"run {name} exists with other settings ({diff}): choose another name")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / RUN_CONFIG)
-    write_status(run_dir, state="queued", step=_checkpoint_step(run_dir),
+    write_status(run_dir, state="queued", step=checkpoint_step(run_dir / RUN_CHECKPOINT_DIR) or 0,
                  total_steps=config.train.steps, error=None, pid=None, queued=time.time())
     cmd = train_command(run_dir)
     if max_parallel:
@@ -73,14 +71,6 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
     write_status(run_dir, pid=proc.pid)
     log.info("launched run %s (pid %d)", run_dir, proc.pid)
     return run_dir
-
-
-def _checkpoint_step(run_dir: Path) -> int:
-    try:
-        with open(run_dir / RUN_CHECKPOINT_DIR / TRAINER_STATE) as fh:
-            return int(json.load(fh).get("step", 0))
-    except (OSError, ValueError, json.JSONDecodeError, AttributeError):
-        return 0
 
 
 def cancel_run(path: str | os.PathLike) -> bool:

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from msae_core import __version__
 from msae_core.artifacts import (
+    TRAINER_STATE,
     RUN_CONFIG,
     RUN_EVAL,
     RUN_METRICS,
@@ -266,3 +267,11 @@ def list_runs(root: str | os.PathLike, metrics_tail: int = 20) -> list[RunInfo]:
         except Exception as exc:  # noqa: BLE001 - a listing must survive any folder
             out.append(RunInfo(name=p.name, path=p, problem=f"unreadable: {exc}"))
     return out
+
+
+def checkpoint_step(ckpt_dir: Path) -> int | None:
+    """The step of the checkpoint in `ckpt_dir` (its trainer_state.json), None when unreadable."""
+    try:
+        return int(json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None

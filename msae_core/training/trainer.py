@@ -72,7 +72,7 @@ from msae_core.training.config import (
     TrainConfig,
     config_mismatch,
 )
-from msae_core.training.run_folder import read_status, refuse_foreign_out, write_status
+from msae_core.training.run_folder import checkpoint_step, read_status, refuse_foreign_out, write_status
 
 log = logging.getLogger(__name__)
 
@@ -306,20 +306,13 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
 def _os_error_text(exc: OSError, out_dir: Path) -> str:
     """One line for an OS error while training: what failed, and what the run folder still holds."""
     ck = find_checkpoint(out_dir)
-    kept = (f"the last whole checkpoint (step {_checkpoint_step(ck)}) is kept" if ck is not None
+    kept = (f"the last whole checkpoint (step {checkpoint_step(ck)}) is kept" if ck is not None
             else "no checkpoint had been written yet")
     where = exc.filename or out_dir
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"disk full while writing {where}: {kept}; free some space and run the same "
                 f"command again to resume")
     return f"cannot write {where} ({exc.strerror or exc}): {kept}; run the same command again to resume"
-
-
-def _checkpoint_step(ckpt: Path) -> int | None:
-    try:
-        return int(json.loads((ckpt / TRAINER_STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
-        return None
 
 
 def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool,
