@@ -109,7 +109,7 @@ def test_packed_windows_follow_saebench(tok):
     bodies = [t for _, w in wins for t in w[1:]]
     assert bodies == stream[:len(bodies)] and len(stream) - len(bodies) < 15
     # doc_id is the document of each window's first token
-    owner, pos = [], 0
+    owner = []
     for i, t in enumerate(texts):
         n = len(tok(t, add_special_tokens=False)["input_ids"]) + 1
         owner += [i] * n

@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 
 log = logging.getLogger(__name__)
@@ -379,15 +380,6 @@ class LanguageModel:
         return torch.tensor([ids], dtype=torch.long)
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise MsaeError(f"unknown device {device!r}: {exc}") from exc
-
-
 def load_lm(name_or_path: str = EMBEDDED, device: str | torch.device | None = None,
             dtype: str | torch.dtype | None = None) -> LanguageModel:
     """Load a causal LM: "embedded", a Hugging Face name (HF cache or network) or a local folder.
@@ -395,7 +387,7 @@ def load_lm(name_or_path: str = EMBEDDED, device: str | torch.device | None = No
     dtype: float32 by default (on CPU always sensible); "bfloat16"/"float16" halve memory on GPU."""
     from transformers import AutoModelForCausalLM
 
-    dev = _device(device)
+    dev = resolve_device(device)
     if dtype is None:
         dtype = torch.float32
     elif isinstance(dtype, str):

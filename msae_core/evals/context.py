@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS
+from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.data.store import read_manifest
 
@@ -102,12 +103,6 @@ class EvalContext:
                 "dataset_path": self.corpus_name, "architecture": cfg.get("arch")}
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
              progress: bool = True) -> EvalContext:
     """Check that `run_dir` holds a finished run with weights, and load it. Refusals are one line."""
@@ -135,7 +130,7 @@ def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     if manifest is None:
         raise MsaeError(f"run {run_dir.name}: its activation store {config.data.acts} is gone "
                         f"(needed for the model, layer and corpus)")
-    dev = _device(device)
+    dev = resolve_device(device)
     sae = load_sae(run_dir, device=dev).eval()
     return EvalContext(run_dir=run_dir, sae=sae, config=config, manifest=manifest, device=dev,
                        progress=progress)
