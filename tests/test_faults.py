@@ -119,11 +119,11 @@ def _assert_failed_on_full_disk(run: Path, result_error: str):
 def test_disk_full_while_training_injected(store, tmp_path, monkeypatch):
     """ENOSPC from the checkpoint writer at the second checkpoint: failed, first checkpoint kept,
     the same command resumes to the uninterrupted result."""
-    from msae_core.training import trainer as T
+    from msae_core import sae_io
 
     run = tmp_path / "run"
     cfg = make_config(store, steps=30)
-    real = T._sae_io().save_sae
+    real = sae_io.save_sae
     calls = {"n": 0}
 
     def save_sae(sae, folder):
@@ -134,7 +134,7 @@ def test_disk_full_while_training_injected(store, tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device", str(folder / "sae.safetensors"))
         return real(sae, folder)
 
-    monkeypatch.setattr(T._sae_io(), "save_sae", save_sae)
+    monkeypatch.setattr(sae_io, "save_sae", save_sae)
     with pytest.raises(MsaeError) as err:
         train(cfg, run, progress=False)
     assert _assert_failed_on_full_disk(run, str(err.value)) == 10

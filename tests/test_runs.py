@@ -203,3 +203,38 @@ def test_queue_waits_for_a_free_slot(tmp_path):
     other.mkdir()
     assert wait_for_slot(other, root, 1, poll_s=0.05, timeout_s=0.2) is False
     assert read_status(other)["state"] == "cancelled"
+
+
+def test_run_folder_owns_the_logs_round_trip(tmp_path):
+    """The trainer's writers and the workbench's readers meet in run_folder: events with 0-d tensors
+    come back as numbers, a torn last line is skipped, resume's truncation keeps only what the
+    checkpoint covers, and a ragged pair table is refused."""
+    import numpy as np
+    import torch
+
+    from msae_core.training.run_folder import (append_events, append_metrics, event_rows, metrics_rows,
+                                               pair_columns, read_trace, trace_files, truncate_logs,
+                                               write_trace)
+
+    run = tmp_path / "r"
+    run.mkdir()
+    for step in (10, 20, 30):
+        append_metrics(run, {"step": step, "loss": 1.0 / step})
+        append_events(run, [{"step": step - 1, "i": torch.tensor(3), "j": 5, "kappa": torch.tensor(0.5)}])
+        write_trace(run, step, {"rate": torch.full((4,), float(step))})
+    with open(run / "events.jsonl", "a") as fh:
+        fh.write('{"step": 31, "i"')  # torn by a kill
+    ev = event_rows(run)
+    assert [e["step"] for e in ev] == [9, 19, 29] and ev[0]["i"] == 3 and ev[0]["kappa"] == 0.5
+    assert [s for s, _ in trace_files(run)] == [10, 20, 30]
+    assert read_trace(trace_files(run)[1][1], ("rate",))["rate"].tolist() == [20.0] * 4
+
+    truncate_logs(run, 20)  # resumed from the checkpoint of step 20
+    assert [m["step"] for m in metrics_rows(run)] == [10, 20]
+    assert [e["step"] for e in event_rows(run)] == [9, 19]
+    assert [s for s, _ in trace_files(run)] == [10, 20]
+
+    cols = {k: np.arange(3) for k in ("pair_i", "pair_j", "pair_kappa", "pair_dec_cos", "pair_first", "pair_last")}
+    assert set(pair_columns(cols)) == {"i", "j", "kappa", "dec_cos", "first", "last"}
+    assert pair_columns({**cols, "pair_j": np.arange(2)}) is None
+    assert pair_columns({k: v for k, v in cols.items() if k != "pair_last"}) is None

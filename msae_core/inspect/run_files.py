@@ -1,5 +1,7 @@
-"""Readers of one run folder: its config, metrics, competition events, trace snapshots (per-feature
-traces and the competing-pair table) and final weights, and fingerprints that change when they do.
+"""Readers of one run folder for the pages: its config, metrics, competition events, trace snapshots
+(per-feature traces and the competing-pair table) and final weights as tables and arrays, and
+fingerprints that change when they do. The files themselves are read through
+msae_core.training.run_folder, their one owner.
 
 Every reader here except `load_run_sae` follows the package's no-raise convention (see
 msae_core.inspect)."""
@@ -16,14 +18,14 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from msae_core.artifacts import (RUN_CONFIG, RUN_EVENTS, RUN_METRICS, RUN_TRACES_DIR, SAE_CONFIG,
-                                 SAE_WEIGHTS, read_jsonl, trace_step)
+from msae_core.artifacts import RUN_CONFIG, RUN_EVENTS, RUN_METRICS, SAE_CONFIG, SAE_WEIGHTS
 from msae_core.errors import MsaeError
+from msae_core.training.run_folder import (PAIR_KEYS, event_rows, metrics_rows, pair_columns, read_trace,
+                                           trace_files)
 
 log = logging.getLogger(__name__)
 
 EVENT_COLUMNS = ["step", "i", "j", "kappa", "direction"]
-PAIR_KEYS = ("pair_i", "pair_j", "pair_kappa", "pair_dec_cos", "pair_first", "pair_last")
 PAIR_COLUMNS = ["i", "j", "kappa", "dec_cos", "first", "last"]
 
 
@@ -46,28 +48,6 @@ def read_json_file(path: Path) -> tuple[Any, str | None]:
         return None, f"no {path.name}"
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         return None, f"{path.name} is unreadable ({exc.__class__.__name__})"
-
-
-def _jsonl_rows(path: Path) -> list[dict]:
-    """The object lines of a jsonl file; [] when it cannot be read (a torn line is skipped)."""
-    try:
-        return [r for r in read_jsonl(path) if isinstance(r, dict)]
-    except (OSError, UnicodeDecodeError) as exc:
-        log.warning("%s unreadable: %s", path, exc)
-        return []
-
-
-def read_safetensors(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file as numpy (only safetensors are ever loaded, never pickles).
-    Raises on an unreadable file: callers decide what an unreadable snapshot means."""
-    from safetensors import safe_open
-
-    out = {}
-    with safe_open(str(path), framework="np") as fh:
-        for k in fh.keys():
-            if keys is None or k in keys:
-                out[k] = fh.get_tensor(k)
-    return out
 
 
 # ------------------------------------------------------------------------------ config, weights
@@ -114,14 +94,14 @@ def load_run_sae(run_dir: str | os.PathLike):
 
 # ---------------------------------------------------------------------------- metrics and events
 def load_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    df = pd.DataFrame(_jsonl_rows(Path(run_dir) / RUN_METRICS))
+    df = pd.DataFrame(metrics_rows(run_dir))
     if "step" in df:
         df = df.sort_values("step").reset_index(drop=True)
     return df
 
 
 def load_events(run_dir: str | os.PathLike) -> pd.DataFrame:
-    rows = _jsonl_rows(Path(run_dir) / RUN_EVENTS)
+    rows = event_rows(run_dir)
     df = pd.DataFrame(rows, columns=EVENT_COLUMNS) if not rows else pd.DataFrame(rows)
     for c in ("step", "i", "j", "kappa"):
         if c in df:
@@ -130,19 +110,6 @@ def load_events(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------- trace files
-def trace_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every trace snapshot, by step."""
-    out = []
-    try:
-        for e in os.scandir(Path(run_dir) / RUN_TRACES_DIR):
-            step = trace_step(e.name)
-            if step is not None:
-                out.append((step, Path(e.path)))
-    except OSError:
-        return []
-    return sorted(out)
-
-
 def run_fingerprint(run_dir: str | os.PathLike) -> tuple:
     """A cheap key that changes when a run's weights, trace snapshots, events or metrics change."""
     run_dir = Path(run_dir)
@@ -159,7 +126,7 @@ def latest_snapshots(run_dir: str | os.PathLike, keys: tuple[str, ...],
         if step is not None and s != step:
             continue
         try:
-            t = read_safetensors(path, keys)
+            t = read_trace(path, keys)
         except Exception:  # noqa: BLE001 - half-written or foreign snapshot
             continue
         if all(k in t for k in keys):
@@ -196,7 +163,7 @@ def load_traces(run_dir: str | os.PathLike, features: list[int] | np.ndarray | N
     d_sae = 0
     for step, path in files:
         try:
-            t = read_safetensors(path, ("rate", "mag", "pressure"))
+            t = read_trace(path, ("rate", "mag", "pressure"))
             n = int(t["rate"].shape[0])
             if any(t[k].shape != (n,) for k in cols):
                 raise ValueError("rate, mag, pressure shapes differ")
@@ -233,12 +200,10 @@ def load_pairs(run_dir: str | os.PathLike, step: int | None = None) -> tuple[pd.
     """The competing-pair table of the snapshot at `step` (the last readable one when None), sorted
     by kappa: columns i, j, kappa, dec_cos, first, last. Returns (table, snapshot step)."""
     for s, t in latest_snapshots(run_dir, PAIR_KEYS, step):
-        lengths = {np.shape(t[k])[:1] for k in PAIR_KEYS}
-        if len(lengths) != 1 or lengths == {()}:
+        cols = pair_columns(t)
+        if cols is None:
             continue  # pair table columns differ in length (or are not columns): try an older one
-        df = pd.DataFrame({"i": t["pair_i"].astype(np.int64), "j": t["pair_j"].astype(np.int64),
-                           "kappa": t["pair_kappa"].astype(np.float32),
-                           "dec_cos": t["pair_dec_cos"].astype(np.float32),
-                           "first": t["pair_first"].astype(np.int64), "last": t["pair_last"].astype(np.int64)})
+        df = pd.DataFrame({c: cols[c].astype(np.float32 if c in ("kappa", "dec_cos") else np.int64)
+                           for c in PAIR_COLUMNS})
         return df.sort_values("kappa", ascending=False, kind="stable").reset_index(drop=True), s
     return pd.DataFrame(columns=PAIR_COLUMNS), None

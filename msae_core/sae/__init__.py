@@ -7,10 +7,10 @@ with per-feature momentum tracking, competition detection and the competition pe
 
 from __future__ import annotations
 
-from msae_core.sae.base import (SAE, SAEConfig, SAEOutput, build_sae, register_sae, registered_archs,
-                                 sae_class)
+from msae_core.sae.base import (SAE, SAEConfig, SAEOutput, StepOutput, build_sae, register_sae,
+                                 registered_archs, sae_class)
 from msae_core.sae import relu as _relu  # noqa: F401  (registers "relu")
 from msae_core.sae import topk as _topk  # noqa: F401  (registers "topk")
 from msae_core.sae import momentum as _momentum  # noqa: F401  (registers "momentum")
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "build_sae", "register_sae", "registered_archs", "sae_class"]
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "StepOutput", "build_sae", "register_sae", "registered_archs", "sae_class"]

@@ -109,6 +109,13 @@ class SAEOutput(NamedTuple):
     pre_acts: torch.Tensor  # (B, F) encoder pre-activations
 
 
+class StepOutput(NamedTuple):
+    """What one training step's forward gives the trainer (`SAE.loss_terms`)."""
+
+    losses: dict[str, torch.Tensor]  # loss terms in normalised units; "loss" is the total
+    out: SAEOutput  # the forward outputs the loss was computed from
+
+
 def build_sae(cfg: SAEConfig) -> "SAE":
     cls = sae_class(cfg.arch)
     if cfg.d_in < 1:
@@ -118,7 +125,16 @@ def build_sae(cfg: SAEConfig) -> "SAE":
 
 class SAE(nn.Module):
     """Parameters and encode/decode shared by the bases. Subclasses define `activation` and
-    `loss_terms`; the decoder rows are kept at unit norm by `post_step_`."""
+    `loss_terms`; the decoder rows are kept at unit norm by `post_step_`.
+
+    The trainer's contract, all of it defined here (no probing for optional methods):
+        fit_input_scale_(sample)   once, before the first step of a fresh run
+        loss_terms(x, step)        -> StepOutput, once per step; the only place statistics change
+        post_step_(step)           after the optimizer step
+        drain_events()             competition events raised since the last call ([] here)
+        step_counts()              counters logged with each metrics line
+        observables()              tensors of a trace snapshot ({} here: no snapshot is written)
+    """
 
     arch_name = "base"
 
@@ -163,7 +179,7 @@ class SAE(nn.Module):
         return self._decode_n(f), f, pre
 
     # -- training --------------------------------------------------------------------------------
-    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+    def loss_terms(self, x_BD: torch.Tensor, step: int) -> StepOutput:
         """Loss terms (in normalised units; "loss" is the total) and the forward outputs."""
         raise NotImplementedError
 
@@ -198,6 +214,12 @@ class SAE(nn.Module):
 
     def step_counts(self) -> dict[str, float]:
         return {"dead_features": float(self.dead_mask.sum())}
+
+    def drain_events(self) -> list[dict]:
+        return []
+
+    def observables(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def mse_loss(x_n_BD: torch.Tensor, x_hat_n_BD: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from msae_core.sae.base import SAE, SAEConfig, SAEOutput, register_sae, sae_class
+from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, register_sae, sae_class
 from msae_core.sae.tracker import MomentumTracker
 
 MOMENTUM_BASES = ("topk", "relu")
@@ -90,7 +90,7 @@ class MomentumSAE(SAE):
         return self.base(x_BD)
 
     # -- training ----------------------------------------------------------------------------------
-    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+    def loss_terms(self, x_BD: torch.Tensor, step: int) -> StepOutput:
         """The base's loss terms plus "comp" (L_comp; added as lam * comp to "loss" when lam > 0).
         The tracker then takes the batch in: call this once per training step."""
         losses, out = self.base.loss_terms(x_BD, step)
@@ -103,7 +103,7 @@ class MomentumSAE(SAE):
                 comp = self.tracker.competition_loss(out.f, cofiring)
             losses = {**losses, "comp": comp}
         self.tracker.update_(out.f.detach(), cofiring, step, self.base.W_dec)
-        return losses, out
+        return StepOutput(losses, out)
 
     @torch.no_grad()
     def unit_norm_decoder_(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from msae_core.sae.base import SAE, SAEOutput, mse_loss, register_sae
+from msae_core.sae.base import SAE, SAEOutput, StepOutput, mse_loss, register_sae
 
 
 @register_sae("relu")
@@ -16,11 +16,11 @@ class ReluSAE(SAE):
     def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre_BF)
 
-    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+    def loss_terms(self, x_BD: torch.Tensor, step: int) -> StepOutput:
         x_n = x_BD * self.input_scale
         x_hat_n, f, pre = self._forward_n(x_n)
         mse = mse_loss(x_n, x_hat_n)
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         self._track_firing_(f.detach())
         losses = {"loss": mse + self.cfg.l1_coeff * l1, "mse": mse, "l1": l1}
-        return losses, SAEOutput(x_hat_n / self.input_scale, f, pre)
+        return StepOutput(losses, SAEOutput(x_hat_n / self.input_scale, f, pre))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from msae_core.sae.base import SAE, SAEOutput, mse_loss, register_sae
+from msae_core.sae.base import SAE, SAEOutput, StepOutput, mse_loss, register_sae
 
 
 @register_sae("topk")
@@ -19,7 +19,7 @@ class TopKSAE(SAE):
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre_BF).scatter_(-1, idx_BK, torch.relu(vals_BK))
 
-    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+    def loss_terms(self, x_BD: torch.Tensor, step: int) -> StepOutput:
         x_n = x_BD * self.input_scale
         x_hat_n, f, pre = self._forward_n(x_n)
         mse = mse_loss(x_n, x_hat_n)
@@ -38,4 +38,4 @@ class TopKSAE(SAE):
             auxk = torch.nan_to_num(auxk, nan=0.0)
         self._track_firing_(f.detach())
         losses = {"loss": mse + self.cfg.auxk_coeff * auxk, "mse": mse, "auxk": auxk}
-        return losses, SAEOutput(x_hat_n / self.input_scale, f, pre)
+        return StepOutput(losses, SAEOutput(x_hat_n / self.input_scale, f, pre))

@@ -13,9 +13,15 @@ A run lives in `results/runs/<name>/` (file names from msae_core.artifacts):
     eval.json          written by `msae eval`
     train.log          stdout/stderr of a launched run
 
+This module is the only reader and writer of a run's status, metrics, events and trace snapshots
+(with the competing-pair table they carry): the trainer appends through `append_metrics`,
+`append_events` and `write_trace`, resume cuts them back with `truncate_logs`, and the workbench
+(msae_core.inspect.run_files) reads them through `metrics_rows`, `event_rows`, `trace_files`,
+`read_trace` and `pair_columns`. Readers never raise on a torn or missing file (a torn jsonl line is
+skipped); `read_trace` raises, and its callers decide what an unreadable snapshot means.
+
 `list_runs` reads whatever is there and never raises: a folder that is half written, corrupt or from
-another version comes back with `RunInfo.problem` saying what is wrong. `launch_run` starts a
-training process detached from the caller (the workbench), which polls the folder.
+another version comes back with `RunInfo.problem` saying what is wrong.
 """
 
 from __future__ import annotations
@@ -31,16 +37,24 @@ from typing import Any, Optional
 
 from msae_core import __version__
 from msae_core.artifacts import (
-    TRAINER_STATE,
     RUN_CONFIG,
     RUN_EVAL,
+    RUN_EVENTS,
     RUN_METRICS,
     RUN_STATUS,
+    RUN_TRACE,
+    RUN_TRACE_GLOB,
+    RUN_TRACES_DIR,
     SAE_CONFIG,
     SAE_WEIGHTS,
     STORE_MANIFEST,
     SWEEPS_DIR,
+    append_jsonl,
+    atomic_save_safetensors,
     atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    trace_step,
 )
 from msae_core.configutil import type_problem
 from msae_core.errors import MsaeError
@@ -145,6 +159,109 @@ def write_status(run_dir: str | os.PathLike, **fields: Any) -> dict:
             raise
         _write_in_place(path, s)
     return s
+
+
+# ------------------------------------------------------------------------- metrics, events, traces
+# a snapshot's competing-pair table: one column per key, all of one length (tracker.observables)
+PAIR_KEYS = ("pair_i", "pair_j", "pair_kappa", "pair_dec_cos", "pair_first", "pair_last")
+
+
+def append_metrics(run_dir: str | os.PathLike, row: dict) -> None:
+    """One metrics line (its "step" is the number of completed steps)."""
+    append_jsonl(Path(run_dir) / RUN_METRICS, row)
+
+
+def append_events(run_dir: str | os.PathLike, events: list[dict]) -> None:
+    """Competition events (their "step" is the 0-based index of the step that raised them); 0-d
+    tensors in them are written as numbers."""
+    if not events:
+        return
+    lines = "".join(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in ev.items()}) + "\n"
+                    for ev in events)
+    with open(Path(run_dir) / RUN_EVENTS, "a") as fh:
+        fh.write(lines)
+        fh.flush()
+
+
+def write_trace(run_dir: str | os.PathLike, step: int, tensors: dict) -> None:
+    """The trace snapshot of completed step `step` (CPU tensors), atomically."""
+    atomic_save_safetensors(Path(run_dir) / RUN_TRACES_DIR / RUN_TRACE.format(step=step), tensors,
+                            metadata={"step": str(step)})
+
+
+def truncate_logs(run_dir: str | os.PathLike, step: int) -> None:
+    """Drop what was logged after completed step `step` (a resumed run writes it again)."""
+    run_dir = Path(run_dir)
+    m = run_dir / RUN_METRICS
+    if m.exists():
+        rows = [r for r in read_jsonl(m) if int(r.get("step", 0)) <= step]
+        atomic_write_text(m, "".join(json.dumps(r) + "\n" for r in rows))
+    e = run_dir / RUN_EVENTS
+    if e.exists():
+        rows = [r for r in read_jsonl(e) if int(r.get("step", 0)) < step]
+        atomic_write_text(e, "".join(json.dumps(r) + "\n" for r in rows))
+    t = run_dir / RUN_TRACES_DIR
+    if t.is_dir():
+        for f in t.glob(RUN_TRACE_GLOB):
+            trace = trace_step(f)
+            if trace is not None and trace > step:
+                f.unlink()
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """The object lines of a jsonl file; [] when it cannot be read (a torn line is skipped)."""
+    try:
+        return [r for r in read_jsonl(path) if isinstance(r, dict)]
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("%s unreadable: %s", path, exc)
+        return []
+
+
+def metrics_rows(run_dir: str | os.PathLike) -> list[dict]:
+    """Every readable metrics line, as written; never raises."""
+    return _jsonl_rows(Path(run_dir) / RUN_METRICS)
+
+
+def event_rows(run_dir: str | os.PathLike) -> list[dict]:
+    """Every readable competition event, as written; never raises."""
+    return _jsonl_rows(Path(run_dir) / RUN_EVENTS)
+
+
+def trace_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every trace snapshot, by step; never raises."""
+    out = []
+    try:
+        for e in os.scandir(Path(run_dir) / RUN_TRACES_DIR):
+            step = trace_step(e.name)
+            if step is not None:
+                out.append((step, Path(e.path)))
+    except OSError:
+        return []
+    return sorted(out)
+
+
+def read_trace(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict:
+    """The arrays (numpy) of one trace snapshot, only `keys` when given (safetensors only, never a
+    pickle). Raises on an unreadable file."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="np") as fh:
+        for k in fh.keys():
+            if keys is None or k in keys:
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def pair_columns(arrays: dict) -> dict | None:
+    """The competing-pair table of a snapshot's arrays, {i, j, kappa, dec_cos, first, last}, or
+    None when it lacks a column or its columns are not 1-d arrays of one length."""
+    if not all(k in arrays for k in PAIR_KEYS):
+        return None
+    lengths = {getattr(arrays[k], "shape", ())[:1] for k in PAIR_KEYS}
+    if len(lengths) != 1 or lengths == {()}:
+        return None
+    return {k[len("pair_"):]: arrays[k] for k in PAIR_KEYS}
 
 
 # ---------------------------------------------------------------------------------------- listing
@@ -267,11 +384,3 @@ def list_runs(root: str | os.PathLike, metrics_tail: int = 20) -> list[RunInfo]:
         except Exception as exc:  # noqa: BLE001 - a listing must survive any folder
             out.append(RunInfo(name=p.name, path=p, problem=f"unreadable: {exc}"))
     return out
-
-
-def checkpoint_step(ckpt_dir: Path) -> int | None:
-    """The step of the checkpoint in `ckpt_dir` (its trainer_state.json), None when unreadable."""
-    try:
-        return int(json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
-        return None

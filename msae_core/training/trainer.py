@@ -5,9 +5,10 @@
     msae train --config run.json --out RUN        # flags given as well override the file
     msae train --out RUN                          # resume RUN with its own config.json
 
-Loop, step s = 0 .. steps-1 ("completed" = s + 1 is what the logs call `step`):
+Loop, step s = 0 .. steps-1 ("completed" = s + 1 is what the logs call `step`), in `_Fit.run`:
     x = store.batch(s, batch_size, seed)          # deterministic in (seed, s): resume can skip
-    losses = sae.training_loss(x, s); Adam step at the warm-up lr; sae.post_step_(s)
+    losses, out = sae.loss_terms(x, s); Adam step at the warm-up lr; sae.post_step_(s)
+    then, on their schedules, a metrics line, a trace snapshot, a checkpoint (checkpoint.py)
 
 Faults:
 - killed at any moment: re-running `msae train --out RUN` resumes from `checkpoint/` (weights and
@@ -16,21 +17,18 @@ Faults:
 - a NaN/inf loss: state `diverged`, the last good checkpoint kept, no step taken with it;
 - SIGTERM (or SIGINT): the current step finishes, a checkpoint is written, state `cancelled`;
 - any other exception: state `failed` with its text.
-A checkpoint is written into a temporary folder and renamed into place, so `checkpoint/` is always
-whole (a kill between the two renames leaves `.checkpoint.old`, which resume picks up).
+A checkpoint is always whole (msae_core.training.checkpoint); the run's logs are written through
+msae_core.training.run_folder, their one owner.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import errno
-import io
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -40,39 +38,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from msae_core.artifacts import (
-    OPTIMIZER_STATE,
-    RUN_CHECKPOINT_DIR,
-    RUN_CONFIG,
-    RUN_EVENTS,
-    RUN_METRICS,
-    RUN_OLD_CHECKPOINT_DIR,
-    RUN_TMP_CHECKPOINT_DIR,
-    RUN_TMP_CHECKPOINT_GLOB,
-    RUN_TRACE,
-    RUN_TRACE_GLOB,
-    RUN_TRACES_DIR,
-    SAE_CONFIG,
-    SAE_WEIGHTS,
-    TRAINER_STATE,
-    append_jsonl,
-    atomic_save_safetensors,
-    atomic_write_json,
-    atomic_write_text,
-    read_jsonl,
-    trace_step,
-)
+from msae_core import metrics as M
+from msae_core import sae_io
+from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS
 from msae_core.configutil import add_dataclass_args, overrides_from_args
+from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
-from msae_core.sae import SAEConfig
-from msae_core.training.config import (
-    DataConfig,
-    RunConfig,
-    TrainConfig,
-    config_mismatch,
-)
-from msae_core.training.run_folder import checkpoint_step, read_status, refuse_foreign_out, write_status
+from msae_core.sae import SAE, SAEConfig, SAEOutput, StepOutput, build_sae
+from msae_core.training.checkpoint import (checkpoint_step, find_checkpoint, load_checkpoint,
+                                           remove_temporaries, rng_state, set_rng_state, write_checkpoint)
+from msae_core.training.config import DataConfig, RunConfig, TrainConfig, config_mismatch
+from msae_core.training.run_folder import (append_events, append_metrics, read_status, refuse_foreign_out,
+                                           truncate_logs, write_status, write_trace)
 
 log = logging.getLogger(__name__)
 
@@ -97,159 +75,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.lr
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MsaeError(f"device {name} asked for but CUDA is not available: use --device cpu or auto")
-    return dev
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def _rng_state() -> dict:
-    out = {"torch": _b64(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def _set_rng_state(state: dict) -> None:
-    if "torch" in state:
-        torch.set_rng_state(_unb64(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-
-
-def _sae_io():
-    from msae_core import sae_io
-
-    return sae_io
-
-
-def _build_sae(cfg: SAEConfig):
-    from msae_core.sae import build_sae
-
-    return build_sae(cfg)
-
-
-# ----------------------------------------------------------------------------------- checkpoints
-def find_checkpoint(out_dir: Path) -> Path | None:
-    """The latest whole checkpoint folder (trainer_state.json is written last), or None."""
-    for name in (RUN_CHECKPOINT_DIR, RUN_OLD_CHECKPOINT_DIR):
-        p = out_dir / name
-        if (p / TRAINER_STATE).is_file():
-            return p
-    return None
-
-
-def write_checkpoint(out_dir: Path, sae: Any, opt: torch.optim.Optimizer, state: dict) -> Path:
-    """Write checkpoint/ atomically: fill a temporary folder, then swap it in by renames."""
-    tmp = out_dir / RUN_TMP_CHECKPOINT_DIR.format(pid=os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        _sae_io().save_sae(sae, tmp)
-        buf = io.BytesIO()  # serialised in memory: a full disk is then a plain OSError on write
-        torch.save(opt.state_dict(), buf)
-        with open(tmp / OPTIMIZER_STATE, "wb") as fh:
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        atomic_write_json(tmp / TRAINER_STATE, state)  # last: marks the folder whole
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
-        raise
-    ck, old = out_dir / RUN_CHECKPOINT_DIR, out_dir / RUN_OLD_CHECKPOINT_DIR
-    if ck.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(ck, old)
-    os.rename(tmp, ck)
-    _fsync_dir(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return ck
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _truncate_logs(out_dir: Path, step: int) -> None:
-    """Drop what was logged after checkpoint `step` (the resumed run writes it again)."""
-    m = out_dir / RUN_METRICS
-    if m.exists():
-        rows = [r for r in read_jsonl(m) if int(r.get("step", 0)) <= step]
-        atomic_write_text(m, "".join(json.dumps(r) + "\n" for r in rows))
-    e = out_dir / RUN_EVENTS
-    if e.exists():  # an event's step is the 0-based index of the step that raised it
-        rows = [r for r in read_jsonl(e) if int(r.get("step", 0)) < step]
-        atomic_write_text(e, "".join(json.dumps(r) + "\n" for r in rows))
-    t = out_dir / RUN_TRACES_DIR
-    if t.is_dir():
-        for f in t.glob(RUN_TRACE_GLOB):
-            trace = trace_step(f)
-            if trace is not None and trace > step:
-                f.unlink()
-    for p in out_dir.glob(RUN_TMP_CHECKPOINT_GLOB):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------- signals
-# ------------------------------------------------------------------------------------- observables
-def _step_loss(sae: Any, x_BD: torch.Tensor, step: int) -> tuple[dict, Any]:
-    """The loss dict and, when the SAE gives it (`loss_terms`), the step's forward output."""
-    if hasattr(sae, "loss_terms"):
-        return sae.loss_terms(x_BD, step)
-    return sae.training_loss(x_BD, step), None
-
-
-def _batch_metrics(sae: Any, x_BD: torch.Tensor, out: Any) -> dict:
-    """l0 and explained variance of the step's batch, from the step's own forward output (the one
-    the loss saw) or, for an SAE that does not return it, a no-grad forward after the update."""
-    from msae_core import metrics as M
-
+def _batch_metrics(x_BD: torch.Tensor, out: SAEOutput) -> dict:
+    """l0 and explained variance of the step's batch, from the step's own forward output."""
     with torch.no_grad():
-        if out is None:
-            out = sae.forward(x_BD)
         x_hat_BD, f_BF = out.x_hat.detach().float(), out.f.detach().float()
         return {"l0": float(M.l0(f_BF)), "explained_variance": float(M.explained_variance(x_BD, x_hat_BD))}
-
-
-def _write_snapshot(out_dir: Path, sae: Any, step: int) -> None:
-    obs = sae.observables() if hasattr(sae, "observables") else None
-    if not obs:
-        return
-    tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).detach().cpu()
-               for k, v in obs.items()}
-    atomic_save_safetensors(out_dir / RUN_TRACES_DIR / RUN_TRACE.format(step=step), tensors,
-                            metadata={"step": str(step)})
-
-
-def _drain_events(out_dir: Path, sae: Any) -> None:
-    if not hasattr(sae, "drain_events"):
-        return
-    events = sae.drain_events()
-    if events:
-        with open(out_dir / RUN_EVENTS, "a") as fh:
-            for ev in events:
-                fh.write(json.dumps({k: (v.item() if isinstance(v, torch.Tensor) else v)
-                                     for k, v in ev.items()}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -289,7 +119,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
         write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
                      total_steps=config.train.steps, started=prev.get("started") or time.time())
         try:
-            return _train(config, out_dir, ckpt, progress, stop, store)
+            return _Fit(config, out_dir, store, stop, ckpt).run(progress)
         except MsaeError as exc:
             write_status(out_dir, state="failed", error=str(exc), pid=None, eta_s=None)
             raise
@@ -315,142 +145,163 @@ def _os_error_text(exc: OSError, out_dir: Path) -> str:
     return f"cannot write {where} ({exc.strerror or exc}): {kept}; run the same command again to resume"
 
 
-def _train(config: RunConfig, out_dir: Path, ckpt: Path | None, progress: bool,
-           stop: "StopFlag", store: Any) -> RunResult:
-    tc = config.train
-    device = pick_device(tc.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast_on = bool(tc.bf16 and device.type == "cuda")
+class _Fit:
+    """One call of train() past its checks: the SAE, its optimizer, the running loss sums, and the
+    loop `run` over `_step`, `_log`, `_snapshot` and `_checkpoint`. `done` (= s + 1) counts
+    completed steps, as the logs and checkpoints do."""
 
-    start = 0
-    state: dict = {}
-    if ckpt is not None:
-        state = json.loads((ckpt / TRAINER_STATE).read_text())
-        start = int(state["step"])
-        if ckpt.name != RUN_CHECKPOINT_DIR:  # killed between the renames: take the old one back
-            shutil.rmtree(out_dir / RUN_CHECKPOINT_DIR, ignore_errors=True)
-            os.rename(ckpt, out_dir / RUN_CHECKPOINT_DIR)
-            ckpt = out_dir / RUN_CHECKPOINT_DIR
-        sae = _sae_io().load_sae(ckpt, device=device)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr_at(start, tc))
-        opt.load_state_dict(torch.load(ckpt / OPTIMIZER_STATE, map_location=device, weights_only=True))
-        _set_rng_state(state.get("rng", {}))
-        log.info("resuming %s from step %d", out_dir, start)
-    else:
-        torch.manual_seed(tc.seed)
-        sae = _build_sae(config.sae).to(device)
-        if hasattr(sae, "fit_input_scale_"):  # fixed input normalisation, from a sample of the store
-            n = min(store.n_rows, max(tc.batch_size, 16_384))
-            sample_ND = store.batch(0, n, tc.seed)
-            if not bool(torch.isfinite(sample_ND).all()):
-                raise MsaeError(store.nonfinite_problem() or "non-finite activations in the store")
-            sae.fit_input_scale_(sample_ND.to(device))
-        opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, tc))
-        for name in (SAE_WEIGHTS, SAE_CONFIG):
-            (out_dir / name).unlink(missing_ok=True)
-    _truncate_logs(out_dir, start)
-    sae.train()
+    def __init__(self, config: RunConfig, out_dir: Path, store: Any, stop: StopFlag, ckpt: Path | None):
+        self.config, self.tc, self.out_dir, self.store, self.stop = config, config.train, out_dir, store, stop
+        self.device = resolve_device(self.tc.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast = bool(self.tc.bf16 and self.device.type == "cuda")
+        state: dict = {}
+        if ckpt is not None:
+            sae, opt_state, state = load_checkpoint(out_dir, ckpt, self.device)
+            self.start = int(state["step"])
+            self.opt = torch.optim.Adam(sae.parameters(), lr=lr_at(self.start, self.tc))
+            self.opt.load_state_dict(opt_state)
+            set_rng_state(state.get("rng", {}))
+            log.info("resuming %s from step %d", out_dir, self.start)
+        else:
+            self.start = 0
+            torch.manual_seed(self.tc.seed)
+            sae = build_sae(config.sae).to(self.device)
+            self._fit_input_scale(sae)
+            self.opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, self.tc))
+            for name in (SAE_WEIGHTS, SAE_CONFIG):
+                (out_dir / name).unlink(missing_ok=True)
+        self.sae: SAE = sae
+        self.sae.train()
+        truncate_logs(out_dir, self.start)
+        remove_temporaries(out_dir)
+        self.last_ckpt: int | None = self.start if ckpt is not None else None
+        self.last_row: dict = {}
+        # running sums of the losses since the last metrics line; the checkpoint keeps them (float32
+        # values are exact in json), so a resumed run's metrics.jsonl equals an uninterrupted run's
+        self.sums: dict[str, torch.Tensor] = {
+            k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in state.get("log_sums", {}).items()}
+        self.n_sum = int(state.get("log_n", 0))
+        self.t_interval = time.perf_counter()
 
-    if start >= tc.steps:  # already trained this far: (re)write final weights only
-        return _finish(out_dir, sae, start, start, {})
+    def _fit_input_scale(self, sae: SAE) -> None:
+        """The fixed input normalisation, from a sample of the store."""
+        n = min(self.store.n_rows, max(self.tc.batch_size, 16_384))
+        sample_ND = self.store.batch(0, n, self.tc.seed)
+        if not bool(torch.isfinite(sample_ND).all()):
+            raise MsaeError(self.store.nonfinite_problem() or "non-finite activations in the store")
+        sae.fit_input_scale_(sample_ND.to(self.device))
 
-    # running sums of the losses since the last metrics line; the checkpoint keeps them (float32
-    # values are exact in json), so a resumed run's metrics.jsonl equals an uninterrupted run's
-    sums: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float32, device=device)
-                                     for k, v in state.get("log_sums", {}).items()}
-    n_sum = int(state.get("log_n", 0))
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, progress: bool) -> RunResult:
+        tc = self.tc
+        if self.start >= tc.steps:  # already trained this far: (re)write final weights only
+            return self._finish()
+        if self.stop.signum is not None:  # cancelled while starting up: nothing trained, nothing to save
+            return self._end("cancelled", self.start, f"cancelled by signal "
+                             f"{signal.Signals(self.stop.signum).name} before step {self.start + 1}")
+        bar = tqdm(total=tc.steps, initial=self.start, disable=None if progress else True,
+                   desc=self.out_dir.name, unit="step", dynamic_ncols=True)
+        try:
+            for s in range(self.start, tc.steps):
+                done = s + 1
+                x_BD, step_out = self._step(s)
+                if step_out is None:
+                    return self._bad_loss(s, x_BD)
+                if done % tc.log_every == 0 or done == tc.steps:
+                    self._log(done, x_BD, step_out.out, bar)
+                if tc.snapshot_every and done % tc.snapshot_every == 0:
+                    self._snapshot(done)
+                bar.update(1)
+                if done % tc.checkpoint_every == 0 or done == tc.steps or self.stop.signum is not None:
+                    self._checkpoint(done)
+                if self.stop.signum is not None and done < tc.steps:
+                    return self._end("cancelled", done, f"cancelled by signal "
+                                     f"{signal.Signals(self.stop.signum).name} at step {done}; checkpoint written")
+        finally:
+            bar.close()
+        return self._finish()
 
-    def ckpt_state(step: int) -> dict:
-        return {"step": step, "rng": _rng_state(), "time": time.time(), "config": config.to_dict(),
-                "log_sums": {k: float(v) for k, v in sums.items()}, "log_n": n_sum}
+    def _step(self, s: int) -> tuple[torch.Tensor, StepOutput | None]:
+        """One optimizer step on batch s: (the batch, the step's output), or (the batch, None) when
+        the loss is not finite (no update is made then)."""
+        x_BD = self.store.batch(s, self.tc.batch_size, self.tc.seed).to(self.device, non_blocking=True)
+        lr = lr_at(s, self.tc)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            step_out = self.sae.loss_terms(x_BD, s)
+        loss = step_out.losses["loss"]
+        if not bool(torch.isfinite(loss.detach())):
+            self.bad_loss = float(loss.detach())
+            return x_BD, None
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sae.post_step_(s)
+        append_events(self.out_dir, self.sae.drain_events())
+        for k, v in step_out.losses.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.detach().float()
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n_sum += 1
+        return x_BD, step_out
 
-    t_interval = time.perf_counter()
-    last: dict = {}
-    last_ckpt = start if ckpt is not None else None
-    if stop.signum is not None:  # cancelled while starting up: nothing trained, nothing to save
-        msg = f"cancelled by signal {signal.Signals(stop.signum).name} before step {start + 1}"
-        write_status(out_dir, state="cancelled", step=start, error=msg, pid=None, eta_s=None)
-        log.warning(msg)
-        return RunResult("cancelled", start, out_dir, last, msg, start)
-    bar = tqdm(total=tc.steps, initial=start, disable=None if progress else True,
-               desc=out_dir.name, unit="step", dynamic_ncols=True)
-    try:
-        for s in range(start, tc.steps):
-            done = s + 1
-            x_BD = store.batch(s, tc.batch_size, tc.seed).to(device, non_blocking=True)
-            lr = lr_at(s, tc)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on):
-                losses, out = _step_loss(sae, x_BD, s)
-            loss = losses["loss"]
-            if not bool(torch.isfinite(loss.detach())):
-                if not bool(torch.isfinite(x_BD).all()):  # the data, not the optimisation
-                    err = store.nonfinite_problem() or f"non-finite activations at step {done}"
-                    write_status(out_dir, state="failed", step=s, error=err, pid=None, eta_s=None)
-                    log.error(err)
-                    return RunResult("failed", s, out_dir, last, err, start)
-                kept = (f"last good checkpoint at step {last_ckpt} kept" if last_ckpt is not None
-                        else "no checkpoint was written before it")
-                err = f"loss became {float(loss.detach())} at step {done} (lr {lr:.3g}): diverged; {kept}"
-                write_status(out_dir, state="diverged", step=s, error=err, pid=None, eta_s=None)
-                log.error(err)
-                return RunResult("diverged", s, out_dir, last, err, start)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sae.post_step_(s)
-            if not (done % tc.log_every == 0 or done == tc.steps):
-                out = None  # keep the forward output only where it is logged
-            _drain_events(out_dir, sae)
-            for k, v in losses.items():
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    v = v.detach().float()
-                    sums[k] = sums[k] + v if k in sums else v
-            n_sum += 1
-            if device.type == "cuda" and (done % tc.log_every == 0 or done == tc.steps):
-                torch.cuda.synchronize()
+    def _log(self, done: int, x_BD: torch.Tensor, out: SAEOutput, bar: Any) -> None:
+        """One metrics line: the mean losses since the last line, the batch's l0 and explained
+        variance, the SAE's counters, speed; then the status's step and eta."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        step_time = (now - self.t_interval) / max(self.n_sum, 1)
+        row: dict[str, Any] = {"step": done}
+        row.update({k: float(v) / self.n_sum for k, v in self.sums.items()})
+        row.update(_batch_metrics(x_BD, out))
+        row.update({k: float(v) for k, v in self.sae.step_counts().items()})
+        row.update({"lr": lr_at(done - 1, self.tc), "step_time_s": step_time,
+                    "tokens_per_s": self.tc.batch_size / step_time if step_time > 0 else None,
+                    "time": time.time()})
+        append_metrics(self.out_dir, row)
+        self.last_row = row
+        self.sums, self.n_sum, self.t_interval = {}, 0, now
+        write_status(self.out_dir, step=done, eta_s=step_time * (self.tc.steps - done))
+        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", l0=f"{row.get('l0', float('nan')):.1f}",
+                        refresh=False)
 
-            if done % tc.log_every == 0 or done == tc.steps:
-                now = time.perf_counter()
-                step_time = (now - t_interval) / max(n_sum, 1)
-                row: dict[str, Any] = {"step": done}
-                row.update({k: float(v) / n_sum for k, v in sums.items()})
-                row.update(_batch_metrics(sae, x_BD, out))
-                if hasattr(sae, "step_counts"):
-                    row.update({k: float(v) for k, v in sae.step_counts().items()})
-                row.update({"lr": lr, "step_time_s": step_time,
-                            "tokens_per_s": tc.batch_size / step_time if step_time > 0 else None,
-                            "time": time.time()})
-                append_jsonl(out_dir / RUN_METRICS, row)
-                last = row
-                sums, n_sum, t_interval = {}, 0, now
-                eta = step_time * (tc.steps - done)
-                write_status(out_dir, step=done, eta_s=eta)
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
-                                l0=f"{row.get('l0', float('nan')):.1f}", refresh=False)
-            if tc.snapshot_every and done % tc.snapshot_every == 0:
-                _write_snapshot(out_dir, sae, done)
-            bar.update(1)
-            if done % tc.checkpoint_every == 0 or done == tc.steps or stop.signum is not None:
-                write_checkpoint(out_dir, sae, opt, ckpt_state(done))
-                last_ckpt = done
-            if stop.signum is not None and done < tc.steps:
-                msg = f"cancelled by signal {signal.Signals(stop.signum).name} at step {done}; checkpoint written"
-                write_status(out_dir, state="cancelled", step=done, error=msg, pid=None, eta_s=None)
-                log.warning(msg)
-                return RunResult("cancelled", done, out_dir, last, msg, start)
-    finally:
-        bar.close()
-    return _finish(out_dir, sae, tc.steps, start, last)
+    def _snapshot(self, done: int) -> None:
+        obs = self.sae.observables()
+        if obs:
+            write_trace(self.out_dir, done, {k: torch.as_tensor(v).detach().cpu() for k, v in obs.items()})
 
+    def _checkpoint(self, done: int) -> None:
+        state = {"step": done, "rng": rng_state(), "time": time.time(), "config": self.config.to_dict(),
+                 "log_sums": {k: float(v) for k, v in self.sums.items()}, "log_n": self.n_sum}
+        write_checkpoint(self.out_dir, self.sae, self.opt, state)
+        self.last_ckpt = done
 
-def _finish(out_dir: Path, sae: Any, step: int, start: int, last: dict) -> RunResult:
-    _sae_io().save_sae(sae, out_dir)
-    write_status(out_dir, state="done", step=step, eta_s=0, pid=None, error=None, finished=time.time())
-    return RunResult("done", step, out_dir, last, None, start)
+    # -- endings -----------------------------------------------------------------------------------
+    def _bad_loss(self, s: int, x_BD: torch.Tensor) -> RunResult:
+        """A non-finite loss at step s: `failed` naming the rows when the batch itself is not
+        finite (the data), else `diverged` (the optimisation)."""
+        if not bool(torch.isfinite(x_BD).all()):
+            return self._end("failed", s, self.store.nonfinite_problem() or f"non-finite activations at step {s + 1}")
+        kept = (f"last good checkpoint at step {self.last_ckpt} kept" if self.last_ckpt is not None
+                else "no checkpoint was written before it")
+        return self._end("diverged", s, f"loss became {self.bad_loss} at step {s + 1} "
+                                        f"(lr {lr_at(s, self.tc):.3g}): diverged; {kept}")
+
+    def _end(self, state: str, step: int, msg: str) -> RunResult:
+        write_status(self.out_dir, state=state, step=step, error=msg, pid=None, eta_s=None)
+        (log.warning if state == "cancelled" else log.error)(msg)
+        return RunResult(state, step, self.out_dir, self.last_row, msg, self.start)
+
+    def _finish(self) -> RunResult:
+        step = max(self.start, self.tc.steps)
+        sae_io.save_sae(self.sae, self.out_dir)
+        write_status(self.out_dir, state="done", step=step, eta_s=0, pid=None, error=None, finished=time.time())
+        return RunResult("done", step, self.out_dir, self.last_row, None, self.start)
 
 
 # -------------------------------------------------------------------------------------------- CLI

@@ -1,0 +1,141 @@
+"""A run's resumable checkpoint: the one reader and writer of `checkpoint/`.
+
+    checkpoint/    sae.safetensors + sae_config.json   weights and buffers (msae_core.sae_io)
+                   optimizer.pt                         Adam state (torch.save of a state dict)
+                   trainer_state.json                   {step, rng, time, config, log_sums, log_n}
+
+`trainer_state.json` is written last: a folder that has it is whole. `write_checkpoint` fills a
+temporary folder (`.checkpoint.tmp-<pid>`) and swaps it in by two renames, so `checkpoint/` is
+always whole; a kill between the renames leaves `.checkpoint.old`, which `find_checkpoint` returns
+and `load_checkpoint` renames back. A write that fails (disk full) removes its temporary folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from msae_core import sae_io
+from msae_core.artifacts import (
+    OPTIMIZER_STATE,
+    RUN_CHECKPOINT_DIR,
+    RUN_OLD_CHECKPOINT_DIR,
+    RUN_TMP_CHECKPOINT_DIR,
+    RUN_TMP_CHECKPOINT_GLOB,
+    TRAINER_STATE,
+    atomic_write_json,
+)
+
+
+class Checkpoint(NamedTuple):
+    """What a resumed run starts from."""
+
+    sae: Any                      # the SAE, on the device, in train mode
+    opt_state: dict               # the optimizer's state dict, on the device
+    state: dict                   # trainer_state.json
+
+
+def rng_state() -> dict:
+    """The global torch (and CUDA) RNG states, as json-safe text."""
+    out = {"torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The latest whole checkpoint folder (trainer_state.json is written last), or None."""
+    for name in (RUN_CHECKPOINT_DIR, RUN_OLD_CHECKPOINT_DIR):
+        p = Path(run_dir) / name
+        if (p / TRAINER_STATE).is_file():
+            return p
+    return None
+
+
+def checkpoint_step(ckpt_dir: Path) -> int | None:
+    """The step of the checkpoint in `ckpt_dir` (its trainer_state.json), None when unreadable."""
+    try:
+        return int(json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device) -> Checkpoint:
+    """Read the checkpoint `ckpt` (from find_checkpoint) onto `device`, first renaming a
+    `.checkpoint.old` left by a kill between the renames back to `checkpoint/`."""
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    if ckpt.name != RUN_CHECKPOINT_DIR:
+        shutil.rmtree(run_dir / RUN_CHECKPOINT_DIR, ignore_errors=True)
+        os.rename(ckpt, run_dir / RUN_CHECKPOINT_DIR)
+        ckpt = run_dir / RUN_CHECKPOINT_DIR
+    sae = sae_io.load_sae(ckpt, device=device)
+    opt_state = torch.load(ckpt / OPTIMIZER_STATE, map_location=device, weights_only=True)
+    return Checkpoint(sae, opt_state, state)
+
+
+def write_checkpoint(run_dir: Path, sae: Any, opt: torch.optim.Optimizer, state: dict) -> Path:
+    """Write checkpoint/ atomically: fill a temporary folder, then swap it in by renames."""
+    tmp = run_dir / RUN_TMP_CHECKPOINT_DIR.format(pid=os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        sae_io.save_sae(sae, tmp)
+        buf = io.BytesIO()  # serialised in memory: a full disk is then a plain OSError on write
+        torch.save(opt.state_dict(), buf)
+        with open(tmp / OPTIMIZER_STATE, "wb") as fh:
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        atomic_write_json(tmp / TRAINER_STATE, state)  # last: marks the folder whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
+        raise
+    ck, old = run_dir / RUN_CHECKPOINT_DIR, run_dir / RUN_OLD_CHECKPOINT_DIR
+    if ck.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(ck, old)
+    os.rename(tmp, ck)
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return ck
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Remove the temporary folders of checkpoint writes that a kill interrupted."""
+    for p in Path(run_dir).glob(RUN_TMP_CHECKPOINT_GLOB):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
