@@ -119,7 +119,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _remove_orphan_tmp(path: Path) -> None:
-    """Temporary files of `path` whose writer process is gone (a live writer's are left alone)."""
+    """Temporary files of `path` whose writer process is gone (a live writer's are left alone).
+    The liveness test is a bare `os.kill(pid, 0)`, not procs.pid_alive: procs imports this module
+    (its lock file's name), and the one case pid_alive adds, a zombie writer, only keeps a stray
+    temporary until the next write after the zombie is reaped."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         try:
             pid = int(tmp.name[len(path.name) + 2:].split(".", 1)[0])

@@ -52,6 +52,12 @@ Where we differ, and why:
   (SAEBench prints a warning and writes no result).
 - `eval_result_unstructured` holds our diagnostics (per-letter probe F1 and main latents, word
   counts); SAEBench leaves it empty.
+
+Why one file of ~680 lines: it is one definition spread over eight SAEBench modules, and the steps
+above map onto the code top to bottom (words, prompts, activations, the letter probe, k-sparse
+probing and split latents, per-word absorption, `evaluate` over the letters, `run`). The probes
+here follow SAEBench's absorption probing (Adam, its schedule, the L1-penalised multi-probe), not
+the sparse-probing eval's scikit-learn probes, so nothing here is shared with another eval.
 """
 
 from __future__ import annotations

@@ -76,6 +76,12 @@ Where we differ, and why:
 - Latents that never fire have consistent_activation_heuristic 0/0: null here, -1 in SAEBench.
 - token_stats count the tokens actually forwarded (windows x context_size, special tokens
   included, SAEBench's definition); fewer than asked when the corpus runs out.
+
+Why one file of ~580 lines: it is one definition, read against SAEBench's in the order above. The
+numbered steps map onto the code top to bottom (per-token KL and CE, the accumulator of the
+sparsity and variance statistics, density and weight metrics, the windows, `run`), and none of its
+pieces is used by another eval; split, a reader checking the definition would follow it across
+files.
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ from msae_core.artifacts import (
 )
 from msae_core.errors import MsaeError
 from msae_core.paths import safe_run_name, stores_root
-from msae_core.procs import msae_command, pid_alive, spawn
+from msae_core.procs import StopFlag, msae_command, pid_alive, spawn
 from msae_core.training.config import RunConfig, config_mismatch
-from msae_core.training.run_folder import checkpoint_step, list_runs, read_run, read_status, write_status
+from msae_core.training.checkpoint import checkpoint_step
+from msae_core.training.run_folder import list_runs, read_run, read_status, write_status
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +112,16 @@ def wait_for_slot(run_dir: str | os.PathLike, root: str | os.PathLike, max_paral
                   poll_s: float = 1.0, timeout_s: float | None = None, stop: Any = None) -> bool:
     """Stay `queued` until fewer than `max_parallel` runs under `root` are running, then mark this
     run running (checked and marked under a lock file, so two waiting runs never take one slot).
-    SIGTERM while waiting ends the run as `cancelled` (returns False); so does the timeout.
-    `stop`: the caller's signal flag (an object with `.signum`), already catching SIGTERM."""
+    SIGTERM or SIGINT while waiting ends the run as `cancelled` (returns False); so does the
+    timeout. `stop`: the caller's procs.StopFlag when it has entered one (else one is entered here)."""
     import fcntl
-    import threading
 
     run_dir, root = Path(run_dir), Path(root)
-    caught: list[int] = []
-    old = None
-    if stop is None and threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
-
-    def cancelled() -> bool:
-        return bool(caught) or (stop is not None and stop.signum is not None)
-
-    try:
+    with (stop or StopFlag()) as stop:
         write_status(run_dir, state="queued", pid=os.getpid())
         end = None if timeout_s is None else time.monotonic() + timeout_s
         root.mkdir(parents=True, exist_ok=True)
-        while not cancelled():
+        while stop.signum is None:
             with open(root / RUN_QUEUE_LOCK, "a") as lockf:
                 fcntl.flock(lockf, fcntl.LOCK_EX)
                 try:
@@ -142,11 +134,8 @@ def wait_for_slot(run_dir: str | os.PathLike, root: str | os.PathLike, max_paral
                 break
             time.sleep(poll_s)
         write_status(run_dir, state="cancelled", pid=None,
-                     error="cancelled while queued" if cancelled() else "gave up waiting for a free slot")
+                     error="cancelled while queued" if stop.signum is not None else "gave up waiting for a free slot")
         return False
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 def start_harvest(root: str | os.PathLike | None, name: str, model: str = "embedded", layer: int = 6,
