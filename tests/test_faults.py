@@ -21,6 +21,7 @@ from msae_core.artifacts import (RUN_CHECKPOINT_DIR, RUN_METRICS, RUN_STATUS, TR
                                  atomic_write_json, read_jsonl)
 from msae_core.errors import MsaeError
 from msae_core.training.run_folder import read_status
+from msae_core.data.loader import BatchLoader
 from msae_core.training.trainer import train
 from test_train import REPO, make_config, make_store, strip_times
 
@@ -260,7 +261,6 @@ def test_sigterm_before_the_first_step_ends_cancelled(cfg_path, tmp_path):
 def test_resume_after_sigterm_equals_uninterrupted_metrics_too(store, tmp_path, monkeypatch):
     """SIGTERM at step 77 with log_every 10: the resumed run's row for step 80 averages steps 71-80
     like the uninterrupted run's, because the checkpoint kept the running sums."""
-    from msae_core.data.store import ActivationStore
 
     def cfg():
         c = make_config(store, steps=90)
@@ -269,15 +269,15 @@ def test_resume_after_sigterm_equals_uninterrupted_metrics_too(store, tmp_path, 
 
     ref = tmp_path / "ref"
     assert train(cfg(), ref, progress=False).state == "done"
-    orig = ActivationStore.batch
+    orig = BatchLoader.next
 
-    def batch(self, s, batch_size, seed=0):
-        if s == 76:
+    def next_batch(self, s):
+        if s == 76:  # while step 77 takes its batch
             os.kill(os.getpid(), signal.SIGTERM)
-        return orig(self, s, batch_size, seed)
+        return orig(self, s)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(ActivationStore, "batch", batch)
+    monkeypatch.setattr(BatchLoader, "next", next_batch)
     assert train(cfg(), run, progress=False).step == 77
     monkeypatch.undo()
     assert train(cfg(), run, progress=False).state == "done"

@@ -169,3 +169,133 @@ def test_a_manifest_that_is_not_an_object(tmp_path, text):
     (tmp_path / "s" / "manifest.json").write_text(text)
     with pytest.raises(MsaeError, match="not a valid activation store"):
         ActivationStore(tmp_path / "s")
+
+
+def _many_shards(path, n_shards, rows_per_shard=4, d=D, dtype=torch.float16):
+    """A store of `n_shards` tiny shards written directly (StoreWriter rewrites the manifest at
+    every shard, which is quadratic at thousands of shards)."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    g = torch.Generator().manual_seed(0)
+    shards, acts_all = [], []
+    for i in range(n_shards):
+        acts = torch.randn(rows_per_shard, d, generator=g).to(dtype)
+        name = f"shard_{i:05d}.safetensors"
+        save_file({"acts": acts, "token_ids": torch.full((rows_per_shard,), 5, dtype=torch.int32),
+                   "window_ids": torch.full((rows_per_shard,), i, dtype=torch.int64),
+                   "positions": torch.arange(1, rows_per_shard + 1, dtype=torch.int32),
+                   "windows": torch.full((1, rows_per_shard + 1), 5, dtype=torch.int32),
+                   "window_index": torch.tensor([i]), "doc_ids": torch.tensor([i])}, str(path / name))
+        shards.append({"file": name, "rows": rows_per_shard, "windows": 1, "first_window": i})
+        acts_all.append(acts)
+    settings = StoreSettings(model="tiny", layer=1, target_tokens=n_shards * rows_per_shard, context_size=rows_per_shard + 1)
+    import dataclasses
+    manifest = {"format": "msae-activation-store/1", "msae_version": "test", **dataclasses.asdict(settings),
+                "d_model": d, "tokenizer": "tiny", "bos_token_id": 1, "settings_hash": settings.settings_hash(),
+                "n_rows": n_shards * rows_per_shard, "n_windows": n_shards, "complete": True, "shards": shards}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return torch.cat(acts_all)
+
+
+def test_open_files_stay_bounded_with_thousands_of_shards(tmp_path):
+    """3,000 shards (21,000 tensors) are read under a soft limit of 256 open files: shards are mapped
+    when read, one file and one mapping each, and unmapped past MAX_MAPPED_SHARDS."""
+    import subprocess
+    import sys
+
+    acts = _many_shards(tmp_path / "s", 3000)
+    script = f"""
+import resource, torch
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from msae_core.data.store import ActivationStore, MAX_MAPPED_SHARDS
+st = ActivationStore({str(tmp_path / "s")!r})
+for step in range(8):
+    x = st.batch(step, 2048, seed=1)                  # every batch touches most shards
+    assert x.shape == (2048, {D}) and torch.isfinite(x).all()
+assert len(st._mapped) <= MAX_MAPPED_SHARDS
+idx = st.batch_indices(3, 2048, seed=1)
+torch.save((idx, st.batch(3, 2048, seed=1)), {str(tmp_path / "b.pt")!r})
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    idx, x = torch.load(tmp_path / "b.pt")
+    assert torch.equal(x, acts[idx].float())
+
+
+def test_large_stores_shuffle_in_blocks(tmp_path, monkeypatch):
+    """Above FULL_SHUFFLE_ROWS an epoch is a block shuffle: every row once per epoch, deterministic
+    in (seed, epoch), different across epochs and seeds, and no O(rows) permutation is built.
+    Below it the order is still the one seeded permutation (runs started before keep the rows of
+    each batch; a batch's rows come ascending)."""
+    from msae_core.data import store as S
+
+    _many_shards(tmp_path / "s", 70, rows_per_shard=4)   # 280 rows
+    st = ActivationStore(tmp_path / "s")
+    perm = torch.randperm(280, generator=torch.Generator().manual_seed(2 * 1_000_003))
+    assert torch.equal(st.batch_indices(1, 40, seed=2), torch.sort(perm[40:80]).values)
+    monkeypatch.setattr(S, "FULL_SHUFFLE_ROWS", 100)
+    monkeypatch.setattr(S, "SHUFFLE_BLOCK_ROWS", 16)
+    monkeypatch.setattr(S, "SHUFFLE_GROUP_BLOCKS", 4)
+    st = ActivationStore(tmp_path / "s")
+    epoch0 = torch.cat([st.batch_indices(s, 40, seed=2) for s in range(7)])
+    epoch1 = torch.cat([st.batch_indices(s, 40, seed=2) for s in range(7, 14)])
+    for ep in (epoch0, epoch1):
+        assert sorted(ep.tolist()) == list(range(280))
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(epoch0, torch.cat([ActivationStore(tmp_path / "s").batch_indices(s, 40, seed=2)
+                                          for s in range(7)]))
+    assert not torch.equal(epoch0, torch.cat([st.batch_indices(s, 40, seed=3) for s in range(7)]))
+    assert isinstance(st._order, S._BlockOrder)
+    # a batch straddling two epochs, and a batch size that does not divide the rows
+    b = st.batch_indices(5, 50, seed=2)  # rows 250..299 of the endless order
+    want = torch.cat([st._epoch_rows(2, 0, 250, 30), st._epoch_rows(2, 1, 0, 20)])
+    assert torch.equal(b, torch.sort(want).values)
+    assert set(want[:30].tolist()) <= set(epoch0[-40:].tolist())  # the last batch of epoch 0's rows
+    # rows are shuffled within a group, blocks across groups: the first 64 positions are 4 whole
+    # blocks of 16 consecutive rows, and a batch of 16 of them draws from more than one block
+    first = torch.cat([st.batch_indices(s, 16, seed=2) for s in range(4)])
+    blocks = sorted({int(r) // 16 for r in first})
+    assert len(blocks) == 4 and sorted(first.tolist()) == [b * 16 + i for b in blocks for i in range(16)]
+    assert len({int(r) // 16 for r in first[:16]}) > 1
+
+
+def test_prefetching_loader_yields_the_synchronous_batches(tmp_path):
+    """data.loader.BatchLoader: the batches store.batch gives, in order, across an epoch boundary,
+    from any start step; steps out of order and errors in its thread are raised to the caller."""
+    from msae_core.data.loader import BatchLoader
+
+    _many_shards(tmp_path / "s", 20)   # 80 rows, float16
+    st = ActivationStore(tmp_path / "s")
+    with BatchLoader(st, 24, seed=4, start_step=2, depth=2) as loader:
+        for s in range(2, 12):
+            x = loader.next(s)
+            assert x.dtype == torch.float32 and torch.equal(x, st.batch(s, 24, seed=4))
+        with pytest.raises(ValueError, match="in order"):
+            loader.next(20)
+    with BatchLoader(st, 24, seed=4, start_step=3, resident=True) as loader:  # the rows held in one tensor
+        assert loader._thread is None
+        for s in range(3, 9):
+            assert torch.equal(loader.next(s), st.batch(s, 24, seed=4))
+
+    class Broken:
+        d_in, torch_dtype = 2, torch.float16
+
+        def batch_raw(self, step, batch_size, seed, out=None):
+            if step == 1:
+                raise MsaeError("shard 3 is unreadable")
+            return torch.zeros(batch_size, 2, dtype=torch.float16)
+
+    # a batch stays valid through the next call; buffers are reused, not reallocated
+    with BatchLoader(st, 24, seed=4) as loader:
+        a = loader.next(0)
+        a_copy = a.clone()
+        loader.next(1)
+        assert torch.equal(a, a_copy)
+        seen = {loader.next(s).data_ptr() for s in range(2, 12)}
+        assert len(seen) <= 5
+
+    with BatchLoader(Broken(), 4, seed=0) as loader:
+        assert loader.next(0).shape == (4, 2)
+        with pytest.raises(MsaeError, match="shard 3"):
+            loader.next(1)

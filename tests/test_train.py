@@ -21,7 +21,8 @@ from msae_core.errors import MsaeError
 from msae_core.training.config import RunConfig, TrainConfig, DataConfig
 from msae_core.training.run_folder import read_status
 from msae_core.sae import SAEConfig
-from msae_core.data.store import ActivationStore, StoreSettings, StoreWriter
+from msae_core.data.loader import BatchLoader
+from msae_core.data.store import StoreSettings, StoreWriter
 from msae_core.training.trainer import config_from_args, train
 
 D, F, STEPS = 64, 128, 40
@@ -94,14 +95,15 @@ def reference(store, tmp_path_factory):
 
 
 def _fail_at(monkeypatch, step, action):
-    orig = ActivationStore.batch
+    """`action` applied to the batch of `step` as the training step takes it (the loader's
+    thread reads ahead; the fault belongs to the step that consumes the batch)."""
+    orig = BatchLoader.next
 
-    def batch(self, s, batch_size, seed=0):
-        if s == step:
-            return action(orig(self, s, batch_size, seed))
-        return orig(self, s, batch_size, seed)
+    def next_batch(self, s):
+        x = orig(self, s)
+        return action(x) if s == step else x
 
-    monkeypatch.setattr(ActivationStore, "batch", batch)
+    monkeypatch.setattr(BatchLoader, "next", next_batch)
 
 
 def test_run_folder_holds_everything(reference):
@@ -154,19 +156,19 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from msae_core import cli
     from msae_core.training import trainer as T
-    from msae_core.data.store import ActivationStore
+    from msae_core.data.loader import BatchLoader
     mode, run, config = sys.argv[1], sys.argv[2], sys.argv[3]
-    orig_batch, orig_rename = ActivationStore.batch, os.rename
-    def batch(self, s, *a, **k):
+    orig_next, orig_rename = BatchLoader.next, os.rename
+    def next_batch(self, s):
         if mode == "batch" and s == 25:
             os.kill(os.getpid(), signal.SIGKILL)
-        return orig_batch(self, s, *a, **k)
+        return orig_next(self, s)
     def rename(src, dst):  # the second checkpoint, killed between its two renames
         if mode == "rename" and str(src).endswith(".checkpoint.old") is False \\
                 and ".checkpoint.tmp" in str(src) and os.path.exists(os.path.join(run, ".checkpoint.old")):
             os.kill(os.getpid(), signal.SIGKILL)
         return orig_rename(src, dst)
-    ActivationStore.batch = batch
+    BatchLoader.next = next_batch
     T.os.rename = rename
     sys.exit(cli.main(["train", "--config", config, "--out", run, "--no-progress"]))
 """)

@@ -22,8 +22,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import struct
+import threading
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -233,8 +237,8 @@ class StoreWriter:
         atomic_write_json(self.path / STORE_MANIFEST, self.manifest)
 
 
-def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file as a read-only numpy array."""
+def _shard_header(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """name -> (dtype, shape, byte offset in the file) of every tensor of a safetensors file."""
     with open(path, "rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(header_len))
@@ -247,17 +251,86 @@ def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
         if np_dtype is None:
             raise MsaeError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - start == 0:
-            out[name] = np.zeros(shape, dtype=np_dtype)
-            continue
-        out[name] = np.memmap(path, dtype=np_dtype, mode="r", offset=base + start, shape=shape)
+        shape = tuple(int(d) for d in info["shape"])
+        if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize:
+            raise ValueError(f"tensor {name}: {end - start} bytes for shape {shape}")
+        out[name] = (np.dtype(np_dtype), shape, base + start)
     return out
+
+
+def _map_shard(path: Path, header: dict) -> dict[str, np.ndarray]:
+    """Every tensor of a shard as a read-only numpy view of one memory mapping of the whole file:
+    one open file and one mapping per shard, whatever the number of tensors."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    out = {}
+    for name, (dtype, shape, offset) in header.items():
+        n = int(np.prod(shape, dtype=np.int64))
+        if n == 0:
+            out[name] = np.zeros(shape, dtype=dtype)
+            continue
+        if offset + n * dtype.itemsize > size:
+            raise ValueError(f"tensor {name} runs past the end of the file ({size} bytes)")
+        out[name] = np.frombuffer(mm, dtype=dtype, count=n, offset=offset).reshape(shape)
+    return out
+
+
+# Rows of a store up to which an epoch is one permutation of all rows (int64: 8 bytes a row). Above
+# it an epoch is shuffled in blocks: SHUFFLE_BLOCK_ROWS consecutive rows form a block, the blocks
+# are permuted, and the rows of each run of SHUFFLE_GROUP_BLOCKS permuted blocks are shuffled among
+# themselves, so an epoch costs O(blocks) memory and a batch reads a few contiguous runs per block.
+FULL_SHUFFLE_ROWS = 1 << 23
+SHUFFLE_BLOCK_ROWS = 4096
+SHUFFLE_GROUP_BLOCKS = 16
+# Shards mapped at once (least recently used unmapped first): one file and one mapping each.
+MAX_MAPPED_SHARDS = 64
+
+
+class _BlockOrder:
+    """The row order of one epoch of a large store (see FULL_SHUFFLE_ROWS): position p of the
+    epoch -> global row. Deterministic in (n_rows, seed, epoch)."""
+
+    def __init__(self, n_rows: int, seed: int, epoch: int):
+        R, G = SHUFFLE_BLOCK_ROWS, SHUFFLE_GROUP_BLOCKS
+        self.n_rows, self.seed, self.epoch = n_rows, seed, epoch
+        n_blocks = -(-n_rows // R)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        self.block_perm = torch.randperm(n_blocks, generator=g).numpy()
+        sizes = np.full(n_blocks, R, dtype=np.int64)
+        sizes[-1] = n_rows - R * (n_blocks - 1)
+        group_rows = np.add.reduceat(sizes[self.block_perm], np.arange(0, n_blocks, G))
+        self.group_starts = np.concatenate([[0], np.cumsum(group_rows)])
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _group(self, gi: int) -> np.ndarray:
+        if gi not in self._cache:
+            R, G = SHUFFLE_BLOCK_ROWS, SHUFFLE_GROUP_BLOCKS
+            blocks = self.block_perm[gi * G:(gi + 1) * G]
+            rows = np.concatenate([np.arange(b * R, min((b + 1) * R, self.n_rows)) for b in blocks])
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + gi + 1)
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[gi] = rows[torch.randperm(len(rows), generator=g).numpy()]
+        return self._cache[gi]
+
+    def slice(self, off: int, take: int) -> np.ndarray:
+        parts, pos, end = [], off, off + take
+        while pos < end:
+            gi = int(np.searchsorted(self.group_starts, pos, side="right") - 1)
+            lo = pos - int(self.group_starts[gi])
+            hi = min(end, int(self.group_starts[gi + 1])) - int(self.group_starts[gi])
+            parts.append(self._group(gi)[lo:hi])
+            pos += hi - lo
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 class ActivationStore:
     """Reads a store memory-mapped. Batches are shuffled deterministically from (seed, step), so a
-    resumed training run reads exactly the batches an uninterrupted one would."""
+    resumed training run reads exactly the batches an uninterrupted one would.
+
+    Shards are mapped when first read and unmapped least-recently-used past MAX_MAPPED_SHARDS, so
+    the open files and mappings stay bounded whatever the shard count."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -270,21 +343,47 @@ class ActivationStore:
         self.manifest = manifest
         if not manifest["shards"]:
             raise MsaeError(f"activation store {self.path} holds no complete shard yet")
-        self._shards = []
-        for s in manifest["shards"]:
-            f = self.path / s["file"]
+        self._files = [self.path / s["file"] for s in manifest["shards"]]
+        for f in self._files:
             if not f.exists():
-                raise MsaeError(f"activation store {self.path} lists {s['file']} but it is missing")
-            try:
-                self._shards.append(_memmap_safetensors(f))
-            except (OSError, ValueError, json.JSONDecodeError, struct.error) as exc:
-                raise MsaeError(f"activation store shard {f} is unreadable: {exc}") from exc
+                raise MsaeError(f"activation store {self.path} lists {f.name} but it is missing")
+        self._lock = threading.RLock()
+        self._headers: dict[int, dict] = {}
+        self._mapped: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._shard(0)  # a first shard that does not read fails here, not at the first batch
         rows = np.array([s["rows"] for s in manifest["shards"]], dtype=np.int64)
         self._row_starts = np.concatenate([[0], np.cumsum(rows)])
         self._win_starts = np.array([s["first_window"] for s in manifest["shards"]] +
                                     [manifest["n_windows"]], dtype=np.int64)
-        self._perm_epoch: int | None = None
-        self._perm: torch.Tensor | None = None
+        self._order_key: tuple[int, int] | None = None
+        self._order: torch.Tensor | _BlockOrder | None = None
+
+    def _shard(self, i: int) -> dict[str, np.ndarray]:
+        """The tensors of shard i, mapped (LRU of MAX_MAPPED_SHARDS shards). Thread-safe: the
+        batch loader's thread and the training thread may both read."""
+        with self._lock:
+            return self._shard_locked(i)
+
+    def _shard_locked(self, i: int) -> dict[str, np.ndarray]:
+        got = self._mapped.get(i)
+        if got is not None:
+            self._mapped.move_to_end(i)
+            return got
+        f = self._files[i]
+        try:
+            if i not in self._headers:
+                self._headers[i] = _shard_header(f)
+            got = _map_shard(f, self._headers[i])
+        except (OSError, ValueError, json.JSONDecodeError, struct.error) as exc:
+            raise MsaeError(f"activation store shard {f} is unreadable: {exc}") from exc
+        self._mapped[i] = got
+        while len(self._mapped) > MAX_MAPPED_SHARDS:
+            self._mapped.popitem(last=False)  # unmapped once no array of it is referenced
+        return got
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._files)
 
     @property
     def d_in(self) -> int:
@@ -309,13 +408,13 @@ class ActivationStore:
     def _gather(self, key: str, idx: np.ndarray) -> np.ndarray:
         """Rows `idx` (global, any order) of per-row tensor `key`, in the order given."""
         shard_of = np.searchsorted(self._row_starts, idx, side="right") - 1
-        first = self._shards[0][key]
+        first = self._shard(0)[key]
         out = np.empty((len(idx),) + first.shape[1:], dtype=first.dtype)
         for s in np.unique(shard_of):
             sel = np.nonzero(shard_of == s)[0]
             local = idx[sel] - self._row_starts[s]
-            order = np.argsort(local, kind="stable")  # sequential reads from the memmap
-            out[sel[order]] = self._shards[s][key][local[order]]
+            order = np.argsort(local, kind="stable")  # sequential reads from the mapping
+            out[sel[order]] = self._shard(int(s))[key][local[order]]
         return out
 
     def _check_idx(self, idx: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -326,8 +425,21 @@ class ActivationStore:
 
     def rows(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Activations of global rows `idx` as float32, shape (n, D)."""
+        return self.rows_raw(idx).float()
+
+    def rows_raw(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Activations of global rows `idx` in the store's dtype (float16 or float32), (n, D)."""
         a = self._check_idx(idx)
-        return torch.from_numpy(self._gather("acts", a).astype(np.float32, copy=False))
+        return torch.from_numpy(self._gather("acts", a))
+
+    def all_rows_raw(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Every activation row in the store's dtype, (n_rows, D), in one tensor on `device`
+        (filled shard by shard; data.loader keeps a store that fits on the GPU there)."""
+        out = torch.empty((self.n_rows, self.d_in), dtype=self.torch_dtype, device=device)
+        for s in range(self.n_shards):
+            lo, hi = int(self._row_starts[s]), int(self._row_starts[s + 1])
+            out[lo:hi].copy_(torch.from_numpy(np.array(self._shard(s)["acts"])))
+        return out
 
     def row_info(self, idx: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         a = self._check_idx(idx)
@@ -339,23 +451,34 @@ class ActivationStore:
         if not 0 <= window_id < int(self._win_starts[-1]):
             raise IndexError(f"window {window_id} out of range [0, {int(self._win_starts[-1])})")
         s = int(np.searchsorted(self._win_starts, window_id, side="right") - 1)
-        row = self._shards[s]["windows"][window_id - self._win_starts[s]]
+        row = self._shard(s)["windows"][window_id - self._win_starts[s]]
         return [int(t) for t in row if t >= 0]
 
-    def _permutation(self, seed: int, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != (seed, epoch):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.n_rows, generator=g)
-            self._perm_epoch = (seed, epoch)  # type: ignore[assignment]
-        assert self._perm is not None
-        return self._perm
+    def _epoch_rows(self, seed: int, epoch: int, off: int, take: int) -> torch.Tensor:
+        """Rows at positions [off, off + take) of epoch `epoch`'s order: one seeded permutation of
+        all rows up to FULL_SHUFFLE_ROWS, block-shuffled above it (_BlockOrder)."""
+        with self._lock:
+            return self._epoch_rows_locked(seed, epoch, off, take)
+
+    def _epoch_rows_locked(self, seed: int, epoch: int, off: int, take: int) -> torch.Tensor:
+        if self._order_key != (seed, epoch):
+            if self.n_rows <= FULL_SHUFFLE_ROWS:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                self._order = torch.randperm(self.n_rows, generator=g)
+            else:
+                self._order = _BlockOrder(self.n_rows, seed, epoch)
+            self._order_key = (seed, epoch)
+        if isinstance(self._order, _BlockOrder):
+            return torch.from_numpy(self._order.slice(off, take))
+        assert self._order is not None
+        return self._order[off:off + take]
 
     def nonfinite_rows(self, limit: int = 8, chunk_rows: int = 65_536) -> tuple[int, list[int]]:
         """(number of rows holding NaN or inf, the first `limit` of them): a scan of every shard,
         for naming bad rows when something downstream turned non-finite."""
         count, first = 0, []
-        for s, shard in enumerate(self._shards):
-            acts = shard["acts"]
+        for s in range(self.n_shards):
+            acts = self._shard(s)["acts"]
             for lo in range(0, len(acts), chunk_rows):
                 bad = np.nonzero(~np.isfinite(acts[lo:lo + chunk_rows]).all(axis=1))[0]
                 count += len(bad)
@@ -372,20 +495,52 @@ class ActivationStore:
                 "re-harvest it (--dtype float32 for late layers)")
 
     def batch_indices(self, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
-        """Global row indices of batch `step`: epochs of a seeded permutation, laid end to end."""
+        """Global row indices of batch `step`, ascending: the rows at positions [step * B, (step +
+        1) * B) of the epochs' orders laid end to end. A batch is a set of rows; ascending, each
+        shard's rows are one run and read in file order."""
         start = step * batch_size
         parts, pos, need = [], start, batch_size
         while need > 0:
             epoch, off = divmod(pos, self.n_rows)
             take = min(need, self.n_rows - off)
-            parts.append(self._permutation(seed, epoch)[off:off + take])
+            parts.append(self._epoch_rows(seed, epoch, off, take))
             pos += take
             need -= take
-        return torch.cat(parts)
+        return torch.sort(torch.cat(parts)).values
 
     def batch(self, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
         """Batch `step` of a shuffled pass over the store, float32 (B, D)."""
-        return self.rows(self.batch_indices(step, batch_size, seed))
+        return self.batch_raw(step, batch_size, seed).float()
+
+    def batch_raw(self, step: int, batch_size: int, seed: int = 0,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch `step` in the store's dtype (float16 for a default harvest), gathered into `out`
+        when given (a (B, D) tensor of that dtype, e.g. the loader's reused or pinned buffers)."""
+        idx = self.batch_indices(step, batch_size, seed).numpy()
+        if out is None:
+            out = torch.empty((len(idx), self.d_in), dtype=self.torch_dtype)
+        return self._gather_sorted_into(idx, out)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.from_numpy(np.empty(0, dtype=self._shard(0)["acts"].dtype)).dtype
+
+    def _gather_sorted_into(self, idx: np.ndarray, out_ND: torch.Tensor) -> torch.Tensor:
+        """Activation rows of ascending global indices `idx` into out_ND, one torch.index_select per
+        shard (multi-threaded, GIL released) straight from its mapping into a slice of out_ND."""
+        if len(idx) and (idx[0] < 0 or idx[-1] >= self.n_rows):
+            raise IndexError(f"row index out of range [0, {self.n_rows})")
+        shard_of = np.searchsorted(self._row_starts, idx, side="right") - 1
+        cuts = np.concatenate([[0], np.flatnonzero(np.diff(shard_of)) + 1, [len(idx)]])
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            s = int(shard_of[a])
+            src = self._shard(s)["acts"]
+            with warnings.catch_warnings():  # a read-only mapping: torch warns, and only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                src_ND = torch.from_numpy(src)
+            local = torch.from_numpy(idx[a:b] - self._row_starts[s])
+            torch.index_select(src_ND, 0, local, out=out_ND[a:b])
+        return out_ND
 
     def batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[torch.Tensor]:
         step = start_step

@@ -6,7 +6,8 @@
     msae train --out RUN                          # resume RUN with its own config.json
 
 Loop, step s = 0 .. steps-1 ("completed" = s + 1 is what the logs call `step`), in `_Fit.run`:
-    x = store.batch(s, batch_size, seed)          # deterministic in (seed, s): resume can skip
+    x = store.batch(s, batch_size, seed)          # deterministic in (seed, s): resume can skip;
+                                                  # read ahead by a thread (data.loader)
     losses, out = sae.loss_terms(x, s); Adam step at the warm-up lr; sae.post_step_(s)
     then, on their schedules, a metrics line, a trace snapshot, a checkpoint (checkpoint.py)
 
@@ -42,6 +43,7 @@ from msae_core import metrics as M
 from msae_core import sae_io
 from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS
 from msae_core.configutil import add_dataclass_args, overrides_from_args
+from msae_core.data.loader import BatchLoader
 from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
@@ -204,6 +206,7 @@ class _Fit:
                              f"{signal.Signals(self.stop.signum).name} before step {self.start + 1}")
         bar = tqdm(total=tc.steps, initial=self.start, disable=None if progress else True,
                    desc=self.out_dir.name, unit="step", dynamic_ncols=True)
+        self.loader = BatchLoader(self.store, tc.batch_size, tc.seed, self.start, self.device)
         try:
             for s in range(self.start, tc.steps):
                 done = s + 1
@@ -221,13 +224,14 @@ class _Fit:
                     return self._end("cancelled", done, f"cancelled by signal "
                                      f"{signal.Signals(self.stop.signum).name} at step {done}; checkpoint written")
         finally:
+            self.loader.close()
             bar.close()
         return self._finish()
 
     def _step(self, s: int) -> tuple[torch.Tensor, StepOutput | None]:
         """One optimizer step on batch s: (the batch, the step's output), or (the batch, None) when
         the loss is not finite (no update is made then)."""
-        x_BD = self.store.batch(s, self.tc.batch_size, self.tc.seed).to(self.device, non_blocking=True)
+        x_BD = self.loader.next(s)
         lr = lr_at(s, self.tc)
         for g in self.opt.param_groups:
             g["lr"] = lr
