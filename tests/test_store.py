@@ -199,8 +199,9 @@ def _many_shards(path, n_shards, rows_per_shard=4, d=D, dtype=torch.float16):
 
 
 def test_open_files_stay_bounded_with_thousands_of_shards(tmp_path):
-    """3,000 shards (21,000 tensors) are read under a soft limit of 256 open files: shards are mapped
-    when read, one file and one mapping each, and unmapped past MAX_MAPPED_SHARDS."""
+    """3,000 shards (21,000 tensors) are read, and an SAE trained on them, under a soft limit of 256
+    open files: shards are mapped when read, one file and one mapping each, and unmapped past
+    MAX_MAPPED_SHARDS."""
     import subprocess
     import sys
 
@@ -216,6 +217,13 @@ for step in range(8):
 assert len(st._mapped) <= MAX_MAPPED_SHARDS
 idx = st.batch_indices(3, 2048, seed=1)
 torch.save((idx, st.batch(3, 2048, seed=1)), {str(tmp_path / "b.pt")!r})
+from msae_core.sae import SAEConfig
+from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.training.trainer import train
+cfg = RunConfig(sae=SAEConfig(arch="topk", d_sae=32, k=4),
+                train=TrainConfig(steps=12, batch_size=1024, device="cpu", log_every=4, checkpoint_every=6),
+                data=DataConfig(acts={str(tmp_path / "s")!r}))
+assert train(cfg, {str(tmp_path / "run")!r}, progress=False).state == "done"
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -274,3 +274,32 @@ def test_flags_override_config_file_and_bad_settings_refused(store, reference, t
         holder.wait()
     # a done run asked again does nothing but report done
     assert train(make_config(store), reference, progress=False).state == "done"
+
+
+def test_steps_between_logs_never_read_the_device(store, tmp_path, monkeypatch):
+    """A bad loss is flagged on the device and read at log, snapshot and checkpoint steps only: the
+    trainer's reads of tensor values (host syncs on a GPU) do not grow with the steps between them.
+    (The loss check used to read `bool(isfinite(loss))` at every step.)"""
+    from msae_core.training import trainer as T
+
+    reads = {"n": 0}
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            if sys._getframe(1).f_code.co_filename == T.__file__:
+                reads["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_for(steps):
+        cfg = make_config(store, steps=steps, arch="topk")
+        cfg.train.log_every = cfg.train.checkpoint_every = steps
+        cfg.train.snapshot_every = 0
+        reads["n"] = 0
+        assert train(cfg, tmp_path / f"run{steps}", progress=False).state == "done"
+        return reads["n"]
+
+    few, many = reads_for(10), reads_for(30)
+    assert few > 0 and many == few

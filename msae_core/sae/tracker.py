@@ -43,6 +43,23 @@ right after `competition_loss` (the trainer calls `loss_terms` once per step, be
 step; the decoder-neighbour refresh therefore reads the decoder the loss saw). `post_step_` only
 renormalises the decoder.
 
+Host syncs (on a GPU, each one waits for the work queued before it). `loss_terms` and `update_`
+read nothing back on purpose: the bias correction and the previous step are compared on the device.
+What remains per step, each with its reason:
+- `cofiring`: `key_BS[active_BS]`, a boolean mask of data-dependent size (the batch's co-firing
+  occurrences); a fixed-size alternative pads to B * M (M - 1) / 2 entries per batch.
+- `competition_loss`: two early exits (`bool(competing_N.any())`, `bool(hit_P.any())`) and the
+  masks selecting the competing table pairs and the occurrences that hit them (data-dependent
+  sizes); with no competing pair yet the early exit saves the whole penalty computation.
+- `update_` and `batch_scores`: `torch.unique` over the batch's and the table's pair keys and the
+  boolean masks of the screen (the table's new content has a data-dependent size); the events'
+  `.tolist()` (the pairs that crossed tau, a data-dependent list, drained by the trainer).
+- `_write_table_`: the masks keeping each row's strongest C partners.
+These are the sparse table's design (a table of O(F * C) pairs instead of a dense F x F one): the
+set of pairs changes every step. The TopK base has one, `int(dead_F.sum())` in its AuxK loss (the
+number of latents AuxK takes must be a Python int for `topk`); the trainer has none between its
+log, snapshot and checkpoint steps.
+
 Shapes: B batch, F d_sae, D d_in, C candidates per feature, M cofire_top, S = M (M - 1) / 2 slot
 pairs per token, P co-firing occurrences of a batch (slot pairs with both latents active),
 N unordered pairs (the table's, or a union of keys), Q competing table pairs, H occurrences of
@@ -115,9 +132,12 @@ class MomentumTracker(nn.Module):
         self._events: list[dict] = []
 
     # -- reads -------------------------------------------------------------------------------------
-    def _bias(self) -> float:
-        t = int(self.n_updates)
-        return 1.0 - self.cfg.beta ** t if t > 0 else 1.0
+    def _bias(self) -> torch.Tensor:
+        """1 - beta^t after t updates (1 before any), on the device: reading t would be a host sync.
+        Computed in float64 and rounded once, as a Python float divisor would be."""
+        t = self.n_updates.double()
+        beta = torch.tensor(self.cfg.beta, dtype=torch.float64, device=t.device)
+        return torch.where(t > 0, 1.0 - beta ** t, torch.ones_like(t)).to(self.rate.dtype)
 
     def rate_hat(self) -> torch.Tensor:
         """Bias-corrected firing frequency. (F,)"""
@@ -223,8 +243,8 @@ class MomentumTracker(nn.Module):
         kappa_N = beta * kappa_N + (1 - beta) * s_N
 
         # competition and its events
-        prev_step = int(self.last_update_step)
-        was_N = (last_N == prev_step) & (prev_step >= 0)
+        prev_step = self.last_update_step  # a tensor: compared on the device, never read
+        was_N = (last_N == prev_step.to(last_N.dtype)) & (prev_step >= 0)
         now_N = kappa_N >= self.cfg.tau
         first_N = torch.where(now_N & (first_N < 0), torch.full_like(first_N, step), first_N)
         last_N = torch.where(now_N, torch.full_like(last_N, step), last_N)

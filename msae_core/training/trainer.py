@@ -47,7 +47,7 @@ from msae_core.data.loader import BatchLoader
 from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
-from msae_core.sae import SAE, SAEConfig, SAEOutput, StepOutput, build_sae
+from msae_core.sae import SAE, SAEConfig, SAEOutput, build_sae
 from msae_core.training.checkpoint import (checkpoint_step, find_checkpoint, load_checkpoint,
                                            remove_temporaries, rng_state, set_rng_state, write_checkpoint)
 from msae_core.training.config import DataConfig, RunConfig, TrainConfig, config_mismatch
@@ -187,6 +187,11 @@ class _Fit:
             k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in state.get("log_sums", {}).items()}
         self.n_sum = int(state.get("log_n", 0))
         self.t_interval = time.perf_counter()
+        # the first step whose loss was not finite (-1: none yet), its loss, and whether its batch
+        # held NaN/inf: kept on the device so that a step never waits for it
+        self.bad_at = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.bad_loss = torch.zeros((), device=self.device)
+        self.bad_data = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def _fit_input_scale(self, sae: SAE) -> None:
         """The fixed input normalisation, from a sample of the store."""
@@ -210,15 +215,20 @@ class _Fit:
         try:
             for s in range(self.start, tc.steps):
                 done = s + 1
-                x_BD, step_out = self._step(s)
-                if step_out is None:
-                    return self._bad_loss(s, x_BD)
-                if done % tc.log_every == 0 or done == tc.steps:
-                    self._log(done, x_BD, step_out.out, bar)
-                if tc.snapshot_every and done % tc.snapshot_every == 0:
+                x_BD, out = self._step(s)
+                log_due = done % tc.log_every == 0 or done == tc.steps
+                snap_due = bool(tc.snapshot_every) and done % tc.snapshot_every == 0
+                ckpt_due = done % tc.checkpoint_every == 0 or done == tc.steps or self.stop.signum is not None
+                if log_due or snap_due or ckpt_due:  # the one host sync: read the bad-loss flag
+                    if int(self.bad_at) >= 0:
+                        return self._bad_loss()
+                    append_events(self.out_dir, self.sae.drain_events())
+                if log_due:
+                    self._log(done, x_BD, out, bar)
+                if snap_due:
                     self._snapshot(done)
                 bar.update(1)
-                if done % tc.checkpoint_every == 0 or done == tc.steps or self.stop.signum is not None:
+                if ckpt_due:
                     self._checkpoint(done)
                 if self.stop.signum is not None and done < tc.steps:
                     return self._end("cancelled", done, f"cancelled by signal "
@@ -228,9 +238,11 @@ class _Fit:
             bar.close()
         return self._finish()
 
-    def _step(self, s: int) -> tuple[torch.Tensor, StepOutput | None]:
-        """One optimizer step on batch s: (the batch, the step's output), or (the batch, None) when
-        the loss is not finite (no update is made then)."""
+    def _step(self, s: int) -> tuple[torch.Tensor, SAEOutput]:
+        """One optimizer step on batch s: (the batch, the step's forward output). Nothing here
+        waits for the device: a non-finite loss is recorded on the device (`bad_at`, the loss,
+        whether the batch itself was not finite) and read by `run` at its next log, snapshot or
+        checkpoint step, before anything of the bad step is written."""
         x_BD = self.loader.next(s)
         lr = lr_at(s, self.tc)
         for g in self.opt.param_groups:
@@ -238,20 +250,21 @@ class _Fit:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             step_out = self.sae.loss_terms(x_BD, s)
         loss = step_out.losses["loss"]
-        if not bool(torch.isfinite(loss.detach())):
-            self.bad_loss = float(loss.detach())
-            return x_BD, None
+        with torch.no_grad():
+            first = (self.bad_at < 0) & ~torch.isfinite(loss.detach())
+            self.bad_at = torch.where(first, s, self.bad_at)
+            self.bad_loss = torch.where(first, loss.detach().float(), self.bad_loss)
+            self.bad_data = self.bad_data | (first & ~torch.isfinite(x_BD).all())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.sae.post_step_(s)
-        append_events(self.out_dir, self.sae.drain_events())
         for k, v in step_out.losses.items():
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 v = v.detach().float()
                 self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.n_sum += 1
-        return x_BD, step_out
+        return x_BD, step_out.out
 
     def _log(self, done: int, x_BD: torch.Tensor, out: SAEOutput, bar: Any) -> None:
         """One metrics line: the mean losses since the last line, the batch's l0 and explained
@@ -286,14 +299,17 @@ class _Fit:
         self.last_ckpt = done
 
     # -- endings -----------------------------------------------------------------------------------
-    def _bad_loss(self, s: int, x_BD: torch.Tensor) -> RunResult:
-        """A non-finite loss at step s: `failed` naming the rows when the batch itself is not
-        finite (the data), else `diverged` (the optimisation)."""
-        if not bool(torch.isfinite(x_BD).all()):
+    def _bad_loss(self) -> RunResult:
+        """The loss was not finite at step `bad_at`: `failed` naming the rows when that batch itself
+        was not finite (the data), else `diverged` (the optimisation). The weights in memory are
+        dropped; the last checkpoint, written before that step, is what the folder keeps."""
+        s = int(self.bad_at)
+        append_events(self.out_dir, [e for e in self.sae.drain_events() if e["step"] < s])
+        if bool(self.bad_data):
             return self._end("failed", s, self.store.nonfinite_problem() or f"non-finite activations at step {s + 1}")
         kept = (f"last good checkpoint at step {self.last_ckpt} kept" if self.last_ckpt is not None
                 else "no checkpoint was written before it")
-        return self._end("diverged", s, f"loss became {self.bad_loss} at step {s + 1} "
+        return self._end("diverged", s, f"loss became {float(self.bad_loss)} at step {s + 1} "
                                         f"(lr {lr_at(s, self.tc):.3g}): diverged; {kept}")
 
     def _end(self, state: str, step: int, msg: str) -> RunResult:
