@@ -68,6 +68,7 @@ EXPORT_RUNS_CSV = "runs.csv"
 SAE_WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "sae_config.json"
 OPTIMIZER_STATE = "optimizer.pt"
+STREAM_BUFFER = "stream_buffer.safetensors"  # a streamed run's mixing buffer, in checkpoint/
 TRAINER_STATE = "trainer_state.json"
 
 # SAELens on-disk format

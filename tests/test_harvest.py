@@ -177,6 +177,16 @@ def test_cli(setup, tmp_path):
     assert args.func(args) == 0
     store = ActivationStore(tmp_path / "st")
     assert store.n_rows == 40 and store.manifest["layer"] == 1 and store.manifest["context_size"] == 16
+    assert store.manifest["harvest"]["model_dtype"] == "torch.float32"  # auto on the CPU
+    # --model-dtype bfloat16: the model runs in bfloat16, the manifest says so, the rows stay close
+    args = parser.parse_args(["harvest", "--model", setup["model"], "--corpus", setup["corpus"],
+                              "--layer", "1", "--tokens", "40", "--context-size", "16", "--model-dtype",
+                              "bfloat16", "--dtype", "float32", "--out", str(tmp_path / "bf"), "--no-progress"])
+    assert args.func(args) == 0
+    bf = ActivationStore(tmp_path / "bf")
+    assert bf.manifest["harvest"]["model_dtype"] == "torch.bfloat16"
+    x, y = store.rows(torch.arange(40)), bf.rows(torch.arange(40))
+    assert not torch.equal(x, y) and ((x - y).norm(dim=1) / x.norm(dim=1)).max() < 0.05
 
 
 _CHILD = """

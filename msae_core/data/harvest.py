@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -57,6 +58,31 @@ def _check_out_folder(out: Path, settings: StoreSettings) -> dict | None:
     return manifest
 
 
+class WindowRows(NamedTuple):
+    """The activation rows of a batch of context windows, in window then position order."""
+
+    acts: torch.Tensor        # (N, D) block `layer`'s output, the model's dtype, on its device
+    token_ids: torch.Tensor   # (N,) long, CPU
+    window_ids: torch.Tensor  # (N,) long, CPU: global window index
+    positions: torch.Tensor   # (N,) long, CPU
+
+
+def window_rows(lm: Any, ids_BT: torch.Tensor, layer: int, first_window: int,
+                special: torch.Tensor | None) -> WindowRows:
+    """Run the windows `ids_BT` (B, T) through the model up to block `layer` (early stop) and keep
+    the rows whose token is not in `special` (all rows when None): what harvest stores and the
+    stream (data.stream) trains on, so both see the same activations."""
+    B, T = ids_BT.shape
+    with torch.inference_mode():
+        acts_BTD = lm.resid_post(ids_BT, layer, stop_early=True)
+    keep_BT = ~torch.isin(ids_BT, special) if special is not None else torch.ones_like(ids_BT, dtype=torch.bool)
+    flat = keep_BT.reshape(-1)
+    wid_BT = (first_window + torch.arange(B))[:, None].expand(B, T)
+    pos_BT = torch.arange(T)[None, :].expand(B, T)
+    acts = acts_BTD.reshape(B * T, -1)[flat.to(acts_BTD.device)]
+    return WindowRows(acts, ids_BT.reshape(-1)[flat], wid_BT.reshape(-1)[flat], pos_BT.reshape(-1)[flat])
+
+
 def _write_shard(writer: StoreWriter, parts: dict[str, list[torch.Tensor]]) -> None:
     tensors = {k: torch.cat(v) for k, v in parts.items()}
     try:
@@ -72,9 +98,11 @@ def _write_shard(writer: StoreWriter, parts: dict[str, list[torch.Tensor]]) -> N
 
 def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int = 8,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, device: str | None = None,
-            progress: bool = True, lm=None, corpus=None) -> ActivationStore:
+            progress: bool = True, lm=None, corpus=None, model_dtype: str = "auto") -> ActivationStore:
     """Harvest `settings.target_tokens` rows of block `settings.layer`'s output into `out`.
 
+    `model_dtype`: the language model's dtype (data.stream.model_dtype: auto = bfloat16 on CUDA,
+    float32 on the CPU); the manifest records it (harvest.model_dtype).
     Resumes a killed harvest of the same settings; returns at once when `out` is complete.
     `lm` / `corpus` may be passed already loaded (they must be the ones the settings name)."""
     from msae_core.data.lm import load_lm
@@ -92,7 +120,12 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
         return ActivationStore(out)
 
     corpus = corpus if corpus is not None else load_corpus(settings.corpus)
-    lm = lm if lm is not None else load_lm(settings.model, device=device)
+    if lm is None:
+        from msae_core.data.stream import model_dtype as resolve_model_dtype
+        from msae_core.devices import resolve_device
+
+        lm = load_lm(settings.model, device=device,
+                     dtype=resolve_model_dtype(model_dtype, resolve_device(device)))
     lm.check_layer(settings.layer)
     import transformers
 
@@ -131,16 +164,10 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
                 break
             doc_ids = torch.tensor([d for d, _ in batch], dtype=torch.long)
             ids_BT = torch.tensor([w for _, w in batch], dtype=torch.long)
-            B, T = ids_BT.shape
-            with torch.inference_mode():
-                acts_BTD = lm.resid_post(ids_BT, settings.layer, stop_early=True).float().cpu()
-            keep_BT = (~torch.isin(ids_BT, special) if settings.exclude_special
-                       else torch.ones_like(ids_BT, dtype=torch.bool))
-            win_ids_BT = (win_next + torch.arange(B))[:, None].expand(B, T)
-            pos_BT = torch.arange(T)[None, :].expand(B, T)
-            flat = keep_BT.reshape(-1)
-            acts = acts_BTD.reshape(B * T, -1)[flat]        # (N, D), rows in window/position order
-            tok, wid, pos = ids_BT.reshape(-1)[flat], win_ids_BT.reshape(-1)[flat], pos_BT.reshape(-1)[flat]
+            B = ids_BT.shape[0]
+            rows = window_rows(lm, ids_BT, settings.layer, win_next,
+                               special if settings.exclude_special else None)
+            acts, tok, wid, pos = rows.acts.float().cpu(), rows.token_ids, rows.window_ids, rows.positions
             n_win = B
             if rows_done + len(acts) > target:  # last batch: cut rows, and windows after the cut
                 need = target - rows_done
@@ -152,7 +179,7 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
                 raise MsaeError(f"the model gave non-finite activations (NaN or inf) at layer "
                                 f"{settings.layer} in {int(bad_N.sum())} row(s), the first in window "
                                 f"{int(wid[first])} at position {int(pos[first])}: nothing written "
-                                f"for that batch; try --dtype float32 or another layer")
+                                f"for that batch; try --model-dtype float32 or another layer")
             if settings.dtype == "float16" and len(acts) and acts.abs().max().item() > FLOAT16_MAX:
                 raise MsaeError(f"layer {settings.layer} activations exceed the float16 range "
                                 f"({acts.abs().max().item():.3g}): harvest with --dtype float32")
@@ -192,7 +219,7 @@ def _run(args: argparse.Namespace) -> int:
                              target_tokens=args.tokens, context_size=args.context_size,
                              dtype=args.dtype, exclude_special=args.exclude_special)
     store = harvest(settings, args.out, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
-                    device=args.device, progress=not args.no_progress)
+                    device=args.device, progress=not args.no_progress, model_dtype=args.model_dtype)
     log.info("activation store %s: %d rows of width %d (%s), %d shards", args.out, store.n_rows,
              store.d_in, store.dtype, len(store.manifest["shards"]))
     return 0
@@ -222,6 +249,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help="rows per shard, about (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--model-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the language model's dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 

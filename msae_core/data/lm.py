@@ -225,6 +225,16 @@ def _resolve(name_or_path: str, part: str) -> str:
     return str(ensure_embedded(part)) if name_or_path == EMBEDDED else str(name_or_path)
 
 
+def model_width(name_or_path: str = EMBEDDED) -> int:
+    """d_model of a model from its config alone (no weights loaded): what a streamed run's SAE
+    takes as d_in before the model is loaded."""
+    from transformers import AutoConfig
+
+    cfg = _from_pretrained(AutoConfig.from_pretrained, _resolve(name_or_path, "model"), "the config of")
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(cfg.hidden_size)
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str = EMBEDDED):
     """The tokenizer of a model (cached per process; the embedded one loads in ~3 s once converted)."""

@@ -17,6 +17,9 @@ work is torch calls that release the GIL (index_select from the mapped shards, t
 it overlaps the step within one process. An error in the thread is raised by the `next` call that
 would have returned its batch.
 
+A stream (data.stream: `streamed` is set) is served in the caller's thread: its batches come from
+the model, on the device already.
+
 Resident: when the whole store fits on the GPU (at most RESIDENT_FRACTION of its free memory, in
 the store's dtype), the rows are copied there once and a batch is a gather on the device; no thread
 then. `resident=True` forces it on any device (the tests use it on the CPU), False turns it off.
@@ -53,6 +56,9 @@ class BatchLoader:
         self.resident = fits_on_device(store, self.device) if resident is None else resident
         self._rows_ND: torch.Tensor | None = None
         self._thread: threading.Thread | None = None
+        self._in_order = bool(getattr(store, "streamed", False))
+        if self._in_order:  # a stream (data.stream) runs the model: served here, on the device
+            return
         if self.resident:
             self._rows_ND = store.all_rows_raw(self.device)
             return
@@ -106,6 +112,9 @@ class BatchLoader:
         """Batch `step`, float32 (B, D) on the device; steps must be asked for in order."""
         if step != self._next_step:
             raise ValueError(f"BatchLoader serves steps in order: expected {self._next_step}, got {step}")
+        if self._in_order:
+            self._next_step += 1
+            return self.store.batch_raw(step, self.batch_size, self.seed).to(self.device).float()
         if self._rows_ND is not None:
             self._next_step += 1
             idx = self.store.batch_indices(step, self.batch_size, self.seed).to(self.device, non_blocking=True)

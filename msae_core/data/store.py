@@ -512,6 +512,10 @@ class ActivationStore:
         """Batch `step` of a shuffled pass over the store, float32 (B, D)."""
         return self.batch_raw(step, batch_size, seed).float()
 
+    def input_sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """Up to `n` rows (the first batch of that size), float32: the SAE's input-scale sample."""
+        return self.batch(0, min(self.n_rows, n), seed)
+
     def batch_raw(self, step: int, batch_size: int, seed: int = 0,
                   out: torch.Tensor | None = None) -> torch.Tensor:
         """Batch `step` in the store's dtype (float16 for a default harvest), gathered into `out`

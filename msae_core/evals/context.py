@@ -126,7 +126,13 @@ def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     if not (run_dir / SAE_WEIGHTS).exists() or not (run_dir / SAE_CONFIG).exists():
         raise MsaeError(f"run {run_dir.name} has no final weights ({SAE_WEIGHTS} missing)")
     config = RunConfig.load(run_dir / RUN_CONFIG)
-    manifest = read_manifest(config.data.acts)
+    if config.data.source == "stream":  # no store: what a manifest would say, from the run itself
+        d = config.data
+        manifest = {"model": d.model, "layer": d.layer, "context_size": d.context_size, "corpus": d.corpus,
+                    "prepend_bos": True, "n_windows": int(status.get("stream_windows") or 0),
+                    "source": "stream"}
+    else:
+        manifest = read_manifest(config.data.acts)
     if manifest is None:
         raise MsaeError(f"run {run_dir.name}: its activation store {config.data.acts} is gone "
                         f"(needed for the model, layer and corpus)")

@@ -2,7 +2,9 @@
 
     checkpoint/    sae.safetensors + sae_config.json   weights and buffers (msae_core.sae_io)
                    optimizer.pt                         Adam state (torch.save of a state dict)
-                   trainer_state.json                   {step, rng, time, config, log_sums, log_n}
+                   stream_buffer.safetensors            a streamed run's mixing buffer (data.stream)
+                   trainer_state.json                   {step, rng, time, config, log_sums, log_n,
+                                                         stream (its corpus position, round)}
 
 `trainer_state.json` is written last: a folder that has it is whole. `write_checkpoint` fills a
 temporary folder (`.checkpoint.tmp-<pid>`) and swaps it in by two renames, so `checkpoint/` is
@@ -26,10 +28,12 @@ from msae_core import sae_io
 from msae_core.artifacts import (
     OPTIMIZER_STATE,
     RUN_CHECKPOINT_DIR,
+    STREAM_BUFFER,
     RUN_OLD_CHECKPOINT_DIR,
     RUN_TMP_CHECKPOINT_DIR,
     RUN_TMP_CHECKPOINT_GLOB,
     TRAINER_STATE,
+    atomic_save_safetensors,
     atomic_write_json,
 )
 
@@ -40,6 +44,7 @@ class Checkpoint(NamedTuple):
     sae: Any                      # the SAE, on the device, in train mode
     opt_state: dict               # the optimizer's state dict, on the device
     state: dict                   # trainer_state.json
+    stream: dict                  # a streamed run's buffer tensors (CPU), {} for a store
 
 
 def rng_state() -> dict:
@@ -92,11 +97,18 @@ def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device) -> Checkpoi
         ckpt = run_dir / RUN_CHECKPOINT_DIR
     sae = sae_io.load_sae(ckpt, device=device)
     opt_state = torch.load(ckpt / OPTIMIZER_STATE, map_location=device, weights_only=True)
-    return Checkpoint(sae, opt_state, state)
+    stream = {}
+    if (ckpt / STREAM_BUFFER).is_file():
+        from safetensors.torch import load_file
+
+        stream = load_file(str(ckpt / STREAM_BUFFER))
+    return Checkpoint(sae, opt_state, state, stream)
 
 
-def write_checkpoint(run_dir: Path, sae: Any, opt: torch.optim.Optimizer, state: dict) -> Path:
-    """Write checkpoint/ atomically: fill a temporary folder, then swap it in by renames."""
+def write_checkpoint(run_dir: Path, sae: Any, opt: torch.optim.Optimizer, state: dict,
+                     stream: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint/ atomically: fill a temporary folder, then swap it in by renames.
+    `stream`: a streamed run's buffer tensors (CPU)."""
     tmp = run_dir / RUN_TMP_CHECKPOINT_DIR.format(pid=os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -108,6 +120,8 @@ def write_checkpoint(run_dir: Path, sae: Any, opt: torch.optim.Optimizer, state:
             fh.write(buf.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
+        if stream is not None:
+            atomic_save_safetensors(tmp / STREAM_BUFFER, stream)
         atomic_write_json(tmp / TRAINER_STATE, state)  # last: marks the folder whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves nothing behind

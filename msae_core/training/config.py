@@ -71,12 +71,52 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Where the training activations come from."""
+    """Where the training activations come from: an activation store (`source` store, `acts`), or
+    the language model itself (`source` stream: msae_core.data.stream)."""
 
+    source: str = field(default="store", metadata={
+        "help": "store (an activation store, --acts) or stream (run --model over --corpus while training)"})
     acts: str = field(default="", metadata={"help": "activation store folder (written by msae harvest)"})
+    model: str = field(default="embedded", metadata={"help": "stream: language model name or path"})
+    layer: int = field(default=6, metadata={"help": "stream: block whose output (resid_post) is read"})
+    corpus: str = field(default="embedded", metadata={"help": "stream: text corpus name"})
+    context_size: int = field(default=128, metadata={"help": "stream: tokens per context window"})
+    model_dtype: str = field(default="auto", metadata={
+        "help": "stream: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"})
+    lm_batch: int = field(default=8, metadata={"help": "stream: context windows per model forward"})
+    buffer_batches: int = field(default=16, metadata={
+        "help": "stream: batches the mixing buffer holds (half are refilled each round)"})
 
     def problems(self) -> list[str]:
-        return [] if self.acts else ["acts: no activation store given (--acts DIR)"]
+        if self.source == "store":
+            return [] if self.acts else ["acts: no activation store given (--acts DIR, or --source stream)"]
+        if self.source != "stream":
+            return [f"source must be store or stream (got {self.source!r})"]
+        from msae_core.data.stream import MODEL_DTYPES
+
+        out = []
+        if self.layer < 0:
+            out.append(f"layer must be >= 0 (got {self.layer})")
+        if self.context_size < 2:
+            out.append(f"context_size must be >= 2 (got {self.context_size})")
+        if self.model_dtype not in MODEL_DTYPES:
+            out.append(f"model_dtype must be one of {', '.join(MODEL_DTYPES)} (got {self.model_dtype!r})")
+        if self.lm_batch < 1:
+            out.append(f"lm_batch must be >= 1 (got {self.lm_batch})")
+        if self.buffer_batches < 2:
+            out.append(f"buffer_batches must be >= 2 (got {self.buffer_batches})")
+        return out
+
+    def open_stream(self, batch_size: int, seed: int, device: str) -> Any:
+        """The ActivationStream these settings describe; its width read from the model's config
+        (the weights load when the first batch is asked for)."""
+        from msae_core.data.lm import model_width
+        from msae_core.data.stream import ActivationStream, StreamSettings
+
+        settings = StreamSettings(model=self.model, layer=self.layer, corpus=self.corpus,
+                                  context_size=self.context_size, model_dtype=self.model_dtype,
+                                  lm_batch=self.lm_batch, buffer_batches=self.buffer_batches)
+        return ActivationStream(settings, batch_size, seed, device=device, width=model_width(self.model))
 
 
 def _sae_problems(cfg: Any) -> list[str]:
@@ -120,7 +160,15 @@ class RunConfig:
         typed = [p for p in collect_problems(self) if ": expected " in p]
         if typed:  # wrong types first: nothing else can be checked on them
             return None, typed
-        if store is None and self.data.acts:
+        if store is None and self.data.source == "stream":
+            fields = collect_problems(self)
+            if any(p.startswith("data.") for p in fields):
+                return None, fields
+            try:
+                store = self.data.open_stream(self.train.batch_size, self.train.seed, self.train.device)
+            except MsaeError as exc:
+                return None, fields + [f"data.model: {exc}"]
+        elif store is None and self.data.acts:
             try:
                 store = ActivationStore(self.data.acts)
             except MsaeError as exc:
@@ -132,8 +180,8 @@ class RunConfig:
         out = collect_problems(self)
         if self.sae.d_in != store.d_in:
             out.append(f"sae.d_in {self.sae.d_in} does not match the store's activation width "
-                       f"{store.d_in} ({self.data.acts})")
-        if self.train.batch_size > store.n_rows:
+                       f"{store.d_in} ({self.data.acts or self.data.model})")
+        if not getattr(store, "streamed", False) and self.train.batch_size > store.n_rows:
             out.append(f"train.batch_size {self.train.batch_size} exceeds the store's {store.n_rows} rows")
         return store, out
 
@@ -205,8 +253,10 @@ _RESUMABLE_CHANGES = {"steps", "device", "log_every", "checkpoint_every", "snaps
 def config_mismatch(old: dict, new: dict) -> str:
     """'' when a run with config `old` can be resumed under `new`, else what differs (first few)."""
     diffs = []
-    for section in ("sae", "train", "data"):
-        a, b = old.get(section) or {}, new.get(section) or {}
+    for section, cls in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig)):
+        # a field a config was written without (an older msae) has its default
+        defaults = to_dict(cls(d_in=0, d_sae=4096) if cls is SAEConfig else cls())
+        a, b = {**defaults, **(old.get(section) or {})}, {**defaults, **(new.get(section) or {})}
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in _RESUMABLE_CHANGES:
                 continue

@@ -161,7 +161,9 @@ class _Fit:
         self.autocast = bool(self.tc.bf16 and self.device.type == "cuda")
         state: dict = {}
         if ckpt is not None:
-            sae, opt_state, state = load_checkpoint(out_dir, ckpt, self.device)
+            sae, opt_state, state, stream_tensors = load_checkpoint(out_dir, ckpt, self.device)
+            if "stream" in state:  # a streamed run: its mixing buffer as it stood at the checkpoint
+                store.restore(state["stream"], stream_tensors)
             self.start = int(state["step"])
             self.opt = torch.optim.Adam(sae.parameters(), lr=lr_at(self.start, self.tc))
             self.opt.load_state_dict(opt_state)
@@ -195,8 +197,7 @@ class _Fit:
 
     def _fit_input_scale(self, sae: SAE) -> None:
         """The fixed input normalisation, from a sample of the store."""
-        n = min(self.store.n_rows, max(self.tc.batch_size, 16_384))
-        sample_ND = self.store.batch(0, n, self.tc.seed)
+        sample_ND = self.store.input_sample(max(self.tc.batch_size, 16_384), self.tc.seed)
         if not bool(torch.isfinite(sample_ND).all()):
             raise MsaeError(self.store.nonfinite_problem() or "non-finite activations in the store")
         sae.fit_input_scale_(sample_ND.to(self.device))
@@ -295,7 +296,10 @@ class _Fit:
     def _checkpoint(self, done: int) -> None:
         state = {"step": done, "rng": rng_state(), "time": time.time(), "config": self.config.to_dict(),
                  "log_sums": {k: float(v) for k, v in self.sums.items()}, "log_n": self.n_sum}
-        write_checkpoint(self.out_dir, self.sae, self.opt, state)
+        stream = None
+        if getattr(self.store, "streamed", False):
+            state["stream"], stream = self.store.state(done)
+        write_checkpoint(self.out_dir, self.sae, self.opt, state, stream)
         self.last_ckpt = done
 
     # -- endings -----------------------------------------------------------------------------------
@@ -320,7 +324,11 @@ class _Fit:
     def _finish(self) -> RunResult:
         step = max(self.start, self.tc.steps)
         sae_io.save_sae(self.sae, self.out_dir)
-        write_status(self.out_dir, state="done", step=step, eta_s=0, pid=None, error=None, finished=time.time())
+        extra = {}
+        if getattr(self.store, "streamed", False):  # the evals hold out the windows trained on
+            extra["stream_windows"] = self.store.windows_used
+        write_status(self.out_dir, state="done", step=step, eta_s=0, pid=None, error=None,
+                     finished=time.time(), **extra)
         return RunResult("done", step, self.out_dir, self.last_row, None, self.start)
 
 

@@ -1,0 +1,243 @@
+"""Activations streamed from the language model into a mixing buffer: training without a store.
+
+    msae train --source stream --model M --layer L --corpus C --steps N --out RUN
+
+Windows come from `text.context_windows` in the corpus's fixed order, `lm_batch` at a time through
+the model with early stop after block `layer` (`harvest.window_rows`, the same rows a harvest
+stores: special tokens dropped). The rows go into a mixing buffer, after SAELens's: it holds
+`buffer_batches` batches; each round it takes in half a buffer of new rows, shuffles all it holds
+with a generator seeded by (seed, round) and hands out half, keeping the other half for the next
+round, so a batch mixes rows of many windows and rounds. The model runs in bfloat16 on CUDA and
+float32 on the CPU unless `model_dtype` says otherwise; the buffer lives on the model's device.
+
+Batch s is a deterministic function of (settings, seed, s). Resume: `state(step)` is the buffer as
+it stood before batch `step` (the rows kept and the rows handed out but not yet taken, as tensors,
+plus the corpus position and the round), which the trainer writes into the checkpoint
+(training.checkpoint); `restore` puts it back, the corpus is re-read from the recorded window on,
+and the resumed run takes exactly the batches an uninterrupted one would.
+
+The same interface as an ActivationStore where the trainer and the loader use one: `d_in`,
+`torch_dtype`, `batch_raw(step, B, seed, out)` (steps in order, as data.loader asks for them),
+`input_sample(n, seed)` and `nonfinite_problem()`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from msae_core.devices import resolve_device
+from msae_core.errors import MsaeError
+
+log = logging.getLogger(__name__)
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def model_dtype(name: str, device: torch.device) -> str:
+    """"auto": bfloat16 on CUDA (the research setting), float32 on the CPU; else the name."""
+    if name not in MODEL_DTYPES:
+        raise MsaeError(f"model dtype must be one of {', '.join(MODEL_DTYPES)} (got {name!r})")
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """What defines a stream: equal settings and seed give equal batches."""
+
+    model: str = "embedded"
+    layer: int = 6
+    corpus: str = "embedded"
+    context_size: int = 128
+    prepend_bos: bool = True
+    exclude_special: bool = True
+    model_dtype: str = "auto"
+    lm_batch: int = 8                 # windows per model forward
+    buffer_batches: int = 16          # batches the mixing buffer holds
+
+
+@dataclass
+class _Buffer:
+    """The mixing buffer between two batches (tensors are never changed in place, so a state is a
+    set of references)."""
+
+    next_window: int = 0              # windows of the corpus taken in so far
+    round: int = 0                    # refills done so far
+    kept: torch.Tensor | None = None  # (K, D) rows kept for the next round
+    ready: torch.Tensor | None = None  # (R, D) rows handed out, in order, not yet taken
+    done: bool = False                # the corpus ran out
+    extra: dict = field(default_factory=dict)
+
+
+class ActivationStream:
+    streamed = True  # data.loader serves it in the training thread (its batches are on the device)
+
+    def __init__(self, settings: StreamSettings, batch_size: int, seed: int, device: Any = None,
+                 lm: Any = None, corpus: Any = None, width: int | None = None):
+        self.settings, self.batch_size, self.seed = settings, batch_size, seed
+        self._width = width
+        self.device = resolve_device(device)
+        self._lm, self._corpus = lm, corpus
+        self._buf = _Buffer()
+        self._windows: Iterator | None = None
+        self._states: dict[int, _Buffer] = {}
+        self._next_step = 0
+        self._sample: tuple[torch.Tensor, int] | None = None
+
+    # -- the model and the corpus, loaded on first use -----------------------------------------------
+    @property
+    def lm(self) -> Any:
+        if self._lm is None:
+            from msae_core.data.lm import load_lm
+
+            dtype = model_dtype(self.settings.model_dtype, self.device)
+            self._lm = load_lm(self.settings.model, device=self.device, dtype=dtype)
+            self._lm.check_layer(self.settings.layer)
+        return self._lm
+
+    @property
+    def corpus(self) -> Any:
+        if self._corpus is None:
+            from msae_core.data.text import load_corpus
+
+            self._corpus = load_corpus(self.settings.corpus)
+        return self._corpus
+
+    @property
+    def d_in(self) -> int:
+        """The model's width; from its config when given (`width`), before the weights load."""
+        return self._width if self._width is not None else int(self.lm.d_model)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    dtype = "float32"
+
+    def _special(self) -> torch.Tensor | None:
+        if not self.settings.exclude_special:
+            return None
+        return torch.tensor(sorted(self.lm.special_ids), dtype=torch.long)
+
+    def _window_iter(self, start: int) -> Iterator:
+        from msae_core.data.text import context_windows
+
+        windows = context_windows(self.corpus, self.lm.tokenizer, self.settings.context_size,
+                                  self.settings.prepend_bos)
+        return itertools.islice(windows, start, None)
+
+    def _rows(self, n: int, windows: Iterator, first_window: int) -> tuple[torch.Tensor, int, bool]:
+        """At least `n` rows (whole windows, `lm_batch` at a time) from `windows`: (rows (N, D)
+        float32 on the device, windows taken, whether the corpus ran out)."""
+        from msae_core.data.harvest import window_rows
+
+        parts, got, taken, special = [], 0, 0, self._special()
+        while got < n:
+            batch = list(itertools.islice(windows, self.settings.lm_batch))
+            if not batch:
+                return (torch.cat(parts) if parts else torch.zeros(0, self.d_in, device=self.device)), taken, True
+            ids_BT = torch.tensor([w for _, w in batch], dtype=torch.long)
+            rows = window_rows(self.lm, ids_BT, self.settings.layer, first_window + taken, special)
+            acts = rows.acts.float()
+            if not bool(torch.isfinite(acts).all()):
+                raise MsaeError(f"the model gave non-finite activations (NaN or inf) at layer "
+                                f"{self.settings.layer} in windows {first_window + taken}.."
+                                f"{first_window + taken + len(batch) - 1}: try --model-dtype float32")
+            parts.append(acts)
+            got += len(acts)
+            taken += len(batch)
+        return torch.cat(parts), taken, False
+
+    # -- batches -----------------------------------------------------------------------------------
+    def _refill(self) -> None:
+        """One round: take in new rows (a whole buffer the first time, half after), shuffle all that
+        is held, hand out half and keep half."""
+        b, half = self._buf, self.settings.buffer_batches * self.batch_size // 2
+        need = half if b.kept is not None else 2 * half
+        head, head_windows = None, 0
+        if self._sample is not None and b.round == 0:  # the input-scale sample starts round 0
+            head, head_windows = self._sample
+            need = max(0, need - len(head))
+        self._sample = None
+        if self._windows is None:
+            self._windows = self._window_iter(b.next_window + head_windows)
+        new, taken, done = (self._rows(need, self._windows, b.next_window + head_windows) if need
+                            else (head[:0], 0, False))
+        if head is not None:
+            new, taken = torch.cat([head, new]), taken + head_windows
+        pool = new if b.kept is None else torch.cat([b.kept, new])
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + b.round)
+        pool = pool[torch.randperm(len(pool), generator=g).to(pool.device)]
+        out_n = len(pool) if done else len(pool) // 2  # the corpus ran out: hand everything out
+        ready = pool[:out_n] if b.ready is None else torch.cat([b.ready, pool[:out_n]])
+        self._buf = _Buffer(b.next_window + taken, b.round + 1, pool[out_n:], ready, done)
+
+    def batch_raw(self, step: int, batch_size: int, seed: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch `step`, float32 (B, D) on the model's device; steps are served in order."""
+        if (batch_size, seed) != (self.batch_size, self.seed):
+            raise ValueError("a stream serves the batch size and seed it was made for")
+        if step != self._next_step:
+            raise ValueError(f"a stream serves steps in order: expected {self._next_step}, got {step}")
+        self._states[step] = self._buf
+        for s in [s for s in self._states if s < step - 64]:
+            del self._states[s]
+        while (self._buf.ready is None or len(self._buf.ready) < batch_size) and not self._buf.done:
+            self._refill()
+        b = self._buf
+        if b.ready is None or len(b.ready) < batch_size:
+            raise MsaeError(f"corpus {self.settings.corpus!r} ran out after {b.next_window} windows "
+                            f"(batch {step + 1} needs {batch_size} rows): use a larger corpus or fewer steps")
+        x_BD = b.ready[:batch_size]
+        self._buf = _Buffer(b.next_window, b.round, b.kept, b.ready[batch_size:], b.done)
+        self._next_step += 1
+        if out is not None and out.device == x_BD.device:
+            return out.copy_(x_BD)
+        return x_BD
+
+    def batch(self, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+        return self.batch_raw(step, batch_size, seed)
+
+    def input_sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """The first `n` rows of the corpus's windows (unshuffled), for the SAE's input scale. Read
+        once: the buffer's first round starts with them (all of them, however many they are), so
+        the model runs over no window twice. Call it before the first batch, or not at all."""
+        if self._buf.round != 0 or self._next_step != 0:
+            raise ValueError("input_sample comes before the stream's first batch")
+        rows, taken, _ = self._rows(n, self._window_iter(0), 0)
+        self._sample = (rows, taken)
+        return rows[:n]
+
+    @property
+    def windows_used(self) -> int:
+        """Context windows of the corpus taken into the buffer so far."""
+        return self._buf.next_window
+
+    def nonfinite_problem(self) -> str | None:
+        return None  # non-finite rows are refused as they are produced (_rows)
+
+    # -- resume ------------------------------------------------------------------------------------
+    def state(self, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(json-safe fields, tensors) of the buffer as it stood before batch `step`."""
+        b = self._states.get(step, self._buf if step == self._next_step else None)
+        if b is None:
+            raise ValueError(f"no stream state kept for step {step}")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in (("kept", b.kept), ("ready", b.ready))
+                   if v is not None}
+        return {"next_window": b.next_window, "round": b.round, "done": b.done, "step": step}, tensors
+
+    def restore(self, fields: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back the buffer `state` returned; the next batch served is fields["step"]."""
+        self._buf = _Buffer(int(fields["next_window"]), int(fields["round"]),
+                            tensors["kept"].to(self.device) if "kept" in tensors else None,
+                            tensors["ready"].to(self.device) if "ready" in tensors else None,
+                            bool(fields.get("done", False)))
+        self._windows = None
+        self._states = {}
+        self._sample = None
+        self._next_step = int(fields["step"])

@@ -1,0 +1,154 @@
+"""Streaming activations from a tiny model: the harvested rows, deterministic batches, an exact
+resume, and `msae train --source stream`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msae_core import cli
+from msae_core.data.harvest import harvest
+from msae_core.data.loader import BatchLoader
+from msae_core.data.lm import load_lm, save_tiny_model
+from msae_core.data.store import StoreSettings
+from msae_core.data.stream import ActivationStream, StreamSettings
+from msae_core.errors import MsaeError
+from msae_core.sae import SAEConfig
+from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.training.run_folder import read_status
+from msae_core.training.trainer import train
+
+WORDS = "the cat sat on a mat while dogs bark at night and fish swim in cold water".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    model = save_tiny_model(root / "model", "llama", seed=0)
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(3, 30, (1,), generator=g)),),
+                                                            generator=g)) for _ in range(400)]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(docs))
+    return {"model": str(model), "corpus": str(corpus), "lm": load_lm(str(model), device="cpu")}
+
+
+def _stream(setup, batch=32, seed=0, **kw):
+    settings = StreamSettings(**{"model": setup["model"], "corpus": setup["corpus"], "layer": 2,
+                                 "context_size": 16, "lm_batch": 4, "buffer_batches": 4, **kw})
+    return ActivationStream(settings, batch, seed, device="cpu", lm=setup["lm"])
+
+
+def test_streamed_rows_are_the_harvested_rows(setup, tmp_path):
+    """The same activations enter as a harvest of the same model, layer and corpus stores: every
+    streamed row is a harvested row (special-token rows dropped alike), and the batches differ
+    only by the buffer's shuffle."""
+    store = harvest(StoreSettings(model=setup["model"], corpus=setup["corpus"], layer=2, target_tokens=600,
+                                  context_size=16, dtype="float32"), tmp_path / "st", batch_size=4,
+                    shard_tokens=10_000, progress=False, lm=setup["lm"])
+    harvested = store.rows(torch.arange(store.n_rows))
+    st = _stream(setup)
+    streamed = torch.cat([st.batch_raw(s, 32, 0) for s in range(8)])  # 256 rows, 3 rounds
+    nearest = torch.cdist(streamed, harvested).argmin(dim=1)
+    torch.testing.assert_close(streamed, harvested[nearest], rtol=1e-5, atol=1e-6)
+    # no row handed out twice: a value comes at most as often as the harvest holds it (a tiny
+    # vocabulary repeats window beginnings, so equal rows exist)
+    h_val, h_count = torch.unique(harvested, dim=0, return_counts=True)
+    s_val, s_count = torch.unique(streamed, dim=0, return_counts=True)
+    assert (s_count <= h_count[torch.cdist(s_val, h_val).argmin(dim=1)]).all()
+    # shuffled: consecutive streamed rows are not consecutive harvested rows
+    nearest = torch.cdist(streamed[:32], harvested).argmin(dim=1)
+    assert not torch.equal(nearest, torch.sort(nearest).values)
+    # deterministic in (settings, seed); another seed, another order
+    st_again, st_other = _stream(setup), _stream(setup, seed=1)
+    assert torch.equal(streamed, torch.cat([st_again.batch_raw(s, 32, 0) for s in range(8)]))
+    other = torch.cat([st_other.batch_raw(s, 32, 1) for s in range(8)])
+    assert not torch.equal(streamed, other)
+
+
+def test_stream_state_resumes_the_same_batches(setup):
+    st = _stream(setup)
+    want = [st.batch_raw(s, 32, 0) for s in range(10)]
+    fields, tensors = st.state(6)
+    st2 = _stream(setup)
+    st2.restore(fields, {k: v.clone() for k, v in tensors.items()})
+    for s in range(6, 10):
+        assert torch.equal(st2.batch_raw(s, 32, 0), want[s])
+    with pytest.raises(ValueError, match="in order"):
+        st2.batch_raw(3, 32, 0)
+
+
+def test_input_sample_starts_the_first_round(setup):
+    """The SAE's input-scale sample is read once: the buffer's first round is made of it, so the
+    model runs over no window twice."""
+    st = _stream(setup)
+    sample = st.input_sample(200)
+    head, head_windows = st._sample  # the sample's whole windows: 200 rows and the rest of the last
+    assert torch.equal(sample, head[:200])
+    first = st.batch_raw(0, 32, 0)
+    assert st.windows_used == head_windows > 0  # round 0 (128 rows wanted) is the sample, no more
+    nearest = torch.cdist(first, head).argmin(dim=1)
+    assert torch.equal(first, head[nearest])  # every row of the first batch is a sample row
+    with pytest.raises(ValueError, match="before the stream's first batch"):
+        st.input_sample(10)
+
+
+def test_stream_refuses_a_corpus_that_runs_out(setup, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat on a mat")
+    st = _stream({**setup, "corpus": str(short)})
+    with pytest.raises(MsaeError, match="ran out"):
+        st.batch_raw(0, 32, 0)
+
+
+def _config(setup, steps=30):
+    return RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, lam=0.1, tau=0.3),
+                     train=TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=3, seed=2,
+                                       device="cpu", log_every=5, checkpoint_every=10, snapshot_every=10),
+                     data=DataConfig(source="stream", model=setup["model"], corpus=setup["corpus"], layer=2,
+                                     context_size=16, lm_batch=4, buffer_batches=4))
+
+
+def test_streamed_run_killed_and_resumed_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    assert train(_config(setup), ref, progress=False).state == "done"
+    orig = BatchLoader.next
+
+    def next_batch(self, s):
+        if s == 25:
+            raise RuntimeError("injected fault")
+        return orig(self, s)
+
+    monkeypatch.setattr(BatchLoader, "next", next_batch)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected"):
+        train(_config(setup), run, progress=False)
+    assert (run / "checkpoint" / "stream_buffer.safetensors").is_file()
+    monkeypatch.undo()
+    # resumed through the command line, from the folder's own config.json
+    assert cli.main(["train", "--out", str(run), "--no-progress"]) == 0
+    assert read_status(run)["state"] == "done"
+    a, b = load_file(run / "sae.safetensors"), load_file(ref / "sae.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_streams_from_flags_and_checks_them(setup, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = cli.main(["train", "--source", "stream", "--model", setup["model"], "--corpus", setup["corpus"],
+                   "--layer", "2", "--context-size", "16", "--lm-batch", "4", "--buffer-batches", "4",
+                   "--arch", "topk", "--d-sae", "64", "--k", "4", "--steps", "6", "--batch-size", "32",
+                   "--device", "cpu", "--log-every", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0 and read_status(out)["state"] == "done"
+    cfg = RunConfig.load(out / "config.json")
+    assert cfg.data.source == "stream" and cfg.sae.d_in == 64 and not cfg.data.acts
+    from msae_core.evals.context import open_run
+
+    ctx = open_run(out, device="cpu", progress=False)  # evals take model, layer, corpus from the run
+    assert (ctx.model_name, ctx.layer, ctx.corpus_name) == (setup["model"], 2, setup["corpus"])
+    assert ctx.manifest["n_windows"] == read_status(out)["stream_windows"] > 0  # held out by core
+    rc = cli.main(["train", "--source", "stream", "--model", setup["model"], "--model-dtype", "float8",
+                   "--buffer-batches", "1", "--out", str(tmp_path / "bad"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "model_dtype must be one of" in err and "buffer_batches must be >= 2" in err
+    assert not (tmp_path / "bad").exists()
