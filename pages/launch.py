@@ -21,16 +21,32 @@ slots: dict[str, object] = {}
 
 # ------------------------------------------------------------------ activations
 st.subheader("Activations")
+source = st.radio("Source", ["activation store", "stream from the model"], horizontal=True, key="source",
+                  help="a store harvested once and read by every run, or the model run while training "
+                       "(no disk: the research-scale setting)")
 stores = [s for s in list_stores(root) if not s.get("problem")]
 c1, c2 = st.columns([3, 2])
+stream: dict = {}
 with c1:
-    options = [s["path"] for s in stores] + ["other folder..."]
-    choice = st.selectbox("Activation store", options, key="store_choice",
-                          format_func=lambda p: p if p == "other folder..." else
-                          next(f"{s['name']}  (model {s['model']}, layer {s['layer']}, corpus {s['corpus']}, "
-                               f"{s['n_rows']} rows{'' if s['complete'] else ', harvest unfinished'})"
-                               for s in stores if s["path"] == p))
-    acts = st.text_input("Store folder", key="store_path") if choice == "other folder..." else choice
+    if source == "activation store":
+        options = [s["path"] for s in stores] + ["other folder..."]
+        choice = st.selectbox("Activation store", options, key="store_choice",
+                              format_func=lambda p: p if p == "other folder..." else
+                              next(f"{s['name']}  (model {s['model']}, layer {s['layer']}, corpus {s['corpus']}, "
+                                   f"{s['n_rows']} rows{'' if s['complete'] else ', harvest unfinished'})"
+                                   for s in stores if s["path"] == p))
+        acts = st.text_input("Store folder", key="store_path") if choice == "other folder..." else choice
+    else:
+        acts = ""
+        stream = {"source": "stream",
+                  "model": st.text_input("Model", "embedded", key="s_model",
+                                         help="'embedded' (Gemma 3 270M), a Hugging Face name or a local folder"),
+                  "layer": int(st.number_input("Layer", 0, 200, 6, key="s_layer")),
+                  "corpus": st.text_input("Corpus", "embedded", key="s_corpus",
+                                          help="'embedded' (Debian fortunes) or a Hugging Face dataset"),
+                  "model_dtype": st.selectbox("Model dtype", ["auto", "float32", "bfloat16", "float16"],
+                                              key="s_dtype", help="auto: bfloat16 on CUDA, float32 on the CPU")}
+        st.caption("The run reads the model's width from its config now and loads the model when it starts.")
     slots["acts"] = st.empty()
 with c2:
     with st.expander("Harvest a new store (model, layer, corpus)"):
@@ -92,7 +108,7 @@ cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch),
                                   "warmup_steps": min(1000, int(steps) // 5), "snapshot_every":
                                   max(1, int(steps) // 20) if arch == "momentum" else 0,
                                   "log_every": max(1, min(50, int(steps) // 20))},
-            "data": {"acts": acts or ""}}
+            "data": stream or {"acts": acts or ""}}
 cfg, problems = config_problems(cfg_dict)
 general = []
 for p in problems:

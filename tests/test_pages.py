@@ -137,6 +137,33 @@ def test_launch_explains_invalid_settings_beside_widgets(full_root, monkeypatch)
     assert "sweep" in texts(at).lower() or at.text_area(key="grid")
 
 
+def test_launch_streams_from_a_model(full_root, monkeypatch, tmp_path):
+    """Source "stream from the model": model, layer and corpus instead of a store, checked against
+    the model's config (no weights loaded in the page), launched as a `--source stream` run."""
+    from msae_core.data.lm import save_tiny_model
+    from msae_core.training import jobs
+
+    model = save_tiny_model(tmp_path / "tiny", "llama", n_layers=2, seed=0)
+    launched = {}
+    monkeypatch.setattr(jobs, "launch_run", lambda cfg, root, name, **kw: launched.setdefault("cfg", cfg) and
+                        (Path(root) / name))
+    at = open_page(full_root, "launch", monkeypatch)
+    at.radio(key="source").set_value("stream from the model").run()
+    at.text_input(key="s_model").set_value(str(model)).run()
+    at.number_input(key="s_layer").set_value(5).run()
+    assert_clean(at)
+    assert any("layer 5 is past the last block" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.button(key="launch").disabled
+    at.number_input(key="s_layer").set_value(1).run()
+    assert_clean(at)
+    assert not at.button(key="launch").disabled, [e.value for e in at.error]
+    at.button(key="launch").click().run()
+    assert_clean(at)
+    cfg = launched["cfg"]
+    assert cfg.data.source == "stream" and cfg.data.model == str(model) and cfg.data.layer == 1
+    assert cfg.sae.d_in == 64 and not cfg.data.acts
+
+
 def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):
     at = open_page(full_root, "tradeoff", monkeypatch)
     assert_clean(at)

@@ -225,14 +225,15 @@ def _resolve(name_or_path: str, part: str) -> str:
     return str(ensure_embedded(part)) if name_or_path == EMBEDDED else str(name_or_path)
 
 
-def model_width(name_or_path: str = EMBEDDED) -> int:
-    """d_model of a model from its config alone (no weights loaded): what a streamed run's SAE
-    takes as d_in before the model is loaded."""
+def model_shape(name_or_path: str = EMBEDDED) -> tuple[int, int | None]:
+    """(d_model, number of blocks or None) of a model from its config alone, no weights loaded:
+    what a streamed run checks its layer against and gives its SAE as d_in before the model loads."""
     from transformers import AutoConfig
 
     cfg = _from_pretrained(AutoConfig.from_pretrained, _resolve(name_or_path, "model"), "the config of")
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(cfg.hidden_size)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    return int(cfg.hidden_size), (int(n) if n else None)
 
 
 @functools.lru_cache(maxsize=8)

@@ -109,14 +109,19 @@ class DataConfig:
 
     def open_stream(self, batch_size: int, seed: int, device: str) -> Any:
         """The ActivationStream these settings describe; its width read from the model's config
-        (the weights load when the first batch is asked for)."""
-        from msae_core.data.lm import model_width
+        (the weights load when the first batch is asked for). MsaeError for a layer past the
+        model's blocks."""
+        from msae_core.data.lm import model_shape
         from msae_core.data.stream import ActivationStream, StreamSettings
 
+        width, n_layers = model_shape(self.model)
+        if n_layers is not None and self.layer >= n_layers:
+            raise MsaeError(f"layer {self.layer} is past the last block of {self.model} "
+                            f"({n_layers} blocks: 0..{n_layers - 1})")
         settings = StreamSettings(model=self.model, layer=self.layer, corpus=self.corpus,
                                   context_size=self.context_size, model_dtype=self.model_dtype,
                                   lm_batch=self.lm_batch, buffer_batches=self.buffer_batches)
-        return ActivationStream(settings, batch_size, seed, device=device, width=model_width(self.model))
+        return ActivationStream(settings, batch_size, seed, device=device, width=width)
 
 
 def _sae_problems(cfg: Any) -> list[str]:
@@ -167,7 +172,8 @@ class RunConfig:
             try:
                 store = self.data.open_stream(self.train.batch_size, self.train.seed, self.train.device)
             except MsaeError as exc:
-                return None, fields + [f"data.model: {exc}"]
+                where = "data.layer" if str(exc).startswith("layer ") else "data.model"
+                return None, fields + [f"{where}: {exc}"]
         elif store is None and self.data.acts:
             try:
                 store = ActivationStore(self.data.acts)
