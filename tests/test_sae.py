@@ -378,3 +378,39 @@ def test_admission_screen_equals_exact_grouping(F):
     assert got.keys() == want.keys()
     assert all(abs(got[k] - want[k]) < 1e-5 for k in want)
     assert 0 < sum(v >= 0.2 for v in want.values()) < len(u)  # the screen had something to do
+
+
+def test_topk_sparse_decoder_equals_the_dense_one():
+    """TopK decodes with embedding_bag over the k active rows (and AuxK over the k_aux dead ones):
+    losses and every gradient equal the dense f @ W_dec formulation up to float rounding."""
+    import torch.nn.functional as Fn
+
+    torch.manual_seed(0)
+    sae = build_sae(_cfg(arch="topk", d_in=32, d_sae=96, k=6, dead_tokens_threshold=1))
+    sae.tokens_since_fired[::3] = 5  # a third of the latents dead: AuxK on
+    x = torch.randn(64, 32)
+    dead = sae.dead_mask.clone()  # as the loss sees it (loss_terms then counts this batch's firing)
+    losses, out = sae.loss_terms(x, 0)
+    losses["loss"].backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    # the dense reference, from the same parameters
+    x_n = x * sae.input_scale
+    pre = (x_n - sae.b_dec) @ sae.W_enc + sae.b_enc
+    v, i = pre.topk(6, dim=-1, sorted=False)
+    f = torch.zeros_like(pre).scatter(-1, i, Fn.relu(v))
+    x_hat_n = f @ sae.W_dec + sae.b_dec
+    mse = (x_n - x_hat_n).pow(2).sum(-1).mean()
+    e = (x_n - x_hat_n).detach()
+    dv, di = pre.masked_fill(~dead, float("-inf")).topk(min(16, int(dead.sum())), dim=-1, sorted=False)
+    aux_f = torch.zeros_like(pre).scatter(-1, di, Fn.relu(dv))
+    auxk = (e - aux_f @ sae.W_dec).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
+    ref = mse + sae.cfg.auxk_coeff * auxk
+    ref.backward()
+    torch.testing.assert_close(losses["loss"], ref)
+    torch.testing.assert_close(out.f, f)
+    torch.testing.assert_close(out.x_hat, x_hat_n / sae.input_scale)
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(sparse_grads[n], p.grad, rtol=1e-4, atol=1e-6)
+    assert auxk > 0
