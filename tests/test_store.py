@@ -289,7 +289,7 @@ def test_prefetching_loader_yields_the_synchronous_batches(tmp_path):
     class Broken:
         d_in, torch_dtype = 2, torch.float16
 
-        def batch_raw(self, step, batch_size, seed, out=None):
+        def batch_raw(self, step, batch_size, seed, out=None, part=(0, 1)):
             if step == 1:
                 raise MsaeError("shard 3 is unreadable")
             return torch.zeros(batch_size, 2, dtype=torch.float16)
@@ -307,3 +307,23 @@ def test_prefetching_loader_yields_the_synchronous_batches(tmp_path):
         assert loader.next(0).shape == (4, 2)
         with pytest.raises(MsaeError, match="shard 3"):
             loader.next(1)
+
+
+def test_rank_slices_make_up_the_batch(tmp_path):
+    """Data-parallel: rank r of n reads the r-th slice of each batch; the slices in rank order are
+    the whole batch, through the loader as through the store."""
+    from msae_core.data.loader import BatchLoader
+
+    _many_shards(tmp_path / "s", 20)
+    st = ActivationStore(tmp_path / "s")
+    for step in (0, 3, 7):
+        whole = st.batch_raw(step, 24, seed=1)
+        parts = [st.batch_raw(step, 24, seed=1, part=(r, 3)) for r in range(3)]
+        assert all(len(p) == 8 for p in parts) and torch.equal(torch.cat(parts), whole)
+    loaders = [BatchLoader(st, 24, seed=1, part=(r, 2)) for r in range(2)]
+    try:
+        for step in range(4):
+            assert torch.equal(torch.cat([ld.next(step) for ld in loaders]), st.batch(step, 24, seed=1))
+    finally:
+        for ld in loaders:
+            ld.close()

@@ -101,7 +101,7 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
             progress: bool = True, lm=None, corpus=None, model_dtype: str = "auto") -> ActivationStore:
     """Harvest `settings.target_tokens` rows of block `settings.layer`'s output into `out`.
 
-    `model_dtype`: the language model's dtype (data.stream.model_dtype: auto = bfloat16 on CUDA,
+    `model_dtype`: the language model's dtype (data.lm.model_dtype: auto = bfloat16 on CUDA,
     float32 on the CPU); the manifest records it (harvest.model_dtype).
     Resumes a killed harvest of the same settings; returns at once when `out` is complete.
     `lm` / `corpus` may be passed already loaded (they must be the ones the settings name)."""
@@ -121,7 +121,7 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
 
     corpus = corpus if corpus is not None else load_corpus(settings.corpus)
     if lm is None:
-        from msae_core.data.stream import model_dtype as resolve_model_dtype
+        from msae_core.data.lm import model_dtype as resolve_model_dtype
         from msae_core.devices import resolve_device
 
         lm = load_lm(settings.model, device=device,

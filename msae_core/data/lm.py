@@ -391,6 +391,18 @@ class LanguageModel:
         return torch.tensor([ids], dtype=torch.long)
 
 
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def model_dtype(name: str, device: torch.device) -> str:
+    """"auto": bfloat16 on CUDA (the research setting), float32 on the CPU; else the name."""
+    if name not in MODEL_DTYPES:
+        raise MsaeError(f"model dtype must be one of {', '.join(MODEL_DTYPES)} (got {name!r})")
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
+
+
 def load_lm(name_or_path: str = EMBEDDED, device: str | torch.device | None = None,
             dtype: str | torch.dtype | None = None) -> LanguageModel:
     """Load a causal LM: "embedded", a Hugging Face name (HF cache or network) or a local folder.

@@ -48,8 +48,11 @@ def fits_on_device(store: Any, device: torch.device) -> bool:
 
 class BatchLoader:
     def __init__(self, store: Any, batch_size: int, seed: int, start_step: int = 0,
-                 device: torch.device | str = "cpu", depth: int = 2, resident: bool | None = None):
+                 device: torch.device | str = "cpu", depth: int = 2, resident: bool | None = None,
+                 part: tuple[int, int] = (0, 1)):
         self.store, self.batch_size, self.seed = store, batch_size, seed
+        self.part = part  # data-parallel (rank, ranks): this rank's slice of every batch
+        self.local_size = batch_size // part[1]
         self.device = torch.device(device)
         self._on_cuda = self.device.type == "cuda"
         self._next_step = start_step
@@ -75,7 +78,7 @@ class BatchLoader:
 
     def _buffer(self, slot: int) -> torch.Tensor:
         if self._raw[slot] is None:
-            self._raw[slot] = torch.empty((self.batch_size, self.store.d_in), dtype=self.store.torch_dtype,
+            self._raw[slot] = torch.empty((self.local_size, self.store.d_in), dtype=self.store.torch_dtype,
                                           pin_memory=self._on_cuda)
         return self._raw[slot]
 
@@ -85,7 +88,8 @@ class BatchLoader:
                 slot = step % self._n_buf
                 if self._copied[slot] is not None:
                     self._copied[slot].synchronize()
-                raw_BD = self.store.batch_raw(step, self.batch_size, self.seed, out=self._buffer(slot))
+                raw_BD = self.store.batch_raw(step, self.batch_size, self.seed, out=self._buffer(slot),
+                                              part=self.part)
                 if not self._on_cuda:
                     if raw_BD.dtype == torch.float32:
                         self._f32[slot] = raw_BD
@@ -117,7 +121,9 @@ class BatchLoader:
             return self.store.batch_raw(step, self.batch_size, self.seed).to(self.device).float()
         if self._rows_ND is not None:
             self._next_step += 1
-            idx = self.store.batch_indices(step, self.batch_size, self.seed).to(self.device, non_blocking=True)
+            idx = self.store.batch_indices(step, self.batch_size, self.seed)
+            r, n = self.part
+            idx = idx[r * self.local_size:(r + 1) * self.local_size].to(self.device, non_blocking=True)
             return self._rows_ND.index_select(0, idx).float()
         assert self._thread is not None
         while True:

@@ -517,10 +517,15 @@ class ActivationStore:
         return self.batch(0, min(self.n_rows, n), seed)
 
     def batch_raw(self, step: int, batch_size: int, seed: int = 0,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Batch `step` in the store's dtype (float16 for a default harvest), gathered into `out`
-        when given (a (B, D) tensor of that dtype, e.g. the loader's reused or pinned buffers)."""
+        when given (a (B, D) tensor of that dtype, e.g. the loader's reused or pinned buffers).
+        `part` (r, n): the r-th of n equal slices of the batch's (ascending) rows, a data-parallel
+        rank's share; the slices in rank order are the whole batch."""
         idx = self.batch_indices(step, batch_size, seed).numpy()
+        r, n = part
+        if n > 1:
+            idx = idx[r * (batch_size // n):(r + 1) * (batch_size // n)]
         if out is None:
             out = torch.empty((len(idx), self.d_in), dtype=self.torch_dtype)
         return self._gather_sorted_into(idx, out)

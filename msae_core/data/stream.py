@@ -30,22 +30,11 @@ from typing import Any, Iterator
 
 import torch
 
+from msae_core.data.lm import model_dtype
 from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 
 log = logging.getLogger(__name__)
-
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def model_dtype(name: str, device: torch.device) -> str:
-    """"auto": bfloat16 on CUDA (the research setting), float32 on the CPU; else the name."""
-    if name not in MODEL_DTYPES:
-        raise MsaeError(f"model dtype must be one of {', '.join(MODEL_DTYPES)} (got {name!r})")
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return name
-
 
 @dataclass(frozen=True)
 class StreamSettings:

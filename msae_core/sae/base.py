@@ -16,6 +16,8 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import nn
 
+from msae_core import dist
+
 _REGISTRY: dict[str, type["SAE"]] = {}
 
 
@@ -188,8 +190,10 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def _track_firing_(self, f_BF: torch.Tensor) -> None:
-        fired = (f_BF > 0).any(dim=0)
-        self.tokens_since_fired += f_BF.shape[0]
+        """Tokens since each latent last fired, over the whole batch (every rank's rows when
+        training data-parallel: msae_core.dist)."""
+        fired = dist.any_fired((f_BF > 0).any(dim=0))
+        self.tokens_since_fired += f_BF.shape[0] * dist.world_size()
         self.tokens_since_fired[fired] = 0
 
     @property

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from msae_core import dist
 from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, register_sae, sae_class
 from msae_core.sae.tracker import MomentumTracker
 
@@ -102,7 +103,11 @@ class MomentumSAE(SAE):
             with torch.no_grad():
                 comp = self.tracker.competition_loss(out.f, cofiring)
             losses = {**losses, "comp": comp}
-        self.tracker.update_(out.f.detach(), cofiring, step, self.base.W_dec)
+        if dist.world_size() > 1:  # the statistics take the whole batch in, every rank's rows
+            f_all = dist.gather_rows(out.f.detach())
+            self.tracker.update_(f_all, self.tracker.cofiring(f_all), step, self.base.W_dec)
+        else:
+            self.tracker.update_(out.f.detach(), cofiring, step, self.base.W_dec)
         return StepOutput(losses, out)
 
     @torch.no_grad()

@@ -87,14 +87,20 @@ def checkpoint_step(ckpt_dir: Path) -> int | None:
         return None
 
 
-def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device) -> Checkpoint:
-    """Read the checkpoint `ckpt` (from find_checkpoint) onto `device`, first renaming a
-    `.checkpoint.old` left by a kill between the renames back to `checkpoint/`."""
-    state = json.loads((ckpt / TRAINER_STATE).read_text())
+def promote_checkpoint(run_dir: Path, ckpt: Path) -> Path:
+    """`checkpoint/` itself, after renaming a `.checkpoint.old` (left by a kill between the two
+    renames of a write) back to it."""
     if ckpt.name != RUN_CHECKPOINT_DIR:
         shutil.rmtree(run_dir / RUN_CHECKPOINT_DIR, ignore_errors=True)
         os.rename(ckpt, run_dir / RUN_CHECKPOINT_DIR)
-        ckpt = run_dir / RUN_CHECKPOINT_DIR
+    return run_dir / RUN_CHECKPOINT_DIR
+
+
+def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device) -> Checkpoint:
+    """Read the checkpoint `ckpt` (from find_checkpoint) onto `device`, promoting a
+    `.checkpoint.old` first (promote_checkpoint)."""
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    ckpt = promote_checkpoint(run_dir, ckpt)
     sae = sae_io.load_sae(ckpt, device=device)
     opt_state = torch.load(ckpt / OPTIMIZER_STATE, map_location=device, weights_only=True)
     stream = {}

@@ -92,7 +92,7 @@ class DataConfig:
             return [] if self.acts else ["acts: no activation store given (--acts DIR, or --source stream)"]
         if self.source != "stream":
             return [f"source must be store or stream (got {self.source!r})"]
-        from msae_core.data.stream import MODEL_DTYPES
+        from msae_core.data.lm import MODEL_DTYPES
 
         out = []
         if self.layer < 0:

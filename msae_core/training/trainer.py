@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from msae_core import dist
 from msae_core import metrics as M
 from msae_core import sae_io
 from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS
@@ -49,7 +50,8 @@ from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
 from msae_core.sae import SAE, SAEConfig, SAEOutput, build_sae
 from msae_core.training.checkpoint import (checkpoint_step, find_checkpoint, load_checkpoint,
-                                           remove_temporaries, rng_state, set_rng_state, write_checkpoint)
+                                           promote_checkpoint, remove_temporaries, rng_state, set_rng_state,
+                                           write_checkpoint)
 from msae_core.training.config import DataConfig, RunConfig, TrainConfig, config_mismatch
 from msae_core.training.run_folder import (append_events, append_metrics, read_status, refuse_foreign_out,
                                            truncate_logs, write_status, write_trace)
@@ -98,41 +100,66 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
     `config.check()` (else it is checked and opened here)."""
     store = config.check(store)
     out_dir = Path(out_dir)
-    refuse_foreign_out(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out_dir, what="training"), (stop or StopFlag()) as stop:
-        existing_cfg = out_dir / RUN_CONFIG
-        ckpt = find_checkpoint(out_dir)
-        if existing_cfg.exists() and (ckpt is not None or (out_dir / SAE_WEIGHTS).exists()):
-            try:
-                old = json.loads(existing_cfg.read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                old = None
-            if isinstance(old, dict):
-                diff = config_mismatch(old, config.to_dict())
-                if diff:
-                    raise MsaeError(f"{out_dir} holds a run with other settings ({diff}): "
-                                    "choose another --out or delete it")
+    if dist.world_size() > 1 and not dist.is_main():
+        return _follow(config, out_dir, progress, stop, store)
+    gate = {"open": False}  # data-parallel: the other ranks wait until rank 0 accepts the folder
+    try:
+        refuse_foreign_out(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with FolderLock(out_dir, what="training"), (stop or StopFlag()) as stop:
+            return _lead(config, out_dir, progress, stop, store, gate)
+    except BaseException:
+        if not gate["open"]:
+            dist.all_max(1)  # refused: the other ranks stop too (_follow)
+        raise
+
+
+def _lead(config: RunConfig, out_dir: Path, progress: bool, stop: StopFlag, store: Any, gate: dict) -> RunResult:
+    """train() under the folder lock: the folder's checks, then the run. Rank 0 of a data-parallel
+    run opens `gate` (and tells the other ranks to go on) once the folder is accepted."""
+    existing_cfg = out_dir / RUN_CONFIG
+    ckpt = find_checkpoint(out_dir)
+    if existing_cfg.exists() and (ckpt is not None or (out_dir / SAE_WEIGHTS).exists()):
         try:
-            prev = read_status(out_dir)
-        except MsaeError:
-            prev = {}
-        config.save(existing_cfg)
-        write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
-                     total_steps=config.train.steps, started=prev.get("started") or time.time())
-        try:
-            return _Fit(config, out_dir, store, stop, ckpt).run(progress)
-        except MsaeError as exc:
-            write_status(out_dir, state="failed", error=str(exc), pid=None, eta_s=None)
-            raise
-        except OSError as exc:
-            err = _os_error_text(exc, out_dir)
-            write_status(out_dir, state="failed", error=err, pid=None, eta_s=None)
-            raise MsaeError(err) from exc
-        except BaseException as exc:
-            write_status(out_dir, state="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0],
-                         pid=None, eta_s=None)
-            raise
+            old = json.loads(existing_cfg.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if isinstance(old, dict):
+            diff = config_mismatch(old, config.to_dict())
+            if diff:
+                raise MsaeError(f"{out_dir} holds a run with other settings ({diff}): "
+                                "choose another --out or delete it")
+    dist.all_max(0)
+    gate["open"] = True
+    try:
+        prev = read_status(out_dir)
+    except MsaeError:
+        prev = {}
+    config.save(existing_cfg)
+    write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
+                 total_steps=config.train.steps, started=prev.get("started") or time.time())
+    try:
+        return _Fit(config, out_dir, store, stop, ckpt).run(progress)
+    except MsaeError as exc:
+        write_status(out_dir, state="failed", error=str(exc), pid=None, eta_s=None)
+        raise
+    except OSError as exc:
+        err = _os_error_text(exc, out_dir)
+        write_status(out_dir, state="failed", error=err, pid=None, eta_s=None)
+        raise MsaeError(err) from exc
+    except BaseException as exc:
+        write_status(out_dir, state="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                     pid=None, eta_s=None)
+        raise
+
+
+def _follow(config: RunConfig, out_dir: Path, progress: bool, stop: "StopFlag | None", store: Any) -> RunResult:
+    """A rank other than 0 of a data-parallel run: it waits for rank 0 to accept the run folder,
+    then trains its share of every batch and writes nothing."""
+    if dist.all_max(0):
+        raise MsaeError(f"rank 0 refused the run folder {out_dir} (its error says why)")
+    with (stop or StopFlag()) as stop:
+        return _Fit(config, out_dir, store, stop, find_checkpoint(out_dir)).run(progress=False)
 
 
 def _os_error_text(exc: OSError, out_dir: Path) -> str:
@@ -159,6 +186,14 @@ class _Fit:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.autocast = bool(self.tc.bf16 and self.device.type == "cuda")
+        self.writes = dist.is_main()  # data-parallel: rank 0 alone writes the run folder
+        self.world = dist.world_size()
+        self._stop_checked: tuple[int, bool] = (-1, False)
+        if self.world > 1:  # rank 0 promotes a `.checkpoint.old` before anyone reads it
+            if self.writes and ckpt is not None:
+                promote_checkpoint(out_dir, ckpt)
+            dist.barrier()
+            ckpt = find_checkpoint(out_dir)
         state: dict = {}
         if ckpt is not None:
             sae, opt_state, state, stream_tensors = load_checkpoint(out_dir, ckpt, self.device)
@@ -175,12 +210,14 @@ class _Fit:
             sae = build_sae(config.sae).to(self.device)
             self._fit_input_scale(sae)
             self.opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, self.tc))
-            for name in (SAE_WEIGHTS, SAE_CONFIG):
-                (out_dir / name).unlink(missing_ok=True)
+            if self.writes:
+                for name in (SAE_WEIGHTS, SAE_CONFIG):
+                    (out_dir / name).unlink(missing_ok=True)
         self.sae: SAE = sae
         self.sae.train()
-        truncate_logs(out_dir, self.start)
-        remove_temporaries(out_dir)
+        if self.writes:
+            truncate_logs(out_dir, self.start)
+            remove_temporaries(out_dir)
         self.last_ckpt: int | None = self.start if ckpt is not None else None
         self.last_row: dict = {}
         # running sums of the losses since the last metrics line; the checkpoint keeps them (float32
@@ -212,18 +249,21 @@ class _Fit:
                              f"{signal.Signals(self.stop.signum).name} before step {self.start + 1}")
         bar = tqdm(total=tc.steps, initial=self.start, disable=None if progress else True,
                    desc=self.out_dir.name, unit="step", dynamic_ncols=True)
-        self.loader = BatchLoader(self.store, tc.batch_size, tc.seed, self.start, self.device)
+        self.loader = BatchLoader(self.store, tc.batch_size, tc.seed, self.start, self.device,
+                                  part=(dist.rank(), self.world))
         try:
             for s in range(self.start, tc.steps):
                 done = s + 1
                 x_BD, out = self._step(s)
                 log_due = done % tc.log_every == 0 or done == tc.steps
                 snap_due = bool(tc.snapshot_every) and done % tc.snapshot_every == 0
-                ckpt_due = done % tc.checkpoint_every == 0 or done == tc.steps or self.stop.signum is not None
+                ckpt_due = done % tc.checkpoint_every == 0 or done == tc.steps or self._stopping(done, log_due)
                 if log_due or snap_due or ckpt_due:  # the one host sync: read the bad-loss flag
-                    if int(self.bad_at) >= 0:
+                    if dist.all_max(int(self.bad_at)) >= 0:
                         return self._bad_loss()
-                    append_events(self.out_dir, self.sae.drain_events())
+                    events = self.sae.drain_events()
+                    if self.writes:
+                        append_events(self.out_dir, events)
                 if log_due:
                     self._log(done, x_BD, out, bar)
                 if snap_due:
@@ -231,13 +271,25 @@ class _Fit:
                 bar.update(1)
                 if ckpt_due:
                     self._checkpoint(done)
-                if self.stop.signum is not None and done < tc.steps:
+                if self._stopping(done, log_due) and done < tc.steps:
                     return self._end("cancelled", done, f"cancelled by signal "
-                                     f"{signal.Signals(self.stop.signum).name} at step {done}; checkpoint written")
+                                     f"{signal.Signals(self.stop.signum or signal.SIGTERM).name} at step "
+                                     f"{done}; checkpoint written")
         finally:
             self.loader.close()
             bar.close()
         return self._finish()
+
+    def _stopping(self, done: int, check_step: bool) -> bool:
+        """Whether to stop after step `done`: the signal flag; data-parallel, any rank's flag,
+        compared at log steps only (all ranks must stop at the same step; one all-reduce a step)."""
+        if self.world == 1:
+            return self.stop.signum is not None
+        if not check_step:
+            return False
+        if self._stop_checked[0] != done:
+            self._stop_checked = (done, bool(dist.all_max(self.stop.signum is not None)))
+        return self._stop_checked[1]
 
     def _step(self, s: int) -> tuple[torch.Tensor, SAEOutput]:
         """One optimizer step on batch s: (the batch, the step's forward output). Nothing here
@@ -258,6 +310,7 @@ class _Fit:
             self.bad_data = self.bad_data | (first & ~torch.isfinite(x_BD).all())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients_(self.sae.parameters())
         self.opt.step()
         self.sae.post_step_(s)
         for k, v in step_out.losses.items():
@@ -275,22 +328,24 @@ class _Fit:
         now = time.perf_counter()
         step_time = (now - self.t_interval) / max(self.n_sum, 1)
         row: dict[str, Any] = {"step": done}
-        row.update({k: float(v) / self.n_sum for k, v in self.sums.items()})
+        row.update({k: float(dist.all_mean_(v.clone())) / self.n_sum for k, v in sorted(self.sums.items())})
         row.update(_batch_metrics(x_BD, out))
         row.update({k: float(v) for k, v in self.sae.step_counts().items()})
         row.update({"lr": lr_at(done - 1, self.tc), "step_time_s": step_time,
                     "tokens_per_s": self.tc.batch_size / step_time if step_time > 0 else None,
                     "time": time.time()})
-        append_metrics(self.out_dir, row)
         self.last_row = row
         self.sums, self.n_sum, self.t_interval = {}, 0, now
+        if not self.writes:
+            return
+        append_metrics(self.out_dir, row)
         write_status(self.out_dir, step=done, eta_s=step_time * (self.tc.steps - done))
         bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", l0=f"{row.get('l0', float('nan')):.1f}",
                         refresh=False)
 
     def _snapshot(self, done: int) -> None:
         obs = self.sae.observables()
-        if obs:
+        if obs and self.writes:
             write_trace(self.out_dir, done, {k: torch.as_tensor(v).detach().cpu() for k, v in obs.items()})
 
     def _checkpoint(self, done: int) -> None:
@@ -299,7 +354,8 @@ class _Fit:
         stream = None
         if getattr(self.store, "streamed", False):
             state["stream"], stream = self.store.state(done)
-        write_checkpoint(self.out_dir, self.sae, self.opt, state, stream)
+        if self.writes:
+            write_checkpoint(self.out_dir, self.sae, self.opt, state, stream)
         self.last_ckpt = done
 
     # -- endings -----------------------------------------------------------------------------------
@@ -307,8 +363,9 @@ class _Fit:
         """The loss was not finite at step `bad_at`: `failed` naming the rows when that batch itself
         was not finite (the data), else `diverged` (the optimisation). The weights in memory are
         dropped; the last checkpoint, written before that step, is what the folder keeps."""
-        s = int(self.bad_at)
-        append_events(self.out_dir, [e for e in self.sae.drain_events() if e["step"] < s])
+        s = int(dist.all_max(int(self.bad_at)))
+        if self.writes:
+            append_events(self.out_dir, [e for e in self.sae.drain_events() if e["step"] < s])
         if bool(self.bad_data):
             return self._end("failed", s, self.store.nonfinite_problem() or f"non-finite activations at step {s + 1}")
         kept = (f"last good checkpoint at step {self.last_ckpt} kept" if self.last_ckpt is not None
@@ -317,12 +374,15 @@ class _Fit:
                                         f"(lr {lr_at(s, self.tc):.3g}): diverged; {kept}")
 
     def _end(self, state: str, step: int, msg: str) -> RunResult:
-        write_status(self.out_dir, state=state, step=step, error=msg, pid=None, eta_s=None)
+        if self.writes:
+            write_status(self.out_dir, state=state, step=step, error=msg, pid=None, eta_s=None)
         (log.warning if state == "cancelled" else log.error)(msg)
         return RunResult(state, step, self.out_dir, self.last_row, msg, self.start)
 
     def _finish(self) -> RunResult:
         step = max(self.start, self.tc.steps)
+        if not self.writes:
+            return RunResult("done", step, self.out_dir, self.last_row, None, self.start)
         sae_io.save_sae(self.sae, self.out_dir)
         extra = {}
         if getattr(self.store, "streamed", False):  # the evals hold out the windows trained on
@@ -393,7 +453,41 @@ def run_evals(out_dir: Path, evals: list[str]) -> int:
     return rc
 
 
+def _run_data_parallel(args: argparse.Namespace) -> int:
+    """`msae train` as one of the processes `torchrun --nproc_per_node N -m msae_core.cli train`
+    starts: join the group, train this rank's share of every batch (train() makes rank 0 the one
+    that locks and writes the folder), evals by rank 0 once done."""
+    if args.max_parallel:
+        raise MsaeError("--max-parallel queues separate runs; under torchrun the ranks form one run: drop it")
+    out = Path(args.out)
+    cfg = config_from_args(args)
+    device = dist.init_from_env(cfg.train.device)
+    try:
+        n = dist.world_size()
+        if cfg.data.source == "stream":
+            raise MsaeError("training from a stream under torchrun is not supported yet: harvest a store "
+                            "(msae harvest) and train from it with --acts")
+        if cfg.train.batch_size % n:
+            raise MsaeError(f"batch_size {cfg.train.batch_size} must divide evenly over the {n} ranks")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+        store = cfg.check()
+        with StopFlag() as stop:
+            result = train(cfg, out, progress=not args.no_progress and dist.is_main(), stop=stop, store=store)
+        if result.state in ("diverged", "failed"):
+            raise MsaeError(result.error or result.state)
+        if result.state == "cancelled":
+            return 130
+        dist.barrier()
+        if cfg.train.evals and dist.is_main():
+            return run_evals(out, list(cfg.train.evals))
+        return 0
+    finally:
+        dist.close()
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    if dist.launched_by_torchrun():
+        return _run_data_parallel(args)
     out = Path(args.out)
     refuse_foreign_out(out)
     cfg = store = None

@@ -1,0 +1,78 @@
+"""Data-parallel training with torchrun on the CPU (gloo): two ranks equal one process with the same
+global batch and seed, the momentum statistics included; rank 0 alone writes; resume works."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msae_core.training.run_folder import metrics_rows, read_status
+from msae_core.training.trainer import train
+from test_train import REPO, make_config, make_store
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(cfg_path, out, extra=(), timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "msae_core.cli", "train", "--config", str(cfg_path), "--out", str(out), "--no-progress", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    store = make_store(root / "store")
+    cfg = make_config(store, steps=16)
+    cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.snapshot_every = 4, 8, 8
+    ref = root / "ref"
+    assert train(cfg, ref, progress=False).state == "done"
+    cfg_path = root / "run.json"
+    cfg.save(cfg_path)
+    return {"root": root, "cfg": cfg, "cfg_path": cfg_path, "ref": ref}
+
+
+def _assert_same_run(run, ref):
+    a, b = load_file(run / "sae.safetensors"), load_file(ref / "sae.safetensors")
+    assert a.keys() == b.keys()
+    for k in ("W_enc", "W_dec", "b_enc", "b_dec", "input_scale", "rate", "mag", "kappa"):
+        for key in [x for x in a if x == k or x.startswith("cand_kappa") and k == "kappa"]:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert torch.equal(a["n_updates"], b["n_updates"]) and torch.equal(a["tokens_since_fired"], b["tokens_since_fired"])
+    got, want = metrics_rows(run), metrics_rows(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):  # losses are the global batch's means (averaged over the ranks)
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4)
+
+
+def test_two_ranks_equal_one_process(setup):
+    run = setup["root"] / "two"
+    r = _torchrun(setup["cfg_path"], run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_status(run)["state"] == "done"
+    _assert_same_run(run, setup["ref"])
+    assert (run / "traces").is_dir() and not list(run.glob("*rank*"))  # rank 0 alone wrote
+
+
+def test_two_ranks_resume_from_their_checkpoint(setup):
+    """Stopped at step 8 (the run's first --steps), then resumed to 16: equal to one process's 16."""
+    run = setup["root"] / "resumed"
+    r = _torchrun(setup["cfg_path"], run, ["--steps", "8"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_status(run)["step"] == 8
+    r = _torchrun(setup["cfg_path"], run, ["--steps", "16"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_run(run, setup["ref"])
+
+
+def test_refusals_are_one_line_on_every_rank(setup, tmp_path):
+    r = _torchrun(setup["cfg_path"], tmp_path / "odd", ["--batch-size", "127"])
+    assert r.returncode != 0
+    assert r.stderr.count("msae: error: batch_size 127 must divide evenly over the 2 ranks") == 2
+    assert "msae_core/" not in r.stderr  # no traceback through our code (torchrun prints its own)
