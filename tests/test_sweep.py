@@ -87,3 +87,16 @@ def test_sweep_2x2_parallel_then_resume(store, tmp_path, monkeypatch):
     assert cli.main(argv[:-2]) == 0  # serial this time
     assert read_status(broken)["state"] == "done" and (broken / SAE_WEIGHTS).exists()
     assert {n: os.stat(tmp_path / "runs" / n / SAE_WEIGHTS).st_mtime_ns for n in mtimes} == mtimes
+
+
+def test_points_spread_over_the_gpus():
+    """On a machine with several GPUs the points on `auto` go round-robin over them (the runs a
+    sweep has going at once then train on different GPUs); a device set by hand is kept; one GPU
+    or none changes nothing."""
+    from msae_core.training.sweep import spread_over_gpus
+
+    cfgs = [RunConfig(train=TrainConfig(device=d)) for d in ("auto", "auto", "cpu", "auto", "auto")]
+    got = [c.train.device for c in spread_over_gpus(cfgs, 2)]
+    assert got == ["cuda:0", "cuda:1", "cpu", "cuda:1", "cuda:0"]
+    assert [c.train.device for c in spread_over_gpus(cfgs, 1)] == ["auto", "auto", "cpu", "auto", "auto"]
+    assert [c.train.device for c in cfgs] == ["auto", "auto", "cpu", "auto", "auto"]  # not changed in place

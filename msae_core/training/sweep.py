@@ -181,12 +181,22 @@ def sweep_dir(root: str | os.PathLike, name: str) -> Path:
     return Path(root) / SWEEPS_DIR / safe_run_name(name)
 
 
+def spread_over_gpus(configs: list[RunConfig], n_gpus: int) -> list[RunConfig]:
+    """Point i's device, where it says `auto` and the machine has several GPUs: cuda:(i mod n), so
+    the runs a sweep has going at once train on different GPUs. One GPU or none: unchanged."""
+    if n_gpus < 2:
+        return configs
+    return [dataclasses.replace(c, train=dataclasses.replace(c.train, device=f"cuda:{i % n_gpus}"))
+            if c.train.device == "auto" else c for i, c in enumerate(configs)]
+
+
 def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, name: str,
                  parallel: int = 1, evals: list[str] | tuple[str, ...] = ()) -> dict:
     """Write the sweep record ROOT/_sweeps/NAME/sweep.json and start every point that is not done
     through the one run queue (runs.launch_run with max_parallel: each point is its own `msae
     train` process, queued until fewer than `parallel` runs under ROOT are running). The Launch
-    page and `msae sweep` both start sweeps here. Returns the record."""
+    page and `msae sweep` both start sweeps here. On a machine with several GPUs the points whose
+    device is `auto` are spread over them (spread_over_gpus). Returns the record."""
     from msae_core.training.jobs import launch_run
 
     if parallel < 1:
@@ -194,6 +204,10 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
     name = safe_run_name(name)
     store = base.check()  # the store, once
     points = expand_grid(base, grid, name)
+    import torch
+
+    for p, c in zip(points, spread_over_gpus([p.config for p in points], torch.cuda.device_count())):
+        p.config = c
     for acts in sorted({p.config.data.acts for p in points} - {base.data.acts}):
         store_problems = [q for q in dataclasses.replace(base, data=dataclasses.replace(
             base.data, acts=acts)).problem_list() if q.startswith("data.")]
