@@ -303,3 +303,42 @@ def test_steps_between_logs_never_read_the_device(store, tmp_path, monkeypatch):
 
     few, many = reads_for(10), reads_for(30)
     assert few > 0 and many == few
+
+
+def test_checkpoints_are_written_beside_training(store, reference, tmp_path, monkeypatch):
+    """A checkpoint is copied out and written by another thread while the next steps run (here a
+    write that takes 0.3 s sees steps taken meanwhile); the run ends equal to the reference, and
+    checkpoint_minutes adds checkpoints at log steps by the clock."""
+    import threading
+    import time as _time
+
+    from msae_core.training import trainer as T
+
+    real = T.write_checkpoint
+    writes, taken = [], []
+    orig_next = BatchLoader.next
+
+    def slow_write(run_dir, sae, opt_state, state, stream=None):
+        writes.append((threading.current_thread().name, state["step"], len(taken)))
+        _time.sleep(0.3)
+        out = real(run_dir, sae, opt_state, state, stream)
+        writes[-1] = writes[-1] + (len(taken),)
+        return out
+
+    def counting_next(self, s):
+        taken.append(s)
+        return orig_next(self, s)
+
+    monkeypatch.setattr(T, "write_checkpoint", slow_write)
+    monkeypatch.setattr(BatchLoader, "next", counting_next)
+    run = tmp_path / "run"
+    assert train(make_config(store), run, progress=False).state == "done"
+    assert [w[1] for w in writes] == [10, 20, 30, 40] and all(w[0] == "msae-checkpoint" for w in writes)
+    assert any(after > before for _, step, before, after in writes if step < STEPS)  # steps ran meanwhile
+    assert_same_weights(run, reference)
+
+    writes.clear()
+    cfg = make_config(store)
+    cfg.train.checkpoint_every, cfg.train.checkpoint_minutes = 10 ** 6, 1e-6  # every log step, by the clock
+    assert train(cfg, tmp_path / "clock", progress=False).state == "done"
+    assert [w[1] for w in writes] == list(range(5, STEPS + 1, 5))

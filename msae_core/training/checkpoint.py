@@ -111,17 +111,29 @@ def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device) -> Checkpoi
     return Checkpoint(sae, opt_state, state, stream)
 
 
-def write_checkpoint(run_dir: Path, sae: Any, opt: torch.optim.Optimizer, state: dict,
+def cpu_copy(obj: Any) -> Any:
+    """`obj` (a state dict, nested dicts and lists of tensors) with every tensor copied to the CPU:
+    what a checkpoint written beside training holds while the originals keep changing."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def write_checkpoint(run_dir: Path, sae: Any, opt_state: dict, state: dict,
                      stream: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint/ atomically: fill a temporary folder, then swap it in by renames.
-    `stream`: a streamed run's buffer tensors (CPU)."""
+    `opt_state`: the optimizer's state dict; `stream`: a streamed run's buffer tensors (CPU)."""
     tmp = run_dir / RUN_TMP_CHECKPOINT_DIR.format(pid=os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         sae_io.save_sae(sae, tmp)
         buf = io.BytesIO()  # serialised in memory: a full disk is then a plain OSError on write
-        torch.save(opt.state_dict(), buf)
+        torch.save(opt_state, buf)
         with open(tmp / OPTIMIZER_STATE, "wb") as fh:
             fh.write(buf.getbuffer())
             fh.flush()

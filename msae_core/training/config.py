@@ -37,6 +37,8 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA (TF32 matmuls are always on)"})
     log_every: int = field(default=50, metadata={"help": "steps between lines of metrics.jsonl"})
     checkpoint_every: int = field(default=500, metadata={"help": "steps between resumable checkpoints"})
+    checkpoint_minutes: float = field(default=0.0, metadata={
+        "help": "also checkpoint at the first log step this many minutes after the last checkpoint (0: off)"})
     snapshot_every: int = field(default=500, metadata={
         "help": "steps between momentum trace snapshots (traces/); 0 = none"})
     evals: list[str] = field(default_factory=list, metadata={
@@ -59,6 +61,8 @@ class TrainConfig:
         for name in ("log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.checkpoint_minutes >= 0:
+            out.append(f"checkpoint_minutes must be >= 0 (got {self.checkpoint_minutes})")
         if self.snapshot_every < 0:
             out.append(f"snapshot_every must be >= 0 (got {self.snapshot_every})")
         unknown = [e for e in self.evals if e not in EVAL_NAMES]
@@ -253,7 +257,8 @@ class RunConfig:
 
 
 # settings that may change when a run is resumed (they do not change the trajectory)
-_RESUMABLE_CHANGES = {"steps", "device", "log_every", "checkpoint_every", "snapshot_every", "evals"}
+_RESUMABLE_CHANGES = {"steps", "device", "log_every", "checkpoint_every", "checkpoint_minutes", "snapshot_every",
+                      "evals"}
 
 
 def config_mismatch(old: dict, new: dict) -> str:

@@ -25,12 +25,14 @@ msae_core.training.run_folder, their one owner.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import errno
 import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,7 @@ from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
 from msae_core.sae import SAE, SAEConfig, SAEOutput, build_sae
-from msae_core.training.checkpoint import (checkpoint_step, find_checkpoint, load_checkpoint,
+from msae_core.training.checkpoint import (checkpoint_step, cpu_copy, find_checkpoint, load_checkpoint,
                                            promote_checkpoint, remove_temporaries, rng_state, set_rng_state,
                                            write_checkpoint)
 from msae_core.training.config import DataConfig, RunConfig, TrainConfig, config_mismatch
@@ -218,7 +220,10 @@ class _Fit:
         if self.writes:
             truncate_logs(out_dir, self.start)
             remove_temporaries(out_dir)
-        self.last_ckpt: int | None = self.start if ckpt is not None else None
+        self.last_ckpt: int | None = self.start if ckpt is not None else None  # the last one written
+        self._ckpt_thread: threading.Thread | None = None  # the checkpoint being written, if any
+        self._ckpt_error: BaseException | None = None
+        self.t_ckpt = time.monotonic()
         self.last_row: dict = {}
         # running sums of the losses since the last metrics line; the checkpoint keeps them (float32
         # values are exact in json), so a resumed run's metrics.jsonl equals an uninterrupted run's
@@ -257,7 +262,8 @@ class _Fit:
                 x_BD, out = self._step(s)
                 log_due = done % tc.log_every == 0 or done == tc.steps
                 snap_due = bool(tc.snapshot_every) and done % tc.snapshot_every == 0
-                ckpt_due = done % tc.checkpoint_every == 0 or done == tc.steps or self._stopping(done, log_due)
+                ckpt_due = (done % tc.checkpoint_every == 0 or done == tc.steps or self._stopping(done, log_due)
+                            or (log_due and self._checkpoint_time_due()))
                 if log_due or snap_due or ckpt_due:  # the one host sync: read the bad-loss flag
                     if dist.all_max(int(self.bad_at)) >= 0:
                         return self._bad_loss()
@@ -275,10 +281,20 @@ class _Fit:
                     return self._end("cancelled", done, f"cancelled by signal "
                                      f"{signal.Signals(self.stop.signum or signal.SIGTERM).name} at step "
                                      f"{done}; checkpoint written")
+            self._join_checkpoint()
         finally:
             self.loader.close()
             bar.close()
+            if self._ckpt_thread is not None:  # leaving on an error: the write still ends whole
+                self._ckpt_thread.join()
         return self._finish()
+
+    def _checkpoint_time_due(self) -> bool:
+        """checkpoint_minutes have passed since the last checkpoint (rank 0's clock decides)."""
+        if not self.tc.checkpoint_minutes:
+            return False
+        due = time.monotonic() - self.t_ckpt >= 60 * self.tc.checkpoint_minutes
+        return bool(dist.all_max(due if self.writes else 0))
 
     def _stopping(self, done: int, check_step: bool) -> bool:
         """Whether to stop after step `done`: the signal flag; data-parallel, any rank's flag,
@@ -354,9 +370,32 @@ class _Fit:
         stream = None
         if getattr(self.store, "streamed", False):
             state["stream"], stream = self.store.state(done)
-        if self.writes:
-            write_checkpoint(self.out_dir, self.sae, self.opt, state, stream)
-        self.last_ckpt = done
+        self.t_ckpt = time.monotonic()
+        if not self.writes:
+            self.last_ckpt = done
+            return
+        self._join_checkpoint()  # one write at a time; a failed one raises here
+        sae_cpu = copy.deepcopy(self.sae).to("cpu")  # copies: training goes on while they are written
+        opt_cpu = cpu_copy(self.opt.state_dict())
+        self._ckpt_thread = threading.Thread(target=self._write_checkpoint, name="msae-checkpoint",
+                                             args=(sae_cpu, opt_cpu, state, stream, done))
+        self._ckpt_thread.start()
+
+    def _write_checkpoint(self, sae_cpu: SAE, opt_cpu: dict, state: dict, stream: Any, done: int) -> None:
+        try:
+            write_checkpoint(self.out_dir, sae_cpu, opt_cpu, state, stream)
+            self.last_ckpt = done
+        except BaseException as exc:  # noqa: BLE001 - raised by the training thread (_join_checkpoint)
+            self._ckpt_error = exc
+
+    def _join_checkpoint(self) -> None:
+        """Wait for the checkpoint being written; raise its error (a full disk) in this thread."""
+        if self._ckpt_thread is not None:
+            self._ckpt_thread.join()
+            self._ckpt_thread = None
+        if self._ckpt_error is not None:
+            exc, self._ckpt_error = self._ckpt_error, None
+            raise exc
 
     # -- endings -----------------------------------------------------------------------------------
     def _bad_loss(self) -> RunResult:
@@ -364,6 +403,7 @@ class _Fit:
         was not finite (the data), else `diverged` (the optimisation). The weights in memory are
         dropped; the last checkpoint, written before that step, is what the folder keeps."""
         s = int(dist.all_max(int(self.bad_at)))
+        self._join_checkpoint()  # "last good checkpoint": the last one written
         if self.writes:
             append_events(self.out_dir, [e for e in self.sae.drain_events() if e["step"] < s])
         if bool(self.bad_data):
@@ -374,6 +414,7 @@ class _Fit:
                                         f"(lr {lr_at(s, self.tc):.3g}): diverged; {kept}")
 
     def _end(self, state: str, step: int, msg: str) -> RunResult:
+        self._join_checkpoint()
         if self.writes:
             write_status(self.out_dir, state=state, step=step, error=msg, pid=None, eta_s=None)
         (log.warning if state == "cancelled" else log.error)(msg)
