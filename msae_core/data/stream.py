@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -35,6 +35,7 @@ from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class StreamSettings:
@@ -61,7 +62,6 @@ class _Buffer:
     kept: torch.Tensor | None = None  # (K, D) rows kept for the next round
     ready: torch.Tensor | None = None  # (R, D) rows handed out, in order, not yet taken
     done: bool = False                # the corpus ran out
-    extra: dict = field(default_factory=dict)
 
 
 class ActivationStream:
