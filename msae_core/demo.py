@@ -174,6 +174,9 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
                     data=DataConfig(acts=str(store_dir)))
                 if read_status(run_dir).get("state") != "done":
                     result = train(cfg, run_dir, progress=progress)
+                    if result.state == "cancelled":  # the trainer took the signal (Ctrl-C, SIGTERM)
+                        raise KeyboardInterrupt(f"stopped: {ph.run} cancelled at step {result.step} "
+                                                "(checkpoint written); run the same command to continue")
                     if result.state != "done":
                         raise MsaeError(f"{ph.run} ended {result.state}: {result.error}")
             else:  # one eval failing does not cost the others

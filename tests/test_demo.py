@@ -129,3 +129,22 @@ def test_demo_serve_shows_the_workbench_at_once_and_keeps_serving(tmp_path):
             proc.kill()
             raise
     assert rc == 0
+
+
+def test_a_signal_during_training_stops_the_demo(tmp_path, monkeypatch):
+    """The trainer takes SIGTERM/SIGINT while it runs (its own StopFlag) and ends `cancelled`: the
+    demo then stops as on Ctrl-C (with --serve, the server too) instead of reporting a failed
+    phase and serving on."""
+    from msae_core.training import trainer
+    from msae_core.training.trainer import RunResult
+
+    monkeypatch.setattr(trainer, "train", lambda cfg, run_dir, progress=True: RunResult(
+        "cancelled", 17, Path(run_dir), {}, "cancelled by signal SIGTERM at step 17; checkpoint written"))
+    argv = _argv(tmp_path, tmp_path / "results")
+    plan = demo.DemoPlan(model=argv[argv.index("--model") + 1], layer=1,
+                         tokens=int(argv[argv.index("--tokens") + 1]), steps=5, d_sae=64, batch_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "results", plan, progress=False)
+    prog = demo.demo_progress(tmp_path / "results")
+    assert prog["state"] == "failed" and "cancelled at step 17" in prog["error"]
+    assert "run the same command to continue" in prog["error"]
