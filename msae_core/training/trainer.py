@@ -190,7 +190,6 @@ class _Fit:
         self.autocast = bool(self.tc.bf16 and self.device.type == "cuda")
         self.writes = dist.is_main()  # data-parallel: rank 0 alone writes the run folder
         self.world = dist.world_size()
-        self._stop_checked: tuple[int, bool] = (-1, False)
         if self.world > 1:  # rank 0 promotes a `.checkpoint.old` before anyone reads it
             if self.writes and ckpt is not None:
                 promote_checkpoint(out_dir, ckpt)
@@ -262,7 +261,8 @@ class _Fit:
                 x_BD, out = self._step(s)
                 log_due = done % tc.log_every == 0 or done == tc.steps
                 snap_due = bool(tc.snapshot_every) and done % tc.snapshot_every == 0
-                ckpt_due = (done % tc.checkpoint_every == 0 or done == tc.steps or self._stopping(done, log_due)
+                stopping = self._stopping(log_due)  # read once: the checkpoint and the end agree
+                ckpt_due = (done % tc.checkpoint_every == 0 or done == tc.steps or stopping
                             or (log_due and self._checkpoint_time_due()))
                 if log_due or snap_due or ckpt_due:  # the one host sync: read the bad-loss flag
                     if dist.all_max(int(self.bad_at)) >= 0:
@@ -277,7 +277,7 @@ class _Fit:
                 bar.update(1)
                 if ckpt_due:
                     self._checkpoint(done)
-                if self._stopping(done, log_due) and done < tc.steps:
+                if stopping and done < tc.steps:
                     return self._end("cancelled", done, f"cancelled by signal "
                                      f"{signal.Signals(self.stop.signum or signal.SIGTERM).name} at step "
                                      f"{done}; checkpoint written")
@@ -296,16 +296,12 @@ class _Fit:
         due = time.monotonic() - self.t_ckpt >= 60 * self.tc.checkpoint_minutes
         return bool(dist.all_max(due if self.writes else 0))
 
-    def _stopping(self, done: int, check_step: bool) -> bool:
-        """Whether to stop after step `done`: the signal flag; data-parallel, any rank's flag,
-        compared at log steps only (all ranks must stop at the same step; one all-reduce a step)."""
+    def _stopping(self, check_step: bool) -> bool:
+        """Whether to stop after this step: the signal flag; data-parallel, any rank's flag,
+        compared at log steps only (all ranks must stop at the same step)."""
         if self.world == 1:
             return self.stop.signum is not None
-        if not check_step:
-            return False
-        if self._stop_checked[0] != done:
-            self._stop_checked = (done, bool(dist.all_max(self.stop.signum is not None)))
-        return self._stop_checked[1]
+        return check_step and bool(dist.all_max(self.stop.signum is not None))
 
     def _step(self, s: int) -> tuple[torch.Tensor, SAEOutput]:
         """One optimizer step on batch s: (the batch, the step's forward output). Nothing here
@@ -494,6 +490,14 @@ def run_evals(out_dir: Path, evals: list[str]) -> int:
     return rc
 
 
+def _ended_early(result: RunResult) -> bool:
+    """For the command line: MsaeError (one line) when the run diverged or failed, True when it
+    was cancelled (exit 130; train() logged the cause), False when it is done."""
+    if result.state in ("diverged", "failed"):
+        raise MsaeError(result.error or result.state)
+    return result.state == "cancelled"
+
+
 def _run_data_parallel(args: argparse.Namespace) -> int:
     """`msae train` as one of the processes `torchrun --nproc_per_node N -m msae_core.cli train`
     starts: join the group, train this rank's share of every batch (train() makes rank 0 the one
@@ -514,9 +518,7 @@ def _run_data_parallel(args: argparse.Namespace) -> int:
         store = cfg.check()
         with StopFlag() as stop:
             result = train(cfg, out, progress=not args.no_progress and dist.is_main(), stop=stop, store=store)
-        if result.state in ("diverged", "failed"):
-            raise MsaeError(result.error or result.state)
-        if result.state == "cancelled":
+        if _ended_early(result):
             return 130
         dist.barrier()
         if cfg.train.evals and dist.is_main():
@@ -548,10 +550,8 @@ def run_cli(args: argparse.Namespace) -> int:
             if not wait_for_slot(out, root, args.max_parallel, stop=stop):
                 return 130
         result = train(cfg, out, progress=not args.no_progress, stop=stop, store=store)
-        if result.state in ("diverged", "failed"):
-            raise MsaeError(result.error or result.state)
-        if result.state == "cancelled":
-            return 130  # the cause is logged by train()
+        if _ended_early(result):
+            return 130
         if cfg.train.evals:  # still under the lock: no trainer rewrites the weights being evaluated
             return run_evals(out, list(cfg.train.evals))
     return 0
