@@ -166,28 +166,28 @@ class RunConfig:
         sae.d_in is filled from it when 0, and the settings are checked against it."""
         from msae_core.data.store import ActivationStore
 
-        typed = [p for p in collect_problems(self) if ": expected " in p]
+        problems = collect_problems(self)  # d_in 0 ("fill from the store") is not a problem
+        typed = [p for p in problems if ": expected " in p]
         if typed:  # wrong types first: nothing else can be checked on them
             return None, typed
         if store is None and self.data.source == "stream":
-            fields = collect_problems(self)
-            if any(p.startswith("data.") for p in fields):
-                return None, fields
+            if any(p.startswith("data.") for p in problems):
+                return None, problems
             try:
                 store = self.data.open_stream(self.train.batch_size, self.train.seed, self.train.device)
             except MsaeError as exc:
                 where = "data.layer" if str(exc).startswith("layer ") else "data.model"
-                return None, fields + [f"{where}: {exc}"]
+                return None, problems + [f"{where}: {exc}"]
         elif store is None and self.data.acts:
             try:
                 store = ActivationStore(self.data.acts)
             except MsaeError as exc:
-                return None, collect_problems(self) + [f"data.acts: {exc}"]
+                return None, problems + [f"data.acts: {exc}"]
         if store is None:
-            return None, collect_problems(self)
+            return None, problems
         if not self.sae.d_in:
             self.sae = dataclasses.replace(self.sae, d_in=store.d_in)
-        out = collect_problems(self)
+        out = list(problems)
         if self.sae.d_in != store.d_in:
             out.append(f"sae.d_in {self.sae.d_in} does not match the store's activation width "
                        f"{store.d_in} ({self.data.acts or self.data.model})")
