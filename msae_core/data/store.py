@@ -276,6 +276,14 @@ def _map_shard(path: Path, header: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def _mapped_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only mapped array, without a copy, for reading only (torch warns that
+    it cannot mark a tensor read-only; nothing here writes to it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 # Rows of a store up to which an epoch is one permutation of all rows (int64: 8 bytes a row). Above
 # it an epoch is shuffled in blocks: SHUFFLE_BLOCK_ROWS consecutive rows form a block, the blocks
 # are permuted, and the rows of each run of SHUFFLE_GROUP_BLOCKS permuted blocks are shuffled among
@@ -438,7 +446,7 @@ class ActivationStore:
         out = torch.empty((self.n_rows, self.d_in), dtype=self.torch_dtype, device=device)
         for s in range(self.n_shards):
             lo, hi = int(self._row_starts[s]), int(self._row_starts[s + 1])
-            out[lo:hi].copy_(torch.from_numpy(np.array(self._shard(s)["acts"])))
+            out[lo:hi].copy_(_mapped_tensor(self._shard(s)["acts"]))  # one copy, straight from the mapping
         return out
 
     def row_info(self, idx: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
@@ -543,10 +551,7 @@ class ActivationStore:
         cuts = np.concatenate([[0], np.flatnonzero(np.diff(shard_of)) + 1, [len(idx)]])
         for a, b in zip(cuts[:-1], cuts[1:]):
             s = int(shard_of[a])
-            src = self._shard(s)["acts"]
-            with warnings.catch_warnings():  # a read-only mapping: torch warns, and only reads it
-                warnings.simplefilter("ignore", UserWarning)
-                src_ND = torch.from_numpy(src)
+            src_ND = _mapped_tensor(self._shard(s)["acts"])
             local = torch.from_numpy(idx[a:b] - self._row_starts[s])
             torch.index_select(src_ND, 0, local, out=out_ND[a:b])
         return out_ND
