@@ -82,8 +82,6 @@ def main() -> None:
     sae = SAEConfig(arch="topk", d_sae=args.d_sae, k=args.k)
     tc = dict(steps=args.steps, batch_size=args.batch, lr=3e-4, warmup_steps=10, seed=0, device=str(dev),
               log_every=max(1, args.steps // 4), checkpoint_every=10 ** 9, snapshot_every=0)
-    # the first metrics line after the buffer's first fill (half of it, plus the sample, is served
-    # before any new forward)
     with tempfile.TemporaryDirectory() as tmp:
         # streaming, in-process with the model already loaded
         from msae_core.data.stream import ActivationStream, StreamSettings

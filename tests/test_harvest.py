@@ -19,18 +19,23 @@ from msae_core.data.store import ActivationStore, StoreSettings
 WORDS = "the cat sat on a mat while dogs bark at night and fish swim in cold water".split()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("harvest")
+def tiny_setup(root, n_docs=120):
+    """A tiny random llama model and a text corpus of `n_docs` documents of random WORDS in `root`,
+    with the model loaded: what the harvest and stream tests run on."""
     model = save_tiny_model(root / "model", "llama", seed=0)
     g = torch.Generator().manual_seed(0)
     docs = []
-    for _ in range(120):
+    for _ in range(n_docs):
         n = int(torch.randint(3, 30, (1,), generator=g))
         docs.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)))
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(docs))
     return {"model": str(model), "corpus": str(corpus), "lm": load_lm(str(model), device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("harvest"))
 
 
 def _settings(setup, **kw):
