@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from msae_core import cli
 from msae_core.data.harvest import harvest
 from msae_core.data.loader import BatchLoader
-from msae_core.data.lm import load_lm, save_tiny_model
 from msae_core.data.store import StoreSettings
 from msae_core.data.stream import ActivationStream, StreamSettings
 from msae_core.errors import MsaeError
@@ -18,20 +17,11 @@ from msae_core.sae import SAEConfig
 from msae_core.training.config import DataConfig, RunConfig, TrainConfig
 from msae_core.training.run_folder import read_status
 from msae_core.training.trainer import train
-
-WORDS = "the cat sat on a mat while dogs bark at night and fish swim in cold water".split()
-
+from test_harvest import tiny_setup
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream")
-    model = save_tiny_model(root / "model", "llama", seed=0)
-    g = torch.Generator().manual_seed(0)
-    docs = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(3, 30, (1,), generator=g)),),
-                                                            generator=g)) for _ in range(400)]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(docs))
-    return {"model": str(model), "corpus": str(corpus), "lm": load_lm(str(model), device="cpu")}
+    return tiny_setup(tmp_path_factory.mktemp("stream"), n_docs=400)
 
 
 def _stream(setup, batch=32, seed=0, **kw):
@@ -70,7 +60,12 @@ def test_streamed_rows_are_the_harvested_rows(setup, tmp_path):
 def test_stream_state_resumes_the_same_batches(setup):
     st = _stream(setup)
     want = [st.batch_raw(s, 32, 0) for s in range(10)]
-    fields, tensors = st.state(6)
+    st1 = _stream(setup)
+    for s in range(6):
+        st1.batch_raw(s, 32, 0)
+    fields, tensors = st1.state(6)
+    with pytest.raises(ValueError, match="before batch 6"):
+        st1.state(3)
     st2 = _stream(setup)
     st2.restore(fields, {k: v.clone() for k, v in tensors.items()})
     for s in range(6, 10):

@@ -75,7 +75,6 @@ class ActivationStream:
         self._lm, self._corpus = lm, corpus
         self._buf = _Buffer()
         self._windows: Iterator | None = None
-        self._states: dict[int, _Buffer] = {}
         self._next_step = 0
         self._sample: tuple[torch.Tensor, int] | None = None
 
@@ -173,9 +172,6 @@ class ActivationStream:
             raise ValueError("a stream serves the batch size and seed it was made for")
         if step != self._next_step:
             raise ValueError(f"a stream serves steps in order: expected {self._next_step}, got {step}")
-        self._states[step] = self._buf
-        for s in [s for s in self._states if s < step - 64]:
-            del self._states[s]
         while (self._buf.ready is None or len(self._buf.ready) < batch_size) and not self._buf.done:
             self._refill()
         b = self._buf
@@ -188,9 +184,6 @@ class ActivationStream:
         if out is not None and out.device == x_BD.device:
             return out.copy_(x_BD)
         return x_BD
-
-    def batch(self, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
-        return self.batch_raw(step, batch_size, seed)
 
     def input_sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """The first `n` rows of the corpus's windows (unshuffled), for the SAE's input scale. Read
@@ -212,10 +205,12 @@ class ActivationStream:
 
     # -- resume ------------------------------------------------------------------------------------
     def state(self, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(json-safe fields, tensors) of the buffer as it stood before batch `step`."""
-        b = self._states.get(step, self._buf if step == self._next_step else None)
-        if b is None:
-            raise ValueError(f"no stream state kept for step {step}")
+        """(json-safe fields, tensors) of the buffer before batch `step`, the next one to serve
+        (data.loader serves a stream in the training thread, so the checkpoint's step is always
+        the next batch: no state of earlier steps is kept)."""
+        if step != self._next_step:
+            raise ValueError(f"the stream's state is the one before batch {self._next_step}, not {step}")
+        b = self._buf
         tensors = {k: v.detach().cpu().contiguous() for k, v in (("kept", b.kept), ("ready", b.ready))
                    if v is not None}
         return {"next_window": b.next_window, "round": b.round, "done": b.done, "step": step}, tensors
@@ -227,6 +222,5 @@ class ActivationStream:
                             tensors["ready"].to(self.device) if "ready" in tensors else None,
                             bool(fields.get("done", False)))
         self._windows = None
-        self._states = {}
         self._sample = None
         self._next_step = int(fields["step"])
