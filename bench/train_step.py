@@ -9,6 +9,15 @@ same activations (the median over rounds of each variant's mean step time), so m
 all of them alike. A step is what the trainer does: forward, loss, backward, Adam step, post-step
 (decoder renormalisation; for momentum the tracker update, which happens inside the loss call).
 
+Steady state: the momentum step's cost grows while its candidate pair table fills (the first ~20
+steps of a fresh run have an empty or half-empty table, and competing pairs appear later), so each
+momentum variant first trains until neither the table's occupied slots nor its competing pairs have
+grown by more than 1 % over `--patience` steps (the decoder-neighbour refresh at step 0 fills part
+of the table at once, co-firing pairs the rest). The script prints how many steps and seconds that
+took, the table's fill and its competing pairs, then times the variants. The base variants warm up
+for `--warmup` steps. `--acts STORE` draws the batches from an activation store (real activations
+co-fire as synthetic ones do not).
+
 Memory: the persistent training state (parameters, gradients, Adam moments, buffers) counted
 exactly, and on CUDA the peak allocated memory of a step. Goal (design note): momentum at most
 1.25x its base's step time and 5 percent more memory.
@@ -68,6 +77,8 @@ def _ours(arch: str, base: str, d_in: int, d_sae: int, k: int, lam: float, devic
 
     def step(x: torch.Tensor) -> None:
         t = state["t"]
+        if t == 0:  # as the trainer does once, before a fresh run's first step
+            sae.fit_input_scale_(x)
         loss = sae.training_loss(x, t)["loss"]
         opt.zero_grad(set_to_none=False)
         loss.backward()
@@ -113,6 +124,28 @@ def _saelens(d_in: int, d_sae: int, k: int, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------- timing
+def warm_until_full(sae, step, batches: list[torch.Tensor], patience: int, max_steps: int,
+                    device: torch.device) -> dict:
+    """Train a momentum SAE until its candidate table stops filling: neither its occupied slots nor
+    its competing pairs have grown by more than 1 % (and one pair) over `patience` steps (at most
+    `max_steps`). What it took, and the table."""
+    tracker = sae.tracker
+    best_occ, best_comp, since, n = 0, 0, 0, 0
+    t0 = time.perf_counter()
+    while n < max_steps and since < patience:
+        step(batches[n % len(batches)])
+        n += 1
+        occupied = int((tracker.partner_FC >= 0).sum())
+        competing = int((tracker.kappa_FC >= sae.cfg.tau).sum()) // 2
+        grew = occupied > best_occ * 1.01 or competing > best_comp * 1.01 + 1
+        best_occ, best_comp = max(best_occ, occupied), max(best_comp, competing)
+        since = 0 if grew else since + 1
+    _sync(device)
+    table = tracker.partner_FC
+    return {"steps": n, "seconds": time.perf_counter() - t0, "fill": int((table >= 0).sum()) / table.numel(),
+            "competing": competing, "full": since >= patience}
+
+
 def time_rounds(steppers: dict, batches: list[torch.Tensor], rounds: int, steps: int, warmup: int,
                 device: torch.device) -> dict[str, float]:
     for name, step in steppers.items():
@@ -164,11 +197,17 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5, help="steps per variant per round")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps of the base variants (and of "
+                    "the momentum ones at least)")
+    ap.add_argument("--patience", type=int, default=20,
+                    help="momentum warm-up: the table is full when it has not grown for this many steps")
+    ap.add_argument("--max-warmup", type=int, default=300, help="momentum warm-up: at most this many steps")
     ap.add_argument("--lam", type=float, default=0.3, help="momentum penalty (the research log's run 5)")
     ap.add_argument("--peer-python", default=os.environ.get("MSAE_PEER_PYTHON", ""),
                     help="an interpreter with sae-lens, when this one lacks it")
     ap.add_argument("--no-peer", action="store_true", help="skip the SAELens comparison")
+    ap.add_argument("--acts", default="", help="an activation store to draw the batches from (its width "
+                    "replaces the shape's d_in) instead of synthetic activations")
     ap.add_argument("--worker", choices=["peer"], help=argparse.SUPPRESS)
     ap.add_argument("--acts-file", help=argparse.SUPPRESS)
     ap.add_argument("--d-sae", type=int, help=argparse.SUPPRESS)
@@ -182,17 +221,29 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     shape = args.shape or ("research" if device.type == "cuda" else "cpu")
     d_in, d_sae, batch, k = SHAPES[shape]
-    n_batches = 8
-    batches = [b.to(device) for b in _acts(n_batches, batch, d_in)]
+    if args.acts:  # real activations: the store's width, the shape's d_sae, batch and k
+        from msae_core.data.store import ActivationStore
+
+        store = ActivationStore(args.acts)
+        d_in = store.d_in
+        batches = [store.batch(i, batch, 0).to(device) for i in range(min(32, store.n_rows // batch))]
+    else:
+        batches = [b.to(device) for b in _acts(8, batch, d_in)]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"# train step: d_in {d_in}, d_sae {d_sae}, batch {batch}, k {k}, lam {args.lam}; "
-          f"{dev_name}; torch {torch.__version__}")
+          f"{dev_name}; torch {torch.__version__}; "
+          f"{len(batches)} batches of {args.acts or 'synthetic activations'}")
 
     rows = []
     for base in ("topk", "relu"):
         built = {"base": _ours(base, base, d_in, d_sae, k, 0.0, device),
                  "momentum": _ours("momentum", base, d_in, d_sae, k, args.lam, device)}
+        warm = warm_until_full(built["momentum"][0], built["momentum"][2], batches, args.patience,
+                               args.max_warmup, device)
+        print(f"# warm-up, momentum over {base}: table {'full' if warm['full'] else 'NOT full'} after "
+              f"{warm['steps']} steps ({warm['seconds']:.1f} s): {warm['fill'] * 100:.1f}% of the F x C "
+              f"slots occupied, {warm['competing']} competing pairs", flush=True)
         times = time_rounds({n: b[2] for n, b in built.items()}, batches, args.rounds, args.steps,
                             args.warmup, device)
         mem = {n: _state_bytes(b[0], b[1]) for n, b in built.items()}
@@ -208,7 +259,8 @@ def main() -> None:
               f"{times['momentum'] / times['base']:10.3f}x {weights / 2**20:10.1f} "
               f"{(mem['momentum'] - mem['base']) / weights * 100:13.2f}% "
               f"{(mem['momentum'] / mem['base'] - 1) * 100:17.2f}% {pr:>11}")
-    print("goal (design note, at the research shape): time ratio <= 1.25x, extra state <= 5% of the weights")
+    print("goal (design note, at the research shape): time ratio <= 1.25x (issue: 1.10x), extra state <= 5% "
+          "of the weights; momentum timed after its table filled (warm-up lines above)")
 
     if args.no_peer:
         return

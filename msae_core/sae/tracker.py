@@ -279,7 +279,9 @@ class MomentumTracker(nn.Module):
             in_table_P = old_sorted_N[pos_P] == key_P
             s_old_N.index_add_(0, pos_P[in_table_P], c_P[in_table_P])
         new_key, new_c = key_P[~in_table_P], c_P[~in_table_P]
-        H = 1 << min(22, max(1, (F * F - 1).bit_length()))  # hash buckets
+        # about 8 buckets per occurrence (at most one per possible key): few collisions, and a
+        # table that costs no more to clear than the occurrences (a fixed 4M-bucket table did)
+        H = 1 << max(1, min(max(8 * len(new_key), 1), F * F - 1).bit_length())
         bucket = new_key if F * F <= H else (new_key * 2654435761) % 4294967291 % H
         bound = torch.zeros(H, device=dev).index_add_(0, bucket, new_c)[bucket]
         screened = bound >= admit
