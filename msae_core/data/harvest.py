@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from msae_core.artifacts import check_can_create
 from msae_core.configutil import validate
 from msae_core.data.store import (
+    SHARD_KEYS,
     ActivationStore,
     StoreSettings,
     StoreWriter,
@@ -38,10 +39,10 @@ DEFAULT_SHARD_TOKENS = 32_768
 FLOAT16_MAX = 65504.0
 
 
-def _check_out_folder(out: Path, settings: StoreSettings) -> dict | None:
+def check_store_folder(out: Path, settings: StoreSettings) -> dict | None:
     """The manifest already in `out` if it is this harvest's; refuse another harvest's folder, or a
     folder holding anything else (a run, a sweep), early, before the model loads. StoreWriter
-    checks again when it opens the folder."""
+    checks again when it opens the folder. (A stream's --cache folder is checked the same way.)"""
     if not out.is_dir():  # a usable path, or the OS's own error for it, before the model loads
         check_can_create(out)
         return None
@@ -83,17 +84,109 @@ def window_rows(lm: Any, ids_BT: torch.Tensor, layer: int, first_window: int,
     return WindowRows(acts, ids_BT.reshape(-1)[flat], wid_BT.reshape(-1)[flat], pos_BT.reshape(-1)[flat])
 
 
-def _write_shard(writer: StoreWriter, parts: dict[str, list[torch.Tensor]]) -> None:
-    tensors = {k: torch.cat(v) for k, v in parts.items()}
-    try:
-        writer.write_shard(**tensors)
-    except OSError as exc:
-        done = f"{len(writer.manifest['shards'])} complete shard(s), {writer.n_rows_done} rows"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise MsaeError(f"disk full while writing to {writer.path}: {done} are intact and readable; "
-                            "free some space and run the same command again to resume") from exc
-        raise MsaeError(f"cannot write to {writer.path} ({exc.strerror or exc}): {done} are intact; "
-                        "run the same command again to resume") from exc
+def store_meta(lm: Any, corpus: Any, settings: StoreSettings, **extra: Any) -> dict:
+    """What a store's manifest learns from the model and the corpus (StoreWriter's `meta`);
+    `extra` goes into its "harvest" entry (how the rows were made)."""
+    import transformers
+
+    return {
+        "corpus": {"name": corpus.name, "provenance": corpus.provenance},
+        "d_model": lm.d_model, "n_layers": lm.n_layers, "tokenizer": settings.model,
+        "bos_token_id": lm.bos_token_id, "special_ids": sorted(lm.special_ids),
+        "harvest": {**extra, "model_dtype": str(lm.dtype), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "machine": platform.machine()},
+    }
+
+
+class ShardSink:
+    """Rows of whole windows, gathered into shards of about `shard_tokens` rows and written by a
+    StoreWriter, up to the store's target_tokens rows: what `harvest` writes, and what a stream
+    writes into its cache (data.stream, `--cache`). Windows must come in order; those the store
+    already holds are skipped (a resumed stream reads them again). Every row is checked before it
+    is kept: finite, and within float16's range for a float16 store."""
+
+    def __init__(self, writer: StoreWriter, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+        self.writer, self.shard_tokens = writer, shard_tokens
+        self.target = writer.settings.target_tokens
+        self._clear()
+
+    def _clear(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in SHARD_KEYS}
+        self.rows, self.windows = 0, 0  # buffered, not yet in a shard
+
+    @property
+    def rows_done(self) -> int:
+        return self.writer.n_rows_done + self.rows
+
+    @property
+    def windows_done(self) -> int:
+        return self.writer.n_windows_done + self.windows
+
+    @property
+    def full(self) -> bool:
+        return self.rows_done >= self.target
+
+    def add(self, rows: WindowRows, ids_BT: torch.Tensor, doc_ids: torch.Tensor, first_window: int) -> int:
+        """Take in `rows`, the rows of windows first_window .. first_window + B - 1 (`ids_BT`, B
+        windows, their `doc_ids`). Rows past the target are cut, and the windows after the cut
+        with them; a shard is written when enough rows are buffered or the target is reached.
+        Returns the rows kept. MsaeError on a non-finite row or a float16 overflow."""
+        acts, tok, wid, pos = rows.acts.float().cpu(), rows.token_ids, rows.window_ids, rows.positions
+        skip = self.windows_done - first_window
+        if skip < 0:
+            raise ValueError(f"windows must come in order: got window {first_window}, "
+                             f"expected {self.windows_done}")
+        if skip:  # windows the store already holds
+            keep = wid >= self.windows_done
+            acts, tok, wid, pos = acts[keep], tok[keep], wid[keep], pos[keep]
+            ids_BT, doc_ids, first_window = ids_BT[skip:], doc_ids[skip:], first_window + skip
+        n_win, need = ids_BT.shape[0], self.target - self.rows_done
+        if n_win <= 0 or need <= 0:
+            return 0
+        if len(acts) > need:  # the last rows: cut, and the windows after the cut
+            acts, tok, wid, pos = acts[:need], tok[:need], wid[:need], pos[:need]
+            n_win = int(wid[-1]) - first_window + 1
+        self._check(acts, wid, pos)
+        for k, v in (("acts", acts), ("token_ids", tok), ("window_ids", wid), ("positions", pos),
+                     ("windows", ids_BT[:n_win]), ("window_index", first_window + torch.arange(n_win)),
+                     ("doc_ids", doc_ids[:n_win])):
+            self.parts[k].append(v)
+        self.rows += len(acts)
+        self.windows += n_win
+        if self.rows >= self.shard_tokens or self.full:
+            self.flush()
+        return len(acts)
+
+    def _check(self, acts: torch.Tensor, wid: torch.Tensor, pos: torch.Tensor) -> None:
+        layer = self.writer.settings.layer
+        bad_N = ~torch.isfinite(acts).all(dim=1)
+        if bool(bad_N.any()):  # never write NaN/inf: a store holds only finite rows
+            first = int(bad_N.nonzero()[0])
+            raise MsaeError(f"the model gave non-finite activations (NaN or inf) at layer "
+                            f"{layer} in {int(bad_N.sum())} row(s), the first in window "
+                            f"{int(wid[first])} at position {int(pos[first])}: nothing written "
+                            f"for that batch; try --model-dtype float32 or another layer")
+        if self.writer.settings.dtype == "float16" and len(acts) and acts.abs().max().item() > FLOAT16_MAX:
+            raise MsaeError(f"layer {layer} activations exceed the float16 range "
+                            f"({acts.abs().max().item():.3g}): store them as float32 "
+                            f"(msae harvest --dtype float32, msae train --cache-dtype float32)")
+
+    def flush(self) -> None:
+        """Write what is buffered as a shard (nothing when nothing is)."""
+        if not self.windows:
+            return
+        tensors = {k: torch.cat(v) for k, v in self.parts.items()}
+        writer = self.writer
+        try:
+            writer.write_shard(**tensors)
+        except OSError as exc:
+            done = f"{len(writer.manifest['shards'])} complete shard(s), {writer.n_rows_done} rows"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MsaeError(f"disk full while writing to {writer.path}: {done} are intact and readable; "
+                                "free some space and run the same command again to resume") from exc
+            raise MsaeError(f"cannot write to {writer.path} ({exc.strerror or exc}): {done} are intact; "
+                            "run the same command again to resume") from exc
+        self._clear()
 
 
 def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int = 8,
@@ -114,7 +207,7 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
     if batch_size < 1 or shard_tokens < 1:
         raise MsaeError(f"batch size and shard tokens must be >= 1 (got {batch_size}, {shard_tokens})")
     out = Path(out)
-    existing = _check_out_folder(out, settings)
+    existing = check_store_folder(out, settings)
     if existing is not None and existing.get("complete"):
         log.info("%s already holds this harvest (%d rows)", out, existing.get("n_rows", 0))
         return ActivationStore(out)
@@ -127,16 +220,7 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
         lm = load_lm(settings.model, device=device,
                      dtype=resolve_model_dtype(model_dtype, resolve_device(device)))
     lm.check_layer(settings.layer)
-    import transformers
-
-    meta = {
-        "corpus": {"name": corpus.name, "provenance": corpus.provenance},
-        "d_model": lm.d_model, "n_layers": lm.n_layers, "tokenizer": settings.model,
-        "bos_token_id": lm.bos_token_id, "special_ids": sorted(lm.special_ids),
-        "harvest": {"batch_size": batch_size, "shard_tokens": shard_tokens, "model_dtype": str(lm.dtype),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "machine": platform.machine()},
-    }
+    meta = store_meta(lm, corpus, settings, batch_size=batch_size, shard_tokens=shard_tokens)
     try:
         writer = StoreWriter(out, settings, meta)
     except OSError as exc:
@@ -145,64 +229,33 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
         return ActivationStore(out)
 
     special = torch.tensor(sorted(lm.special_ids), dtype=torch.long)
-    target = settings.target_tokens
     windows = context_windows(corpus, lm.tokenizer, settings.context_size, settings.prepend_bos)
     windows = itertools.islice(windows, writer.n_windows_done, None)  # resume after the last shard
-    rows_done, win_next = writer.n_rows_done, writer.n_windows_done
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                            ("acts", "token_ids", "window_ids", "positions",
-                                             "windows", "window_index", "doc_ids")}
-    buffered = 0
+    sink = ShardSink(writer, shard_tokens)
+    win_next = writer.n_windows_done
     exhausted = False
-    bar = tqdm(total=target, initial=rows_done, unit="tok", unit_scale=True,
+    bar = tqdm(total=settings.target_tokens, initial=writer.n_rows_done, unit="tok", unit_scale=True,
                desc=f"harvest L{settings.layer}", disable=None if progress else True)
     try:
-        while rows_done < target:
+        while not sink.full:
             batch = list(itertools.islice(windows, batch_size))
             if not batch:
                 exhausted = True
                 break
             doc_ids = torch.tensor([d for d, _ in batch], dtype=torch.long)
             ids_BT = torch.tensor([w for _, w in batch], dtype=torch.long)
-            B = ids_BT.shape[0]
             rows = window_rows(lm, ids_BT, settings.layer, win_next,
                                special if settings.exclude_special else None)
-            acts, tok, wid, pos = rows.acts.float().cpu(), rows.token_ids, rows.window_ids, rows.positions
-            n_win = B
-            if rows_done + len(acts) > target:  # last batch: cut rows, and windows after the cut
-                need = target - rows_done
-                acts, tok, wid, pos = acts[:need], tok[:need], wid[:need], pos[:need]
-                n_win = int(wid[-1]) - win_next + 1
-            bad_N = ~torch.isfinite(acts).all(dim=1)
-            if bool(bad_N.any()):  # never write NaN/inf: a store holds only finite rows
-                first = int(bad_N.nonzero()[0])
-                raise MsaeError(f"the model gave non-finite activations (NaN or inf) at layer "
-                                f"{settings.layer} in {int(bad_N.sum())} row(s), the first in window "
-                                f"{int(wid[first])} at position {int(pos[first])}: nothing written "
-                                f"for that batch; try --model-dtype float32 or another layer")
-            if settings.dtype == "float16" and len(acts) and acts.abs().max().item() > FLOAT16_MAX:
-                raise MsaeError(f"layer {settings.layer} activations exceed the float16 range "
-                                f"({acts.abs().max().item():.3g}): harvest with --dtype float32")
-            for k, v in (("acts", acts), ("token_ids", tok), ("window_ids", wid), ("positions", pos),
-                         ("windows", ids_BT[:n_win]), ("window_index", win_next + torch.arange(n_win)),
-                         ("doc_ids", doc_ids[:n_win])):
-                parts[k].append(v)
-            rows_done += len(acts)
-            win_next += n_win
-            buffered += len(acts)
-            bar.update(len(acts))
-            if buffered >= shard_tokens or rows_done >= target:
-                _write_shard(writer, parts)
-                parts = {k: [] for k in parts}
-                buffered = 0
-        if exhausted and parts["windows"]:
-            _write_shard(writer, parts)
+            bar.update(sink.add(rows, ids_BT, doc_ids, win_next))
+            win_next += ids_BT.shape[0]
+        sink.flush()
     finally:
         bar.close()
     if writer.n_rows_done == 0:
         raise MsaeError(f"corpus {corpus.name!r} gave no tokens to harvest")
     if exhausted:
-        log.warning("corpus %s ran out after %d of %d tokens", corpus.name, writer.n_rows_done, target)
+        log.warning("corpus %s ran out after %d of %d tokens", corpus.name, writer.n_rows_done,
+                    settings.target_tokens)
     try:
         writer.finish(corpus_exhausted=exhausted)
     except OSError as exc:
