@@ -45,7 +45,10 @@ with c1:
                   "corpus": st.text_input("Corpus", "embedded", key="s_corpus",
                                           help="'embedded' (Debian fortunes) or a Hugging Face dataset"),
                   "model_dtype": st.selectbox("Model dtype", ["auto", "float32", "bfloat16", "float16"],
-                                              key="s_dtype", help="auto: bfloat16 on CUDA, float32 on the CPU")}
+                                              key="s_dtype", help="auto: bfloat16 on CUDA, float32 on the CPU"),
+                  "cache": st.text_input("Cache folder (optional)", "", key="s_cache",
+                                         help="also write what is streamed there as an activation store: later "
+                                              "runs can train on it, and the feature pages show its token examples")}
         st.caption("The run reads the model's width from its config now and loads the model when it starts.")
     slots["acts"] = st.empty()
 with c2:

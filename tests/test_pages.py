@@ -155,13 +155,14 @@ def test_launch_streams_from_a_model(full_root, monkeypatch, tmp_path):
     assert any("layer 5 is past the last block" in e.value for e in at.error), [e.value for e in at.error]
     assert at.button(key="launch").disabled
     at.number_input(key="s_layer").set_value(1).run()
+    at.text_input(key="s_cache").set_value(str(tmp_path / "cache")).run()
     assert_clean(at)
     assert not at.button(key="launch").disabled, [e.value for e in at.error]
     at.button(key="launch").click().run()
     assert_clean(at)
     cfg = launched["cfg"]
     assert cfg.data.source == "stream" and cfg.data.model == str(model) and cfg.data.layer == 1
-    assert cfg.sae.d_in == 64 and not cfg.data.acts
+    assert cfg.sae.d_in == 64 and not cfg.data.acts and cfg.data.cache == str(tmp_path / "cache")
 
 
 def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):

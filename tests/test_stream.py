@@ -24,10 +24,10 @@ def setup(tmp_path_factory):
     return tiny_setup(tmp_path_factory.mktemp("stream"), n_docs=400)
 
 
-def _stream(setup, batch=32, seed=0, **kw):
+def _stream(setup, batch=32, seed=0, cache="", **kw):
     settings = StreamSettings(**{"model": setup["model"], "corpus": setup["corpus"], "layer": 2,
                                  "context_size": 16, "lm_batch": 4, "buffer_batches": 4, **kw})
-    return ActivationStream(settings, batch, seed, device="cpu", lm=setup["lm"])
+    return ActivationStream(settings, batch, seed, device="cpu", lm=setup["lm"], cache=cache)
 
 
 def test_streamed_rows_are_the_harvested_rows(setup, tmp_path):
@@ -147,3 +147,111 @@ def test_cli_streams_from_flags_and_checks_them(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "model_dtype must be one of" in err and "buffer_batches must be >= 2" in err
     assert not (tmp_path / "bad").exists()
+
+
+def _all_rows(store):
+    idx = torch.arange(store.n_rows)
+    return store.rows(idx), store.row_info(idx)
+
+
+def _harvested(setup, path, rows):
+    return harvest(StoreSettings(model=setup["model"], corpus=setup["corpus"], layer=2, target_tokens=rows,
+                                 context_size=16), path, batch_size=4, shard_tokens=10_000, progress=False,
+                   lm=setup["lm"])
+
+
+def _same_store(got, want, rows=None):
+    rows = rows or want.n_rows
+    (g_rows, g_info), (w_rows, w_info) = _all_rows(got), _all_rows(want)
+    torch.testing.assert_close(g_rows[:rows], w_rows[:rows], rtol=0, atol=0)  # float16 both
+    assert all(torch.equal(g_info[k][:rows], w_info[k][:rows]) for k in w_info)
+    assert got.window_tokens(3) == want.window_tokens(3)
+
+
+def test_stream_cache_resumes_to_the_harvested_store(setup, tmp_path):
+    """A stream's cache holds every window the stream read, as a harvest of that many rows stores
+    them, also across a resume: state() flushes the cache (every window read is in it at a
+    checkpoint), a restored stream skips the windows the cache holds, and finish_cache makes it the
+    complete harvest of its rows."""
+    from msae_core.data.store import ActivationStore
+
+    cache = str(tmp_path / "cache")
+    st1 = _stream(setup, cache=cache)
+    for s in range(6):
+        st1.batch_raw(s, 32, 0)
+    fields, tensors = st1.state(6)  # the checkpoint
+    partial = ActivationStore(cache)
+    assert not partial.manifest["complete"] and partial.manifest["n_windows"] == st1.windows_used
+    for s in range(6, 9):  # read on past the checkpoint, then "killed"
+        st1.batch_raw(s, 32, 0)
+    st2 = _stream(setup, cache=cache)
+    st2.restore(fields, tensors)
+    for s in range(6, 20):
+        st2.batch_raw(s, 32, 0)
+    fields, tensors = st2.state(20)
+    st2.finish_cache()
+    got = ActivationStore(cache)
+    assert got.manifest["complete"] and got.manifest["n_windows"] == st2.windows_used
+    assert got.n_rows >= 20 * 32
+    want = _harvested(setup, tmp_path / "harvested", got.n_rows)
+    assert got.manifest["settings_hash"] == want.manifest["settings_hash"]
+    assert got.manifest["n_windows"] == want.manifest["n_windows"]
+    _same_store(got, want)
+    # resumed for more batches, the finished cache is taken over, grows and is finished again
+    st3 = _stream(setup, cache=cache)
+    st3.restore(fields, tensors)
+    for s in range(20, 30):
+        st3.batch_raw(s, 32, 0)
+    st3.finish_cache()
+    more = ActivationStore(cache)
+    assert more.manifest["complete"] and more.n_rows > got.n_rows
+    _same_store(more, _harvested(setup, tmp_path / "harvested30", more.n_rows))
+
+
+def test_streamed_run_reads_its_rows_back_from_its_cache(setup, tmp_path):
+    """A run with --cache: at its end the cache is the harvest of every row the stream read; the
+    workbench and the evals read the run's rows and manifest from it; resumed for more steps, the
+    run keeps its cache whole."""
+    from msae_core.data.store import ActivationStore
+    from msae_core.evals.context import open_run
+    from msae_core.inspect.run_files import run_store_path
+
+    cfg = _config(setup, 30)
+    cfg.data.cache = str(tmp_path / "cache")
+    run = tmp_path / "run"
+    assert train(cfg, run, progress=False).state == "done"
+    got = ActivationStore(tmp_path / "cache")
+    assert got.manifest["complete"] and got.n_rows >= 30 * 32
+    _same_store(got, _harvested(setup, tmp_path / "harvested", got.n_rows))
+    assert run_store_path(run) == str(tmp_path / "cache")
+    ctx = open_run(run, device="cpu", progress=False)
+    assert ctx.manifest["d_model"] == 64 and ctx.manifest["source"] == "stream"
+    assert ctx.manifest["n_windows"] == read_status(run)["stream_windows"] == got.manifest["n_windows"]
+    cfg.train.steps = 40
+    assert train(cfg, run, progress=False).state == "done"
+    longer = ActivationStore(tmp_path / "cache")
+    assert longer.manifest["complete"] and longer.n_rows >= 40 * 32
+    assert longer.manifest["n_windows"] == read_status(run)["stream_windows"]
+    _same_store(longer, _harvested(setup, tmp_path / "harvested40", longer.n_rows))
+
+
+def test_stream_cache_refusals(setup, tmp_path, capsys):
+    """A cache folder holding another harvest is refused before the model loads, in one line; a
+    cache without streaming, or of another dtype, is a listed problem."""
+    harvest(StoreSettings(model=setup["model"], corpus=setup["corpus"], layer=1, target_tokens=50,
+                          context_size=16), tmp_path / "other", batch_size=4, progress=False, lm=setup["lm"])
+    base = ["train", "--model", setup["model"], "--corpus", setup["corpus"], "--layer", "2",
+            "--context-size", "16", "--d-sae", "64", "--k", "4", "--steps", "4", "--batch-size", "32",
+            "--device", "cpu", "--no-progress"]
+    rc = cli.main(base + ["--source", "stream", "--cache", str(tmp_path / "other"), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "data.cache" in err and "already holds a different harvest" in err
+    rc = cli.main(base + ["--acts", str(tmp_path / "other"), "--cache", str(tmp_path / "c"),
+                          "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "only a streamed run writes a cache" in err
+    rc = cli.main(base + ["--source", "stream", "--cache", str(tmp_path / "c"), "--cache-dtype", "int8",
+                          "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "cache_dtype must be float16 or float32" in err
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d"))

@@ -30,6 +30,7 @@ from msae_core.data.store import (
     StoreSettings,
     StoreWriter,
     read_manifest,
+    same_but_target,
 )
 from msae_core.errors import MsaeError
 
@@ -39,10 +40,11 @@ DEFAULT_SHARD_TOKENS = 32_768
 FLOAT16_MAX = 65504.0
 
 
-def check_store_folder(out: Path, settings: StoreSettings) -> dict | None:
+def check_store_folder(out: Path, settings: StoreSettings, retarget: bool = False) -> dict | None:
     """The manifest already in `out` if it is this harvest's; refuse another harvest's folder, or a
     folder holding anything else (a run, a sweep), early, before the model loads. StoreWriter
-    checks again when it opens the folder. (A stream's --cache folder is checked the same way.)"""
+    checks again when it opens the folder. (A stream's --cache folder is checked the same way, with
+    `retarget`: the same harvest with another target_tokens is accepted.)"""
     if not out.is_dir():  # a usable path, or the OS's own error for it, before the model loads
         check_can_create(out)
         return None
@@ -52,7 +54,8 @@ def check_store_folder(out: Path, settings: StoreSettings) -> dict | None:
             raise MsaeError(f"{out} is not empty and holds no activation store: choose an empty or "
                             "new --out folder")
         return None
-    if manifest.get("settings_hash") != settings.settings_hash():
+    if manifest.get("settings_hash") != settings.settings_hash() and not (
+            retarget and same_but_target(manifest, settings)):
         raise MsaeError(f"{out} already holds a different harvest (model {manifest.get('model')}, "
                         f"layer {manifest.get('layer')}, {manifest.get('target_tokens')} tokens): "
                         "choose another --out folder or delete it")

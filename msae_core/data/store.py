@@ -149,16 +149,33 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
 
 
 
+def same_but_target(manifest: dict, settings: StoreSettings) -> bool:
+    """Whether the store of `manifest` is a harvest of `settings` but for its target_tokens (its
+    rows are the first rows of that harvest)."""
+    target = manifest.get("target_tokens")
+    if not isinstance(target, int) or isinstance(target, bool) or target < 1:
+        return False
+    return manifest.get("settings_hash") == dataclasses.replace(settings, target_tokens=target).settings_hash()
+
+
 class StoreWriter:
     """Writes shards of a harvest; resumes after the last complete shard of the same harvest.
 
     `meta` carries what the harvest learns from the model (d_model, tokenizer, bos_token_id, corpus
-    provenance) and is merged into the manifest."""
+    provenance) and is merged into the manifest. `retarget`: a store of the same harvest with
+    another target_tokens is taken over with this one's (a stream's cache, whose run was resumed
+    with other --steps): complete again only once it holds the new target's rows."""
 
-    def __init__(self, path: str | os.PathLike, settings: StoreSettings, meta: dict):
+    def __init__(self, path: str | os.PathLike, settings: StoreSettings, meta: dict, retarget: bool = False):
         self.path = Path(path)
         self.settings = settings
         existing = read_manifest(self.path) if self.path.exists() else None
+        if existing is not None and retarget and existing.get("settings_hash") != settings.settings_hash() \
+                and same_but_target(existing, settings):
+            existing = {**existing, "target_tokens": settings.target_tokens,
+                        "settings_hash": settings.settings_hash(),
+                        "complete": existing["n_rows"] >= settings.target_tokens}
+            atomic_write_json(self.path / STORE_MANIFEST, existing)
         if existing is not None:
             if existing.get("settings_hash") != settings.settings_hash():
                 raise MsaeError(

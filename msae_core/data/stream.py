@@ -16,6 +16,15 @@ plus the corpus position and the round), which the trainer writes into the check
 (training.checkpoint); `restore` puts it back, the corpus is re-read from the recorded window on,
 and the resumed run takes exactly the batches an uninterrupted one would.
 
+Cache (`--cache DIR`): every window the model runs over is also written into DIR as an activation
+store (harvest.ShardSink: the same shards, checks and manifest fields as `msae harvest`). While the
+run trains the cache is unfinished; when it ends (`finish_cache`) the manifest becomes that of a
+harvest of exactly the rows it holds (target_tokens = its rows), complete: later runs train on it
+with `--acts DIR`, and the workbench reads a streamed run's token examples from it. `state()`
+writes what the cache holds buffered first, so at every checkpoint the cache holds every window
+the stream has read; a resumed stream skips the windows the cache holds, and a run resumed for
+more steps takes its finished cache over again.
+
 The same interface as an ActivationStore where the trainer and the loader use one: `d_in`,
 `torch_dtype`, `batch_raw(step, B, seed, out)` (steps in order, as data.loader asks for them),
 `input_sample(n, seed)` and `nonfinite_problem()`.
@@ -26,6 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -35,6 +45,8 @@ from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 
 log = logging.getLogger(__name__)
+
+_OPEN_TARGET = 1 << 62  # an unfinished cache's target_tokens: it takes every window the stream reads
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,14 @@ class StreamSettings:
     model_dtype: str = "auto"
     lm_batch: int = 8                 # windows per model forward
     buffer_batches: int = 16          # batches the mixing buffer holds
+
+    def store_settings(self, rows: int, dtype: str = "float16") -> Any:
+        """The StoreSettings of a harvest of `rows` rows of the same windows."""
+        from msae_core.data.store import StoreSettings
+
+        return StoreSettings(model=self.model, layer=self.layer, corpus=self.corpus, target_tokens=rows,
+                             context_size=self.context_size, dtype=dtype, prepend_bos=self.prepend_bos,
+                             exclude_special=self.exclude_special)
 
 
 @dataclass
@@ -68,9 +88,19 @@ class ActivationStream:
     streamed = True  # data.loader serves it in the training thread (its batches are on the device)
 
     def __init__(self, settings: StreamSettings, batch_size: int, seed: int, device: Any = None,
-                 lm: Any = None, corpus: Any = None, width: int | None = None):
+                 lm: Any = None, corpus: Any = None, width: int | None = None, cache: str = "",
+                 cache_dtype: str = "float16"):
         self.settings, self.batch_size, self.seed = settings, batch_size, seed
         self._width = width
+        self.cache_path, self._cache_settings = cache, None
+        self._sink: Any = None  # harvest.ShardSink of the cache, opened with the model
+        if cache:
+            from msae_core.data.harvest import check_store_folder
+
+            # unfinished, a cache is a harvest without an end (its target set when it is finished)
+            self._cache_settings = settings.store_settings(_OPEN_TARGET, cache_dtype)
+            # another harvest's folder is refused now; this cache with other --steps is taken over
+            check_store_folder(Path(cache), self._cache_settings, retarget=True)
         self.device = resolve_device(device)
         self._lm, self._corpus = lm, corpus
         self._buf = _Buffer()
@@ -120,9 +150,53 @@ class ActivationStream:
                                   self.settings.prepend_bos)
         return itertools.islice(windows, start, None)
 
+    def _cache_sink(self) -> Any:
+        """The cache's ShardSink (opened on first use, with the model), None without a cache or
+        once the cache is complete."""
+        if self._cache_settings is None:
+            return None
+        if self._sink is None:
+            from msae_core.data.harvest import ShardSink, store_meta
+            from msae_core.data.store import StoreWriter
+
+            meta = store_meta(self.lm, self.corpus, self._cache_settings, source="stream",
+                              batch_size=self.settings.lm_batch)
+            try:
+                self._sink = ShardSink(StoreWriter(self.cache_path, self._cache_settings, meta, retarget=True))
+            except OSError as exc:
+                raise MsaeError(f"cannot create the cache {self.cache_path}: {exc.strerror or exc}") from exc
+        return None if self._sink.writer.complete else self._sink
+
+    def _to_cache(self, rows: Any, batch: list, first_window: int) -> None:
+        sink = self._cache_sink()
+        if sink is None:
+            return
+        if first_window > sink.windows_done:
+            raise MsaeError(f"the cache {self.cache_path} holds windows 0..{sink.windows_done - 1} but the "
+                            f"stream reads from window {first_window}: delete the cache folder, or give "
+                            f"another --cache")
+        ids_BT = torch.tensor([w for _, w in batch], dtype=torch.long)
+        sink.add(rows, ids_BT, torch.tensor([d for d, _ in batch], dtype=torch.long), first_window)
+
+    def flush_cache(self) -> None:
+        """Write the cache's buffered rows as a shard: the cache then holds every window read."""
+        if self._sink is not None and not self._sink.writer.complete:
+            self._sink.flush()
+
+    def finish_cache(self) -> None:
+        """The run is done: the cache becomes a complete harvest of the rows it holds."""
+        if self._sink is None or self._sink.writer.complete:
+            return
+        self._sink.flush()
+        writer = self._sink.writer
+        done = self.settings.store_settings(max(writer.n_rows_done, 1), self._cache_settings.dtype)
+        writer.finish(source="stream", target_tokens=done.target_tokens, settings_hash=done.settings_hash())
+        log.info("cache %s complete: %d rows", self.cache_path, writer.n_rows_done)
+
     def _rows(self, n: int, windows: Iterator, first_window: int) -> tuple[torch.Tensor, int, bool]:
         """At least `n` rows (whole windows, `lm_batch` at a time) from `windows`: (rows (N, D)
-        float32 on the device, windows taken, whether the corpus ran out)."""
+        float32 on the device, windows taken, whether the corpus ran out). With a cache, the
+        windows go into it too."""
         from msae_core.data.harvest import window_rows
 
         parts, got, taken, special = [], 0, 0, self._special()
@@ -132,6 +206,7 @@ class ActivationStream:
                 return (torch.cat(parts) if parts else torch.zeros(0, self.d_in, device=self.device)), taken, True
             ids_BT = torch.tensor([w for _, w in batch], dtype=torch.long)
             rows = window_rows(self.lm, ids_BT, self.settings.layer, first_window + taken, special)
+            self._to_cache(rows, batch, first_window + taken)
             acts = rows.acts.float()
             if not bool(torch.isfinite(acts).all()):
                 raise MsaeError(f"the model gave non-finite activations (NaN or inf) at layer "
@@ -210,6 +285,7 @@ class ActivationStream:
         the next batch: no state of earlier steps is kept)."""
         if step != self._next_step:
             raise ValueError(f"the stream's state is the one before batch {self._next_step}, not {step}")
+        self.flush_cache()  # the cache holds every window read before this checkpoint
         b = self._buf
         tensors = {k: v.detach().cpu().contiguous() for k, v in (("kept", b.kept), ("ready", b.ready))
                    if v is not None}

@@ -59,7 +59,7 @@ class EvalContext:
 
     @property
     def store_path(self) -> Path:
-        return Path(self.config.data.acts)
+        return Path(self.config.data.store_path)
 
     @property
     def lm(self) -> Any:
@@ -126,15 +126,18 @@ def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     if not (run_dir / SAE_WEIGHTS).exists() or not (run_dir / SAE_CONFIG).exists():
         raise MsaeError(f"run {run_dir.name} has no final weights ({SAE_WEIGHTS} missing)")
     config = RunConfig.load(run_dir / RUN_CONFIG)
-    if config.data.source == "stream":  # no store: what a manifest would say, from the run itself
+    manifest = read_manifest(config.data.store_path) if config.data.store_path else None
+    if manifest is None and config.data.source == "stream":  # no cache: a manifest's fields, from the run
         d = config.data
         manifest = {"model": d.model, "layer": d.layer, "context_size": d.context_size, "corpus": d.corpus,
                     "prepend_bos": True, "n_windows": int(status.get("stream_windows") or 0),
                     "source": "stream"}
-    else:
-        manifest = read_manifest(config.data.acts)
+    elif manifest is not None and config.data.source == "stream":  # trained on every window read,
+        # the cache holds the first steps x batch rows' windows: the evals skip all that were read
+        manifest = {**manifest, "n_windows": max(int(manifest.get("n_windows") or 0),
+                                                 int(status.get("stream_windows") or 0))}
     if manifest is None:
-        raise MsaeError(f"run {run_dir.name}: its activation store {config.data.acts} is gone "
+        raise MsaeError(f"run {run_dir.name}: its activation store {config.data.store_path} is gone "
                         f"(needed for the model, layer and corpus)")
     dev = resolve_device(device)
     sae = load_sae(run_dir, device=dev).eval()

@@ -57,9 +57,13 @@ def run_config(run_dir: str | os.PathLike) -> dict:
 
 
 def run_store_path(run_dir: str | os.PathLike) -> str | None:
+    """The activation store the run's rows are read back from: its --acts, or a streamed run's
+    --cache (None when it has neither)."""
     data = run_config(run_dir).get("data")
-    acts = data.get("acts") if isinstance(data, dict) else None
-    return acts or None
+    if not isinstance(data, dict):
+        return None
+    path = data.get("cache") if data.get("source") == "stream" else data.get("acts")
+    return path if isinstance(path, str) and path else None
 
 
 def has_weights(run_dir: str | os.PathLike) -> bool:

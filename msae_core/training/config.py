@@ -90,15 +90,22 @@ class DataConfig:
     lm_batch: int = field(default=8, metadata={"help": "stream: context windows per model forward"})
     buffer_batches: int = field(default=16, metadata={
         "help": "stream: batches the mixing buffer holds (half are refilled each round)"})
+    cache: str = field(default="", metadata={
+        "help": "stream: also write every streamed activation into this folder as an activation store, "
+                "for later runs (--acts) and the workbench's token examples"})
+    cache_dtype: str = field(default="float16", metadata={"help": "stream: the cache's dtype, float16 or float32"})
 
     def problems(self) -> list[str]:
         if self.source == "store":
-            return [] if self.acts else ["acts: no activation store given (--acts DIR, or --source stream)"]
+            out = [] if self.acts else ["acts: no activation store given (--acts DIR, or --source stream)"]
+            return out + (["cache: only a streamed run writes a cache (--source stream)"] if self.cache else [])
         if self.source != "stream":
             return [f"source must be store or stream (got {self.source!r})"]
         from msae_core.data.lm import MODEL_DTYPES
 
         out = []
+        if self.cache_dtype not in ("float16", "float32"):
+            out.append(f"cache_dtype must be float16 or float32 (got {self.cache_dtype!r})")
         if self.layer < 0:
             out.append(f"layer must be >= 0 (got {self.layer})")
         if self.context_size < 2:
@@ -113,8 +120,8 @@ class DataConfig:
 
     def open_stream(self, batch_size: int, seed: int, device: str) -> Any:
         """The ActivationStream these settings describe; its width read from the model's config
-        (the weights load when the first batch is asked for). MsaeError for a layer past the
-        model's blocks."""
+        (the weights load when the first batch is asked for), with its cache if it has one.
+        MsaeError for a layer past the model's blocks, or a cache folder holding something else."""
         from msae_core.data.lm import model_shape
         from msae_core.data.stream import ActivationStream, StreamSettings
 
@@ -125,7 +132,14 @@ class DataConfig:
         settings = StreamSettings(model=self.model, layer=self.layer, corpus=self.corpus,
                                   context_size=self.context_size, model_dtype=self.model_dtype,
                                   lm_batch=self.lm_batch, buffer_batches=self.buffer_batches)
-        return ActivationStream(settings, batch_size, seed, device=device, width=width)
+        return ActivationStream(settings, batch_size, seed, device=device, width=width, cache=self.cache,
+                                cache_dtype=self.cache_dtype)
+
+    @property
+    def store_path(self) -> str:
+        """The activation store the run's rows can be read back from: `acts`, or a stream's
+        `cache` ("" when there is none)."""
+        return self.acts if self.source == "store" else self.cache
 
 
 def _sae_problems(cfg: Any) -> list[str]:
@@ -176,7 +190,8 @@ class RunConfig:
             try:
                 store = self.data.open_stream(self.train.batch_size, self.train.seed, self.train.device)
             except MsaeError as exc:
-                where = "data.layer" if str(exc).startswith("layer ") else "data.model"
+                where = ("data.layer" if str(exc).startswith("layer ") else
+                         "data.cache" if self.data.cache and self.data.cache in str(exc) else "data.model")
                 return None, problems + [f"{where}: {exc}"]
         elif store is None and self.data.acts:
             try:

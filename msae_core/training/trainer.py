@@ -424,6 +424,7 @@ class _Fit:
         extra = {}
         if getattr(self.store, "streamed", False):  # the evals hold out the windows trained on
             extra["stream_windows"] = self.store.windows_used
+            self.store.finish_cache()
         write_status(self.out_dir, state="done", step=step, eta_s=0, pid=None, error=None,
                      finished=time.time(), **extra)
         return RunResult("done", step, self.out_dir, self.last_row, None, self.start)
