@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--peer-python", default=os.environ.get("MSAE_PEER_PYTHON", ""),
                     help="an interpreter with sae-lens, when this one lacks it")
     ap.add_argument("--no-peer", action="store_true", help="skip the SAELens comparison")
+    ap.add_argument("--bases", default="topk,relu", help="the bases to time, with momentum over each")
     ap.add_argument("--acts", default="", help="an activation store to draw the batches from (its width "
                     "replaces the shape's d_in) instead of synthetic activations")
     ap.add_argument("--worker", choices=["peer"], help=argparse.SUPPRESS)
@@ -236,7 +237,7 @@ def main() -> None:
           f"{len(batches)} batches of {args.acts or 'synthetic activations'}")
 
     rows = []
-    for base in ("topk", "relu"):
+    for base in args.bases.split(","):
         built = {"base": _ours(base, base, d_in, d_sae, k, 0.0, device),
                  "momentum": _ours("momentum", base, d_in, d_sae, k, args.lam, device)}
         warm = warm_until_full(built["momentum"][0], built["momentum"][2], batches, args.patience,

@@ -142,6 +142,10 @@ def test_cli_streams_from_flags_and_checks_them(setup, tmp_path, capsys):
     ctx = open_run(out, device="cpu", progress=False)  # evals take model, layer, corpus from the run
     assert (ctx.model_name, ctx.layer, ctx.corpus_name) == (setup["model"], 2, setup["corpus"])
     assert ctx.manifest["n_windows"] == read_status(out)["stream_windows"] > 0  # held out by core
+    from msae_core.inspect import features
+
+    with pytest.raises(MsaeError, match="streamed without --cache"):
+        features.feature_sample(out, n_rows=64)
     rc = cli.main(["train", "--source", "stream", "--model", setup["model"], "--model-dtype", "float8",
                    "--buffer-batches", "1", "--out", str(tmp_path / "bad"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -227,6 +231,12 @@ def test_streamed_run_reads_its_rows_back_from_its_cache(setup, tmp_path):
     ctx = open_run(run, device="cpu", progress=False)
     assert ctx.manifest["d_model"] == 64 and ctx.manifest["source"] == "stream"
     assert ctx.manifest["n_windows"] == read_status(run)["stream_windows"] == got.manifest["n_windows"]
+    from msae_core.inspect import features
+
+    sample = features.feature_sample(run, n_rows=256)  # the Feature pages' token examples
+    assert sample.store_path == str(tmp_path / "cache") and len(sample.rows) >= 256
+    info = got.row_info(torch.from_numpy(sample.rows))
+    assert torch.equal(info["window_ids"], torch.from_numpy(sample.window_ids).long())
     cfg.train.steps = 40
     assert train(cfg, run, progress=False).state == "done"
     longer = ActivationStore(tmp_path / "cache")

@@ -25,7 +25,8 @@ from msae_core.artifacts import (FEATURE_SAMPLE, RUN_INSPECT_CACHE_DIR, atomic_s
 from msae_core.errors import MsaeError
 from msae_core.inspect.projection import numpy_decoder_rows
 from msae_core.data.store import read_manifest
-from msae_core.inspect.run_files import (latest_snapshots, load_run_sae, run_store_path, weights_key)
+from msae_core.inspect.run_files import (latest_snapshots, load_run_sae, run_config, run_store_path,
+                                         weights_key)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,10 @@ def feature_sample(run_dir: str | os.PathLike, n_rows: int = 8192, seed: int = 0
     if not compute:
         return None
     if not store_path:
+        data = run_config(run_dir).get("data")
+        if isinstance(data, dict) and data.get("source") == "stream":
+            raise MsaeError(f"run {run_dir.name} was streamed without --cache, so no rows of it were "
+                            "stored: train with --cache DIR to see its token examples")
         raise MsaeError(f"run {run_dir.name} names no activation store")
     from msae_core.data.store import ActivationStore
 
