@@ -104,6 +104,15 @@ def all_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_objects(obj: object) -> list | None:
+    """Rank 0: every rank's `obj` (picklable, CPU tensors), in rank order; other ranks: None."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -76,3 +76,40 @@ def test_refusals_are_one_line_on_every_rank(setup, tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("msae: error: batch_size 127 must divide evenly over the 2 ranks") == 2
     assert "msae_core/" not in r.stderr  # no traceback through our code (torchrun prints its own)
+
+
+def test_two_ranks_stream_and_resume(tmp_path):
+    """--source stream under torchrun: each rank runs the model over its own windows; the run
+    ends done, rank 0 records the windows read; stopped at step 8 and resumed to 16 it equals the
+    uninterrupted two-rank run (each rank's mixing buffer is in the checkpoint); a --cache is
+    refused in one line on every rank."""
+    from msae_core.sae import SAEConfig
+    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from test_harvest import tiny_setup
+
+    setup = tiny_setup(tmp_path / "tiny", n_docs=400)
+    cfg = RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, lam=0.1, tau=0.3),
+                    train=TrainConfig(steps=16, batch_size=32, lr=1e-3, warmup_steps=3, seed=2, device="cpu",
+                                      log_every=4, checkpoint_every=8, snapshot_every=8),
+                    data=DataConfig(source="stream", model=setup["model"], corpus=setup["corpus"], layer=2,
+                                    context_size=16, lm_batch=4, buffer_batches=4))
+    cfg_path = tmp_path / "run.json"
+    cfg.save(cfg_path)
+    ref = tmp_path / "ref"
+    r = _torchrun(cfg_path, ref)
+    assert r.returncode == 0, r.stderr[-3000:]
+    status = read_status(ref)
+    assert status["state"] == "done" and status["stream_windows"] > 0
+    assert not list(ref.glob("*rank*"))
+    run = tmp_path / "resumed"
+    r = _torchrun(cfg_path, run, ["--steps", "8"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_status(run)["step"] == 8
+    r = _torchrun(cfg_path, run, ["--steps", "16"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(run / "sae.safetensors"), load_file(ref / "sae.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r = _torchrun(cfg_path, tmp_path / "cached", ["--cache", str(tmp_path / "cache")])
+    assert r.returncode != 0
+    assert r.stderr.count("--cache is not supported under torchrun yet") == 2, r.stderr[-2000:]
+    assert "msae_core/" not in r.stderr

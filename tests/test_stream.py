@@ -3,6 +3,8 @@ resume, and `msae train --source stream`."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,10 +26,10 @@ def setup(tmp_path_factory):
     return tiny_setup(tmp_path_factory.mktemp("stream"), n_docs=400)
 
 
-def _stream(setup, batch=32, seed=0, cache="", **kw):
+def _stream(setup, batch=32, seed=0, cache="", part=(0, 1), **kw):
     settings = StreamSettings(**{"model": setup["model"], "corpus": setup["corpus"], "layer": 2,
                                  "context_size": 16, "lm_batch": 4, "buffer_batches": 4, **kw})
-    return ActivationStream(settings, batch, seed, device="cpu", lm=setup["lm"], cache=cache)
+    return ActivationStream(settings, batch, seed, device="cpu", lm=setup["lm"], cache=cache, part=part)
 
 
 def test_streamed_rows_are_the_harvested_rows(setup, tmp_path):
@@ -265,3 +267,38 @@ def test_stream_cache_refusals(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "cache_dtype must be float16 or float32" in err
     assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d"))
+
+
+def test_ranks_stream_their_own_windows(setup, tmp_path):
+    """Data-parallel: chunks of lm_batch windows are dealt out to the ranks in turn, so the ranks'
+    windows are disjoint and together every window; each rank serves batch / ranks rows; a rank's
+    checkpoint entry restores only that rank, and a checkpoint of another rank count is refused."""
+    from msae_core.data.stream import merge_rank_states
+
+    ranks = [_stream(setup, part=(r, 2)) for r in range(2)]
+    seen = [[g for g, _, _ in itertools.islice(st._window_iter(0), 12)] for st in ranks]
+    assert seen[0] == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]  # lm_batch 4
+    assert seen[1] == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+    batches = [[st.batch_raw(s, 32, 0, part=(r, 2)) for s in range(5)] for r, st in enumerate(ranks)]
+    assert all(b.shape == (16, 64) for bs in batches for b in bs)
+    assert not torch.equal(batches[0][0], batches[1][0])
+    store = harvest(StoreSettings(model=setup["model"], corpus=setup["corpus"], layer=2, target_tokens=1500,
+                                  context_size=16, dtype="float32"), tmp_path / "st", batch_size=4,
+                    shard_tokens=10_000, progress=False, lm=setup["lm"])
+    harvested = store.rows(torch.arange(store.n_rows))
+    window_of = store.row_info(torch.arange(store.n_rows))["window_ids"]
+    for r, bs in enumerate(batches):  # every row of a rank is a harvested row of that rank's windows
+        rows, mine = torch.cat(bs), (window_of // 4) % 2 == r
+        assert torch.cdist(rows, harvested[mine]).min(dim=1).values.max() < 1e-3  # cdist rounding
+        # (a tiny vocabulary repeats window beginnings, so some rows are in both ranks' windows)
+        assert torch.cdist(rows, harvested[~mine]).min(dim=1).values.gt(1e-3).any()
+    fields, tensors = merge_rank_states([st.state(5) for st in ranks])
+    assert len(fields["ranks"]) == 2 and any(k.startswith("rank1.") for k in tensors)
+    again = _stream(setup, part=(1, 2))
+    again.restore(fields, tensors)
+    nxt = ranks[1].batch_raw(5, 32, 0, part=(1, 2))
+    assert torch.equal(again.batch_raw(5, 32, 0, part=(1, 2)), nxt)
+    with pytest.raises(MsaeError, match="written by 2 rank"):
+        _stream(setup).restore(fields, tensors)
+    with pytest.raises(MsaeError, match="not supported under torchrun"):
+        _stream(setup, cache="/tmp/x", part=(0, 2))

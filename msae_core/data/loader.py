@@ -118,7 +118,7 @@ class BatchLoader:
             raise ValueError(f"BatchLoader serves steps in order: expected {self._next_step}, got {step}")
         if self._in_order:
             self._next_step += 1
-            return self.store.batch_raw(step, self.batch_size, self.seed).to(self.device).float()
+            return self.store.batch_raw(step, self.batch_size, self.seed, part=self.part).to(self.device).float()
         if self._rows_ND is not None:
             self._next_step += 1
             idx = self.store.batch_indices(step, self.batch_size, self.seed)

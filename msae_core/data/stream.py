@@ -10,7 +10,13 @@ with a generator seeded by (seed, round) and hands out half, keeping the other h
 round, so a batch mixes rows of many windows and rounds. The model runs in bfloat16 on CUDA and
 float32 on the CPU unless `model_dtype` says otherwise; the buffer lives on the model's device.
 
-Batch s is a deterministic function of (settings, seed, s). Resume: `state(step)` is the buffer as
+Data-parallel (`part` = (rank, ranks), under torchrun): the windows are dealt out in chunks of
+`lm_batch`, chunk c to rank c mod ranks, so each rank runs the model over its own windows only;
+each rank's buffer (its own shuffles) serves its batch_size / ranks rows of every batch, and the
+ranks' rows together are the global batch. `merge_rank_states` puts the ranks' buffers into one
+checkpoint; each rank restores its own.
+
+Batch s is a deterministic function of (settings, seed, s, part). Resume: `state(step)` is the buffer as
 it stood before batch `step` (the rows kept and the rows handed out but not yet taken, as tensors,
 plus the corpus position and the round), which the trainer writes into the checkpoint
 (training.checkpoint); `restore` puts it back, the corpus is re-read from the recorded window on,
@@ -89,8 +95,12 @@ class ActivationStream:
 
     def __init__(self, settings: StreamSettings, batch_size: int, seed: int, device: Any = None,
                  lm: Any = None, corpus: Any = None, width: int | None = None, cache: str = "",
-                 cache_dtype: str = "float16"):
+                 cache_dtype: str = "float16", part: tuple[int, int] = (0, 1)):
         self.settings, self.batch_size, self.seed = settings, batch_size, seed
+        self.part, self.local_size = part, batch_size // part[1]
+        if cache and part[1] > 1:
+            raise MsaeError("--cache is not supported under torchrun yet: stream with --cache in one "
+                            "process (or harvest a store), then train on it with --acts")
         self._width = width
         self.cache_path, self._cache_settings = cache, None
         self._sink: Any = None  # harvest.ShardSink of the cache, opened with the model
@@ -143,12 +153,17 @@ class ActivationStream:
             return None
         return torch.tensor(sorted(self.lm.special_ids), dtype=torch.long)
 
-    def _window_iter(self, start: int) -> Iterator:
+    def _window_iter(self, start: int) -> Iterator[tuple[int, int, list]]:
+        """(global window index, doc id, token ids) of this rank's windows from window `start`."""
         from msae_core.data.text import context_windows
 
         windows = context_windows(self.corpus, self.lm.tokenizer, self.settings.context_size,
                                   self.settings.prepend_bos)
-        return itertools.islice(windows, start, None)
+        rank, ranks = self.part
+        chunk = self.settings.lm_batch
+        for g, (doc_id, ids) in enumerate(itertools.islice(windows, start, None), start):
+            if ranks == 1 or (g // chunk) % ranks == rank:
+                yield g, doc_id, ids
 
     def _cache_sink(self) -> Any:
         """The cache's ShardSink (opened on first use, with the model), None without a cache or
@@ -167,7 +182,7 @@ class ActivationStream:
                 raise MsaeError(f"cannot create the cache {self.cache_path}: {exc.strerror or exc}") from exc
         return None if self._sink.writer.complete else self._sink
 
-    def _to_cache(self, rows: Any, batch: list, first_window: int) -> None:
+    def _to_cache(self, rows: Any, batch: list[tuple[int, int, list]], first_window: int) -> None:
         sink = self._cache_sink()
         if sink is None:
             return
@@ -175,8 +190,8 @@ class ActivationStream:
             raise MsaeError(f"the cache {self.cache_path} holds windows 0..{sink.windows_done - 1} but the "
                             f"stream reads from window {first_window}: delete the cache folder, or give "
                             f"another --cache")
-        ids_BT = torch.tensor([w for _, w in batch], dtype=torch.long)
-        sink.add(rows, ids_BT, torch.tensor([d for d, _ in batch], dtype=torch.long), first_window)
+        ids_BT = torch.tensor([w for _, _, w in batch], dtype=torch.long)
+        sink.add(rows, ids_BT, torch.tensor([d for _, d, _ in batch], dtype=torch.long), first_window)
 
     def flush_cache(self) -> None:
         """Write the cache's buffered rows as a shard: the cache then holds every window read."""
@@ -194,57 +209,60 @@ class ActivationStream:
         log.info("cache %s complete: %d rows", self.cache_path, writer.n_rows_done)
 
     def _rows(self, n: int, windows: Iterator, first_window: int) -> tuple[torch.Tensor, int, bool]:
-        """At least `n` rows (whole windows, `lm_batch` at a time) from `windows`: (rows (N, D)
-        float32 on the device, windows taken, whether the corpus ran out). With a cache, the
-        windows go into it too."""
+        """At least `n` rows (whole windows, `lm_batch` at a time) from `windows` (`_window_iter`
+        from `first_window`): (rows (N, D) float32 on the device, the window after the last one
+        taken, whether the corpus ran out). With a cache, the windows go into it too."""
         from msae_core.data.harvest import window_rows
 
-        parts, got, taken, special = [], 0, 0, self._special()
+        parts, got, nxt, special = [], 0, first_window, self._special()
         while got < n:
             batch = list(itertools.islice(windows, self.settings.lm_batch))
             if not batch:
-                return (torch.cat(parts) if parts else torch.zeros(0, self.d_in, device=self.device)), taken, True
-            ids_BT = torch.tensor([w for _, w in batch], dtype=torch.long)
-            rows = window_rows(self.lm, ids_BT, self.settings.layer, first_window + taken, special)
-            self._to_cache(rows, batch, first_window + taken)
+                return (torch.cat(parts) if parts else torch.zeros(0, self.d_in, device=self.device)), nxt, True
+            g0 = batch[0][0]  # a batch is one chunk: consecutive windows
+            ids_BT = torch.tensor([w for _, _, w in batch], dtype=torch.long)
+            rows = window_rows(self.lm, ids_BT, self.settings.layer, g0, special)
+            self._to_cache(rows, batch, g0)
             acts = rows.acts.float()
             if not bool(torch.isfinite(acts).all()):
                 raise MsaeError(f"the model gave non-finite activations (NaN or inf) at layer "
-                                f"{self.settings.layer} in windows {first_window + taken}.."
-                                f"{first_window + taken + len(batch) - 1}: try --model-dtype float32")
+                                f"{self.settings.layer} in windows {g0}..{batch[-1][0]}: try "
+                                f"--model-dtype float32")
             parts.append(acts)
             got += len(acts)
-            taken += len(batch)
-        return torch.cat(parts), taken, False
+            nxt = batch[-1][0] + 1
+        return torch.cat(parts), nxt, False
 
     # -- batches -----------------------------------------------------------------------------------
     def _refill(self) -> None:
         """One round: take in new rows (a whole buffer the first time, half after), shuffle all that
         is held, hand out half and keep half."""
-        b, half = self._buf, self.settings.buffer_batches * self.batch_size // 2
+        b, half = self._buf, self.settings.buffer_batches * self.local_size // 2
         need = half if b.kept is not None else 2 * half
-        head, head_windows = None, 0
+        head, start = None, b.next_window
         if self._sample is not None and b.round == 0:  # the input-scale sample starts round 0
-            head, head_windows = self._sample
+            head, start = self._sample
             need = max(0, need - len(head))
         self._sample = None
         if self._windows is None:
-            self._windows = self._window_iter(b.next_window + head_windows)
-        new, taken, done = (self._rows(need, self._windows, b.next_window + head_windows) if need
-                            else (head[:0], 0, False))
+            self._windows = self._window_iter(start)
+        new, nxt, done = self._rows(need, self._windows, start) if need else (head[:0], start, False)
         if head is not None:
-            new, taken = torch.cat([head, new]), taken + head_windows
+            new = torch.cat([head, new])
         pool = new if b.kept is None else torch.cat([b.kept, new])
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + b.round)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + b.round + (self.part[0] << 40))
         pool = pool[torch.randperm(len(pool), generator=g).to(pool.device)]
         out_n = len(pool) if done else len(pool) // 2  # the corpus ran out: hand everything out
         ready = pool[:out_n] if b.ready is None else torch.cat([b.ready, pool[:out_n]])
-        self._buf = _Buffer(b.next_window + taken, b.round + 1, pool[out_n:], ready, done)
+        self._buf = _Buffer(nxt, b.round + 1, pool[out_n:], ready, done)
 
-    def batch_raw(self, step: int, batch_size: int, seed: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Batch `step`, float32 (B, D) on the model's device; steps are served in order."""
-        if (batch_size, seed) != (self.batch_size, self.seed):
-            raise ValueError("a stream serves the batch size and seed it was made for")
+    def batch_raw(self, step: int, batch_size: int, seed: int = 0, out: torch.Tensor | None = None,
+                  part: tuple[int, int] | None = None) -> torch.Tensor:
+        """Batch `step` (this rank's batch_size / ranks rows of it), float32 (B, D) on the model's
+        device; steps are served in order."""
+        if (batch_size, seed) != (self.batch_size, self.seed) or part not in (None, self.part):
+            raise ValueError("a stream serves the batch size, seed and part it was made for")
+        batch_size = self.local_size
         if step != self._next_step:
             raise ValueError(f"a stream serves steps in order: expected {self._next_step}, got {step}")
         while (self._buf.ready is None or len(self._buf.ready) < batch_size) and not self._buf.done:
@@ -266,13 +284,14 @@ class ActivationStream:
         the model runs over no window twice. Call it before the first batch, or not at all."""
         if self._buf.round != 0 or self._next_step != 0:
             raise ValueError("input_sample comes before the stream's first batch")
-        rows, taken, _ = self._rows(n, self._window_iter(0), 0)
-        self._sample = (rows, taken)
+        rows, nxt, _ = self._rows(n, self._window_iter(0), 0)
+        self._sample = (rows, nxt)
         return rows[:n]
 
     @property
     def windows_used(self) -> int:
-        """Context windows of the corpus taken into the buffer so far."""
+        """Context windows of the corpus read so far: the index after the last one taken into the
+        buffer (data-parallel: this rank's; windows of other ranks before it are counted)."""
         return self._buf.next_window
 
     def nonfinite_problem(self) -> str | None:
@@ -292,7 +311,17 @@ class ActivationStream:
         return {"next_window": b.next_window, "round": b.round, "done": b.done, "step": step}, tensors
 
     def restore(self, fields: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Put back the buffer `state` returned; the next batch served is fields["step"]."""
+        """Put back the buffer `state` returned (this rank's, from `merge_rank_states`' entry);
+        the next batch served is fields["step"]."""
+        rank, ranks = self.part
+        written = len(fields["ranks"]) if "ranks" in fields else 1
+        if written != ranks:
+            raise MsaeError(f"the checkpoint's stream was written by {written} rank(s): resume it with "
+                            f"{written} (torchrun --nproc_per_node {written})" if written > 1 else
+                            f"the checkpoint's stream was written by one process: resume it without torchrun")
+        if ranks > 1:
+            fields = fields["ranks"][rank]
+            tensors = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{rank}.")}
         self._buf = _Buffer(int(fields["next_window"]), int(fields["round"]),
                             tensors["kept"].to(self.device) if "kept" in tensors else None,
                             tensors["ready"].to(self.device) if "ready" in tensors else None,
@@ -300,3 +329,13 @@ class ActivationStream:
         self._windows = None
         self._sample = None
         self._next_step = int(fields["step"])
+
+
+def merge_rank_states(states: list[tuple[dict, dict[str, torch.Tensor]]]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One checkpoint entry from the ranks' `state()`s, in rank order (a single process's as it
+    is): {"ranks": [fields...]} and tensors named "rank{r}.{name}"."""
+    if len(states) == 1:
+        return states[0]
+    fields = {"ranks": [f for f, _ in states]}
+    tensors = {f"rank{r}.{k}": v for r, (_, t) in enumerate(states) for k, v in t.items()}
+    return fields, tensors

@@ -122,6 +122,7 @@ class DataConfig:
         """The ActivationStream these settings describe; its width read from the model's config
         (the weights load when the first batch is asked for), with its cache if it has one.
         MsaeError for a layer past the model's blocks, or a cache folder holding something else."""
+        from msae_core import dist
         from msae_core.data.lm import model_shape
         from msae_core.data.stream import ActivationStream, StreamSettings
 
@@ -133,7 +134,7 @@ class DataConfig:
                                   context_size=self.context_size, model_dtype=self.model_dtype,
                                   lm_batch=self.lm_batch, buffer_batches=self.buffer_batches)
         return ActivationStream(settings, batch_size, seed, device=device, width=width, cache=self.cache,
-                                cache_dtype=self.cache_dtype)
+                                cache_dtype=self.cache_dtype, part=(dist.rank(), dist.world_size()))
 
     @property
     def store_path(self) -> str:
@@ -191,7 +192,7 @@ class RunConfig:
                 store = self.data.open_stream(self.train.batch_size, self.train.seed, self.train.device)
             except MsaeError as exc:
                 where = ("data.layer" if str(exc).startswith("layer ") else
-                         "data.cache" if self.data.cache and self.data.cache in str(exc) else "data.model")
+                         "data.cache" if self.data.cache and "cache" in str(exc) else "data.model")
                 return None, problems + [f"{where}: {exc}"]
         elif store is None and self.data.acts:
             try:

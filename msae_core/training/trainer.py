@@ -241,6 +241,10 @@ class _Fit:
         sample_ND = self.store.input_sample(max(self.tc.batch_size, 16_384), self.tc.seed)
         if not bool(torch.isfinite(sample_ND).all()):
             raise MsaeError(self.store.nonfinite_problem() or "non-finite activations in the store")
+        if self.world > 1 and getattr(self.store, "streamed", False):  # each rank streamed its own
+            # rows: every rank fits the same scale on all of them (as many rows from each)
+            n = -int(dist.all_max(-len(sample_ND)))
+            sample_ND = dist.gather_rows(sample_ND[:n].contiguous())
         sae.fit_input_scale_(sample_ND.to(self.device))
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -364,8 +368,12 @@ class _Fit:
         state = {"step": done, "rng": rng_state(), "time": time.time(), "config": self.config.to_dict(),
                  "log_sums": {k: float(v) for k, v in self.sums.items()}, "log_n": self.n_sum}
         stream = None
-        if getattr(self.store, "streamed", False):
-            state["stream"], stream = self.store.state(done)
+        if getattr(self.store, "streamed", False):  # data-parallel: every rank's buffer, to rank 0
+            ranks = dist.gather_objects(self.store.state(done))
+            if ranks is not None:
+                from msae_core.data.stream import merge_rank_states
+
+                state["stream"], stream = merge_rank_states(ranks)
         self.t_ckpt = time.monotonic()
         if not self.writes:
             self.last_ckpt = done
@@ -418,12 +426,14 @@ class _Fit:
 
     def _finish(self) -> RunResult:
         step = max(self.start, self.tc.steps)
+        streamed = getattr(self.store, "streamed", False)
+        windows = int(dist.all_max(self.store.windows_used)) if streamed else 0  # on every rank
         if not self.writes:
             return RunResult("done", step, self.out_dir, self.last_row, None, self.start)
         sae_io.save_sae(self.sae, self.out_dir)
         extra = {}
-        if getattr(self.store, "streamed", False):  # the evals hold out the windows trained on
-            extra["stream_windows"] = self.store.windows_used
+        if streamed:  # the evals hold out the windows trained on
+            extra["stream_windows"] = windows
             self.store.finish_cache()
         write_status(self.out_dir, state="done", step=step, eta_s=0, pid=None, error=None,
                      finished=time.time(), **extra)
@@ -510,9 +520,6 @@ def _run_data_parallel(args: argparse.Namespace) -> int:
     device = dist.init_from_env(cfg.train.device)
     try:
         n = dist.world_size()
-        if cfg.data.source == "stream":
-            raise MsaeError("training from a stream under torchrun is not supported yet: harvest a store "
-                            "(msae harvest) and train from it with --acts")
         if cfg.train.batch_size % n:
             raise MsaeError(f"batch_size {cfg.train.batch_size} must divide evenly over the {n} ranks")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
