@@ -96,6 +96,13 @@ def all_max(x: float | int) -> float:
     return float(t.item())
 
 
+def all_min_(t: torch.Tensor) -> torch.Tensor:
+    """The ranks' smallest `t`, in place (on the device: no host sync)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def all_mean_(t: torch.Tensor) -> torch.Tensor:
     """The ranks' mean of `t`, in place."""
     if world_size() > 1:

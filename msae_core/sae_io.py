@@ -21,7 +21,7 @@ from msae_core.artifacts import (SAE_CONFIG, SAE_WEIGHTS, SAELENS_CONFIG, SAELEN
                                  atomic_save_safetensors, atomic_write_json)
 from msae_core.configutil import from_dict
 from msae_core.errors import MsaeError
-from msae_core.sae import SAE, SAEConfig, build_sae
+from msae_core.sae import SAE, SAEConfig, build_sae, sae_class
 
 SAE_FORMAT = "msae-sae/1"
 
@@ -101,11 +101,14 @@ def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
     `sae_weights.safetensors` with W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc, b_dec.
 
     A momentum SAE is exported as its base architecture (the tracker is training-time state); a
-    `relu` SAE as SAELens's "standard" architecture."""
+    `relu` SAE as SAELens's "standard" architecture, a `batchtopk` one as "jumprelu" with its
+    threshold for every latent (as SAELens saves its BatchTopK SAEs; folding the input scale leaves
+    the pre-activations, so the threshold, unchanged)."""
     folder = Path(folder)
-    base = sae.cfg.base_arch
-    architecture = {"relu": "standard", "topk": "topk"}[base]
+    architecture = sae_class(sae.cfg.base_arch).saelens_architecture
     w = folded_weights(sae)
+    if architecture == "jumprelu":
+        w["threshold"] = sae.threshold.detach().float().expand(sae.cfg.d_sae).contiguous()
     atomic_save_safetensors(folder / SAELENS_WEIGHTS, w)
     cfg: dict[str, Any] = {
         "architecture": architecture,
@@ -119,7 +122,7 @@ def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
         # SAELens 5.x flat field names, kept for older readers
         "model_name": model_name, "hook_name": hook_name, "hook_layer": _layer_of(hook_name),
         "context_size": context_size, "prepend_bos": prepend_bos, "dataset_path": dataset_path,
-        "activation_fn_str": "topk" if architecture == "topk" else "relu",
+        "activation_fn_str": {"standard": "relu"}.get(architecture, architecture),
         "finetuning_scaling_factor": False,
     }
     if architecture == "topk":
@@ -162,7 +165,8 @@ class SAEBenchSAE(torch.nn.Module):
                       architecture=sae.cfg.arch, dtype=str(dtype).removeprefix("torch."),
                       apply_b_dec_to_input=True, prepend_bos=True, normalize_activations="none",
                       dataset_path="", dataset_trust_remote_code=False, seqpos_slice=(None,),
-                      device=str(device), activation_fn_str="topk" if base == "topk" else "relu")
+                      device=str(device),
+                      activation_fn_str={"standard": "relu"}.get(sae_class(base).saelens_architecture, "relu"))
         try:
             from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig  # type: ignore
 

@@ -71,12 +71,13 @@ with c2:
 st.subheader("SAE and training")
 a1, a2, a3 = st.columns(3)
 with a1:
-    arch = st.radio("Architecture", ["momentum", "topk", "relu"], horizontal=True, key="arch")
-    base = st.radio("Base architecture", ["topk", "relu"], horizontal=True, key="base",
+    arch = st.radio("Architecture", ["momentum", "topk", "batchtopk", "relu"], horizontal=True, key="arch")
+    base = st.radio("Base architecture", ["topk", "batchtopk", "relu"], horizontal=True, key="base",
                     disabled=arch != "momentum", help="the SAE the momentum machinery wraps")
     sparsity = base if arch == "momentum" else arch
-    if sparsity == "topk":
-        k = st.number_input("k (active features per token)", 1, 65536, 32, key="k")
+    if sparsity in ("topk", "batchtopk"):
+        k = st.number_input("k (active features per token" + (", on average" if sparsity == "batchtopk" else "") + ")",
+                            1, 65536, 32, key="k")
         slots["k"] = st.empty()
         l1 = 0.04
     else:
@@ -125,7 +126,7 @@ for p in problems:
 # ------------------------------------------------------------------ launch
 st.subheader("Launch")
 default_name = f"{arch}-F{int(d_sae)}" + (f"-b{beta:g}-t{tau:g}-l{lam:g}" if arch == "momentum" else
-                                         f"-k{int(k)}" if sparsity == "topk" else f"-l1{l1:g}")
+                                         f"-k{int(k)}" if sparsity != "relu" else f"-l1{l1:g}")
 n1, n2 = st.columns([3, 1])
 raw_name = n1.text_input("Run name", default_name, key="run_name")
 parallel = n2.number_input("Runs at once", 1, 32, 2, key="parallel",

@@ -43,8 +43,8 @@ def _train(sae, batches, lr=3e-3, start=0):
 
 # ----------------------------------------------------------------------------------------- registry
 def test_registry_builds_each_arch_and_refuses_unknown():
-    assert {"relu", "topk", "momentum"} <= set(registered_archs())
-    for arch in ("relu", "topk", "momentum"):
+    assert {"relu", "topk", "batchtopk", "momentum"} <= set(registered_archs())
+    for arch in ("relu", "topk", "batchtopk", "momentum"):
         sae = build_sae(_cfg(arch=arch))
         out = sae.forward(torch.randn(5, 16))
         assert out.x_hat.shape == (5, 16) and out.f.shape == (5, 48)
@@ -80,14 +80,14 @@ def test_topk_fires_exactly_k_and_relu_is_nonnegative():
 
 def test_decoder_rows_stay_unit_norm_after_steps():
     g = torch.Generator().manual_seed(1)
-    for arch in ("relu", "topk"):
+    for arch in ("relu", "topk", "batchtopk"):
         sae = build_sae(_cfg(arch=arch))
         _train(sae, [torch.randn(32, 16, generator=g) for _ in range(5)], lr=1e-2)
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- lam = 0 equals base
-@pytest.mark.parametrize("base", ["topk", "relu"])
+@pytest.mark.parametrize("base", ["topk", "relu", "batchtopk"])
 def test_lambda_zero_momentum_equals_its_base_exactly(base):
     g = torch.Generator().manual_seed(2)
     dirs = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
@@ -215,8 +215,9 @@ def test_penalty_separates_a_duplicated_pair_the_plain_loss_keeps():
 
 # --------------------------------------------------------------------------- known-answer recovery
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,extra", [("topk", {}), ("relu", {"l1_coeff": 1.0}),
-                                        ("momentum", {"base": "topk", "lam": 0.3})])
+@pytest.mark.parametrize("arch,extra", [("topk", {}), ("relu", {"l1_coeff": 1.0}), ("batchtopk", {}),
+                                        ("momentum", {"base": "topk", "lam": 0.3}),
+                                        ("momentum", {"base": "batchtopk", "lam": 0.3})])
 def test_each_arch_recovers_planted_sparse_directions(arch, extra):
     # 32 directions in 24 dims, 3 active per row. The L1 coefficient is in units of the normalised
     # input (mean norm sqrt(D)); below ~0.5 here the L1 SAE settles on a dense code (L0 ~ 30 of 64).
@@ -231,10 +232,14 @@ def test_each_arch_recovers_planted_sparse_directions(arch, extra):
     W = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
     best = (dirs @ W.T).max(dim=1).values  # best decoder cosine of each planted direction
     assert float((best >= 0.9).float().mean()) >= 0.9, best
+    if sae.cfg.base_arch == "batchtopk":  # inference by the learned threshold keeps about k per token
+        sae.eval()
+        l0 = float((sae.encode(_sparse_data(2048, dirs, 3, g)) > 0).sum(1).float().mean())
+        assert 2.0 <= l0 <= 4.5, l0
 
 
 # ------------------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("arch", ["relu", "topk", "momentum"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "momentum"])
 def test_save_load_round_trip_gives_identical_outputs_and_state(arch, tmp_path):
     g = torch.Generator().manual_seed(6)
     sae = build_sae(_cfg(arch=arch, lam=0.2, tau=0.1))
@@ -309,10 +314,11 @@ def test_load_refuses_missing_or_foreign_weights(tmp_path):
         sae_io.load_sae(tmp_path)
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "momentum"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "momentum"])
 def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path):
     """Read the export back with SAELens's own forward (raw inputs, no normalisation):
-    standard: f = relu((x - b_dec) W_enc + b_enc); topk: keep the k largest of that; x_hat = f W_dec + b_dec."""
+    standard: f = relu((x - b_dec) W_enc + b_enc); topk: keep the k largest of that; jumprelu:
+    relu(pre) where pre > threshold; x_hat = f W_dec + b_dec."""
     g = torch.Generator().manual_seed(7)
     sae = build_sae(_cfg(arch=arch))
     x = 7.0 * torch.randn(64, 16, generator=g) + 3.0  # raw activations far from unit scale
@@ -322,12 +328,16 @@ def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     w = load_file(str(tmp_path / "sae_weights.safetensors"))
     assert {"d_in", "d_sae", "architecture", "apply_b_dec_to_input", "normalize_activations"} <= set(cfg)
-    assert cfg["architecture"] == ("standard" if arch == "relu" else "topk")
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, "topk")
     assert w["W_enc"].shape == (16, 48) and w["W_dec"].shape == (48, 16)
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     if cfg["architecture"] == "topk":
         v, i = pre.topk(cfg["k"], dim=-1)
         f = torch.zeros_like(pre).scatter_(-1, i, torch.relu(v))
+    elif cfg["architecture"] == "jumprelu":
+        assert w["threshold"].shape == (48,)
+        f = torch.relu(pre) * (pre > w["threshold"])
+        assert 0 < float((f > 0).sum(1).float().mean()) < 48
     else:
         f = torch.relu(pre)
     x_hat = f @ w["W_dec"] + w["b_dec"]
@@ -414,3 +424,48 @@ def test_topk_sparse_decoder_equals_the_dense_one():
     for n, p in sae.named_parameters():
         torch.testing.assert_close(sparse_grads[n], p.grad, rtol=1e-4, atol=1e-6)
     assert auxk > 0
+
+
+def test_batchtopk_keeps_the_batchs_largest_and_learns_its_threshold():
+    """Training keeps the B k largest ReLU(pre) entries of the whole batch (a naive sort of every
+    entry), decodes them sparsely with the dense formulation's loss and gradients; the threshold
+    is the running mean, then the EMA, of the smallest kept value; inference applies it."""
+    g = torch.Generator().manual_seed(21)
+    sae = build_sae(_cfg(arch="batchtopk", k=3, threshold_beta=0.5, dead_tokens_threshold=10_000))
+    x = torch.randn(20, 16, generator=g)
+    sae.fit_input_scale_(x)
+    pre = sae.pre_activation(x * sae.input_scale).detach()
+    f, vals, tok, lat = sae.batch_topk(pre)
+    flat = torch.relu(pre).reshape(-1)
+    keep = flat >= flat.sort(descending=True).values[20 * 3 - 1]  # naive: the 60 largest
+    assert torch.equal(f.reshape(-1) > 0, keep & (flat > 0))
+    assert int((f > 0).sum()) == 60 and len(set((f > 0).sum(1).tolist())) > 1  # per token varies
+    assert torch.equal(f[tok, lat], vals)
+    # the sparse decoder: loss and gradients of the dense f @ W_dec formulation
+    dense = build_sae(sae.cfg)
+    dense.load_state_dict(sae.state_dict())
+    loss = sae.training_loss(x, 0)["loss"]
+    loss.backward()
+    x_n = x * dense.input_scale
+    f_d = dense.batch_topk(dense.pre_activation(x_n))[0]
+    loss_d = (x_n - (f_d @ dense.W_dec + dense.b_dec)).pow(2).sum(-1).mean()
+    loss_d.backward()
+    torch.testing.assert_close(loss, loss_d, rtol=1e-5, atol=1e-6)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(sae, name).grad, getattr(dense, name).grad, rtol=1e-4, atol=1e-5)
+    # the threshold: the first kept minimum, a running mean while 1 - 1/n < beta, then the EMA
+    sae = build_sae(_cfg(arch="batchtopk", k=3, threshold_beta=0.5, dead_tokens_threshold=10_000))
+    sae.fit_input_scale_(x)
+    assert float(sae.threshold) == -1
+    want = None
+    for t in range(4):
+        xb = torch.randn(20, 16, generator=g)
+        kept = sae.batch_topk(sae.pre_activation(xb * sae.input_scale).detach())[1]
+        m = float(kept[kept > 0].min())
+        sae.training_loss(xb, t)
+        b = min(0.5, 1 - 1 / (t + 1))
+        want = m if want is None else b * want + (1 - b) * m
+        assert float(sae.threshold) == pytest.approx(want, rel=1e-5)
+    sae.eval()
+    pre = sae.pre_activation(x * sae.input_scale).detach()
+    assert torch.equal(sae.encode(x).detach(), torch.relu(pre) * (pre > sae.threshold))

@@ -95,10 +95,9 @@ def run_row(info: Any) -> dict:
     }
     if arch == "momentum":
         row.update(beta=_num(sae.get("beta")), tau=_num(sae.get("tau")), lam=_num(sae.get("lam")))
-    if base == "topk":
-        row["k"] = _num(sae.get("k"))
-    elif base == "relu":
-        row["l1_coeff"] = _num(sae.get("l1_coeff"))
+    knob = _sparsity_knob(base)
+    if knob:
+        row[knob] = _num(sae.get(knob))
     if row["step"] is not None and row["batch_size"] is not None:
         row["tokens"] = row["step"] * row["batch_size"]
     last = info.metrics[-1] if info.metrics else {}
@@ -171,3 +170,13 @@ def list_stores(root: str | os.PathLike | None = None) -> list[dict]:
                     "complete": bool(m.get("complete")),
                     "problem": None if m.get("shards") else "no complete shard yet"})
     return out
+
+
+def _sparsity_knob(arch: object) -> str | None:
+    """"k" or "l1_coeff": the setting that makes `arch` sparse (None for an unknown name)."""
+    from msae_core.sae import sae_class
+
+    try:
+        return sae_class(str(arch)).sparsity
+    except ValueError:
+        return None

@@ -1,7 +1,8 @@
 """SAE modules: pure torch math, no file paths, no IO.
 
 Architectures register themselves by name (`register_sae("topk")`); `build_sae(cfg)` looks the
-name up. `relu` is the standard L1 SAE, `topk` the TopK SAE with AuxK, `momentum` wraps either one
+name up. `relu` is the standard L1 SAE, `topk` the TopK SAE with AuxK, `batchtopk` TopK over the
+batch with a learned inference threshold, `momentum` wraps any one
 with per-feature momentum tracking, competition detection and the competition penalty.
 """
 
@@ -11,6 +12,7 @@ from msae_core.sae.base import (SAE, SAEConfig, SAEOutput, StepOutput, build_sae
                                  registered_archs, sae_class)
 from msae_core.sae import relu as _relu  # noqa: F401  (registers "relu")
 from msae_core.sae import topk as _topk  # noqa: F401  (registers "topk")
+from msae_core.sae import batchtopk as _batchtopk  # noqa: F401  (registers "batchtopk")
 from msae_core.sae import momentum as _momentum  # noqa: F401  (registers "momentum")
 
 __all__ = ["SAE", "SAEConfig", "SAEOutput", "StepOutput", "build_sae", "register_sae", "registered_archs", "sae_class"]

@@ -44,16 +44,18 @@ def sae_class(name: str) -> type["SAE"]:
 class SAEConfig:
     """What an SAE is: architecture, sizes and the knobs of its loss."""
 
-    arch: Literal["topk", "relu", "momentum"] = field(default="topk", metadata={
-        "help": "architecture: topk, relu (standard L1) or momentum (wraps --base)"})
+    arch: Literal["topk", "relu", "batchtopk", "momentum"] = field(default="topk", metadata={
+        "help": "architecture: topk, batchtopk, relu (standard L1) or momentum (wraps --base)"})
     d_in: int = field(default=0, metadata={"help": "input width (taken from the activation store when 0)"})
     d_sae: int = field(default=4096, metadata={"help": "dictionary size F"})
-    k: int = field(default=32, metadata={"help": "active latents per token (topk)"})
+    k: int = field(default=32, metadata={"help": "active latents per token (topk; batchtopk: on average)"})
     l1_coeff: float = field(default=0.04, metadata={"help": "L1 coefficient (relu)"})
-    auxk_coeff: float = field(default=1 / 32, metadata={"help": "AuxK loss coefficient (topk)"})
+    auxk_coeff: float = field(default=1 / 32, metadata={"help": "AuxK loss coefficient (topk, batchtopk)"})
+    threshold_beta: float = field(default=0.999, metadata={
+        "help": "batchtopk: EMA rate of the inference threshold (a running mean for the first 1/(1-rate) steps)"})
     dead_tokens_threshold: int = field(default=500_000, metadata={
         "help": "a latent that has not fired for this many tokens counts as dead"})
-    base: Literal["topk", "relu"] = field(default="topk", metadata={"help": "base of a momentum SAE"})
+    base: Literal["topk", "relu", "batchtopk"] = field(default="topk", metadata={"help": "base of a momentum SAE"})
     beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})
     tau: float = field(default=0.4, metadata={"help": "competition threshold on the pair score kappa"})
     lam: float = field(default=0.0, metadata={"help": "competition penalty coefficient lambda"})
@@ -80,14 +82,17 @@ class SAEConfig:
             out.append(f"d_in must be >= 1 (got {self.d_in})")
         if self.d_sae < 1:
             out.append(f"d_sae must be >= 1 (got {self.d_sae})")
-        if self.base_arch == "topk" and not 1 <= self.k <= max(self.d_sae, 1):
+        if self.base_arch in _REGISTRY and _REGISTRY[self.base_arch].sparsity == "k" \
+                and not 1 <= self.k <= max(self.d_sae, 1):
             out.append(f"k must be in [1, d_sae={self.d_sae}] (got {self.k})")
         if self.l1_coeff < 0:
             out.append(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
         if self.auxk_coeff < 0:
             out.append(f"auxk_coeff must be >= 0 (got {self.auxk_coeff})")
-        if self.arch == "momentum" and self.base not in ("topk", "relu"):
-            out.append(f"base must be topk or relu (got {self.base!r})")
+        if self.arch == "momentum" and self.base not in ("topk", "relu", "batchtopk"):
+            out.append(f"base must be topk, relu or batchtopk (got {self.base!r})")
+        if not 0 <= self.threshold_beta < 1:
+            out.append(f"threshold_beta must be in [0, 1) (got {self.threshold_beta})")
         if not 0 <= self.beta < 1:
             out.append(f"beta must be in [0, 1) (got {self.beta})")
         if not 0 <= self.tau <= 1:
@@ -139,6 +144,8 @@ class SAE(nn.Module):
     """
 
     arch_name = "base"
+    sparsity = "k"  # the knob that sets its sparsity: "k" or "l1_coeff"
+    saelens_architecture = ""  # its name in SAELens's cfg.json
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

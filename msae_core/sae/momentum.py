@@ -27,7 +27,7 @@ from msae_core import dist
 from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, register_sae, sae_class
 from msae_core.sae.tracker import MomentumTracker
 
-MOMENTUM_BASES = ("topk", "relu")
+MOMENTUM_BASES = ("topk", "relu", "batchtopk")
 
 
 @register_sae("momentum")
@@ -37,7 +37,7 @@ class MomentumSAE(SAE):
 
     def __init__(self, cfg: SAEConfig):
         if cfg.base not in MOMENTUM_BASES:
-            raise ValueError(f"momentum base must be topk or relu, got {cfg.base!r}")
+            raise ValueError(f"momentum base must be one of {', '.join(MOMENTUM_BASES)}, got {cfg.base!r}")
         nn.Module.__init__(self)  # not SAE.__init__: the weights live in the base
         self.cfg = cfg
         self.base: SAE = sae_class(cfg.base_arch)(cfg)

@@ -13,6 +13,9 @@ from msae_core.sae.base import SAE, SAEOutput, StepOutput, mse_loss, register_sa
 
 @register_sae("relu")
 class ReluSAE(SAE):
+    sparsity = "l1_coeff"
+    saelens_architecture = "standard"
+
     def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre_BF)
 

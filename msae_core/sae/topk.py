@@ -22,6 +22,9 @@ from msae_core.sae.base import SAE, SAEOutput, StepOutput, mse_loss, register_sa
 
 @register_sae("topk")
 class TopKSAE(SAE):
+    sparsity = "k"
+    saelens_architecture = "topk"
+
     def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre_BF).scatter_(-1, idx_BK, torch.relu(vals_BK))
@@ -46,7 +49,18 @@ class TopKSAE(SAE):
         vals_BK = torch.relu(vals_BK)
         f = torch.zeros_like(pre).scatter_(-1, idx_BK, vals_BK)
         x_hat_n = self._decode_rows_n(vals_BK, idx_BK) + self.b_dec
+        return self._topk_step(x_n, x_hat_n, f, pre)
+
+    def _topk_step(self, x_n: torch.Tensor, x_hat_n: torch.Tensor, f: torch.Tensor, pre: torch.Tensor) -> StepOutput:
+        """MSE plus AuxK of a step whose latents `f` reconstruct `x_hat_n` (shared with BatchTopK)."""
         mse = mse_loss(x_n, x_hat_n)
+        auxk = self._auxk_loss(x_n, x_hat_n, pre)
+        self._track_firing_(f.detach())
+        losses = {"loss": mse + self.cfg.auxk_coeff * auxk, "mse": mse, "auxk": auxk}
+        return StepOutput(losses, SAEOutput(x_hat_n / self.input_scale, f, pre))
+
+    def _auxk_loss(self, x_n: torch.Tensor, x_hat_n: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """AuxK: the k_aux strongest dead latents reconstruct the residual (0 with no dead latent)."""
         dead_F = self.dead_mask
         n_dead = int(dead_F.sum())
         auxk = x_n.new_zeros(())
@@ -59,6 +73,4 @@ class TopKSAE(SAE):
             denom = (e_BD - e_BD.mean(0, keepdim=True)).pow(2).sum(-1).mean().clamp_min(1e-8)
             auxk = (e_BD - e_hat_BD).pow(2).sum(-1).mean() / denom
             auxk = torch.nan_to_num(auxk, nan=0.0)
-        self._track_firing_(f.detach())
-        losses = {"loss": mse + self.cfg.auxk_coeff * auxk, "mse": mse, "auxk": auxk}
-        return StepOutput(losses, SAEOutput(x_hat_n / self.input_scale, f, pre))
+        return auxk
