@@ -71,12 +71,13 @@ with c2:
 st.subheader("SAE and training")
 a1, a2, a3 = st.columns(3)
 with a1:
-    arch = st.radio("Architecture", ["momentum", "topk", "batchtopk", "relu"], horizontal=True, key="arch")
-    base = st.radio("Base architecture", ["topk", "batchtopk", "relu"], horizontal=True, key="base",
+    arch = st.radio("Architecture", ["momentum", "topk", "batchtopk", "matryoshka", "relu"], horizontal=True,
+                    key="arch")
+    base = st.radio("Base architecture", ["topk", "batchtopk", "matryoshka", "relu"], horizontal=True, key="base",
                     disabled=arch != "momentum", help="the SAE the momentum machinery wraps")
     sparsity = base if arch == "momentum" else arch
-    if sparsity in ("topk", "batchtopk"):
-        k = st.number_input("k (active features per token" + (", on average" if sparsity == "batchtopk" else "") + ")",
+    if sparsity != "relu":
+        k = st.number_input("k (active features per token" + (", on average" if sparsity != "topk" else "") + ")",
                             1, 65536, 32, key="k")
         slots["k"] = st.empty()
         l1 = 0.04

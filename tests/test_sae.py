@@ -43,8 +43,8 @@ def _train(sae, batches, lr=3e-3, start=0):
 
 # ----------------------------------------------------------------------------------------- registry
 def test_registry_builds_each_arch_and_refuses_unknown():
-    assert {"relu", "topk", "batchtopk", "momentum"} <= set(registered_archs())
-    for arch in ("relu", "topk", "batchtopk", "momentum"):
+    assert {"relu", "topk", "batchtopk", "matryoshka", "momentum"} <= set(registered_archs())
+    for arch in ("relu", "topk", "batchtopk", "matryoshka", "momentum"):
         sae = build_sae(_cfg(arch=arch))
         out = sae.forward(torch.randn(5, 16))
         assert out.x_hat.shape == (5, 16) and out.f.shape == (5, 48)
@@ -80,14 +80,14 @@ def test_topk_fires_exactly_k_and_relu_is_nonnegative():
 
 def test_decoder_rows_stay_unit_norm_after_steps():
     g = torch.Generator().manual_seed(1)
-    for arch in ("relu", "topk", "batchtopk"):
+    for arch in ("relu", "topk", "batchtopk", "matryoshka"):
         sae = build_sae(_cfg(arch=arch))
         _train(sae, [torch.randn(32, 16, generator=g) for _ in range(5)], lr=1e-2)
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- lam = 0 equals base
-@pytest.mark.parametrize("base", ["topk", "relu", "batchtopk"])
+@pytest.mark.parametrize("base", ["topk", "relu", "batchtopk", "matryoshka"])
 def test_lambda_zero_momentum_equals_its_base_exactly(base):
     g = torch.Generator().manual_seed(2)
     dirs = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
@@ -216,6 +216,9 @@ def test_penalty_separates_a_duplicated_pair_the_plain_loss_keeps():
 # --------------------------------------------------------------------------- known-answer recovery
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,extra", [("topk", {}), ("relu", {"l1_coeff": 1.0}), ("batchtopk", {}),
+                                        # a prefix narrower than the 32 independent planted directions must
+                                        # reconstruct with mixtures of them ([8, 32]: 72 % recovered)
+                                        ("matryoshka", {"matryoshka_widths": [32]}),
                                         ("momentum", {"base": "topk", "lam": 0.3}),
                                         ("momentum", {"base": "batchtopk", "lam": 0.3})])
 def test_each_arch_recovers_planted_sparse_directions(arch, extra):
@@ -232,14 +235,14 @@ def test_each_arch_recovers_planted_sparse_directions(arch, extra):
     W = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
     best = (dirs @ W.T).max(dim=1).values  # best decoder cosine of each planted direction
     assert float((best >= 0.9).float().mean()) >= 0.9, best
-    if sae.cfg.base_arch == "batchtopk":  # inference by the learned threshold keeps about k per token
+    if sae.cfg.base_arch in ("batchtopk", "matryoshka"):  # the learned threshold keeps about k per token
         sae.eval()
         l0 = float((sae.encode(_sparse_data(2048, dirs, 3, g)) > 0).sum(1).float().mean())
         assert 2.0 <= l0 <= 4.5, l0
 
 
 # ------------------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "momentum"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka", "momentum"])
 def test_save_load_round_trip_gives_identical_outputs_and_state(arch, tmp_path):
     g = torch.Generator().manual_seed(6)
     sae = build_sae(_cfg(arch=arch, lam=0.2, tau=0.1))
@@ -314,7 +317,7 @@ def test_load_refuses_missing_or_foreign_weights(tmp_path):
         sae_io.load_sae(tmp_path)
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "momentum"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka", "momentum"])
 def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path):
     """Read the export back with SAELens's own forward (raw inputs, no normalisation):
     standard: f = relu((x - b_dec) W_enc + b_enc); topk: keep the k largest of that; jumprelu:
@@ -328,7 +331,7 @@ def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     w = load_file(str(tmp_path / "sae_weights.safetensors"))
     assert {"d_in", "d_sae", "architecture", "apply_b_dec_to_input", "normalize_activations"} <= set(cfg)
-    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, "topk")
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}.get(arch, "topk")
     assert w["W_enc"].shape == (16, 48) and w["W_dec"].shape == (48, 16)
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     if cfg["architecture"] == "topk":
@@ -469,3 +472,24 @@ def test_batchtopk_keeps_the_batchs_largest_and_learns_its_threshold():
     sae.eval()
     pre = sae.pre_activation(x * sae.input_scale).detach()
     assert torch.equal(sae.encode(x).detach(), torch.relu(pre) * (pre > sae.threshold))
+
+
+def test_matryoshka_adds_each_prefix_reconstruction_to_the_loss():
+    """Each prefix w of the one batch selection reconstructs on its own: its MSE equals the dense
+    f[:, :w] @ W_dec[:w] formulation, and the loss is the BatchTopK loss plus these."""
+    g = torch.Generator().manual_seed(22)
+    sae = build_sae(_cfg(arch="matryoshka", k=3, matryoshka_widths=[6, 24], dead_tokens_threshold=10_000))
+    assert sae.levels == [6, 24, 48]
+    x = torch.randn(20, 16, generator=g)
+    sae.fit_input_scale_(x)
+    losses = sae.training_loss(x, 0)
+    x_n = x * sae.input_scale
+    f = sae.batch_topk(sae.pre_activation(x_n))[0].detach()
+    for w in (6, 24):
+        want = (x_n - (f[:, :w] @ sae.W_dec[:w] + sae.b_dec)).pow(2).sum(-1).mean()
+        torch.testing.assert_close(losses[f"mse_w{w}"], want, rtol=1e-5, atol=1e-6)
+    total = losses["mse"] + sae.cfg.auxk_coeff * losses["auxk"] + losses["mse_w6"] + losses["mse_w24"]
+    torch.testing.assert_close(losses["loss"], total)
+    assert _cfg(arch="matryoshka", k=3, matryoshka_widths=[24, 6]).problems()
+    assert any("must be >= k" in p for p in _cfg(arch="matryoshka", k=8, matryoshka_widths=[4, 24]).problems())
+    assert build_sae(_cfg(arch="matryoshka", k=3)).levels == [3, 12, 48]  # the defaults that fit

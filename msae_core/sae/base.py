@@ -44,8 +44,9 @@ def sae_class(name: str) -> type["SAE"]:
 class SAEConfig:
     """What an SAE is: architecture, sizes and the knobs of its loss."""
 
-    arch: Literal["topk", "relu", "batchtopk", "momentum"] = field(default="topk", metadata={
-        "help": "architecture: topk, batchtopk, relu (standard L1) or momentum (wraps --base)"})
+    arch: Literal["topk", "relu", "batchtopk", "matryoshka", "momentum"] = field(default="topk", metadata={
+        "help": "architecture: topk, batchtopk, matryoshka (BatchTopK with nested prefix losses), "
+                "relu (standard L1) or momentum (wraps --base)"})
     d_in: int = field(default=0, metadata={"help": "input width (taken from the activation store when 0)"})
     d_sae: int = field(default=4096, metadata={"help": "dictionary size F"})
     k: int = field(default=32, metadata={"help": "active latents per token (topk; batchtopk: on average)"})
@@ -53,9 +54,12 @@ class SAEConfig:
     auxk_coeff: float = field(default=1 / 32, metadata={"help": "AuxK loss coefficient (topk, batchtopk)"})
     threshold_beta: float = field(default=0.999, metadata={
         "help": "batchtopk: EMA rate of the inference threshold (a running mean for the first 1/(1-rate) steps)"})
+    matryoshka_widths: list[int] = field(default_factory=list, metadata={
+        "help": "matryoshka: nested prefix widths, increasing, d_sae appended (empty: d_sae/16, d_sae/4, d_sae)"})
     dead_tokens_threshold: int = field(default=500_000, metadata={
         "help": "a latent that has not fired for this many tokens counts as dead"})
-    base: Literal["topk", "relu", "batchtopk"] = field(default="topk", metadata={"help": "base of a momentum SAE"})
+    base: Literal["topk", "relu", "batchtopk", "matryoshka"] = field(default="topk", metadata={
+        "help": "base of a momentum SAE"})
     beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})
     tau: float = field(default=0.4, metadata={"help": "competition threshold on the pair score kappa"})
     lam: float = field(default=0.0, metadata={"help": "competition penalty coefficient lambda"})
@@ -89,8 +93,12 @@ class SAEConfig:
             out.append(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
         if self.auxk_coeff < 0:
             out.append(f"auxk_coeff must be >= 0 (got {self.auxk_coeff})")
-        if self.arch == "momentum" and self.base not in ("topk", "relu", "batchtopk"):
-            out.append(f"base must be topk, relu or batchtopk (got {self.base!r})")
+        if self.arch == "momentum" and self.base not in ("topk", "relu", "batchtopk", "matryoshka"):
+            out.append(f"base must be topk, relu, batchtopk or matryoshka (got {self.base!r})")
+        if self.base_arch == "matryoshka" and self.d_sae >= 1:
+            from msae_core.sae.matryoshka import matryoshka_problems
+
+            out += matryoshka_problems(self)
         if not 0 <= self.threshold_beta < 1:
             out.append(f"threshold_beta must be in [0, 1) (got {self.threshold_beta})")
         if not 0 <= self.beta < 1:

@@ -63,12 +63,16 @@ class BatchTopKSAE(TopKSAE):
         x_n = x_BD * self.input_scale
         pre = self.pre_activation(x_n)
         f, vals_N, tok_N, lat_N = self.batch_topk(pre)
-        counts_B = torch.bincount(tok_N, minlength=pre.shape[0])
-        offsets_B = torch.cumsum(counts_B, 0) - counts_B
-        x_hat_n = F.embedding_bag(lat_N, self.W_dec, offsets_B, mode="sum",
-                                  per_sample_weights=vals_N.to(self.W_dec.dtype)) + self.b_dec
+        x_hat_n = self._decode_kept_n(vals_N, tok_N, lat_N, pre.shape[0])
         self._update_threshold_(vals_N.detach())
         return self._topk_step(x_n, x_hat_n, f, pre)
+
+    def _decode_kept_n(self, vals_N: torch.Tensor, tok_N: torch.Tensor, lat_N: torch.Tensor, B: int) -> torch.Tensor:
+        """sum of vals W_dec[lat] per token, plus b_dec: bags by offsets (entries ordered by token)."""
+        counts_B = torch.bincount(tok_N, minlength=B)
+        offsets_B = torch.cumsum(counts_B, 0) - counts_B
+        return F.embedding_bag(lat_N, self.W_dec, offsets_B, mode="sum",
+                               per_sample_weights=vals_N.to(self.W_dec.dtype)) + self.b_dec
 
     @torch.no_grad()
     def _update_threshold_(self, vals_N: torch.Tensor) -> None:

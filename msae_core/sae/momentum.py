@@ -27,7 +27,7 @@ from msae_core import dist
 from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, register_sae, sae_class
 from msae_core.sae.tracker import MomentumTracker
 
-MOMENTUM_BASES = ("topk", "relu", "batchtopk")
+MOMENTUM_BASES = ("topk", "relu", "batchtopk", "matryoshka")
 
 
 @register_sae("momentum")
