@@ -108,7 +108,7 @@ def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
     architecture = sae_class(sae.cfg.base_arch).saelens_architecture
     w = folded_weights(sae)
     if architecture == "jumprelu":
-        w["threshold"] = sae.threshold.detach().float().expand(sae.cfg.d_sae).contiguous()
+        w["threshold"] = sae.jump_thresholds().float().contiguous()
     atomic_save_safetensors(folder / SAELENS_WEIGHTS, w)
     cfg: dict[str, Any] = {
         "architecture": architecture,

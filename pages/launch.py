@@ -71,12 +71,18 @@ with c2:
 st.subheader("SAE and training")
 a1, a2, a3 = st.columns(3)
 with a1:
-    arch = st.radio("Architecture", ["momentum", "topk", "batchtopk", "matryoshka", "relu"], horizontal=True,
-                    key="arch")
-    base = st.radio("Base architecture", ["topk", "batchtopk", "matryoshka", "relu"], horizontal=True, key="base",
+    arch = st.radio("Architecture", ["momentum", "topk", "batchtopk", "matryoshka", "jumprelu", "relu"],
+                    horizontal=True, key="arch")
+    base = st.radio("Base architecture", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"], horizontal=True,
+                    key="base",
                     disabled=arch != "momentum", help="the SAE the momentum machinery wraps")
     sparsity = base if arch == "momentum" else arch
-    if sparsity != "relu":
+    l0c = 1.0
+    if sparsity == "jumprelu":
+        l0c = st.number_input("L0 coefficient", 0.0, 1000.0, 1.0, step=0.1, format="%.4f", key="l0c")
+        slots["l0_coeff"] = st.empty()
+        k, l1 = 32, 0.04
+    elif sparsity != "relu":
         k = st.number_input("k (active features per token" + (", on average" if sparsity != "topk" else "") + ")",
                             1, 65536, 32, key="k")
         slots["k"] = st.empty()
@@ -106,7 +112,7 @@ with a3:
     st.caption(f"= {int(steps) * int(batch):,} training tokens")
     evals = st.multiselect("Evals when done", ["core", "absorption", "sparse_probing"], key="evals")
 
-sae = {"arch": arch, "d_in": 0, "d_sae": int(d_sae), "k": int(k), "l1_coeff": float(l1)}
+sae = {"arch": arch, "d_in": 0, "d_sae": int(d_sae), "k": int(k), "l1_coeff": float(l1), "l0_coeff": float(l0c)}
 if arch == "momentum":
     sae.update(base=base, beta=float(beta), tau=float(tau), lam=float(lam))
 cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch), "lr": float(lr),
@@ -127,6 +133,7 @@ for p in problems:
 # ------------------------------------------------------------------ launch
 st.subheader("Launch")
 default_name = f"{arch}-F{int(d_sae)}" + (f"-b{beta:g}-t{tau:g}-l{lam:g}" if arch == "momentum" else
+                                         f"-l0c{l0c:g}" if sparsity == "jumprelu" else
                                          f"-k{int(k)}" if sparsity != "relu" else f"-l1{l1:g}")
 n1, n2 = st.columns([3, 1])
 raw_name = n1.text_input("Run name", default_name, key="run_name")

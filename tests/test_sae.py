@@ -43,8 +43,8 @@ def _train(sae, batches, lr=3e-3, start=0):
 
 # ----------------------------------------------------------------------------------------- registry
 def test_registry_builds_each_arch_and_refuses_unknown():
-    assert {"relu", "topk", "batchtopk", "matryoshka", "momentum"} <= set(registered_archs())
-    for arch in ("relu", "topk", "batchtopk", "matryoshka", "momentum"):
+    assert {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "momentum"} <= set(registered_archs())
+    for arch in ("relu", "topk", "batchtopk", "matryoshka", "jumprelu", "momentum"):
         sae = build_sae(_cfg(arch=arch))
         out = sae.forward(torch.randn(5, 16))
         assert out.x_hat.shape == (5, 16) and out.f.shape == (5, 48)
@@ -80,14 +80,14 @@ def test_topk_fires_exactly_k_and_relu_is_nonnegative():
 
 def test_decoder_rows_stay_unit_norm_after_steps():
     g = torch.Generator().manual_seed(1)
-    for arch in ("relu", "topk", "batchtopk", "matryoshka"):
+    for arch in ("relu", "topk", "batchtopk", "matryoshka", "jumprelu"):
         sae = build_sae(_cfg(arch=arch))
         _train(sae, [torch.randn(32, 16, generator=g) for _ in range(5)], lr=1e-2)
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- lam = 0 equals base
-@pytest.mark.parametrize("base", ["topk", "relu", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("base", ["topk", "relu", "batchtopk", "matryoshka", "jumprelu"])
 def test_lambda_zero_momentum_equals_its_base_exactly(base):
     g = torch.Generator().manual_seed(2)
     dirs = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
@@ -218,7 +218,7 @@ def test_penalty_separates_a_duplicated_pair_the_plain_loss_keeps():
 @pytest.mark.parametrize("arch,extra", [("topk", {}), ("relu", {"l1_coeff": 1.0}), ("batchtopk", {}),
                                         # a prefix narrower than the 32 independent planted directions must
                                         # reconstruct with mixtures of them ([8, 32]: 72 % recovered)
-                                        ("matryoshka", {"matryoshka_widths": [32]}),
+                                        ("matryoshka", {"matryoshka_widths": [32]}), ("jumprelu", {}),
                                         ("momentum", {"base": "topk", "lam": 0.3}),
                                         ("momentum", {"base": "batchtopk", "lam": 0.3})])
 def test_each_arch_recovers_planted_sparse_directions(arch, extra):
@@ -242,7 +242,7 @@ def test_each_arch_recovers_planted_sparse_directions(arch, extra):
 
 
 # ------------------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka", "momentum"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka", "jumprelu", "momentum"])
 def test_save_load_round_trip_gives_identical_outputs_and_state(arch, tmp_path):
     g = torch.Generator().manual_seed(6)
     sae = build_sae(_cfg(arch=arch, lam=0.2, tau=0.1))
@@ -317,7 +317,7 @@ def test_load_refuses_missing_or_foreign_weights(tmp_path):
         sae_io.load_sae(tmp_path)
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka", "momentum"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka", "jumprelu", "momentum"])
 def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path):
     """Read the export back with SAELens's own forward (raw inputs, no normalisation):
     standard: f = relu((x - b_dec) W_enc + b_enc); topk: keep the k largest of that; jumprelu:
@@ -331,7 +331,8 @@ def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     w = load_file(str(tmp_path / "sae_weights.safetensors"))
     assert {"d_in", "d_sae", "architecture", "apply_b_dec_to_input", "normalize_activations"} <= set(cfg)
-    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}.get(arch, "topk")
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
+                                   "jumprelu": "jumprelu"}.get(arch, "topk")
     assert w["W_enc"].shape == (16, 48) and w["W_dec"].shape == (48, 16)
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     if cfg["architecture"] == "topk":
@@ -493,3 +494,35 @@ def test_matryoshka_adds_each_prefix_reconstruction_to_the_loss():
     assert _cfg(arch="matryoshka", k=3, matryoshka_widths=[24, 6]).problems()
     assert any("must be >= k" in p for p in _cfg(arch="matryoshka", k=8, matryoshka_widths=[4, 24]).problems())
     assert build_sae(_cfg(arch="matryoshka", k=3)).levels == [3, 12, 48]  # the defaults that fit
+
+
+def test_jumprelu_straight_through_gradients_equal_the_rectangle_kernel():
+    """f = pre H(pre - theta): d f/d pre = H, d f/d theta = -(theta/eps) 1[|pre - theta| < eps/2];
+    L0's d/d theta = -(1/eps) 1[...], and none for pre; the loss is MSE + l0_coeff L0, or
+    l0_coeff (L0 / target - 1)^2 with a target."""
+    from msae_core.sae.jumprelu import _JumpReLU, _Step
+
+    eps = 0.1
+    theta = torch.tensor([0.5, 1.0, 2.0])
+    pre = torch.tensor([[0.46, 1.2, 1.0], [0.7, 0.97, 2.04], [0.2, 1.06, 3.0]], requires_grad=True)
+    th = theta.clone().requires_grad_(True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    f = _JumpReLU.apply(pre, th, eps)
+    assert torch.equal(f.detach(), pre.detach() * (pre.detach() > theta))
+    f.backward(g)
+    near = ((pre.detach() - theta).abs() < eps / 2).float()
+    torch.testing.assert_close(pre.grad, g * (pre.detach() > theta))
+    torch.testing.assert_close(th.grad, (-(theta / eps) * near * g).sum(0))
+    pre.grad, th.grad = None, None
+    _Step.apply(pre, th, eps).backward(g)
+    assert pre.grad is None
+    torch.testing.assert_close(th.grad, (-(1 / eps) * near * g).sum(0))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(23))
+    for target in (0.0, 5.0):
+        sae = build_sae(_cfg(arch="jumprelu", l0_coeff=0.5, target_l0=target))
+        sae.fit_input_scale_(x)
+        losses = {k: v.detach() for k, v in sae.training_loss(x, 0).items()}
+        l0 = float((sae.encode(x) > 0).sum(1).float().mean())
+        assert float(losses["l0_loss"]) == pytest.approx(l0)
+        sparsity = (l0 / target - 1) ** 2 if target else l0
+        assert float(losses["loss"]) == pytest.approx(float(losses["mse"]) + 0.5 * sparsity, rel=1e-5)

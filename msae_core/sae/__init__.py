@@ -3,6 +3,7 @@
 Architectures register themselves by name (`register_sae("topk")`); `build_sae(cfg)` looks the
 name up. `relu` is the standard L1 SAE, `topk` the TopK SAE with AuxK, `batchtopk` TopK over the
 batch with a learned inference threshold, `matryoshka` BatchTopK with nested prefix losses,
+`jumprelu` learned per-latent thresholds,
 `momentum` wraps any one
 with per-feature momentum tracking, competition detection and the competition penalty.
 """
@@ -15,6 +16,7 @@ from msae_core.sae import relu as _relu  # noqa: F401  (registers "relu")
 from msae_core.sae import topk as _topk  # noqa: F401  (registers "topk")
 from msae_core.sae import batchtopk as _batchtopk  # noqa: F401  (registers "batchtopk")
 from msae_core.sae import matryoshka as _matryoshka  # noqa: F401  (registers "matryoshka")
+from msae_core.sae import jumprelu as _jumprelu  # noqa: F401  (registers "jumprelu")
 from msae_core.sae import momentum as _momentum  # noqa: F401  (registers "momentum")
 
 __all__ = ["SAE", "SAEConfig", "SAEOutput", "StepOutput", "build_sae", "register_sae", "registered_archs", "sae_class"]

@@ -44,9 +44,9 @@ def sae_class(name: str) -> type["SAE"]:
 class SAEConfig:
     """What an SAE is: architecture, sizes and the knobs of its loss."""
 
-    arch: Literal["topk", "relu", "batchtopk", "matryoshka", "momentum"] = field(default="topk", metadata={
+    arch: Literal["topk", "relu", "batchtopk", "matryoshka", "jumprelu", "momentum"] = field(default="topk", metadata={
         "help": "architecture: topk, batchtopk, matryoshka (BatchTopK with nested prefix losses), "
-                "relu (standard L1) or momentum (wraps --base)"})
+                "jumprelu (learned thresholds), relu (standard L1) or momentum (wraps --base)"})
     d_in: int = field(default=0, metadata={"help": "input width (taken from the activation store when 0)"})
     d_sae: int = field(default=4096, metadata={"help": "dictionary size F"})
     k: int = field(default=32, metadata={"help": "active latents per token (topk; batchtopk: on average)"})
@@ -54,11 +54,17 @@ class SAEConfig:
     auxk_coeff: float = field(default=1 / 32, metadata={"help": "AuxK loss coefficient (topk, batchtopk)"})
     threshold_beta: float = field(default=0.999, metadata={
         "help": "batchtopk: EMA rate of the inference threshold (a running mean for the first 1/(1-rate) steps)"})
+    l0_coeff: float = field(default=1.0, metadata={
+        "help": "jumprelu: coefficient of the L0 penalty (of (L0 / target_l0 - 1)^2 when target_l0 > 0)"})
+    target_l0: float = field(default=0.0, metadata={"help": "jumprelu: the L0 aimed at (0: penalise L0 itself)"})
+    jumprelu_bandwidth: float = field(default=0.1, metadata={
+        "help": "jumprelu: width of the straight-through estimator's rectangle kernel"})
+    jumprelu_init_threshold: float = field(default=0.1, metadata={"help": "jumprelu: initial thresholds"})
     matryoshka_widths: list[int] = field(default_factory=list, metadata={
         "help": "matryoshka: nested prefix widths, increasing, d_sae appended (empty: d_sae/16, d_sae/4, d_sae)"})
     dead_tokens_threshold: int = field(default=500_000, metadata={
         "help": "a latent that has not fired for this many tokens counts as dead"})
-    base: Literal["topk", "relu", "batchtopk", "matryoshka"] = field(default="topk", metadata={
+    base: Literal["topk", "relu", "batchtopk", "matryoshka", "jumprelu"] = field(default="topk", metadata={
         "help": "base of a momentum SAE"})
     beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})
     tau: float = field(default=0.4, metadata={"help": "competition threshold on the pair score kappa"})
@@ -93,8 +99,13 @@ class SAEConfig:
             out.append(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
         if self.auxk_coeff < 0:
             out.append(f"auxk_coeff must be >= 0 (got {self.auxk_coeff})")
-        if self.arch == "momentum" and self.base not in ("topk", "relu", "batchtopk", "matryoshka"):
-            out.append(f"base must be topk, relu, batchtopk or matryoshka (got {self.base!r})")
+        if self.arch == "momentum" and self.base not in ("topk", "relu", "batchtopk", "matryoshka", "jumprelu"):
+            out.append(f"base must be topk, relu, batchtopk, matryoshka or jumprelu (got {self.base!r})")
+        if self.l0_coeff < 0 or self.target_l0 < 0:
+            out.append(f"l0_coeff and target_l0 must be >= 0 (got {self.l0_coeff}, {self.target_l0})")
+        if not self.jumprelu_bandwidth > 0 or not self.jumprelu_init_threshold > 0:
+            out.append(f"jumprelu_bandwidth and jumprelu_init_threshold must be > 0 (got "
+                       f"{self.jumprelu_bandwidth}, {self.jumprelu_init_threshold})")
         if self.base_arch == "matryoshka" and self.d_sae >= 1:
             from msae_core.sae.matryoshka import matryoshka_problems
 
@@ -230,6 +241,11 @@ class SAE(nn.Module):
         scale = (self.cfg.d_in ** 0.5) / x_BD.float().norm(dim=1).mean().clamp_min(1e-8)
         self.input_scale.copy_(scale)
         self.b_dec.copy_((x_BD.float() * scale).mean(0))
+
+    def jump_thresholds(self) -> torch.Tensor | None:
+        """Per-latent thresholds of a JumpReLU-style inference (f = relu(pre) where pre > theta), for
+        the SAELens export; None when the SAE has none."""
+        return None
 
     def step_counts(self) -> dict[str, float]:
         return {"dead_features": float(self.dead_mask.sum())}

@@ -38,6 +38,9 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.full((), -1.0))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
+    def jump_thresholds(self) -> torch.Tensor:
+        return self.threshold.detach().float().expand(self.cfg.d_sae)
+
     def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
         if float(self.threshold) < 0:  # never trained: per-token TopK
             return super().activation(pre_BF)

@@ -27,7 +27,7 @@ from msae_core import dist
 from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, register_sae, sae_class
 from msae_core.sae.tracker import MomentumTracker
 
-MOMENTUM_BASES = ("topk", "relu", "batchtopk", "matryoshka")
+MOMENTUM_BASES = ("topk", "relu", "batchtopk", "matryoshka", "jumprelu")
 
 
 @register_sae("momentum")
@@ -77,6 +77,9 @@ class MomentumSAE(SAE):
 
     def pre_activation(self, x_n_BD: torch.Tensor) -> torch.Tensor:
         return self.base.pre_activation(x_n_BD)
+
+    def jump_thresholds(self) -> torch.Tensor | None:
+        return self.base.jump_thresholds()
 
     def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
         return self.base.activation(pre_BF)
