@@ -122,7 +122,7 @@ def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
         # SAELens 5.x flat field names, kept for older readers
         "model_name": model_name, "hook_name": hook_name, "hook_layer": _layer_of(hook_name),
         "context_size": context_size, "prepend_bos": prepend_bos, "dataset_path": dataset_path,
-        "activation_fn_str": {"standard": "relu"}.get(architecture, architecture),
+        "activation_fn_str": _activation_fn_str(architecture),
         "finetuning_scaling_factor": False,
     }
     if architecture == "topk":
@@ -130,6 +130,11 @@ def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
         cfg["activation_fn_kwargs"] = {"k": sae.cfg.k}
     atomic_write_json(folder / SAELENS_CONFIG, cfg)
     return folder
+
+
+def _activation_fn_str(saelens_architecture: str) -> str:
+    """SAELens's activation name of one of its architectures: relu for "standard", else its name."""
+    return "relu" if saelens_architecture == "standard" else saelens_architecture
 
 
 def _layer_of(hook_name: str) -> int | None:
@@ -166,7 +171,7 @@ class SAEBenchSAE(torch.nn.Module):
                       apply_b_dec_to_input=True, prepend_bos=True, normalize_activations="none",
                       dataset_path="", dataset_trust_remote_code=False, seqpos_slice=(None,),
                       device=str(device),
-                      activation_fn_str={"standard": "relu"}.get(sae_class(base).saelens_architecture, "relu"))
+                      activation_fn_str=_activation_fn_str(sae_class(base).saelens_architecture))
         try:
             from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig  # type: ignore
 

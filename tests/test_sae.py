@@ -349,7 +349,7 @@ def test_saelens_export_reconstructs_like_ours_with_saelens_math(arch, tmp_path)
     assert cfg["hook_layer"] == 3
 
 
-@pytest.mark.parametrize("base", ["relu", "topk"])
+@pytest.mark.parametrize("base", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_saebench_wrapper_has_the_custom_sae_interface(base):
     """SAEBench's units: unit-norm decoder rows in input units, latents times their decoder norms,
     the same reconstruction; a ReLU SAE's latents are relu((x - b_dec) W_enc + b_enc) exactly."""
@@ -367,6 +367,8 @@ def test_saebench_wrapper_has_the_custom_sae_interface(base):
     assert torch.equal(w.encode(x) != 0, sae.encode(x) != 0)
     if base == "relu":
         assert torch.allclose(w.encode(x), torch.relu((x - w.b_dec) @ w.W_enc + w.b_enc), rtol=1e-5, atol=1e-5)
+    if hasattr(w.cfg, "activation_fn_str"):
+        assert w.cfg.activation_fn_str == {"relu": "relu", "topk": "topk"}.get(base, "jumprelu")
 
 
 @pytest.mark.parametrize("F", [40, 5000])  # 5000^2 keys exceed the hash table: collisions happen
