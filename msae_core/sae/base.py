@@ -106,10 +106,8 @@ class SAEConfig:
         if not self.jumprelu_bandwidth > 0 or not self.jumprelu_init_threshold > 0:
             out.append(f"jumprelu_bandwidth and jumprelu_init_threshold must be > 0 (got "
                        f"{self.jumprelu_bandwidth}, {self.jumprelu_init_threshold})")
-        if self.base_arch == "matryoshka" and self.d_sae >= 1:
-            from msae_core.sae.matryoshka import matryoshka_problems
-
-            out += matryoshka_problems(self)
+        if self.base_arch in _REGISTRY and self.d_sae >= 1:
+            out += _REGISTRY[self.base_arch].config_problems(self)
         if not 0 <= self.threshold_beta < 1:
             out.append(f"threshold_beta must be in [0, 1) (got {self.threshold_beta})")
         if not 0 <= self.beta < 1:
@@ -241,6 +239,11 @@ class SAE(nn.Module):
         scale = (self.cfg.d_in ** 0.5) / x_BD.float().norm(dim=1).mean().clamp_min(1e-8)
         self.input_scale.copy_(scale)
         self.b_dec.copy_((x_BD.float() * scale).mean(0))
+
+    @classmethod
+    def config_problems(cls, cfg: SAEConfig) -> list[str]:
+        """Problems of the fields only this architecture reads (SAEConfig.problems asks)."""
+        return []
 
     def jump_thresholds(self) -> torch.Tensor | None:
         """Per-latent thresholds of a JumpReLU-style inference (f = relu(pre) where pre > theta), for

@@ -51,6 +51,10 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(cfg)
         self.levels = matryoshka_levels(cfg)
 
+    @classmethod
+    def config_problems(cls, cfg: SAEConfig) -> list[str]:
+        return matryoshka_problems(cfg)
+
     def loss_terms(self, x_BD: torch.Tensor, step: int) -> StepOutput:
         x_n = x_BD * self.input_scale
         pre = self.pre_activation(x_n)
