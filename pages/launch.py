@@ -136,7 +136,11 @@ default_name = f"{arch}-F{int(d_sae)}" + (f"-b{beta:g}-t{tau:g}-l{lam:g}" if arc
                                          f"-l0c{l0c:g}" if sparsity == "jumprelu" else
                                          f"-k{int(k)}" if sparsity != "relu" else f"-l1{l1:g}")
 n1, n2 = st.columns([3, 1])
-raw_name = n1.text_input("Run name", default_name, key="run_name")
+# the name follows the settings until the user edits it (then it is theirs)
+if st.session_state.get("run_name") in (None, st.session_state.get("_run_name_default")):
+    st.session_state["run_name"] = default_name
+st.session_state["_run_name_default"] = default_name
+raw_name = n1.text_input("Run name", key="run_name", help="follows the settings until you edit it")
 parallel = n2.number_input("Runs at once", 1, 32, 2, key="parallel",
                            help="more launches wait queued until a slot is free")
 try:

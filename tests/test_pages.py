@@ -137,6 +137,22 @@ def test_launch_explains_invalid_settings_beside_widgets(full_root, monkeypatch)
     assert "sweep" in texts(at).lower() or at.text_area(key="grid")
 
 
+def test_launch_run_name_follows_the_settings_until_edited(full_root, monkeypatch):
+    """The suggested name tracks architecture and d_sae (a TopK run is never named momentum-...);
+    once the user types a name, setting changes leave it alone."""
+    at = open_page(full_root, "launch", monkeypatch)
+    assert at.text_input(key="run_name").value == "momentum-F2048-b0.95-t0.4-l0.1"
+    at.radio(key="arch").set_value("topk").run()
+    at.number_input(key="d_sae").set_value(4096).run()
+    assert_clean(at)
+    assert at.text_input(key="run_name").value == "topk-F4096-k32"
+    at.text_input(key="run_name").set_value("my-run").run()
+    at.number_input(key="d_sae").set_value(1024).run()
+    at.radio(key="arch").set_value("batchtopk").run()
+    assert_clean(at)
+    assert at.text_input(key="run_name").value == "my-run"
+
+
 def test_launch_streams_from_a_model(full_root, monkeypatch, tmp_path):
     """Source "stream from the model": model, layer and corpus instead of a store, checked against
     the model's config (no weights loaded in the page), launched as a `--source stream` run."""
