@@ -76,7 +76,7 @@ def runs_section() -> None:
 
     cols = ["name", "state", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
             "explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "step", "total_steps",
-            "train_explained_variance", "train_l0", "problem"]
+            "train_explained_variance", "train_l0", "flags", "problem"]
     st.caption(f"{len(view)} of {len(df)} runs")
     st.dataframe(view[cols], hide_index=True, key="runs_table", width="stretch",
                  column_config={
@@ -88,9 +88,15 @@ def runs_section() -> None:
                      "tokens": st.column_config.NumberColumn(format="compact"),
                      "train_explained_variance": st.column_config.NumberColumn("EV (train)", format="%.3f"),
                      "train_l0": st.column_config.NumberColumn("L0 (train)", format="%.1f"),
+                     "flags": st.column_config.TextColumn("suspicious", help="values a researcher should "
+                                                          "check before trusting the run (msae_core.evals.flags)"),
                  })
     bad = df[df["problem"].fillna("") != ""]
     ui.problems_box([f"{r.name}: {r.problem}" for r in bad.itertuples()], "in run folders")
+    flagged = view[view["flags"].fillna("") != ""]
+    if not flagged.empty:
+        st.warning("Suspicious results, check before trusting them:\n\n" + "\n".join(
+            f"- **{r.name}**: {r.flags}" for r in flagged.itertuples()))
 
 
 runs_section()

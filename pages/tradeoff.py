@@ -26,6 +26,10 @@ have = df[df["absorption"].notna() & df[y].notna()] if not df.empty else df
 missing = len(df) - len(have)
 if missing:
     st.caption(f"{missing} run(s) have no {y} or absorption yet (not evaluated, or unfinished).")
+flagged = have[have["flags"].fillna("") != ""] if not have.empty else have
+if not flagged.empty:
+    st.warning("Points to read with care:\n\n" + "\n".join(f"- **{r.name}**: {r.flags}"
+                                                            for r in flagged.itertuples()))
 
 picked = None
 try:

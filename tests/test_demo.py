@@ -50,7 +50,7 @@ def test_demo_harvests_trains_and_evaluates_then_skips_what_is_done(tmp_path, ca
     assert demo.demo_state(root) == {name: "done" for name in demo.DEMO_RUNS}
     for name in demo.DEMO_RUNS:
         ev = json.loads((root / "runs" / name / "eval.json").read_text())
-        assert set(ev) == {"core"}
+        assert set(ev) == {"core", "msae_flags"} and isinstance(ev["msae_flags"], list)
         assert ev["core"]["eval_result_metrics"]["sparsity"]["l0"] > 0
     cfg = json.loads((root / "runs" / "demo-momentum" / "config.json").read_text())
     assert cfg["sae"]["arch"] == "momentum" and cfg["sae"]["lam"] == 0.3

@@ -388,6 +388,11 @@ def test_run_evals_writes_core_eval_json(tiny):
     s = summarize(read_eval_json(run))
     core_keys = {k for k, (ev, _, _) in PATHS.items() if ev == "core"}
     assert set(s) == core_keys
+    from msae_core.evals.flags import run_flags
+
+    # eval.json keeps the suspicious values of the run (an untrained SAE: its explained variance)
+    assert read_eval_json(run)["msae_flags"] == run_flags(s, 64)
+    assert (s["explained_variance"] < 0) == any("worse than predicting" in f for f in out["msae_flags"])
 
 
 @pytest.mark.parametrize("state,weights,message", [

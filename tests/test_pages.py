@@ -117,6 +117,9 @@ def test_home_lists_runs_with_scores_and_filters(full_root, monkeypatch):
     assert good["explained_variance"].notna().all() and good["absorption"].notna().all()
     mom = good[good["arch"] == "momentum"]
     assert mom["beta"].notna().all() and good[good["arch"] == "relu"]["l1_coeff"].notna().all()
+    # the fixture gives every run the same KL score: flagged in the table and above it
+    assert good["flags"].str.contains("kl_div_score 0.9 equals").all()
+    assert any("Suspicious results" in w.value and "run-000-momentum" in w.value for w in at.warning)
     at.multiselect(key="f_arch").set_value(["relu"]).run()
     assert_clean(at)
     assert set(at.dataframe[0].value["arch"]) == {"relu"}

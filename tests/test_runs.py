@@ -238,3 +238,43 @@ def test_run_folder_owns_the_logs_round_trip(tmp_path):
     assert set(pair_columns(cols)) == {"i", "j", "kappa", "dec_cos", "first", "last"}
     assert pair_columns({**cols, "pair_j": np.arange(2)}) is None
     assert pair_columns({k: v for k, v in cols.items() if k != "pair_last"}) is None
+
+
+def test_suspicious_values_are_flagged():
+    """The rules of evals.flags: negative explained variance (eval, else training), L0 over a
+    quarter of d_sae, most latents dead; a metric equal to another run's to 4 digits (not a
+    saturated 0 or 1); a clean run has none."""
+    from msae_core.evals.flags import run_flags, shared_value_flags
+
+    assert run_flags({"explained_variance": 0.9, "l0": 30.0, "dead_fraction": 0.1}, 4096) == []
+    flags = run_flags({"explained_variance": -0.3945, "l0": 8895.8, "dead_fraction": 0.6}, 16384)
+    assert len(flags) == 3 and "worse than predicting the mean" in flags[0] and "not a sparse code" in flags[1]
+    assert "60% of the latents are dead" in flags[2]
+    assert "worse than predicting" in run_flags({"train_explained_variance": -8e12, "train_l0": 3.0}, 64)[0]
+    assert run_flags({"explained_variance": 0.5, "train_explained_variance": -1.0}, 64) == []  # eval wins
+    shared = shared_value_flags({"run3": {"kl_div_score": 0.47831, "explained_variance": -0.3945},
+                                 "run4": {"kl_div_score": 0.47829, "explained_variance": -0.4043},
+                                 "run5": {"kl_div_score": 0.5621, "ce_loss_score": 1.0},
+                                 "run6": {"kl_div_score": 0.9, "ce_loss_score": 1.0}})
+    assert len(shared["run3"]) == 1 and "kl_div_score 0.4783 equals run4's" in shared["run3"][0]
+    assert "run3" in shared["run4"][0] and shared["run5"] == [] and shared["run6"] == []
+
+
+def test_runs_table_and_eval_json_carry_the_flags(tmp_path):
+    """The runs table's `flags` column holds each run's lines (one rule on its own values, one
+    across runs). The fixture writes the same KL score for every run: that is flagged too."""
+    from fixtures_runs import make_run, make_store
+    from msae_core.inspect.runs_table import runs_table
+
+    store = make_store(tmp_path / "stores" / "s")
+    make_run(tmp_path, "negative", str(store), arch="topk", ev=-0.4, absorption=0.01, umap=False)
+    make_run(tmp_path, "twin-a", str(store), arch="topk", ev=0.81234, absorption=0.02, umap=False)
+    make_run(tmp_path, "twin-b", str(store), arch="topk", ev=0.81231, absorption=0.03, umap=False)
+    make_run(tmp_path, "clean", str(store), arch="topk", ev=0.7, absorption=0.04, umap=False)
+    df = runs_table(tmp_path).set_index("name")
+    assert "worse than predicting the mean" in df.loc["negative", "flags"]
+    assert "explained_variance 0.8123 equals twin-b's" in df.loc["twin-a", "flags"]
+    assert "twin-a" in df.loc["twin-b", "flags"]
+    clean = df.loc["clean", "flags"]
+    assert "explained_variance" not in clean and "worse than" not in clean
+    assert "kl_div_score 0.9 equals negative, twin-a, twin-b's" in clean

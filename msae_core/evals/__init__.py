@@ -58,7 +58,9 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
     eval.json are not run again. Returns the whole eval.json content.
     """
     from msae_core.configutil import from_dict
-    from msae_core.evals.schema import read_eval_json, write_eval_result
+    from msae_core.evals.flags import run_flags
+    from msae_core.evals.schema import read_eval_json, write_eval_result, write_flags
+    from msae_core.evals.summary import summarize
 
     names = parse_evals(evals)
     run_dir = Path(run_dir)
@@ -82,4 +84,8 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
         log.info("eval %d/%d: %s on %s", i, len(todo), n, run_dir.name)
         result = modules[n].run(ctx, configs[n])
         existing = write_eval_result(run_dir, n, result)
+    flags = run_flags(summarize(existing), ctx.sae.cfg.d_sae)
+    existing = write_flags(run_dir, flags)
+    for line in flags:
+        log.warning("%s: %s", run_dir.name, line)
     return existing

@@ -101,6 +101,17 @@ def read_eval_json(run_dir: str | os.PathLike) -> dict:
     return data
 
 
+FLAGS_KEY = "msae_flags"  # eval.json's list of suspicious values (evals.flags), beside the evals
+
+
+def write_flags(run_dir: str | os.PathLike, flags: list[str]) -> dict:
+    """Put the run's suspicious-value lines into eval.json (atomic replace). Returns the content."""
+    data = read_eval_json(run_dir)
+    data[FLAGS_KEY] = list(flags)
+    atomic_write_json(Path(run_dir) / RUN_EVAL, data)
+    return data
+
+
 def write_eval_result(run_dir: str | os.PathLike, name: str, result: dict) -> dict:
     """Merge one eval's result into eval.json (atomic replace). Returns the new content."""
     problems = check_result(result)

@@ -36,7 +36,7 @@ METRIC_COLUMNS = ["explained_variance", "absorption", "l0", "kl_div_score", "ce_
                   "cossim", "l1", "dead_fraction", "absorption_full", "n_split_features",
                   "llm_probe_acc", "sae_probe_acc", "sae_top1_acc"]
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "competing_pairs"]
-TABLE_COLUMNS = (["name", "state", "step", "total_steps", "problem"] + CONFIG_COLUMNS
+TABLE_COLUMNS = (["name", "state", "step", "total_steps", "problem", "flags"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
 
 
@@ -129,7 +129,19 @@ def runs_table(root: str | os.PathLike | None = None) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     for c in ["step", "total_steps"] + CONFIG_COLUMNS[2:] + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s"]:
         df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["flags"] = _flags_column(df)
     return df
+
+
+def _flags_column(df: pd.DataFrame) -> list[str]:
+    """Per run, its suspicious values (evals.flags) joined by "; " ("" when none)."""
+    from msae_core.evals.flags import run_flags, shared_value_flags
+
+    if df.empty:
+        return []
+    records = df.to_dict("records")
+    shared = shared_value_flags({r["name"]: r for r in records})
+    return ["; ".join(run_flags(r, r.get("d_sae")) + shared.get(r["name"], [])) for r in records]
 
 
 def filter_runs(df: pd.DataFrame, states: list[str] | None = None, archs: list[str] | None = None,

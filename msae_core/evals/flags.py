@@ -1,0 +1,67 @@
+"""Suspicious results, flagged rather than just shown: what the research log this project grew
+from reported without a word (a baseline with L0 8,896 of 16,384 latents, runs with negative
+explained variance, two runs with the same KL score to four digits) and what a diverging run can
+end with (`--lr 1e6` ended `done` at explained variance -8e12).
+
+    explained variance < 0          the reconstruction is worse than predicting the mean
+    L0 > d_sae / 4                  not a sparse code
+    dead fraction > 1/2             most of the dictionary is unused
+    a metric equal to another run's to 4 significant digits (not 0 or 1: saturated scores and a
+    TopK run's L0 = k are not suspicious)
+
+Each rule reads the flat numbers of `summary.summarize` (eval.json) and, before any eval, the
+last training metrics. Pure functions: eval.json, the runs table, Home and the Trade-off page all
+call these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# metrics compared between runs (l0 and scores that saturate at 0 or 1 are left out by the rule)
+SHARED_METRICS = ("explained_variance", "kl_div_score", "ce_loss_score", "mse", "absorption",
+                  "absorption_full", "sae_probe_acc")
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def run_flags(metrics: dict, d_sae: Any = None) -> list[str]:
+    """One line per suspicious value of one run. `metrics`: summarize()'s keys, and `train_`
+    keys (train_explained_variance, train_l0) for a run not evaluated yet."""
+    out = []
+    ev = _num(metrics.get("explained_variance"))
+    if ev is None:
+        ev = _num(metrics.get("train_explained_variance"))
+    if ev is not None and ev < 0:
+        out.append(f"explained variance {ev:.3g} < 0: the reconstruction is worse than predicting the mean")
+    l0 = _num(metrics.get("l0"))
+    if l0 is None:
+        l0 = _num(metrics.get("train_l0"))
+    F = _num(d_sae)
+    if l0 is not None and F and l0 > F / 4:
+        out.append(f"L0 {l0:.1f} is over a quarter of d_sae {F:.0f}: not a sparse code")
+    dead = _num(metrics.get("dead_fraction"))
+    if dead is not None and dead > 0.5:
+        out.append(f"{dead:.0%} of the latents are dead")
+    return out
+
+
+def shared_value_flags(runs: dict[str, dict]) -> dict[str, list[str]]:
+    """Per run name, a line for each metric equal to another run's to 4 significant digits."""
+    out: dict[str, list[str]] = {name: [] for name in runs}
+    for key in SHARED_METRICS:
+        seen: dict[str, list[str]] = {}
+        for name, m in runs.items():
+            v = _num(m.get(key))
+            if v is None or v in (0.0, 1.0):
+                continue
+            seen.setdefault(f"{v:.4g}", []).append(name)
+        for value, names in seen.items():
+            if len(names) > 1:
+                for name in names:
+                    others = ", ".join(n for n in names if n != name)
+                    out[name].append(f"{key} {value} equals {others}'s to 4 digits: the same result twice?")
+    return out
