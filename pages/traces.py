@@ -22,6 +22,11 @@ mode = c1.radio("Features", ["top by pressure", "by id"], horizontal=True, key="
 if mode == "top by pressure":
     n = c2.slider("How many", 1, 50, 8, key="tr_n")
     feats = ui.top_pressure(run, n)
+    if len(feats) < n:
+        st.caption(f"Only {len(feats)} feature(s) are under competition pressure at the last snapshot: "
+                   "features under none are not listed (choose them by id).")
+    if not feats:
+        st.stop()
 else:
     text = c2.text_input("Feature ids (comma or space separated)", "0, 1, 2", key="tr_ids")
     feats = [int(t) for t in re.findall(r"\d+", text)][:50]
@@ -37,9 +42,14 @@ h1, h2 = st.columns([1, 2])
 what = h1.selectbox("Quantity", ["pressure", "rate", "mag"], key="tr_heat_q")
 n_heat = h2.slider("Top features by pressure", 5, 200, 40, key="tr_heat_n")
 heat_feats = ui.top_pressure(run, n_heat)
-th = ui.traces(run, heat_feats)
-ui.show_figure(F.heatmap_figure(th.steps, th.features.tolist(), getattr(th, what),
-                                title=f"{run.name}: {what}, features x steps"), "heatmap", width="stretch")
+if heat_feats:
+    th = ui.traces(run, heat_feats)
+    ui.show_figure(F.heatmap_figure(th.steps, th.features.tolist(), getattr(th, what),
+                                    title=f"{run.name}: {what}, features x steps"), "heatmap", width="stretch")
+    if len(heat_feats) < n_heat:
+        st.caption(f"{len(heat_feats)} of the {n_heat} rows asked for: only these features are under pressure.")
+else:
+    st.caption("No feature is under competition pressure at the last snapshot.")
 
 st.subheader("Competition events")
 ev = ui.events(run)

@@ -111,7 +111,8 @@ def write_traces(run: Path, d_sae: int, steps: list[int], n_pairs: int, seed: in
         atomic_save_safetensors(run / RUN_TRACES_DIR / RUN_TRACE.format(step=s), {
             "rate": torch.rand(d_sae, generator=g) * 0.1,
             "mag": torch.rand(d_sae, generator=g),
-            "pressure": torch.rand(d_sae, generator=g) ** 4 * frac,
+            # as in a real run, only features in competing pairs are under pressure
+            "pressure": torch.rand(d_sae, generator=g) ** 4 * frac * (torch.rand(d_sae, generator=g) < 0.5),
             "pair_i": pi.to(torch.int64), "pair_j": pj.to(torch.int64),
             "pair_kappa": torch.rand(n_pairs, generator=g) * 0.5 + 0.4,
             "pair_dec_cos": torch.rand(n_pairs, generator=g) * 0.6,

@@ -82,6 +82,8 @@ def test_traces_skip_a_corrupt_snapshot_and_subset_features(root):
     np.testing.assert_array_equal(sub.pressure[0], full.pressure[7])
     top = run_files.top_pressure_features(root / "runs" / "run-000-momentum", 5)
     assert full.pressure[top[0], -1] == full.pressure[:, -1].max()
+    every = run_files.top_pressure_features(root / "runs" / "run-000-momentum", 256)  # no zero padding
+    assert len(every) == int((full.pressure[:, -1] > 0).sum()) < 256 and (full.pressure[every, -1] > 0).all()
     fig = F.heatmap_figure(full.steps, top, full.pressure[top])
     assert fig.data[0].z.shape == (5, 10)
 

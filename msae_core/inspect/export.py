@@ -104,9 +104,10 @@ def standard_figures(root: str | os.PathLike | None = None, runs: pd.DataFrame |
             continue
         name = Path(path).name
         feats = top_pressure_features(path, 40)
-        tr = load_traces(path, feats)
-        figs[f"{name}-pressure-heatmap"] = F.heatmap_figure(tr.steps, tr.features.tolist(), tr.pressure,
-                                                            title=f"{name}: pressure, features x steps")
+        if feats:  # no feature under pressure: no heatmap of zeros
+            tr = load_traces(path, feats)
+            figs[f"{name}-pressure-heatmap"] = F.heatmap_figure(tr.steps, tr.features.tolist(), tr.pressure,
+                                                                title=f"{name}: pressure, features x steps")
         figs[f"{name}-events"] = F.events_figure(load_events(path), title=f"{name}: competition events")
     return figs
 

@@ -193,10 +193,11 @@ def load_traces(run_dir: str | os.PathLike, features: list[int] | np.ndarray | N
 
 
 def top_pressure_features(run_dir: str | os.PathLike, n: int = 10) -> list[int]:
-    """The `n` features with the highest pressure at the last readable snapshot."""
+    """At most `n` features, those with the highest pressure at the last readable snapshot; a
+    feature under no pressure (0) is not among them, so there may be fewer than `n`."""
     for _, t in latest_snapshots(run_dir, ("pressure",)):
         p = t["pressure"].astype(np.float32)
-        return [int(i) for i in np.argsort(-p, kind="stable")[:n]]
+        return [int(i) for i in np.argsort(-p, kind="stable")[:n] if p[i] > 0]
     return []
 
 
