@@ -132,8 +132,8 @@ def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
         manifest = {"model": d.model, "layer": d.layer, "context_size": d.context_size, "corpus": d.corpus,
                     "prepend_bos": True, "n_windows": int(status.get("stream_windows") or 0),
                     "source": "stream"}
-    elif manifest is not None and config.data.source == "stream":  # trained on every window read,
-        # the cache holds the first steps x batch rows' windows: the evals skip all that were read
+    elif manifest is not None and config.data.source == "stream":  # the evals skip every window the
+        # run read (its cache holds them all once finished; a cache cut short holds fewer)
         manifest = {**manifest, "n_windows": max(int(manifest.get("n_windows") or 0),
                                                  int(status.get("stream_windows") or 0))}
     if manifest is None:
