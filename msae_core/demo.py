@@ -188,6 +188,11 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
                     prog.finish(i, t0, "failed", str(exc))
                     continue
             prog.finish(i, t0)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, in any phase: nothing done is lost
+        label = phases[prog.record.get("phase") or 0].label if phases else "the demo"
+        prog.end("failed", str(exc).splitlines()[0] if str(exc) else
+                 f"stopped during {label} (Ctrl-C or SIGTERM); run the same command to continue")
+        raise
     except BaseException as exc:
         prog.end("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise

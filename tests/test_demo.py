@@ -148,3 +148,26 @@ def test_a_signal_during_training_stops_the_demo(tmp_path, monkeypatch):
     prog = demo.demo_progress(tmp_path / "results")
     assert prog["state"] == "failed" and "cancelled at step 17" in prog["error"]
     assert "run the same command to continue" in prog["error"]
+
+
+def test_a_signal_during_an_eval_reads_as_stopped_not_failed(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM in a phase other than training (here the first eval) ends the demo saying
+    where it stopped and how to continue, not "failed: KeyboardInterrupt"."""
+    import msae_core.evals
+    from msae_core.training import trainer
+    from msae_core.training.trainer import RunResult
+
+    monkeypatch.setattr(trainer, "train", lambda cfg, run_dir, progress=True: RunResult("done", 5, Path(run_dir)))
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(msae_core.evals, "run_evals", interrupted)
+    argv = _argv(tmp_path, tmp_path / "results")
+    plan = demo.DemoPlan(model=argv[argv.index("--model") + 1], layer=1,
+                         tokens=int(argv[argv.index("--tokens") + 1]), steps=5, d_sae=64, batch_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "results", plan, progress=False)
+    prog = demo.demo_progress(tmp_path / "results")
+    assert prog["error"] == ("stopped during core eval of demo-topk (Ctrl-C or SIGTERM); "
+                             "run the same command to continue")
