@@ -125,8 +125,9 @@ class _Progress:
 
     def finish(self, i: int, t0: float, state: str = "done", error: str | None = None) -> None:
         took = time.time() - t0
-        self.done_est += self.phases[i].estimate_s
-        self.done_real += took
+        if took >= 1.0:  # a phase found done (a rerun skips it) says nothing of this machine's speed
+            self.done_est += self.phases[i].estimate_s
+            self.done_real += took
         self.record["phases"][i].update(state=state, seconds=took, error=error)
         self.record.update(eta_s=self.left_s(i + 1))
         self._write()

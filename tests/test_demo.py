@@ -171,3 +171,16 @@ def test_a_signal_during_an_eval_reads_as_stopped_not_failed(tmp_path, monkeypat
     prog = demo.demo_progress(tmp_path / "results")
     assert prog["error"] == ("stopped during core eval of demo-topk (Ctrl-C or SIGTERM); "
                              "run the same command to continue")
+
+
+def test_time_left_ignores_phases_a_rerun_finds_done(tmp_path):
+    """A rerun skips the phases already done in no time: they must not make the estimate of the
+    time left zero; phases that ran scale it."""
+    phases = demo.plan_phases(demo.DemoPlan(), model_cached=True)
+    prog = demo._Progress(tmp_path, phases)
+    prog.start(0)
+    prog.finish(0, time.time())  # found done
+    assert prog.left_s(1) == pytest.approx(sum(p.estimate_s for p in phases[1:]))
+    prog.start(1)
+    prog.finish(1, time.time() - 2 * phases[1].estimate_s)  # twice the estimate
+    assert prog.left_s(2) == pytest.approx(2 * sum(p.estimate_s for p in phases[2:]), rel=1e-3)
