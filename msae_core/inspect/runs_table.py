@@ -185,7 +185,7 @@ def list_stores(root: str | os.PathLike | None = None) -> list[dict]:
 
 
 def _sparsity_knob(arch: object) -> str | None:
-    """"k" or "l1_coeff": the setting that makes `arch` sparse (None for an unknown name)."""
+    """The setting that makes `arch` sparse ("k", "l1_coeff" or "l0_coeff"; None for an unknown name)."""
     from msae_core.sae import sae_class
 
     try:
