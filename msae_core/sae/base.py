@@ -33,6 +33,11 @@ def registered_archs() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def momentum_bases() -> list[str]:
+    """The architectures a momentum SAE can wrap: every registered one but momentum itself."""
+    return [name for name in registered_archs() if name != "momentum"]
+
+
 def sae_class(name: str) -> type["SAE"]:
     """The class registered under `name`; ValueError when there is none."""
     if name not in _REGISTRY:
@@ -99,8 +104,8 @@ class SAEConfig:
             out.append(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
         if self.auxk_coeff < 0:
             out.append(f"auxk_coeff must be >= 0 (got {self.auxk_coeff})")
-        if self.arch == "momentum" and self.base not in ("topk", "relu", "batchtopk", "matryoshka", "jumprelu"):
-            out.append(f"base must be topk, relu, batchtopk, matryoshka or jumprelu (got {self.base!r})")
+        if self.arch == "momentum" and self.base not in momentum_bases():
+            out.append(f"base must be one of {', '.join(momentum_bases())} (got {self.base!r})")
         if self.l0_coeff < 0 or self.target_l0 < 0:
             out.append(f"l0_coeff and target_l0 must be >= 0 (got {self.l0_coeff}, {self.target_l0})")
         if not self.jumprelu_bandwidth > 0 or not self.jumprelu_init_threshold > 0:
@@ -161,7 +166,7 @@ class SAE(nn.Module):
     """
 
     arch_name = "base"
-    sparsity = "k"  # the knob that sets its sparsity: "k" or "l1_coeff"
+    sparsity = "k"  # the knob that sets its sparsity: "k", "l1_coeff" or "l0_coeff"
     saelens_architecture = ""  # its name in SAELens's cfg.json
 
     def __init__(self, cfg: SAEConfig):

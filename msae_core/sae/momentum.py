@@ -24,10 +24,8 @@ import torch
 from torch import nn
 
 from msae_core import dist
-from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, register_sae, sae_class
+from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, momentum_bases, register_sae, sae_class
 from msae_core.sae.tracker import MomentumTracker
-
-MOMENTUM_BASES = ("topk", "relu", "batchtopk", "matryoshka", "jumprelu")
 
 
 @register_sae("momentum")
@@ -36,8 +34,8 @@ class MomentumSAE(SAE):
     `b_enc`, `b_dec`, `input_scale` and `dead_mask` are the base's."""
 
     def __init__(self, cfg: SAEConfig):
-        if cfg.base not in MOMENTUM_BASES:
-            raise ValueError(f"momentum base must be one of {', '.join(MOMENTUM_BASES)}, got {cfg.base!r}")
+        if cfg.base not in momentum_bases():
+            raise ValueError(f"momentum base must be one of {', '.join(momentum_bases())}, got {cfg.base!r}")
         nn.Module.__init__(self)  # not SAE.__init__: the weights live in the base
         self.cfg = cfg
         self.base: SAE = sae_class(cfg.base_arch)(cfg)

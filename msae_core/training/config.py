@@ -150,8 +150,10 @@ def _sae_problems(cfg: Any) -> list[str]:
     d_sae, k = g("d_sae"), g("k")
     if d_sae is None or d_sae < 1:
         out.append(f"d_sae must be >= 1 (got {d_sae})")
-    k_archs = ("topk", "batchtopk", "matryoshka")
-    if g("arch") in k_archs or (g("arch") == "momentum" and g("base") in k_archs):
+    from msae_core.sae import registered_archs, sae_class
+
+    sparse_arch = g("base") if g("arch") == "momentum" else g("arch")
+    if sparse_arch in registered_archs() and sae_class(sparse_arch).sparsity == "k":
         if k is None or k < 1 or (d_sae is not None and k > d_sae):
             out.append(f"k must be in [1, d_sae={d_sae}] (got {k})")
     beta, tau, lam = g("beta"), g("tau"), g("lam")
