@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from msae_core import dist
-from msae_core.sae.base import SAEConfig, SAEOutput, StepOutput, register_sae
+from msae_core.sae.base import SAE, SAEConfig, StepOutput, register_sae
 from msae_core.sae.topk import TopKSAE
 
 
@@ -46,10 +46,7 @@ class BatchTopKSAE(TopKSAE):
             return super().activation(pre_BF)
         return torch.relu(pre_BF) * (pre_BF > self.threshold)
 
-    def forward(self, x_BD: torch.Tensor) -> SAEOutput:
-        pre = self.pre_activation(x_BD * self.input_scale)
-        f = self.activation(pre)
-        return SAEOutput(self.decode(f), f, pre)
+    forward = SAE.forward  # through `activation` (the threshold), not TopK's per-token forward
 
     def batch_topk(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's B k largest entries of ReLU(pre): (dense f (B, F), values (N,), token (N,)
@@ -68,7 +65,16 @@ class BatchTopKSAE(TopKSAE):
         f, vals_N, tok_N, lat_N = self.batch_topk(pre)
         x_hat_n = self._decode_kept_n(vals_N, tok_N, lat_N, pre.shape[0])
         self._update_threshold_(vals_N.detach())
-        return self._topk_step(x_n, x_hat_n, f, pre)
+        losses, out = self._topk_step(x_n, x_hat_n, f, pre)
+        extra = self._extra_losses(x_n, vals_N, tok_N, lat_N)
+        if extra:
+            losses = {**losses, **extra, "loss": losses["loss"] + sum(extra.values())}
+        return StepOutput(losses, out)
+
+    def _extra_losses(self, x_n: torch.Tensor, vals_N: torch.Tensor, tok_N: torch.Tensor,
+                      lat_N: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms a subclass adds to the total, from the batch's kept entries ({} here)."""
+        return {}
 
     def _decode_kept_n(self, vals_N: torch.Tensor, tok_N: torch.Tensor, lat_N: torch.Tensor, B: int) -> torch.Tensor:
         """sum of vals W_dec[lat] per token, plus b_dec: bags by offsets (entries ordered by token)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from msae_core.sae.base import SAEConfig, StepOutput, mse_loss, register_sae
+from msae_core.sae.base import SAEConfig, mse_loss, register_sae
 from msae_core.sae.batchtopk import BatchTopKSAE
 
 
@@ -55,17 +55,11 @@ class MatryoshkaSAE(BatchTopKSAE):
     def config_problems(cls, cfg: SAEConfig) -> list[str]:
         return matryoshka_problems(cfg)
 
-    def loss_terms(self, x_BD: torch.Tensor, step: int) -> StepOutput:
-        x_n = x_BD * self.input_scale
-        pre = self.pre_activation(x_n)
-        f, vals_N, tok_N, lat_N = self.batch_topk(pre)
-        B = pre.shape[0]
-        x_hat_n = self._decode_kept_n(vals_N, tok_N, lat_N, B)
-        self._update_threshold_(vals_N.detach())
-        losses, out = self._topk_step(x_n, x_hat_n, f, pre)
-        inner = {}
+    def _extra_losses(self, x_n: torch.Tensor, vals_N: torch.Tensor, tok_N: torch.Tensor,
+                      lat_N: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The MSE of each inner prefix's reconstruction (the full one is BatchTopK's)."""
+        B, inner = x_n.shape[0], {}
         for w in self.levels[:-1]:
             keep = lat_N < w
             inner[f"mse_w{w}"] = mse_loss(x_n, self._decode_kept_n(vals_N[keep], tok_N[keep], lat_N[keep], B))
-        total = losses["loss"] + sum(inner.values())
-        return StepOutput({**losses, **inner, "loss": total}, out)
+        return inner
