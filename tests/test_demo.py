@@ -131,6 +131,16 @@ def test_demo_serve_shows_the_workbench_at_once_and_keeps_serving(tmp_path):
     assert rc == 0
 
 
+def _interrupted_demo(tmp_path: Path) -> dict:
+    """Run a small demo that must end in KeyboardInterrupt; its demo.json as Home reads it."""
+    argv = _argv(tmp_path, tmp_path / "results")
+    plan = demo.DemoPlan(model=argv[argv.index("--model") + 1], layer=1,
+                         tokens=int(argv[argv.index("--tokens") + 1]), steps=5, d_sae=64, batch_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "results", plan, progress=False)
+    return demo.demo_progress(tmp_path / "results")
+
+
 def test_a_signal_during_training_stops_the_demo(tmp_path, monkeypatch):
     """The trainer takes SIGTERM/SIGINT while it runs (its own StopFlag) and ends `cancelled`: the
     demo then stops as on Ctrl-C (with --serve, the server too) instead of reporting a failed
@@ -140,12 +150,7 @@ def test_a_signal_during_training_stops_the_demo(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "train", lambda cfg, run_dir, progress=True: RunResult(
         "cancelled", 17, Path(run_dir), {}, "cancelled by signal SIGTERM at step 17; checkpoint written"))
-    argv = _argv(tmp_path, tmp_path / "results")
-    plan = demo.DemoPlan(model=argv[argv.index("--model") + 1], layer=1,
-                         tokens=int(argv[argv.index("--tokens") + 1]), steps=5, d_sae=64, batch_size=32)
-    with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(tmp_path / "results", plan, progress=False)
-    prog = demo.demo_progress(tmp_path / "results")
+    prog = _interrupted_demo(tmp_path)
     assert prog["state"] == "failed" and "cancelled at step 17" in prog["error"]
     assert "run the same command to continue" in prog["error"]
 
@@ -163,12 +168,7 @@ def test_a_signal_during_an_eval_reads_as_stopped_not_failed(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(msae_core.evals, "run_evals", interrupted)
-    argv = _argv(tmp_path, tmp_path / "results")
-    plan = demo.DemoPlan(model=argv[argv.index("--model") + 1], layer=1,
-                         tokens=int(argv[argv.index("--tokens") + 1]), steps=5, d_sae=64, batch_size=32)
-    with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(tmp_path / "results", plan, progress=False)
-    prog = demo.demo_progress(tmp_path / "results")
+    prog = _interrupted_demo(tmp_path)
     assert prog["error"] == ("stopped during core eval of demo-topk (Ctrl-C or SIGTERM); "
                              "run the same command to continue")
 

@@ -32,6 +32,11 @@ from torch import nn
 from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, mse_loss, register_sae
 
 
+def _kernel(pre_BF: torch.Tensor, theta_F: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The rectangle kernel 1[|pre - theta| < eps / 2] of both estimators."""
+    return ((pre_BF - theta_F).abs() < eps / 2).to(dtype)
+
+
 class _JumpReLU(torch.autograd.Function):
     """pre * H(pre - theta), with the rectangle-kernel gradient for theta."""
 
@@ -44,7 +49,7 @@ class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_BF: torch.Tensor):
         pre_BF, theta_F = ctx.saved_tensors
-        near_BF = ((pre_BF - theta_F).abs() < ctx.eps / 2).to(g_BF.dtype)
+        near_BF = _kernel(pre_BF, theta_F, ctx.eps, g_BF.dtype)
         g_theta_F = (-(theta_F / ctx.eps) * near_BF * g_BF).sum(0)
         return g_BF * (pre_BF > theta_F), g_theta_F, None
 
@@ -61,7 +66,7 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_BF: torch.Tensor):
         pre_BF, theta_F = ctx.saved_tensors
-        near_BF = ((pre_BF - theta_F).abs() < ctx.eps / 2).to(g_BF.dtype)
+        near_BF = _kernel(pre_BF, theta_F, ctx.eps, g_BF.dtype)
         return None, (-(1.0 / ctx.eps) * near_BF * g_BF).sum(0), None
 
 
