@@ -17,6 +17,9 @@ from typing import Any, Mapping
 STORE_MANIFEST = "manifest.json"
 STORE_SHARD = "shard_{index:05d}.safetensors"
 STORE_SHARD_GLOB = "shard_*.safetensors"
+# a synthetic store's ground truth, beside its shards (msae_core.data.synth)
+SYNTH_FEATURES = "synth_features.safetensors"
+SYNTH_ROWS = "synth_rows_{index:05d}.safetensors"  # which features fire in shard {index}'s rows
 
 # run folder
 RUN_CONFIG = "config.json"
@@ -42,7 +45,7 @@ SWEEP_RECORD = "sweep.json"
 RUN_QUEUE_LOCK = ".queue.lock"
 
 # the evals a run can have: the top-level keys of eval.json (msae_core.evals maps them to modules)
-EVAL_NAMES = ("core", "absorption", "sparse_probing")
+EVAL_NAMES = ("core", "absorption", "sparse_probing", "synthetic")
 
 # a run's derived caches for the workbench (msae_core.inspect), recomputed when the weights change
 RUN_INSPECT_CACHE_DIR = "workbench"

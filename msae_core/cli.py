@@ -13,6 +13,7 @@ from msae_core.errors import MsaeError
 # each module exposes add_cli(subparsers); order is the order of `msae --help`
 SUBCOMMAND_MODULES = (
     "msae_core.data.harvest",
+    "msae_core.data.synth",
     "msae_core.training.trainer",
     "msae_core.training.sweep",
     "msae_core.evals.cli",

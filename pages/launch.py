@@ -5,6 +5,7 @@ import time
 import streamlit as st
 
 import ui
+from msae_core.artifacts import EVAL_NAMES
 from msae_core.errors import MsaeError
 from msae_core.inspect.launch import config_problems, problem_field
 from msae_core.paths import runs_root
@@ -110,7 +111,9 @@ with a3:
     batch = st.number_input("Batch size (tokens per step)", 1, 1 << 20, 1024, step=256, key="batch")
     slots["batch_size"] = st.empty()
     st.caption(f"= {int(steps) * int(batch):,} training tokens")
-    evals = st.multiselect("Evals when done", ["core", "absorption", "sparse_probing"], key="evals")
+    evals = st.multiselect("Evals when done", list(EVAL_NAMES), key="evals",
+                           help="synthetic scores a run on a store written by `msae synth` against its true "
+                                "features; the others need a language model's activations")
 
 sae = {"arch": arch, "d_in": 0, "d_sae": int(d_sae), "k": int(k), "l1_coeff": float(l1), "l0_coeff": float(l0c)}
 if arch == "momentum":

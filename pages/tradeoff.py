@@ -8,8 +8,12 @@ from msae_core.inspect import figures as F
 
 st.title("Reconstruction vs absorption")
 df = ui.runs_table()
-c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
-y = c1.selectbox("Reconstruction", ["explained_variance", "ce_loss_score", "kl_div_score"], key="t_y",
+c0, c1, c2, c3, c4 = st.columns([2, 2, 2, 1, 1])
+x = c0.selectbox("Absorption", list(F.ABSORPTION_LABELS), key="t_x",
+                 format_func=lambda k: F.ABSORPTION_LABELS.get(k, k),
+                 help="SAEBench's first-letter scores on a language model, or the exact score against a "
+                      "synthetic store's true features (msae synth, eval `synthetic`)")
+y = c1.selectbox("Reconstruction", list(F.RECONSTRUCTION_LABELS), key="t_y",
                  format_func=lambda k: F.RECONSTRUCTION_LABELS.get(k, k))
 colour_opts = ["arch", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "lr", "tokens", "l0", "state"]
 colour = c2.selectbox("Colour by", colour_opts, key="t_colour")
@@ -17,15 +21,16 @@ frontier = c3.checkbox("Pareto frontier", True, key="t_front")
 show_ref = c4.checkbox("Research log points", False, key="t_ref",
                        help="the points the research log reported (gemma-2-2b, layer 12, F=16384)")
 ref = reference_points() if show_ref else None
-if ref is not None and (y not in ref or ref[y].isna().all()):
-    st.caption(f"The research log reported no {F.RECONSTRUCTION_LABELS.get(y, y)}: its points are not drawn.")
-fig = F.tradeoff_figure(df, y=y, color=colour, reference=ref, frontier=frontier)
+if ref is not None and any(c not in ref or ref[c].isna().all() for c in (x, y)):
+    st.caption(f"The research log reported no {F.RECONSTRUCTION_LABELS.get(y, y)} against "
+               f"{F.ABSORPTION_LABELS.get(x, x)}: its points are not drawn.")
+fig = F.tradeoff_figure(df, y=y, x=x, color=colour, reference=ref, frontier=frontier)
 event = ui.show_figure(fig, "tradeoff", on_select="rerun", selection_mode=("points",), width="stretch")
 
-have = df[df["absorption"].notna() & df[y].notna()] if not df.empty else df
+have = df[df[x].notna() & df[y].notna()] if not df.empty else df
 missing = len(df) - len(have)
 if missing:
-    st.caption(f"{missing} run(s) have no {y} or absorption yet (not evaluated, or unfinished).")
+    st.caption(f"{missing} run(s) have no {y} or {x} yet (not evaluated, or unfinished).")
 flagged = have[have["flags"].fillna("") != ""] if not have.empty else have
 if not flagged.empty:
     st.warning("Points to read with care:\n\n" + "\n".join(f"- **{r.name}**: {r.flags}"

@@ -63,6 +63,12 @@ def test_tradeoff_figure_frontier_customdata_and_empty():
     assert list(front.x) == [0.05, 0.1]  # c is beaten by a on both axes
     empty = F.tradeoff_figure(df.iloc[0:0])
     assert "no run" in empty.layout.annotations[0].text
+    # the synthetic axes: exact absorption against F1, only the runs scored on a synthetic store
+    df["synth_absorption"], df["synth_f1"] = [np.nan, 0.3, 0.1, 0.2], [np.nan, 0.5, 0.6, 0.7]
+    synth = F.tradeoff_figure(df, x="synth_absorption", y="synth_f1")
+    assert sorted(c[0] for t in synth.data if t.legendgroup == "runs" for c in t.customdata) == ["b", "c", "d"]
+    assert "exact" in synth.layout.xaxis.title.text and "lower is better" in synth.layout.xaxis.title.text
+    assert "F1" in synth.layout.yaxis.title.text
 
 
 def test_tokens_html_escapes_and_shades():

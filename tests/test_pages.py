@@ -203,6 +203,10 @@ def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):
     assert "CE-loss" in spec["layout"]["title"]["text"]
     assert "reported no" in texts(at)  # the log has no CE-loss scores: said, not faked
     assert at.selectbox(key="t_open").value.startswith("run-")
+    at.selectbox(key="t_x").set_value("synth_absorption").run()  # no run trained on a synthetic store
+    assert_clean(at)
+    assert "exact" in charts(at)[0]["layout"]["title"]["text"]
+    assert "run(s) have no ce_loss_score or synth_absorption yet" in texts(at)
 
 
 def test_traces_page_shows_traces_heatmap_and_events(full_root, monkeypatch):

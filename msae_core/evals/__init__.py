@@ -25,6 +25,7 @@ EVALS: dict[str, str] = {
     "core": "msae_core.evals.core",
     "absorption": "msae_core.evals.absorption",
     "sparse_probing": "msae_core.evals.sparse_probing",
+    "synthetic": "msae_core.evals.synthetic",
 }
 assert tuple(EVALS) == EVAL_NAMES  # the training config checks names against artifacts.EVAL_NAMES
 

@@ -66,6 +66,10 @@ class EvalContext:
         if self._lm is None:
             from msae_core.data.lm import load_lm
 
+            if isinstance(self.manifest.get("synthetic"), dict):
+                raise MsaeError(f"run {self.run_dir.name} trained on synthetic activations (msae synth): "
+                                "there is no language model to run; score it with --evals synthetic")
+
             self._lm = load_lm(self.model_name, device=self.device)
         return self._lm
 

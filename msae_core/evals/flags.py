@@ -21,7 +21,8 @@ from typing import Any
 
 # metrics compared between runs (l0 and scores that saturate at 0 or 1 are left out by the rule)
 SHARED_METRICS = ("explained_variance", "kl_div_score", "ce_loss_score", "mse", "absorption",
-                  "absorption_full", "sae_probe_acc")
+                  "absorption_full", "sae_probe_acc", "synth_absorption", "synth_f1",
+                  "synth_explained_variance")
 
 
 def _num(v: Any) -> float | None:
@@ -32,14 +33,11 @@ def run_flags(metrics: dict, d_sae: Any = None) -> list[str]:
     """One line per suspicious value of one run. `metrics`: summarize()'s keys, and `train_`
     keys (train_explained_variance, train_l0) for a run not evaluated yet."""
     out = []
-    ev = _num(metrics.get("explained_variance"))
-    if ev is None:
-        ev = _num(metrics.get("train_explained_variance"))
+    ev = next((v for k in ("explained_variance", "synth_explained_variance", "train_explained_variance")
+               if (v := _num(metrics.get(k))) is not None), None)
     if ev is not None and ev < 0:
         out.append(f"explained variance {ev:.3g} < 0: the reconstruction is worse than predicting the mean")
-    l0 = _num(metrics.get("l0"))
-    if l0 is None:
-        l0 = _num(metrics.get("train_l0"))
+    l0 = next((v for k in ("l0", "synth_l0", "train_l0") if (v := _num(metrics.get(k))) is not None), None)
     F = _num(d_sae)
     if l0 is not None and F and l0 > F / 4:
         out.append(f"L0 {l0:.1f} is over a quarter of d_sae {F:.0f}: not a sparse code")

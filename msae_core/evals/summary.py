@@ -23,6 +23,12 @@ PATHS: dict[str, tuple[str, str, str]] = {
     "llm_probe_acc": ("sparse_probing", "llm", "llm_test_accuracy"),
     "sae_probe_acc": ("sparse_probing", "sae", "sae_test_accuracy"),
     "sae_top1_acc": ("sparse_probing", "sae", "sae_top_1_test_accuracy"),
+    # a run trained on a synthetic store (msae synth), against its ground truth
+    "synth_absorption": ("synthetic", "absorption", "mean_absorption"),
+    "synth_f1": ("synthetic", "classification", "f1"),
+    "synth_mcc": ("synthetic", "recovery", "mcc"),
+    "synth_explained_variance": ("synthetic", "reconstruction", "explained_variance"),
+    "synth_l0": ("synthetic", "sparsity", "l0"),
 }
 
 

@@ -91,13 +91,16 @@ def safe_file_stem(name: str) -> str:
 
 def standard_figures(root: str | os.PathLike | None = None, runs: pd.DataFrame | None = None,
                      max_runs: int = 4) -> dict[str, Any]:
-    """The write-up's figures built from disk: trade-off (EV and CE score), and for up to
+    """The write-up's figures built from disk: trade-off (EV and CE score; F1 against exact
+    absorption when runs were scored on a synthetic store), and for up to
     `max_runs` momentum runs with traces, the pressure heatmap and competition events."""
     df = runs if runs is not None else runs_table(root)
     figs: dict[str, Any] = {
         "tradeoff-explained-variance": F.tradeoff_figure(df, y="explained_variance", color="arch"),
         "tradeoff-ce-loss-score": F.tradeoff_figure(df, y="ce_loss_score", color="arch"),
     }
+    if not df.empty and df["synth_absorption"].notna().any():  # runs scored against a synthetic truth
+        figs["tradeoff-synthetic-f1"] = F.tradeoff_figure(df, y="synth_f1", x="synth_absorption", color="arch")
     mom = df[(df["arch"] == "momentum") & (df["problem"].fillna("") == "")] if not df.empty else df
     for path in list(mom["path"])[:max_runs]:
         if not trace_files(path):

@@ -21,7 +21,13 @@ FEATURE_COLOURS = ((31, 119, 180), (214, 39, 40))  # first and second feature of
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
             "#bcbd22", "#17becf"]
 RECONSTRUCTION_LABELS = {"explained_variance": "explained variance", "ce_loss_score": "CE-loss score",
-                         "kl_div_score": "KL score"}
+                         "kl_div_score": "KL score",
+                         "synth_explained_variance": "explained variance (synthetic rows)",
+                         "synth_f1": "F1 against the true features", "synth_mcc": "MCC with the true features"}
+# the trade-off's x axis: the absorption scores (lower is better)
+ABSORPTION_LABELS = {"absorption": "mean absorption fraction (SAEBench)",
+                     "absorption_full": "mean full absorption (SAEBench)",
+                     "synth_absorption": "absorption, exact (synthetic ground truth)"}
 
 
 def _empty(note: str, title: str = "") -> go.Figure:
@@ -56,11 +62,10 @@ def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "a
     crosses. Run traces share legendgroup "runs": one trace with a colour scale for a numeric
     `color` (runs without a value in grey), one trace per value for a categorical one. Each run's
     marker carries its name as customdata[0] (for click-to-open)."""
-    ylab = RECONSTRUCTION_LABELS.get(y, y)
+    ylab, xlab = RECONSTRUCTION_LABELS.get(y, y), ABSORPTION_LABELS.get(x, x)
     d = df[df[x].notna() & df[y].notna()] if len(df) and x in df and y in df else df.iloc[0:0]
     if d.empty and (reference is None or reference.empty):
-        return _empty("no run has both an absorption and a reconstruction score yet",
-                      f"{ylab} vs absorption")
+        return _empty(f"no run has both {xlab} and {ylab} yet", f"{ylab} vs {xlab}")
     fig = go.Figure()
     hover_cols = [c for c in ("arch", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "l0", *hover)
                   if c in d.columns]
@@ -100,7 +105,7 @@ def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "a
             text=r.get("label", r.index.astype(str)), textposition="top center",
             marker={"symbol": "x", "size": 11, "color": "#d62728"},
             hovertemplate="%{text}<br>" + f"{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra>reported</extra>"))
-    fig.update_layout(template=TEMPLATE, title=f"{ylab} vs absorption", xaxis_title=f"{x} (lower is better)",
+    fig.update_layout(template=TEMPLATE, title=f"{ylab} vs {xlab}", xaxis_title=f"{xlab} (lower is better)",
                       yaxis_title=f"{ylab} (higher is better)", height=520, clickmode="event+select",
                       legend={"orientation": "h", "y": -0.15})
     return fig

@@ -34,7 +34,8 @@ CONFIG_COLUMNS = ["arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae"
                   "steps", "batch_size", "tokens"]
 METRIC_COLUMNS = ["explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "mse",
                   "cossim", "l1", "dead_fraction", "absorption_full", "n_split_features",
-                  "llm_probe_acc", "sae_probe_acc", "sae_top1_acc"]
+                  "llm_probe_acc", "sae_probe_acc", "sae_top1_acc", "synth_absorption", "synth_f1",
+                  "synth_mcc", "synth_explained_variance", "synth_l0"]
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "competing_pairs"]
 TABLE_COLUMNS = (["name", "state", "step", "total_steps", "problem", "flags"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
@@ -154,7 +155,7 @@ def filter_runs(df: pd.DataFrame, states: list[str] | None = None, archs: list[s
     if text:
         out = out[out["name"].str.contains(re.escape(text), case=False, na=False)]
     if only_evaluated:
-        out = out[out[["explained_variance", "absorption"]].notna().any(axis=1)]
+        out = out[out[["explained_variance", "absorption", "synth_explained_variance"]].notna().any(axis=1)]
     return out
 
 

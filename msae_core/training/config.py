@@ -212,6 +212,12 @@ class RunConfig:
                        f"{store.d_in} ({self.data.acts or self.data.model})")
         if not getattr(store, "streamed", False) and self.train.batch_size > store.n_rows:
             out.append(f"train.batch_size {self.train.batch_size} exceeds the store's {store.n_rows} rows")
+        synthetic = isinstance(getattr(store, "manifest", {}).get("synthetic"), dict)
+        wrong = [e for e in self.train.evals if (e == "synthetic") != synthetic]
+        if wrong:
+            out.append(f"train.evals: {', '.join(wrong)} cannot score a run on "
+                       + ("a synthetic store (no language model; use synthetic)" if synthetic else
+                          "a language model's activations (synthetic needs a store written by msae synth)"))
         return store, out
 
     def check(self, store: Any = None) -> Any:

@@ -1,0 +1,238 @@
+"""The `synthetic` eval: an SAE trained on a `msae synth` store, scored against the features that
+generated it (msae_core.data.synth), on fresh rows of the same distribution (never the rows
+trained on; `random_seed` picks them).
+
+Definitions (G true features with unit directions d_g, F latents; a latent's activation and its
+decoder row are taken in input units, decoder rows normalised: SAEBench's units, sae_io):
+
+- recovery of feature g: max_f cos(W_dec_f, d_g); `frac_recovered`: recovery >= `recovered_cosine`.
+- MCC: the mean |cos| of a one-to-one matching of latents to features that maximises the summed
+  |cos| (Hungarian algorithm), as SAELens's SynthSAEBench computes it (`mean_correlation_coefficient`).
+- uniqueness: distinct features among each latent's best |cos| feature, over F (SAELens's
+  `feature_uniqueness`; at most G / F).
+- precision, recall, F1: SAELens's definition: each latent a detector of its best |cos| feature
+  (fires > 0 against the feature on), per-latent values averaged over all F latents (a dead latent
+  counts 0). `matched_f1`: the same for each feature's Hungarian-matched latent, averaged over G.
+- absorption, exact: for a parent feature p (one with children) and the rows where p and at least
+  one of its descendants fire, the fraction where p's matched latent is silent (exactly 0) while the
+  latents matched to the firing descendants carry p's direction: the sum of their activations times
+  cos(their decoder row, d_p) reaches `carry_fraction` of p's true magnitude in that row. Averaged
+  over parents with at least `min_parent_rows` such rows. `parent_silent` is the fraction of those
+  rows where p's latent is silent whatever the children carry. An oracle SAE (latents = features)
+  scores 0, an SAE whose child latents hold child + parent and whose parent latent is silent when
+  a child fires scores 1.
+- explained variance 1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, mse per element, l2_ratio
+  (mean ||x_hat|| / ||x||), l0 of the SAE and of the truth, frac_dead (never fired on the rows).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from msae_core.errors import MsaeError
+from msae_core.evals.schema import make_result
+
+log = logging.getLogger(__name__)
+
+EVAL_TYPE_ID = "synthetic"
+COMPUTED_BY = "msae synthetic ground truth (SAELens SynthSAEBench's MCC, uniqueness and F1 definitions)"
+
+
+@dataclass
+class Config:
+    n_eval_rows: int = field(default=20_000, metadata={"help": "fresh rows drawn from the store's generator"})
+    batch_size: int = field(default=4096, metadata={"help": "rows per forward"})
+    random_seed: int = field(default=0, metadata={"help": "which fresh rows (never the training rows)"})
+    recovered_cosine: float = field(default=0.9, metadata={"help": "recovery at or above this counts as recovered"})
+    carry_fraction: float = field(default=0.5, metadata={
+        "help": "absorbed when the children's latents carry this fraction of the parent's magnitude"})
+    min_parent_rows: int = field(default=20, metadata={"help": "parents with fewer co-firing rows are left out"})
+
+
+def _cos(a_AD: torch.Tensor, b_BD: torch.Tensor) -> torch.Tensor:
+    a = a_AD / a_AD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = b_BD / b_BD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return a @ b.T
+
+
+def hungarian(abs_cos_FG: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(latents, features) of the one-to-one matching maximising the summed |cos|."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(1.0 - abs_cos_FG.double().cpu().numpy())
+    return rows, cols
+
+
+class GroundTruthScorer:
+    """Accumulates the metrics above over batches of (x, true magnitudes, latents, x_hat)."""
+
+    def __init__(self, W_dec_FD: torch.Tensor, feats: Any, cfg: Config):
+        self.cfg = cfg
+        self.feats = feats
+        dirs_GD = feats.directions_FD.to(W_dec_FD)
+        F, G = W_dec_FD.shape[0], dirs_GD.shape[0]
+        self.F, self.G = F, G
+        cos_FG = _cos(W_dec_FD, dirs_GD)
+        self.recovery_G = cos_FG.max(dim=0).values
+        lat, feat = hungarian(cos_FG.abs())
+        self.mcc = float(cos_FG.abs()[lat, feat].mean()) if len(lat) else 0.0
+        self.match_G = torch.full((G,), -1, dtype=torch.int64)
+        self.match_G[torch.as_tensor(feat)] = torch.as_tensor(lat, dtype=torch.int64)
+        self.match_cos_G = torch.zeros(G)
+        self.match_cos_G[torch.as_tensor(feat)] = cos_FG[lat, feat].float().cpu()
+        self.best_F = cos_FG.abs().argmax(dim=1)
+        self.uniqueness = len(torch.unique(self.best_F)) / F if F else 0.0
+        # parents, their matched latents and what each descendant's latent carries along d_p
+        kids = feats.children()
+        self.parents = torch.tensor(sorted(kids), dtype=torch.int64)
+        P = len(self.parents)
+        carry_GP, desc_GP = torch.zeros(G, P), torch.zeros(G, P)
+        m = self.match_G
+        for j, p in enumerate(self.parents.tolist()):
+            for c in feats.descendants(p):
+                desc_GP[c, j] = 1
+                if m[c] >= 0:
+                    carry_GP[c, j] = cos_FG[m[c], p]
+        self.carry_GP, self.desc_GP = carry_GP.to(W_dec_FD), desc_GP.to(W_dec_FD)
+        # accumulators
+        self.tp_F, self.fp_F, self.fn_F = (torch.zeros(F, dtype=torch.float64) for _ in range(3))
+        self.mtp_G, self.mfp_G, self.mfn_G = (torch.zeros(G, dtype=torch.float64) for _ in range(3))
+        self.rows_P, self.absorbed_P, self.silent_P = (torch.zeros(P, dtype=torch.float64) for _ in range(3))
+        self.fired_F = torch.zeros(F, dtype=torch.bool)
+        self.n = 0
+        self.sq_err = self.sum_x2 = 0.0
+        self.sum_x: torch.Tensor | None = None
+        self.l0 = self.true_l0 = self.l2_ratio = 0.0
+
+    def add(self, x_ND: torch.Tensor, mag_NG: torch.Tensor, lat_NF: torch.Tensor, x_hat_ND: torch.Tensor) -> None:
+        x_ND, x_hat_ND = x_ND.double(), x_hat_ND.double()
+        on_NG = mag_NG > 0
+        fires_NF = lat_NF > 0
+        self.n += x_ND.shape[0]
+        self.sq_err += float(((x_ND - x_hat_ND) ** 2).sum())
+        self.sum_x2 += float((x_ND ** 2).sum())
+        s = x_ND.sum(0)
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.l0 += float(fires_NF.sum())
+        self.true_l0 += float(on_NG.sum())
+        self.l2_ratio += float((x_hat_ND.norm(dim=1) / x_ND.norm(dim=1).clamp_min(1e-12)).sum())
+        self.fired_F |= fires_NF.any(0).cpu()
+        # SAELens: each latent against its best |cos| feature
+        gt_NF = on_NG[:, self.best_F]
+        self.tp_F += (fires_NF & gt_NF).sum(0).double().cpu()
+        self.fp_F += (fires_NF & ~gt_NF).sum(0).double().cpu()
+        self.fn_F += (~fires_NF & gt_NF).sum(0).double().cpu()
+        # each feature against its matched latent (an unmatched feature never detected)
+        m = self.match_G.to(lat_NF.device)
+        mf_NG = torch.where(m >= 0, fires_NF[:, m.clamp_min(0)], torch.zeros_like(on_NG))
+        self.mtp_G += (mf_NG & on_NG).sum(0).double().cpu()
+        self.mfp_G += (mf_NG & ~on_NG).sum(0).double().cpu()
+        self.mfn_G += (~mf_NG & on_NG).sum(0).double().cpu()
+        if len(self.parents):
+            par = self.parents.to(lat_NF.device)
+            desc_on_NP = (on_NG.to(self.desc_GP.dtype) @ self.desc_GP) > 0
+            rows_NP = on_NG[:, par] & desc_on_NP
+            lat_m_NG = torch.where(m >= 0, lat_NF[:, m.clamp_min(0)], torch.zeros_like(mag_NG)) * on_NG
+            carried_NP = lat_m_NG @ self.carry_GP
+            silent_NP = torch.where(m[par] >= 0, lat_NF[:, m[par].clamp_min(0)] == 0, torch.ones_like(rows_NP))
+            absorbed_NP = rows_NP & silent_NP & (carried_NP >= self.cfg.carry_fraction * mag_NG[:, par])
+            self.rows_P += rows_NP.sum(0).double().cpu()
+            self.silent_P += (rows_NP & silent_NP).sum(0).double().cpu()
+            self.absorbed_P += absorbed_NP.sum(0).double().cpu()
+
+    @staticmethod
+    def _prf(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        prec = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), torch.zeros_like(tp))
+        rec = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), torch.zeros_like(tp))
+        f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp_min(1e-12), torch.zeros_like(tp))
+        return prec, rec, f1
+
+    def result(self) -> tuple[dict, list[dict]]:
+        n, cfg = max(self.n, 1), self.cfg
+        assert self.sum_x is not None, "no rows added"
+        total_var = self.sum_x2 - float((self.sum_x ** 2).sum()) / n
+        prec, rec, f1 = self._prf(self.tp_F, self.fp_F, self.fn_F)
+        mprec, mrec, mf1 = self._prf(self.mtp_G, self.mfp_G, self.mfn_G)
+        kept = self.rows_P >= cfg.min_parent_rows
+        absorption_P = torch.where(self.rows_P > 0, self.absorbed_P / self.rows_P.clamp_min(1), torch.nan)
+        silent_P = torch.where(self.rows_P > 0, self.silent_P / self.rows_P.clamp_min(1), torch.nan)
+        d_in = self.feats.directions_FD.shape[1]
+        metrics = {
+            "recovery": {"mcc": self.mcc, "mean_max_cosine": float(self.recovery_G.mean()),
+                         "frac_recovered": float((self.recovery_G >= cfg.recovered_cosine).float().mean()),
+                         "uniqueness": self.uniqueness},
+            "classification": {"precision": float(prec.mean()), "recall": float(rec.mean()),
+                               "f1": float(f1.mean()), "matched_f1": float(mf1.mean())},
+            "absorption": {"mean_absorption": float(absorption_P[kept].mean()) if kept.any() else None,
+                           "mean_parent_silent": float(silent_P[kept].mean()) if kept.any() else None,
+                           "n_parents": int(kept.sum())},
+            "reconstruction": {"explained_variance": 1 - self.sq_err / total_var if total_var > 0 else None,
+                               "mse": self.sq_err / (n * d_in), "l2_ratio": self.l2_ratio / n},
+            "sparsity": {"l0": self.l0 / n, "true_l0": self.true_l0 / n,
+                         "frac_dead": float((~self.fired_F).float().mean())},
+        }
+        par_index = {p: j for j, p in enumerate(self.parents.tolist())}
+        f = self.feats
+        details = []
+        for g in range(self.G):
+            j = par_index.get(g)
+            details.append({
+                "feature": g, "kind": ("hierarchy", "correlated", "independent")[int(f.kind_F[g])],
+                "level": int(f.level_F[g]), "parent": int(f.parent_F[g]), "p_fire": float(f.p_fire_F[g]),
+                "recovery": float(self.recovery_G[g]), "matched_latent": int(self.match_G[g]),
+                "matched_cosine": float(self.match_cos_G[g]), "precision": float(mprec[g]),
+                "recall": float(mrec[g]), "f1": float(mf1[g]),
+                "absorption": None if j is None else float(absorption_P[j]),
+                "parent_silent": None if j is None else float(silent_P[j]),
+                "parent_rows": None if j is None else int(self.rows_P[j]),
+            })
+        return metrics, details
+
+
+def score(W_dec_FD: torch.Tensor, feats: Any, batches: Any, cfg: Config) -> tuple[dict, list[dict]]:
+    """The metrics of an SAE given its decoder rows (input units) and batches of (x, true
+    magnitudes, latents in input units, x_hat)."""
+    scorer = GroundTruthScorer(W_dec_FD, feats, cfg)
+    for x_ND, mag_NG, lat_NF, x_hat_ND in batches:
+        scorer.add(x_ND, mag_NG, lat_NF, x_hat_ND)
+    return scorer.result()
+
+
+def eval_batches(synth_cfg: Any, feats: Any, cfg: Config, encode: Callable, reconstruct: Callable,
+                 progress: bool = False):
+    """(x, magnitudes, latents, x_hat) for `cfg.n_eval_rows` fresh rows of the generator."""
+    from msae_core.data.synth import sample_rows
+
+    done, i = 0, 0
+    bar = tqdm(total=cfg.n_eval_rows, unit="row", desc="synthetic eval", disable=not progress)
+    while done < cfg.n_eval_rows:
+        n = min(cfg.batch_size, cfg.n_eval_rows - done)
+        x_ND, mag_NG = sample_rows(synth_cfg, feats, n, chunk=(cfg.random_seed << 20) + i, split="eval")
+        yield x_ND, mag_NG, encode(x_ND).cpu(), reconstruct(x_ND).cpu()
+        done, i = done + n, i + 1
+        bar.update(n)
+    bar.close()
+
+
+def run(ctx: Any, cfg: Config) -> dict:
+    from msae_core.data.synth import load_features, synth_config
+
+    if cfg.n_eval_rows < 1 or cfg.batch_size < 1:
+        raise MsaeError("synthetic: n_eval_rows and batch_size must be >= 1")
+    synth_cfg = synth_config(ctx.manifest)
+    if synth_cfg is None:
+        raise MsaeError(f"run {ctx.run_dir.name} did not train on a synthetic store (`msae synth`): "
+                        "the synthetic eval needs its ground truth")
+    feats = load_features(ctx.store_path)
+    W_dec_FD = ctx.saebench_weights["W_dec"].cpu()
+    metrics, details = score(W_dec_FD, feats, eval_batches(
+        synth_cfg, feats, cfg, ctx.sae_encode_saebench, ctx.sae_reconstruct, progress=ctx.progress), cfg)
+    unstructured = {"generator": {"n_features": feats.n_features, "settings_hash": synth_cfg.settings_hash()},
+                    "eval_rows": {"split": "eval", "seed": cfg.random_seed, "n": cfg.n_eval_rows}}
+    return make_result(ctx, EVAL_TYPE_ID, cfg, metrics, details, unstructured, computed_by=COMPUTED_BY)
