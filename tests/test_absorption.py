@@ -5,6 +5,7 @@ activations and a hand-built SAE, and run_evals end to end on a tiny random LM."
 from __future__ import annotations
 
 import json
+import statistics
 import math
 import random
 
@@ -390,8 +391,39 @@ def test_run_evals_end_to_end(tiny_run):
                            for d in details)
     assert all(d["num_probe_true_positives"] >= 1 and d["num_full_absorption"] <= d["num_probe_true_positives"]
                for d in details)
-    u = res["eval_result_unstructured"]
+    (u,) = res["eval_result_unstructured"]["seeds"]
     assert u["n_train_words"] + u["n_test_words"] + u["n_words_dropped_tokenization"] == u["n_alpha_vocab"]
+    assert res["eval_result_unstructured"]["saebench_definitions"] == "sae-bench 0.6.0"
+    unc = res["eval_result_metrics"]["uncertainty"]
+    assert unc["n_seeds"] == 1 and unc["mean_absorption_fraction_score_seed_sd"] is None
+    assert unc["mean_absorption_fraction_score_ci_low"] <= s["absorption"] <= unc["mean_absorption_fraction_score_ci_high"]
+    per_word = u["per_word"]
+    assert sum(len(p["word"]) for p in per_word.values()) == sum(d["num_probe_true_positives"] for d in details)
+    assert all(w.strip()[0].lower() == letter for letter, p in per_word.items() for w in p["word"])
+
+
+def test_seeds_repeat_exactly_differ_from_each_other_and_the_interval_covers_them(tiny_run):
+    from msae_core.evals import run_evals
+
+    run, model = tiny_run
+    settings = {**_tiny_settings(model), "seeds": 3, "random_seed": 5}
+    res = run_evals(run, ["absorption"], progress=False, device="cpu", overrides={"absorption": settings})["absorption"]
+    seeds = res["eval_result_unstructured"]["seeds"]
+    assert [s["seed"] for s in seeds] == [5, 6, 7]
+    words = [sorted(w for p in s["per_word"].values() for w in p["word"]) for s in seeds]
+    assert words[0] != words[1] and words[1] != words[2]  # each seed its own split of the words
+    scores = [s["mean_absorption_fraction_score"] for s in seeds]
+    m, unc = res["eval_result_metrics"]["mean"], res["eval_result_metrics"]["uncertainty"]
+    assert m["mean_absorption_fraction_score"] == pytest.approx(sum(scores) / 3)
+    lo, hi = unc["mean_absorption_fraction_score_ci_low"], unc["mean_absorption_fraction_score_ci_high"]
+    assert lo <= min(scores) and max(scores) <= hi and lo < hi
+    assert unc["mean_absorption_fraction_score_seed_sd"] == pytest.approx(statistics.stdev(scores))
+    assert {d["seed"] for d in res["eval_result_details"]} == {5, 6, 7}
+    # seed 6 alone gives seed 6's numbers again, bit for bit
+    again = run_evals(run, ["absorption"], progress=False, device="cpu",
+                      overrides={"absorption": {**settings, "seeds": 1, "random_seed": 6}})["absorption"]
+    assert again["eval_result_metrics"]["mean"]["mean_absorption_fraction_score"] == scores[1]
+    assert again["eval_result_unstructured"]["seeds"][0]["per_word"] == seeds[1]["per_word"]
 
 
 def test_run_refuses_a_wrong_word_position(tiny_run):
@@ -433,7 +465,7 @@ def test_embedded_model_tiny_settings(tmp_path):
         "min_GT_probe_f1": 0.0, "min_feats_for_eval": 1}})
     res = out["absorption"]
     assert check_result(res) == []
-    u = res["eval_result_unstructured"]
+    (u,) = res["eval_result_unstructured"]["seeds"]
     assert u["n_alpha_vocab"] > 100_000
     assert u["n_words_dropped_tokenization"] <= 8    # -6 is the word's position for nearly every word
     assert u["n_train_words"] + u["n_test_words"] >= 150

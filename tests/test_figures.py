@@ -63,6 +63,13 @@ def test_tradeoff_figure_frontier_customdata_and_empty():
     assert list(front.x) == [0.05, 0.1]  # c is beaten by a on both axes
     empty = F.tradeoff_figure(df.iloc[0:0])
     assert "no run" in empty.layout.annotations[0].text
+    # an absorption interval: error bars on the runs that have one
+    df["absorption_ci_low"], df["absorption_ci_high"] = [0.08, np.nan, 0.15, np.nan], [0.13, np.nan, 0.3, np.nan]
+    bars = F.tradeoff_figure(df)
+    (t,) = [t for t in bars.data if t.legendgroup == "runs"]
+    by_name = {c[0]: i for i, c in enumerate(t.customdata)}
+    assert t.error_x.array[by_name["a"]] == pytest.approx(0.03) and t.error_x.arrayminus[by_name["a"]] == pytest.approx(0.02)
+    assert t.error_x.array[by_name["b"]] == 0 and t.error_y.array is None  # no interval: no bar
     # the synthetic axes: exact absorption against F1, only the runs scored on a synthetic store
     df["synth_absorption"], df["synth_f1"] = [np.nan, 0.3, 0.1, 0.2], [np.nan, 0.5, 0.6, 0.7]
     synth = F.tradeoff_figure(df, x="synth_absorption", y="synth_f1")

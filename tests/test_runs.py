@@ -244,7 +244,7 @@ def test_suspicious_values_are_flagged():
     """The rules of evals.flags: negative explained variance (eval, else training), L0 over a
     quarter of d_sae, most latents dead; a metric equal to another run's to 4 digits (not a
     saturated 0 or 1); a clean run has none."""
-    from msae_core.evals.flags import run_flags, shared_value_flags
+    from msae_core.evals.flags import interval_flags, run_flags, shared_value_flags
 
     assert run_flags({"explained_variance": 0.9, "l0": 30.0, "dead_fraction": 0.1}, 4096) == []
     flags = run_flags({"explained_variance": -0.3945, "l0": 8895.8, "dead_fraction": 0.6}, 16384)
@@ -258,6 +258,14 @@ def test_suspicious_values_are_flagged():
                                  "run6": {"kl_div_score": 0.9, "ce_loss_score": 1.0}})
     assert len(shared["run3"]) == 1 and "kl_div_score 0.4783 equals run4's" in shared["run3"][0]
     assert "run3" in shared["run4"][0] and shared["run5"] == [] and shared["run6"] == []
+    # the demo's two runs: 0.609 against 0.607, each with an interval 0.05 wide; a third run far off
+    wide = interval_flags({"topk": {"absorption": 0.609, "absorption_ci_low": 0.58, "absorption_ci_high": 0.63},
+                           "momentum": {"absorption": 0.607, "absorption_ci_low": 0.58, "absorption_ci_high": 0.63}})
+    assert "wider than its spread over 2 runs (0.002)" in wide["topk"][0] and len(wide["momentum"]) == 1
+    wide = interval_flags({"topk": {"absorption": 0.609, "absorption_ci_low": 0.58, "absorption_ci_high": 0.63},
+                           "other": {"absorption": 0.2}, "alone": {"sae_probe_acc": 0.9, "sae_probe_acc_ci_low": 0.1,
+                                                                  "sae_probe_acc_ci_high": 0.99}})
+    assert wide == {"topk": [], "other": [], "alone": []}  # spread 0.409; one run has no spread
 
 
 def test_runs_table_and_eval_json_carry_the_flags(tmp_path):

@@ -333,6 +333,8 @@ def test_run_evals_writes_saebench_sparse_probing(tmp_path):
     assert cfg["llm_dtype"] == "float32"
     s = summarize(read_eval_json(run))
     assert {"llm_probe_acc", "sae_probe_acc", "sae_top1_acc"} <= set(s)
+    for key in ("sae_probe_acc", "sae_top1_acc", "llm_probe_acc"):  # each interval holds its accuracy
+        assert s[f"{key}_ci_low"] <= s[key] <= s[f"{key}_ci_high"] and s[f"{key}_ci_low"] < s[f"{key}_ci_high"]
 
     # lower_vram_usage: no probe on all SAE latents (null), the top-k ones still run
     ctx = open_run(run, device="cpu", progress=False)
@@ -341,6 +343,25 @@ def test_run_evals_writes_saebench_sparse_probing(tmp_path):
     assert low["eval_result_metrics"]["sae"]["sae_test_accuracy"] is None
     assert low["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"] is not None
     assert low["eval_result_metrics"]["llm"]["llm_test_accuracy"] is not None
+    assert low["eval_result_metrics"]["uncertainty"]["sae_test_accuracy_ci_low"] is None
+
+
+def test_accuracy_intervals_follow_the_per_text_results():
+    """Datasets kept, classes and texts resampled: all right gives [1, 1]; more texts, narrower."""
+    import numpy as np
+
+    cfg = sp.Config(n_bootstrap=500)
+    perfect = {"a": {"sae_test_accuracy": {"x": np.ones(20, bool), "y": np.ones(20, bool)}}}
+    u = sp.accuracy_intervals(perfect, ("sae_test_accuracy",), cfg)
+    assert (u["sae_test_accuracy_ci_low"], u["sae_test_accuracy_ci_high"]) == (1.0, 1.0)
+    rng = np.random.default_rng(0)
+
+    def width(n):
+        c = {d: {"m": {cls: rng.random(n) < 0.8 for cls in "xyz"}} for d in ("a", "b")}
+        u = sp.accuracy_intervals(c, ("m",), cfg)
+        return u["m_ci_high"] - u["m_ci_low"]
+
+    assert width(400) < width(20) / 2
 
 
 def test_bad_settings_are_refused(tmp_path):

@@ -132,6 +132,11 @@ class Config:
     queries_per_prompt: int = field(default=16, metadata={
         "help": "words read from one prompt, each after the previous ones' lines (1 = SAEBench's prompts)"})
     max_icl_examples: int = field(default=10, metadata={"help": "in-context examples before the first word"})
+    seeds: int = field(default=1, metadata={
+        "help": "independent repeats, seeds random_seed, random_seed + 1, ... (each its own word sample, "
+                "split, prompts and probes); the scores are their mean"})
+    n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap replicates of the confidence interval"})
+    confidence: float = field(default=0.95, metadata={"help": "level of the confidence interval"})
 
     def problems(self) -> list[str]:
         out = []
@@ -140,13 +145,16 @@ class Config:
         if self.prompt_token_pos >= 0:
             out.append(f"prompt_token_pos must be negative (got {self.prompt_token_pos})")
         for name in ("max_k_value", "llm_batch_size", "k_sparse_probe_batch_size", "k_sparse_probe_num_epochs",
-                     "min_feats_for_eval", "eval_k_sparse_probe_batch_size", "queries_per_prompt"):
+                     "min_feats_for_eval", "eval_k_sparse_probe_batch_size", "queries_per_prompt", "seeds",
+                     "n_bootstrap"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_words < 0 or 0 < self.max_words < 10:
             out.append(f"max_words must be 0 (all) or >= 10 (got {self.max_words})")
         if self.max_icl_examples < 0:
             out.append(f"max_icl_examples must be >= 0 (got {self.max_icl_examples})")
+        if not 0 < self.confidence < 1:
+            out.append(f"confidence must be in (0, 1) (got {self.confidence})")
         return out
 
 
@@ -578,7 +586,7 @@ def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                         f"spell well enough at this layer, or too few words (max_words={cfg.max_words})")
 
     details: list[dict] = []
-    n_tp = {}
+    n_tp, per_word = {}, {}
     for c in tqdm(passing, desc="absorption: letters", disable=None if progress else True, leave=False):
         letter = LETTERS[c]
         tp_idx = torch.nonzero((test_y == c) & (test_logits[:, c] > 0)).flatten().tolist()
@@ -589,6 +597,9 @@ def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
         f = _batched(encode, x, cfg.eval_k_sparse_probe_batch_size)
         res = word_absorption(x, f, dec_FD, probe.W[c], main_feats[letter])
         n_full = int(res.is_full_absorption.sum())
+        per_word[letter] = {"test_index": tp_idx,
+                            "absorption_fraction": [round(float(v), 6) for v in res.absorption_fraction],
+                            "full_absorption": [int(v) for v in res.is_full_absorption]}
         details.append(LetterResult(
             first_letter=letter,
             mean_absorption_fraction=float(res.absorption_fraction.sum()) / len(tp_idx),
@@ -612,7 +623,7 @@ def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     unstructured = {"probe_f1": probe_f1, "main_latents": main_feats,
                     "letters_evaluated": [LETTERS[c] for c in passing],
                     "n_train_words": int(len(train_x)), "n_test_words": int(len(test_x)),
-                    "num_probe_true_positives": n_tp}
+                    "num_probe_true_positives": n_tp, "per_word": per_word}
     return metrics, details, unstructured
 
 
@@ -640,13 +651,8 @@ def _word_sample(tokenizer, cfg: Config, lines: _Lines, rng: random.Random) -> t
     return kept, n_vocab, len(words) - len(kept)
 
 
-def run(ctx, cfg: Config) -> dict:
-    from msae_core.configutil import validate
-    from msae_core.evals.schema import make_result
-
-    validate(cfg)
-    cfg = replace(cfg, model_name=cfg.model_name or ctx.model_name)
-    t0 = time.time()
+def _one_seed(ctx, cfg: Config) -> tuple[dict, list[dict], dict]:
+    """The eval with seed `cfg.random_seed`: its word sample, split, prompts and probes."""
     lm = ctx.lm
     tok = lm.tokenizer
     rng = random.Random(cfg.random_seed)
@@ -659,8 +665,8 @@ def run(ctx, cfg: Config) -> dict:
     train_w, test_w = words[:n_train], words[n_train:]
     kw = dict(bos=lm.bos_token_id, pos=cfg.prompt_token_pos, max_icl_examples=cfg.max_icl_examples,
               queries_per_prompt=cfg.queries_per_prompt, rng=rng)
-    log.info("absorption: %d words (of %d alphabetic tokens), %d train / %d test", len(words), n_vocab,
-             len(train_w), len(test_w))
+    log.info("absorption (seed %d): %d words (of %d alphabetic tokens), %d train / %d test", cfg.random_seed,
+             len(words), n_vocab, len(train_w), len(test_w))
     train_x = collect_acts(lm, ctx.layer, build_prompts(train_w, train_w, lines, **kw), cfg.llm_batch_size,
                            progress=ctx.progress, desc="absorption: train words")
     test_x = collect_acts(lm, ctx.layer, build_prompts(test_w, test_w, lines, **kw), cfg.llm_batch_size,
@@ -674,10 +680,60 @@ def run(ctx, cfg: Config) -> dict:
         return collect_acts(lm, ctx.layer, build_prompts(qs, words, lines, **kw), cfg.llm_batch_size,
                             progress=False)
 
-    sae = ctx.sae
     metrics, details, unstructured = evaluate(train_x, train_y, test_x, test_y, ctx.sae_encode,
-                                              decoder_directions(sae), cfg, reprompt=reprompt,
+                                              decoder_directions(ctx.sae), cfg, reprompt=reprompt,
                                               progress=ctx.progress)
-    unstructured.update({"n_alpha_vocab": n_vocab, "n_words_dropped_tokenization": n_dropped,
-                         "seconds": round(time.time() - t0, 1)})
+    for per in unstructured["per_word"].values():  # the words themselves, not their test indices
+        per["word"] = [test_w[i] for i in per.pop("test_index")]
+    unstructured.update({"n_alpha_vocab": n_vocab, "n_words_dropped_tokenization": n_dropped})
+    return metrics, details, unstructured
+
+
+SCORES = ("absorption_fraction", "full_absorption")  # per-word values behind the two SAEBench scores
+_SCORE_KEY = {"absorption_fraction": "mean_absorption_fraction_score", "full_absorption": "mean_full_absorption_score"}
+
+
+def combine_seeds(runs: Sequence[tuple[dict, list[dict], dict]], seeds: Sequence[int], cfg: Config
+                  ) -> tuple[dict, list[dict], dict]:
+    """One result from per-seed (metrics, details, unstructured): SAEBench's scores as the mean
+    over seeds, their confidence interval (evals.stats.score_interval: a bootstrap over letters and
+    words for one seed, a t interval over the seeds for more) and spread over seeds in the
+    `uncertainty` group, per-seed scores and words in eval_result_unstructured["seeds"]."""
+    from msae_core.evals.stats import nested_mean, score_interval
+
+    mean_keys = list(runs[0][0]["mean"])
+    metrics = {"mean": {k: (statistics.mean(v) if (v := [r[0]["mean"][k] for r in runs if r[0]["mean"][k] is not None])
+                            else None) for k in mean_keys}}
+    unc: dict = {"n_seeds": len(runs), "confidence": cfg.confidence, "n_bootstrap": cfg.n_bootstrap}
+    for name in SCORES:
+        per_seed = [[per[name] for per in r[2]["per_word"].values()] for r in runs]
+        lo, hi = score_interval(per_seed, n_boot=cfg.n_bootstrap, conf=cfg.confidence, seed=seeds[0])
+        score = _SCORE_KEY[name]
+        assert abs(nested_mean(per_seed) - metrics["mean"][score]) < 1e-4, "scores and per-word values disagree"
+        vals = [r[0]["mean"][score] for r in runs]
+        unc.update({f"{score}_ci_low": lo, f"{score}_ci_high": hi,
+                    f"{score}_seed_sd": statistics.stdev(vals) if len(vals) > 1 else None})
+    metrics["uncertainty"] = unc
+    details = [{**d, "seed": s} if len(runs) > 1 else d for r, s in zip(runs, seeds) for d in r[1]]
+    unstructured = {"saebench_definitions": "sae-bench 0.6.0",
+                    "seeds": [{"seed": s, **r[0]["mean"], **r[2]} for r, s in zip(runs, seeds)]}
+    return metrics, details, unstructured
+
+
+def run(ctx, cfg: Config) -> dict:
+    from msae_core.configutil import validate
+    from msae_core.evals.schema import make_result
+
+    validate(cfg)
+    cfg = replace(cfg, model_name=cfg.model_name or ctx.model_name)
+    t0 = time.time()
+    seeds = [cfg.random_seed + i for i in range(cfg.seeds)]
+    runs = []
+    for s in seeds:
+        runs.append(_one_seed(ctx, replace(cfg, random_seed=s)))
+        if len(seeds) > 1:
+            log.info("absorption seed %d: mean absorption fraction %.4f", s,
+                     runs[-1][0]["mean"]["mean_absorption_fraction_score"])
+    metrics, details, unstructured = combine_seeds(runs, seeds, cfg)
+    unstructured["seconds"] = round(time.time() - t0, 1)
     return make_result(ctx, EVAL_TYPE_ID, cfg, metrics, details, unstructured)

@@ -8,6 +8,7 @@ end with (`--lr 1e6` ended `done` at explained variance -8e12).
     dead fraction > 1/2             most of the dictionary is unused
     a metric equal to another run's to 4 significant digits (not 0 or 1: saturated scores and a
     TopK run's L0 = k are not suspicious)
+    a score's confidence interval wider than its spread over the runs (the eval cannot tell them apart)
 
 Each rule reads the flat numbers of `summary.summarize` (eval.json) and, before any eval, the
 last training metrics. Pure functions: eval.json, the runs table, Home and the Trade-off page all
@@ -44,6 +45,27 @@ def run_flags(metrics: dict, d_sae: Any = None) -> list[str]:
     dead = _num(metrics.get("dead_fraction"))
     if dead is not None and dead > 0.5:
         out.append(f"{dead:.0%} of the latents are dead")
+    return out
+
+
+def interval_flags(runs: dict[str, dict]) -> dict[str, list[str]]:
+    """Per run name, a line for each score whose confidence interval (summary.INTERVALS) is wider
+    than the spread of that score over all runs that have it (two or more): on that score the
+    eval's noise is larger than the differences it is asked to show."""
+    from msae_core.evals.summary import INTERVALS
+
+    out: dict[str, list[str]] = {name: [] for name in runs}
+    for key, (lo_key, hi_key) in INTERVALS.items():
+        vals = {n: v for n, m in runs.items() if (v := _num(m.get(key))) is not None}
+        if len(vals) < 2:
+            continue
+        spread = max(vals.values()) - min(vals.values())
+        for name in vals:
+            lo, hi = _num(runs[name].get(lo_key)), _num(runs[name].get(hi_key))
+            if lo is not None and hi is not None and hi - lo > spread:
+                out[name].append(f"{key}'s interval [{lo:.3g}, {hi:.3g}] is wider than its spread over "
+                                 f"{len(vals)} runs ({spread:.3g}): the eval's noise exceeds the differences "
+                                 "(more seeds or words narrow it)")
     return out
 
 

@@ -22,7 +22,8 @@ with sae_bench_utils/dataset_utils.py and activation_collection.py (sae-bench 0.
    test accuracy over epochs is reported; `full_probe="sklearn"` uses the logistic regression there
    too, which does not pick its epoch on the test set.
 5. Accuracies are averaged over a dataset's classes, then over datasets. eval_result_metrics holds
-   the averages, eval_result_details one entry per dataset (`dataset_name` is SAEBench's
+   the averages (and, ours, an `uncertainty` group: confidence intervals of the LLM, SAE and SAE
+   top-1 accuracies, a bootstrap over classes and test texts within each dataset), eval_result_details one entry per dataset (`dataset_name` is SAEBench's
    "<name>_results"), eval_result_unstructured the per-class accuracies keyed like SAEBench's.
 
 Where we differ, and why:
@@ -52,6 +53,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -94,6 +96,9 @@ class Config:
     full_probe: str = field(default="saebench", metadata={
         "help": "probe on all channels/latents: 'saebench' (AdamW, best test accuracy over epochs, "
                 "as SAEBench) or 'sklearn' (L2 logistic regression, no selection on the test set)"})
+    # ours
+    n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap replicates of the confidence intervals"})
+    confidence: float = field(default=0.95, metadata={"help": "level of the confidence intervals"})
 
     def __post_init__(self) -> None:
         # `msae eval --set sparse_probing.k_values=1,5` arrives as text: accept comma lists
@@ -119,6 +124,8 @@ class Config:
             out.append("sae_batch_size and llm_batch_size must be >= 1")
         if not ks or len(ks) != len(self.k_values) or any(k < 1 for k in ks):
             out.append(f"k_values must be positive integers (got {self.k_values})")
+        if self.n_bootstrap < 1 or not 0 < self.confidence < 1:
+            out.append("n_bootstrap must be >= 1 and confidence in (0, 1)")
         if self.full_probe not in FULL_PROBES:
             out.append(f"full_probe must be one of {', '.join(FULL_PROBES)} (got {self.full_probe!r})")
         return out
@@ -265,6 +272,12 @@ def top_k_mean_diff(X_ND: torch.Tensor, y_N: torch.Tensor, k: int) -> torch.Tens
 def sklearn_probe_accuracy(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
                            y_test: torch.Tensor) -> float:
     """Test accuracy of scikit-learn's L2 logistic regression (C=1, max_iter=1000), as SAEBench."""
+    return float(sklearn_probe_correct(X_train, y_train, X_test, y_test).mean())
+
+
+def sklearn_probe_correct(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
+                          y_test: torch.Tensor) -> np.ndarray:
+    """Per test example, whether that probe classifies it right (bool array)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -272,14 +285,21 @@ def sklearn_probe_accuracy(X_train: torch.Tensor, y_train: torch.Tensor, X_test:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(X_train.float().numpy(), y_train.numpy())
-    return float((probe.predict(X_test.float().numpy()) == y_test.numpy()).mean())
+    return probe.predict(X_test.float().numpy()) == y_test.numpy()
 
 
 def saebench_probe_accuracy(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
-                            y_test: torch.Tensor, gen: torch.Generator, epochs: int = 100,
-                            lr: float = 1e-2, batch_size: int = 250, patience: int = 10) -> float:
+                            y_test: torch.Tensor, gen: torch.Generator, **kw) -> float:
     """SAEBench's full-width probe (train_probe_gpu): a linear layer with BCE, AdamW, early stopping
     on test accuracy; returns the best test accuracy over epochs."""
+    return float(saebench_probe_correct(X_train, y_train, X_test, y_test, gen, **kw).mean())
+
+
+def saebench_probe_correct(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
+                           y_test: torch.Tensor, gen: torch.Generator, epochs: int = 100,
+                           lr: float = 1e-2, batch_size: int = 250, patience: int = 10) -> np.ndarray:
+    """Per test example, whether the full-width probe at its best epoch (by test accuracy, as
+    SAEBench picks it) classifies it right (bool array)."""
     X_train, X_test = X_train.float(), X_test.float()
     D = X_train.shape[1]
     bound = 1.0 / math.sqrt(D)  # nn.Linear's default initialisation, from our generator
@@ -288,6 +308,7 @@ def saebench_probe_accuracy(X_train: torch.Tensor, y_train: torch.Tensor, X_test
     opt = torch.optim.AdamW([w, b], lr=lr)
     yf = y_train.float()
     best, waited = 0.0, 0
+    best_correct = np.zeros(len(X_test), dtype=bool)
     with torch.enable_grad():
         for _ in range(epochs):
             perm = torch.randperm(len(X_train), generator=gen)
@@ -298,41 +319,47 @@ def saebench_probe_accuracy(X_train: torch.Tensor, y_train: torch.Tensor, X_test
                 loss.backward()
                 opt.step()
             with torch.no_grad():
-                acc = float((((X_test @ w + b) > 0).long() == y_test).float().mean())
+                correct = (((X_test @ w + b) > 0).long() == y_test).numpy()
+            acc = float(correct.mean())
             if acc > best:
-                best, waited = acc, 0
+                best, waited, best_correct = acc, 0, correct
             else:
                 waited += 1
                 if waited >= patience:
                     break
-    return best
+    return best_correct
 
 
 def probe_suite(train_by_class: dict[str, torch.Tensor], test_by_class: dict[str, torch.Tensor],
                 k_values: list[int], prefix: str, seed: int, full_probe: str | None = "saebench",
-                tasks: dict | None = None, progress: bool = False,
+                tasks: dict | None = None, progress: bool = False, correct: dict | None = None,
                 ) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
     """Per-class accuracies {metric: {class: acc}} of the full probe and the top-k probes, and the
     chosen columns of the largest k per class. `tasks` maps a class to the (train, test) index
-    draws to share between calls (filled on first use). full_probe None skips the full probe."""
+    draws to share between calls (filled on first use). full_probe None skips the full probe.
+    `correct`, when given, is filled with {metric: {class: per-test-example bool array}}."""
     out: dict[str, dict[str, float]] = {}
     top: dict[str, list[int]] = {}
     kmax = max(k_values)
     for ci, cls in enumerate(tqdm(list(train_by_class), desc=f"{prefix} probes", unit="class",
                                   disable=None if progress else True)):
         Xtr, ytr, Xte, yte = _task(train_by_class, test_by_class, cls, seed, ci, tasks)
+        hits = {}
         if full_probe is not None:
             if full_probe == "sklearn":
-                acc = sklearn_probe_accuracy(Xtr, ytr, Xte, yte)
+                hits[f"{prefix}_test_accuracy"] = sklearn_probe_correct(Xtr, ytr, Xte, yte)
             else:
-                acc = saebench_probe_accuracy(Xtr, ytr, Xte, yte, torch.Generator().manual_seed(seed + ci))
-            out.setdefault(f"{prefix}_test_accuracy", {})[cls] = acc
+                hits[f"{prefix}_test_accuracy"] = saebench_probe_correct(
+                    Xtr, ytr, Xte, yte, torch.Generator().manual_seed(seed + ci))
         order = top_k_mean_diff(Xtr, ytr, kmax)
         top[cls] = order.tolist()
         for k in k_values:
             cols = order[:k]
-            out.setdefault(f"{prefix}_top_{k}_test_accuracy", {})[cls] = sklearn_probe_accuracy(
-                Xtr[:, cols], ytr, Xte[:, cols], yte)
+            hits[f"{prefix}_top_{k}_test_accuracy"] = sklearn_probe_correct(Xtr[:, cols], ytr, Xte[:, cols], yte)
+        for metric, h in hits.items():
+            out.setdefault(metric, {})[cls] = float(h.mean())
+            if correct is not None:
+                correct.setdefault(metric, {})[cls] = h
     return out, top
 
 
@@ -363,8 +390,10 @@ def _split_by_class(acts_ND: torch.Tensor, labels: list[str], classes) -> dict[s
     return {c: acts_ND[[i for i, lab in enumerate(labels) if lab == c]] for c in classes}
 
 
-def evaluate_dataset(ctx: Any, cfg: Config, name: str) -> tuple[dict[str, float], dict, dict, dict]:
-    """One dataset: (averages, per-class accuracies, SAE top latents per class, provenance)."""
+def evaluate_dataset(ctx: Any, cfg: Config, name: str, correct: dict | None = None
+                     ) -> tuple[dict[str, float], dict, dict, dict]:
+    """One dataset: (averages, per-class accuracies, SAE top latents per class, provenance);
+    `correct` is filled as probe_suite fills it."""
     ds = probe_data.load_probe_dataset(name, cfg.probe_train_set_size, cfg.probe_test_set_size,
                                        cfg.random_seed)
     acts = {}
@@ -378,15 +407,36 @@ def evaluate_dataset(ctx: Any, cfg: Config, name: str) -> tuple[dict[str, float]
     tasks: dict = {}
     k_values = [int(k) for k in cfg.k_values]
     llm_res, _ = probe_suite(acts["train"][0], acts["test"][0], k_values, "llm", cfg.random_seed,
-                             cfg.full_probe, tasks, ctx.progress)
+                             cfg.full_probe, tasks, ctx.progress, correct)
     sae_full = None if cfg.lower_vram_usage else cfg.full_probe
     sae_res, sae_top = probe_suite(acts["train"][1], acts["test"][1], k_values, "sae", cfg.random_seed,
-                                   sae_full, tasks, ctx.progress)
+                                   sae_full, tasks, ctx.progress, correct)
     per_class = {**llm_res, **sae_res}
     averages = {m: _mean(v) for m, v in per_class.items()}
     if cfg.lower_vram_usage:
         averages["sae_test_accuracy"] = None
     return averages, per_class, sae_top, ds.provenance
+
+
+CI_METRICS = ("llm_test_accuracy", "sae_test_accuracy", "sae_top_1_test_accuracy")
+
+
+def accuracy_intervals(correct: dict[str, dict[str, dict]], metrics: tuple[str, ...], cfg: Config) -> dict:
+    """Confidence intervals of the averaged accuracies: a bootstrap over each dataset's classes and
+    their test texts, datasets kept (evals.stats.stratified_bootstrap_ci). correct[dataset][metric]
+    [class]: per-test-text bool arrays. A full probe picked at its best test epoch (SAEBench's
+    way) makes its interval optimistic, as its accuracy is."""
+    from msae_core.evals.stats import stratified_bootstrap_ci
+
+    out: dict[str, Any] = {"confidence": cfg.confidence, "n_bootstrap": cfg.n_bootstrap}
+    for metric in metrics:
+        strata = [list(per[metric].values()) for per in correct.values() if per.get(metric)]
+        lo = hi = None
+        if strata and len(strata) == len(correct):
+            lo, hi = stratified_bootstrap_ci(strata, n_boot=cfg.n_bootstrap, conf=cfg.confidence,
+                                             seed=cfg.random_seed)
+        out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = lo, hi
+    return out
 
 
 def run(ctx: Any, cfg: Config) -> dict:
@@ -411,9 +461,11 @@ def run(ctx: Any, cfg: Config) -> dict:
     unstructured: dict[str, Any] = {}
     top_latents: dict[str, dict] = {}
     provenance: dict[str, dict] = {}
+    correct: dict[str, dict] = {}
     for name in cfg.dataset_names:
         log.info("sparse probing: %s", name)
-        averages, per_class, top, prov = evaluate_dataset(ctx, cfg, name)
+        correct[name] = {}
+        averages, per_class, top, prov = evaluate_dataset(ctx, cfg, name, correct[name])
         results[name] = averages
         unstructured[f"{name}_results"] = per_class
         top_latents[name] = top
@@ -425,7 +477,8 @@ def run(ctx: Any, cfg: Config) -> dict:
         overall[key] = sum(vals) / len(vals) if vals else None
     order = ["test_accuracy"] + [f"top_{k}_test_accuracy" for k in cfg.k_values]
     metrics = {"llm": {f"llm_{s}": overall.get(f"llm_{s}") for s in order},
-               "sae": {f"sae_{s}": overall.get(f"sae_{s}") for s in order}}
+               "sae": {f"sae_{s}": overall.get(f"sae_{s}") for s in order},
+               "uncertainty": accuracy_intervals(correct, CI_METRICS, cfg)}
     details = [{"dataset_name": f"{name}_results",
                 **{f"{p}_{s}": r.get(f"{p}_{s}") for p in ("llm", "sae") for s in order}}
                for name, r in results.items()]

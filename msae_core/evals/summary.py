@@ -20,9 +20,20 @@ PATHS: dict[str, tuple[str, str, str]] = {
     "absorption": ("absorption", "mean", "mean_absorption_fraction_score"),
     "absorption_full": ("absorption", "mean", "mean_full_absorption_score"),
     "n_split_features": ("absorption", "mean", "mean_num_split_features"),
+    "absorption_ci_low": ("absorption", "uncertainty", "mean_absorption_fraction_score_ci_low"),
+    "absorption_ci_high": ("absorption", "uncertainty", "mean_absorption_fraction_score_ci_high"),
+    "absorption_full_ci_low": ("absorption", "uncertainty", "mean_full_absorption_score_ci_low"),
+    "absorption_full_ci_high": ("absorption", "uncertainty", "mean_full_absorption_score_ci_high"),
+    "absorption_seeds": ("absorption", "uncertainty", "n_seeds"),
     "llm_probe_acc": ("sparse_probing", "llm", "llm_test_accuracy"),
     "sae_probe_acc": ("sparse_probing", "sae", "sae_test_accuracy"),
     "sae_top1_acc": ("sparse_probing", "sae", "sae_top_1_test_accuracy"),
+    "sae_probe_acc_ci_low": ("sparse_probing", "uncertainty", "sae_test_accuracy_ci_low"),
+    "sae_probe_acc_ci_high": ("sparse_probing", "uncertainty", "sae_test_accuracy_ci_high"),
+    "sae_top1_acc_ci_low": ("sparse_probing", "uncertainty", "sae_top_1_test_accuracy_ci_low"),
+    "sae_top1_acc_ci_high": ("sparse_probing", "uncertainty", "sae_top_1_test_accuracy_ci_high"),
+    "llm_probe_acc_ci_low": ("sparse_probing", "uncertainty", "llm_test_accuracy_ci_low"),
+    "llm_probe_acc_ci_high": ("sparse_probing", "uncertainty", "llm_test_accuracy_ci_high"),
     # a run trained on a synthetic store (msae synth), against its ground truth
     "synth_absorption": ("synthetic", "absorption", "mean_absorption"),
     "synth_f1": ("synthetic", "classification", "f1"),
@@ -30,6 +41,11 @@ PATHS: dict[str, tuple[str, str, str]] = {
     "synth_explained_variance": ("synthetic", "reconstruction", "explained_variance"),
     "synth_l0": ("synthetic", "sparsity", "l0"),
 }
+
+
+# a score's confidence interval: its (low, high) keys above
+INTERVALS: dict[str, tuple[str, str]] = {
+    key: (f"{key}_ci_low", f"{key}_ci_high") for key in PATHS if f"{key}_ci_low" in PATHS}
 
 
 def summarize(eval_json: Any) -> dict[str, float]:

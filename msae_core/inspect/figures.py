@@ -54,6 +54,18 @@ def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
     return np.asarray(front, dtype=int)
 
 
+def _error_bars(d: pd.DataFrame, col: str) -> dict | None:
+    """Plotly error bars from the columns `{col}_ci_low` / `{col}_ci_high` (an eval's confidence
+    interval); None when no run has one. A run without one gets no bar."""
+    lo, hi = f"{col}_ci_low", f"{col}_ci_high"
+    if lo not in d or hi not in d or not (d[lo].notna() & d[hi].notna()).any():
+        return None
+    v = d[col].astype(float)
+    return {"type": "data", "symmetric": False, "thickness": 1.2, "width": 3,
+            "array": (d[hi].astype(float) - v).fillna(0).clip(lower=0).to_numpy(),
+            "arrayminus": (v - d[lo].astype(float)).fillna(0).clip(lower=0).to_numpy()}
+
+
 def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "absorption",
                     color: str | None = None, reference: pd.DataFrame | None = None,
                     frontier: bool = True, hover: Sequence[str] = ()) -> go.Figure:
@@ -61,7 +73,8 @@ def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "a
     the Pareto frontier (low absorption, high reconstruction) as a line, reference points as
     crosses. Run traces share legendgroup "runs": one trace with a colour scale for a numeric
     `color` (runs without a value in grey), one trace per value for a categorical one. Each run's
-    marker carries its name as customdata[0] (for click-to-open)."""
+    marker carries its name as customdata[0] (for click-to-open). Runs whose evals give a
+    confidence interval (`{x}_ci_low`, `{x}_ci_high`, the same for y) get error bars."""
     ylab, xlab = RECONSTRUCTION_LABELS.get(y, y), ABSORPTION_LABELS.get(x, x)
     d = df[df[x].notna() & df[y].notna()] if len(df) and x in df and y in df else df.iloc[0:0]
     if d.empty and (reference is None or reference.empty):
@@ -92,7 +105,8 @@ def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "a
         for name, mask, marker in groups:
             g = d[mask]
             fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers", name=name, legendgroup="runs",
-                                     marker=marker, customdata=custom[mask].to_numpy(), hovertemplate=tmpl))
+                                     marker=marker, customdata=custom[mask].to_numpy(), hovertemplate=tmpl,
+                                     error_x=_error_bars(g, x), error_y=_error_bars(g, y)))
         if frontier and len(d) > 1:
             idx = pareto_front(d[x].to_numpy(), d[y].to_numpy())
             fd = d.iloc[idx]

@@ -17,6 +17,7 @@ from msae_core.errors import MsaeError
 from msae_core.paths import runs_root, stores_root
 from msae_core.inspect.run_files import file_fingerprint, read_json_file
 from msae_core.data.store import read_manifest
+from msae_core.evals.summary import INTERVALS
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ METRIC_COLUMNS = ["explained_variance", "absorption", "l0", "kl_div_score", "ce_
                   "cossim", "l1", "dead_fraction", "absorption_full", "n_split_features",
                   "llm_probe_acc", "sae_probe_acc", "sae_top1_acc", "synth_absorption", "synth_f1",
                   "synth_mcc", "synth_explained_variance", "synth_l0"]
+METRIC_COLUMNS += [c for pair in INTERVALS.values() for c in pair] + ["absorption_seeds"]
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "competing_pairs"]
 TABLE_COLUMNS = (["name", "state", "step", "total_steps", "problem", "flags"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
@@ -136,13 +138,15 @@ def runs_table(root: str | os.PathLike | None = None) -> pd.DataFrame:
 
 def _flags_column(df: pd.DataFrame) -> list[str]:
     """Per run, its suspicious values (evals.flags) joined by "; " ("" when none)."""
-    from msae_core.evals.flags import run_flags, shared_value_flags
+    from msae_core.evals.flags import interval_flags, run_flags, shared_value_flags
 
     if df.empty:
         return []
     records = df.to_dict("records")
-    shared = shared_value_flags({r["name"]: r for r in records})
-    return ["; ".join(run_flags(r, r.get("d_sae")) + shared.get(r["name"], [])) for r in records]
+    by_name = {r["name"]: r for r in records}
+    shared, wide = shared_value_flags(by_name), interval_flags(by_name)
+    return ["; ".join(run_flags(r, r.get("d_sae")) + shared.get(r["name"], []) + wide.get(r["name"], []))
+            for r in records]
 
 
 def filter_runs(df: pd.DataFrame, states: list[str] | None = None, archs: list[str] | None = None,
