@@ -66,6 +66,8 @@ EXPORT_FIGURES_DIR = "figures"
 EXPORT_README = "README.md"
 EXPORT_RUNS_MD = "runs.md"
 EXPORT_RUNS_CSV = "runs.csv"
+EXPORT_COMPARE_MD = "compare.md"    # msae compare --out, and the Trade-off page's comparison
+EXPORT_COMPARE_CSV = "compare.csv"
 
 # SAE weights (a run's final weights, a checkpoint's, an export's)
 SAE_WEIGHTS = "sae.safetensors"

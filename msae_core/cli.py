@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "msae_core.training.trainer",
     "msae_core.training.sweep",
     "msae_core.evals.cli",
+    "msae_core.inspect.compare",
     "msae_core.demo",
 )
 

@@ -54,9 +54,10 @@ formats = st.multiselect("Figure formats", list(X.FORMATS), ["png", "svg"], key=
 if st.button("Write bundle", type="primary", key="x_bundle", disabled=not formats):
     try:
         with st.spinner("writing figures and tables..."):
+            cmp = st.session_state.get("comparison")  # set by the Trade-off page's comparison
             out = X.write_bundle(root, figures=st.session_state.get("figures", {}), formats=tuple(formats),
-                                 runs=df, include_standard=include_std)
+                                 runs=df, include_standard=include_std, compare=cmp)
         st.success(f"Wrote `{out}` ({sum(1 for _ in (out / EXPORT_FIGURES_DIR).iterdir())} figure files, runs.md, "
-                   "runs.csv, README.md)")
+                   "runs.csv, README.md" + (f", compare.md and compare.csv against {cmp[1]}" if cmp else "") + ")")
     except MsaeError as exc:
         st.error(str(exc))

@@ -4,6 +4,7 @@ import streamlit as st
 
 import ui
 from msae_core.evals.reference import reference_points
+from msae_core.inspect import compare as C
 from msae_core.inspect import figures as F
 
 st.title("Reconstruction vs absorption")
@@ -52,6 +53,22 @@ if names:
     st.session_state["selected_run"] = name
     st.dataframe(row.dropna().astype(str).rename("value").to_frame(), width="stretch")
     ui.page_links(["traces", "pairs", "explorer"])
+if len(names) > 1:
+    st.subheader("Compare runs")
+    st.caption("Each metric with its 95 % interval where the eval gives one, and the difference to the "
+               "baseline: resolved when the two intervals do not overlap. Compare runs at matched L0. "
+               "The Export page's bundle includes this comparison.")
+    chosen = st.multiselect("Runs", names, default=names[:4], key="t_cmp_runs")
+    if len(chosen) > 1:
+        baseline = st.selectbox("Baseline", chosen, key="t_cmp_base")
+        st.session_state["comparison"] = (list(chosen), baseline)  # the Export page's bundle includes it
+        long = C.comparison(have[have["name"].isin(chosen)], baseline)
+        wide = C.wide_table(long, baseline)
+        st.dataframe(wide, hide_index=True, width="stretch")
+        d1, d2 = st.columns(2)
+        d1.download_button("Markdown", C.to_markdown(wide, baseline), file_name=f"compare-{baseline}.md",
+                           key="t_cmp_md")
+        d2.download_button("CSV", long.to_csv(index=False), file_name=f"compare-{baseline}.csv", key="t_cmp_csv")
 if show_ref and ref is not None:
     with st.expander("Reported points (research log)"):
         st.dataframe(ref, hide_index=True)

@@ -219,10 +219,14 @@ def test_figure_export_and_writeup_bundle(root):
     assert X.figure_bytes(fig, "png").startswith(b"\x89PNG")
     assert b"<svg" in X.figure_bytes(fig, "svg")[:500]
     assert X.figure_bytes(fig, "pdf").startswith(b"%PDF")
-    out = X.write_bundle(root, formats=("png",), name="t")
+    df = runs_table(root)
+    pair = df[df["absorption"].notna()]["name"].tolist()[:2]
+    out = X.write_bundle(root, formats=("png",), name="t", compare=(pair, pair[1]))
     assert out.parent == root / "exports"
+    assert (out / "compare.md").read_text().startswith("| run |") and (out / "compare.csv").is_file()
     figs = sorted(p.name for p in (out / "figures").iterdir())
     assert "tradeoff-explained-variance.png" in figs and any("pressure-heatmap" in f for f in figs)
     readme = (out / "README.md").read_text()
     assert "| name |" in readme and "figures/tradeoff-explained-variance.png" in readme
+    assert f"## Comparison with {pair[1]}" in readme and f"| {pair[1]} (baseline) |" in readme
     assert (out / "runs.csv").is_file()

@@ -203,6 +203,12 @@ def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):
     assert "CE-loss" in spec["layout"]["title"]["text"]
     assert "reported no" in texts(at)  # the log has no CE-loss scores: said, not faked
     assert at.selectbox(key="t_open").value.startswith("run-")
+    at.multiselect(key="t_cmp_runs").set_value(at.multiselect(key="t_cmp_runs").value[:3]).run()
+    assert_clean(at)
+    base = at.selectbox(key="t_cmp_base").value
+    (table,) = [d.value for d in at.dataframe if "L0 matched" in d.value.columns]
+    assert table["run"].tolist()[0] == f"{base} (baseline)" and len(table) == 3
+    assert table.iloc[1]["mean absorption fraction (↓)"].endswith("no interval)")  # fixtures have none
     at.selectbox(key="t_x").set_value("synth_absorption").run()  # no run trained on a synthetic store
     assert_clean(at)
     assert "exact" in charts(at)[0]["layout"]["title"]["text"]

@@ -4,7 +4,7 @@ over seeds."""
 import numpy as np
 import pytest
 
-from msae_core.evals.stats import bootstrap_ci, intervals_overlap, nested_mean, score_interval, t_interval
+from msae_core.evals.stats import bootstrap_ci, bootstrap_ci_counts, intervals_overlap, nested_mean, score_interval, t_interval
 
 
 def test_nested_mean_is_the_mean_of_means():
@@ -48,3 +48,11 @@ def test_overlap():
     assert intervals_overlap((0, 1), (0.5, 2)) is True
     assert intervals_overlap((0, 1), (1.5, 2)) is False
     assert intervals_overlap(None, (0, 1)) is None
+
+
+def test_counts_bootstrap_equals_the_item_bootstrap_in_distribution():
+    groups = [[1] * 30 + [0] * 70, [1] * 5 + [0] * 15, [1] * 60 + [0] * 40]
+    items = bootstrap_ci(groups, n_boot=4000, seed=0)
+    counts = bootstrap_ci_counts([30, 5, 60], [100, 20, 100], n_boot=4000, seed=1)
+    assert counts == pytest.approx(items, abs=0.02)
+    assert bootstrap_ci_counts([0, 3], [0, 3]) == (1.0, 1.0)  # an empty group is left out

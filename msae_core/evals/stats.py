@@ -57,6 +57,24 @@ def stratified_bootstrap_ci(strata: Sequence[Sequence[Sequence[float]]], *, n_bo
     return float(lo), float(hi)
 
 
+def bootstrap_ci_counts(successes: Sequence[int], trials: Sequence[int], *, n_boot: int = DEFAULT_BOOTSTRAP,
+                        conf: float = DEFAULT_CONFIDENCE, seed: int = 0) -> tuple[float, float]:
+    """`bootstrap_ci` for groups of 0/1 items given as counts (group g: successes[g] ones among
+    trials[g]): resampling a group's items is a binomial draw, so no item list is built."""
+    rng = np.random.default_rng(seed)
+    k = np.asarray(successes, dtype=np.int64)
+    n = np.asarray(trials, dtype=np.int64)
+    keep = n > 0
+    k, n = k[keep], n[keep]
+    if not len(n):
+        raise ValueError("no values to bootstrap")
+    means_BG = rng.binomial(n, k / n, size=(n_boot, len(n))) / n
+    pick_BG = rng.integers(0, len(n), means_BG.shape)
+    reps = np.take_along_axis(means_BG, pick_BG, 1).mean(1)
+    lo, hi = np.quantile(reps, [(1 - conf) / 2, (1 + conf) / 2])
+    return float(lo), float(hi)
+
+
 def t_interval(values: Sequence[float], conf: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
     """(low, high) of the Student t interval of the mean of two or more independent values."""
     from scipy.stats import t

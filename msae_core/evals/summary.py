@@ -36,6 +36,8 @@ PATHS: dict[str, tuple[str, str, str]] = {
     "llm_probe_acc_ci_high": ("sparse_probing", "uncertainty", "llm_test_accuracy_ci_high"),
     # a run trained on a synthetic store (msae synth), against its ground truth
     "synth_absorption": ("synthetic", "absorption", "mean_absorption"),
+    "synth_absorption_ci_low": ("synthetic", "absorption", "mean_absorption_ci_low"),
+    "synth_absorption_ci_high": ("synthetic", "absorption", "mean_absorption_ci_high"),
     "synth_f1": ("synthetic", "classification", "f1"),
     "synth_mcc": ("synthetic", "recovery", "mcc"),
     "synth_explained_variance": ("synthetic", "reconstruction", "explained_variance"),

@@ -20,7 +20,8 @@ decoder row are taken in input units, decoder rows normalised: SAEBench's units,
   over parents with at least `min_parent_rows` such rows. `parent_silent` is the fraction of those
   rows where p's latent is silent whatever the children carry. An oracle SAE (latents = features)
   scores 0, an SAE whose child latents hold child + parent and whose parent latent is silent when
-  a child fires scores 1.
+  a child fires scores 1. Its interval: a bootstrap over the parents and, within each, its rows
+  (evals.stats.bootstrap_ci_counts), at `confidence`.
 - explained variance 1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, mse per element, l2_ratio
   (mean ||x_hat|| / ||x||), l0 of the SAE and of the truth, frac_dead (never fired on the rows).
 """
@@ -53,6 +54,8 @@ class Config:
     carry_fraction: float = field(default=0.5, metadata={
         "help": "absorbed when the children's latents carry this fraction of the parent's magnitude"})
     min_parent_rows: int = field(default=20, metadata={"help": "parents with fewer co-firing rows are left out"})
+    confidence: float = field(default=0.95, metadata={
+        "help": "level of the absorption interval (a bootstrap over parents and their co-firing rows)"})
 
 
 def _cos(a_AD: torch.Tensor, b_BD: torch.Tensor) -> torch.Tensor:
@@ -160,6 +163,12 @@ class GroundTruthScorer:
         prec, rec, f1 = self._prf(self.tp_F, self.fp_F, self.fn_F)
         mprec, mrec, mf1 = self._prf(self.mtp_G, self.mfp_G, self.mfn_G)
         kept = self.rows_P >= cfg.min_parent_rows
+        ci = (None, None)
+        if kept.any():
+            from msae_core.evals.stats import bootstrap_ci_counts
+
+            ci = bootstrap_ci_counts(self.absorbed_P[kept].long().tolist(), self.rows_P[kept].long().tolist(),
+                                     conf=cfg.confidence, seed=cfg.random_seed)
         absorption_P = torch.where(self.rows_P > 0, self.absorbed_P / self.rows_P.clamp_min(1), torch.nan)
         silent_P = torch.where(self.rows_P > 0, self.silent_P / self.rows_P.clamp_min(1), torch.nan)
         d_in = self.feats.directions_FD.shape[1]
@@ -171,7 +180,8 @@ class GroundTruthScorer:
                                "f1": float(f1.mean()), "matched_f1": float(mf1.mean())},
             "absorption": {"mean_absorption": float(absorption_P[kept].mean()) if kept.any() else None,
                            "mean_parent_silent": float(silent_P[kept].mean()) if kept.any() else None,
-                           "n_parents": int(kept.sum())},
+                           "n_parents": int(kept.sum()),
+                           "mean_absorption_ci_low": ci[0], "mean_absorption_ci_high": ci[1]},
             "reconstruction": {"explained_variance": 1 - self.sq_err / total_var if total_var > 0 else None,
                                "mse": self.sq_err / (n * d_in), "l2_ratio": self.l2_ratio / n},
             "sparsity": {"l0": self.l0 / n, "true_l0": self.true_l0 / n,

@@ -117,9 +117,11 @@ def standard_figures(root: str | os.PathLike | None = None, runs: pd.DataFrame |
 
 def write_bundle(root: str | os.PathLike | None = None, figures: Mapping[str, Any] | None = None,
                  formats: tuple[str, ...] = ("png", "svg"), runs: pd.DataFrame | None = None,
-                 include_standard: bool = True, name: str | None = None) -> Path:
+                 include_standard: bool = True, name: str | None = None,
+                 compare: tuple[list[str], str] | None = None) -> Path:
     """Write results/exports/<name or timestamp>/: figures/<fig>.<fmt>, runs.md, runs.csv and
-    README.md (the runs table in markdown, the settings, the list of figures). Returns the folder."""
+    README.md (the runs table in markdown, the settings, the list of figures). `compare` (runs,
+    baseline): also compare.md and compare.csv (inspect.compare), in the README too. Returns the folder."""
     for f in formats:
         if f not in FORMATS:
             raise MsaeError(f"unknown figure format {f!r}: use one of {', '.join(FORMATS)}")
@@ -149,5 +151,13 @@ def write_bundle(root: str | os.PathLike | None = None, figures: Mapping[str, An
               f"`{results_root(root)}` ({len(df)} runs).", "", "## Runs and scores", "", table,
               "## Settings", "", runs_markdown(df, settings_cols), "## Figures", ""]
     readme += [f"- [{w}]({w})" for w in written]
+    if compare is not None:
+        from msae_core.inspect.compare import comparison, to_markdown, wide_table, write_comparison
+
+        runs_, baseline = compare
+        long = comparison(df[df["name"].isin(runs_)], baseline)
+        wide = wide_table(long, baseline)
+        write_comparison(long, wide, baseline, out)
+        readme += ["", f"## Comparison with {baseline}", "", to_markdown(wide, baseline)]
     (out / EXPORT_README).write_text("\n".join(readme) + "\n")
     return out
