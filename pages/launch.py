@@ -52,6 +52,12 @@ with c1:
                                               "runs can train on it, and the feature pages show its token examples")}
         st.caption("The run reads the model's width from its config now and loads the model when it starts.")
     slots["acts"] = st.empty()
+    chosen_store = next((s for s in stores if s["path"] == acts), None)
+    if chosen_store is not None:
+        st.caption(f"Row norms: {chosen_store['outliers']}")
+    outliers = st.selectbox("Outlier rows (norm over 5x the median)", ["keep", "exclude", "clip"], key="outliers",
+                            help="keep: train on every row, as SAEBench evaluates on all non-special tokens; "
+                                 "exclude: drop them from each batch; clip: scale them down to 5x the median")
 with c2:
     with st.expander("Harvest a new store (model, layer, corpus)"):
         h_model = st.text_input("Model", "embedded", key="h_model",
@@ -122,7 +128,7 @@ cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch),
                                   "warmup_steps": min(1000, int(steps) // 5), "snapshot_every":
                                   max(1, int(steps) // 20) if arch == "momentum" else 0,
                                   "log_every": max(1, min(50, int(steps) // 20))},
-            "data": stream or {"acts": acts or ""}}
+            "data": {**(stream or {"acts": acts or ""}), "outliers": outliers}}
 cfg, problems = config_problems(cfg_dict)
 general = []
 for p in problems:

@@ -5,7 +5,8 @@ import streamlit as st
 import ui
 from msae_core.errors import MsaeError
 from msae_core.inspect import figures as F
-from msae_core.inspect.features import add_cofiring, pair_cofiring, pair_examples
+from msae_core.inspect.features import (TOP_TOKENS_DROPPED, add_cofiring, pair_cofiring, pair_examples,
+                                        pair_score, rows_tokens_and_norms)
 from msae_core.inspect.run_files import has_weights
 
 AUTO_SAMPLE_MAX_F = 4096  # compute the activation sample without asking up to this d_sae
@@ -31,11 +32,16 @@ else:
 
 table = add_cofiring(pairs.head(2000), sample)
 st.caption(f"{len(pairs)} candidate pairs at step {step}; kappa is the competition score, cofiring the "
-           "Jaccard index of the two features' firing tokens on the sample.")
+           "Jaccard index of the two features' firing tokens on the sample, sample score the pair's "
+           f"statistic on the sample and without top the same without its {TOP_TOKENS_DROPPED} top tokens "
+           "(a score that falls there is carried by a handful of tokens).")
 st.dataframe(table, hide_index=True, width="stretch", key="pair_table",
              column_config={"kappa": st.column_config.NumberColumn(format="%.3f"),
                             "dec_cos": st.column_config.NumberColumn("decoder cos", format="%.3f"),
-                            "cofiring": st.column_config.NumberColumn(format="%.3f")})
+                            "cofiring": st.column_config.NumberColumn(format="%.3f"),
+                            "sample_score": st.column_config.NumberColumn("sample score", format="%.3f"),
+                            "without_top": st.column_config.NumberColumn(
+                                f"without top {TOP_TOKENS_DROPPED}", format="%.3f")})
 st.session_state.setdefault("tables", {})["pairs"] = table
 
 top = table.head(300)
@@ -50,6 +56,17 @@ if sample is None:
 co = pair_cofiring(sample, i, j)
 st.markdown(f"On {sample.n_rows} sampled tokens: both fire on **{co['both']}**, only {i} on **{co['only_i']}**, "
             f"only {j} on **{co['only_j']}** (Jaccard {co['cofiring']:.3f}).")
+ps = pair_score(sample, i, j)
+try:
+    tops = rows_tokens_and_norms(sample, ps["top_rows"])
+except MsaeError:
+    tops = []
+st.markdown(f"Pair score on the sample **{ps['score']:.3f}**; without its {len(ps['top_rows'])} top tokens "
+            f"**{ps['score_without_top']:.3f}** (they carry {ps['top_share']:.0%} of it). Top tokens, with their "
+            "row norm in medians of the store's: " + ", ".join(f"`{t!r}` ({n:.1f}x)" for t, n in tops))
+if any(n > 5 for _, n in tops):
+    st.warning("Some of this pair's top tokens are outlier rows (over 5x the median norm): its score may be "
+               "driven by them. Training with outliers excluded or clipped (Launch page) tests that.")
 n_ex = st.slider("Contexts per group", 1, 10, 3, key="p_n")
 try:
     groups = pair_examples(sample, i, j, n=n_ex)

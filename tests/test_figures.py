@@ -230,3 +230,32 @@ def test_figure_export_and_writeup_bundle(root):
     assert "| name |" in readme and "figures/tradeoff-explained-variance.png" in readme
     assert f"## Comparison with {pair[1]}" in readme and f"| {pair[1]} (baseline) |" in readme
     assert (out / "runs.csv").is_file()
+
+
+def test_pair_score_against_a_direct_computation_and_without_its_top_tokens(run):
+    s = features.feature_sample(run, n_rows=512)
+    counts = np.diff(s.feat_ptr)
+    i, j = (int(t) for t in np.argsort(-counts)[:2])
+    ci, cj = s.column(i).astype(np.float64), s.column(j).astype(np.float64)
+    ps = features.pair_score(s, i, j, drop_top=5)
+    assert ps["score"] == pytest.approx(ci @ cj / np.sqrt((ci @ ci) * (cj @ cj)), rel=1e-6)
+    top = np.argsort(-(ci * cj), kind="stable")[:5]
+    assert sorted(ps["top_rows"].tolist()) == sorted(top.tolist())
+    keep = np.setdiff1d(np.arange(len(ci)), top)
+    a, b = ci[keep], cj[keep]
+    assert ps["score_without_top"] == pytest.approx(a @ b / np.sqrt((a @ a) * (b @ b)), rel=1e-6)
+    assert ps["top_share"] == pytest.approx((ci * cj)[top].sum() / (ci * cj).sum(), rel=1e-6)
+    toks = features.rows_tokens_and_norms(s, ps["top_rows"])
+    assert len(toks) == 5 and all(isinstance(t, str) and n > 0 for t, n in toks)
+    # one huge shared token carries a pair: remove it and the score collapses
+    s.nz_val = s.nz_val.copy()
+    ri, _ = s.feature(i)
+    rj, _ = s.feature(j)
+    shared = np.intersect1d(ri, rj)
+    assert len(shared)  # the two commonest features share tokens
+    for f, r in ((i, ri), (j, rj)):
+        a0 = int(s.feat_ptr[f])
+        s.nz_val[a0:a0 + len(r)] *= 0.01
+        s.nz_val[a0 + int(np.searchsorted(r, shared[0]))] = 1e4
+    big = features.pair_score(s, i, j, drop_top=1)
+    assert big["score"] > 0.99 and big["top_share"] > 0.99 and big["score_without_top"] < big["score"]

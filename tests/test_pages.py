@@ -129,6 +129,7 @@ def test_launch_explains_invalid_settings_beside_widgets(full_root, monkeypatch)
     at = open_page(full_root, "launch", monkeypatch)
     assert_clean(at)
     assert not at.button(key="launch").disabled, [e.value for e in at.error]
+    assert any(c.value.startswith("Row norms: ") for c in at.caption)  # the chosen store's outliers
     at.number_input(key="k").set_value(4096).run()  # k > d_sae (2048)
     assert_clean(at)
     assert any("k must" in e.value or "k " in e.value for e in at.error), [e.value for e in at.error]
@@ -175,6 +176,7 @@ def test_launch_streams_from_a_model(full_root, monkeypatch, tmp_path):
     assert at.button(key="launch").disabled
     at.number_input(key="s_layer").set_value(1).run()
     at.text_input(key="s_cache").set_value(str(tmp_path / "cache")).run()
+    at.selectbox(key="outliers").set_value("clip").run()
     assert_clean(at)
     assert not at.button(key="launch").disabled, [e.value for e in at.error]
     at.button(key="launch").click().run()
@@ -182,6 +184,7 @@ def test_launch_streams_from_a_model(full_root, monkeypatch, tmp_path):
     cfg = launched["cfg"]
     assert cfg.data.source == "stream" and cfg.data.model == str(model) and cfg.data.layer == 1
     assert cfg.sae.d_in == 64 and not cfg.data.acts and cfg.data.cache == str(tmp_path / "cache")
+    assert cfg.data.outliers == "clip"
 
 
 def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):

@@ -29,6 +29,7 @@ from msae_core.data.store import (
     ActivationStore,
     StoreSettings,
     StoreWriter,
+    outlier_line,
     read_manifest,
     same_but_target,
 )
@@ -278,6 +279,7 @@ def _run(args: argparse.Namespace) -> int:
                     device=args.device, progress=not args.no_progress, model_dtype=args.model_dtype)
     log.info("activation store %s: %d rows of width %d (%s), %d shards", args.out, store.n_rows,
              store.d_in, store.dtype, len(store.manifest["shards"]))
+    log.info("outliers: %s", outlier_line(store.manifest.get("outliers")))
     return 0
 
 

@@ -162,3 +162,20 @@ class BatchLoader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def limit_outliers(x_BD: torch.Tensor, max_norm: float | None, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch with its rows above `max_norm` dropped ("exclude") or scaled down to it
+    ("clip"), how many rows were above it as a 0-d float tensor on the batch's device). "keep" or
+    no max_norm: the batch as it is. "exclude" indexes by a mask (one host sync); "clip" does not."""
+    if mode == "keep" or max_norm is None:
+        return x_BD, torch.zeros((), device=x_BD.device)
+    norm_B = x_BD.float().norm(dim=1)
+    over_B = norm_B > max_norm
+    n_over = over_B.sum().float()
+    if mode == "exclude":
+        return x_BD[~over_B], n_over
+    if mode == "clip":
+        factor_B = torch.where(over_B, max_norm / norm_B.clamp_min(1e-12), torch.ones_like(norm_B))
+        return (x_BD.float() * factor_B[:, None]).to(x_BD.dtype), n_over
+    raise ValueError(f"unknown outlier mode {mode!r}")

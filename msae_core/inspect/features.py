@@ -183,19 +183,61 @@ def pair_cofiring(sample: FeatureSample, i: int, j: int) -> dict:
             "cofiring": both / either if either else 0.0}
 
 
+TOP_TOKENS_DROPPED = 10  # the pair score is also shown without the pair's this many top tokens
+
+
+def pair_score(sample: FeatureSample, i: int, j: int, drop_top: int = TOP_TOKENS_DROPPED) -> dict:
+    """The pair's batch statistic of the design note on the whole sample, s = sum f_i f_j /
+    sqrt(sum f_i^2 sum f_j^2), and the same without the `drop_top` sample rows where f_i f_j is
+    largest: a score that falls once a handful of tokens are gone is carried by those tokens
+    (e.g. the huge-norm apostrophes of Gemma). Also the top rows (sample indices, most first) and
+    their share of sum f_i f_j."""
+    ri, vi = sample.feature(i)
+    rj, vj = sample.feature(j)
+    both, ii, jj = np.intersect1d(ri, rj, assume_unique=True, return_indices=True)
+    prod = vi[ii].astype(np.float64) * vj[jj]
+    order = np.argsort(-prod, kind="stable")[:drop_top]
+    top_rows = both[order]
+    sii, sjj = float((vi.astype(np.float64) ** 2).sum()), float((vj.astype(np.float64) ** 2).sum())
+    score = float(prod.sum()) / np.sqrt(sii * sjj) if sii > 0 and sjj > 0 else 0.0
+    rest_ij = float(prod.sum() - prod[order].sum())
+    rest_ii = sii - float((vi[ii[order]].astype(np.float64) ** 2).sum())
+    rest_jj = sjj - float((vj[jj[order]].astype(np.float64) ** 2).sum())
+    without = rest_ij / np.sqrt(rest_ii * rest_jj) if rest_ii > 1e-12 and rest_jj > 1e-12 else 0.0
+    return {"score": score, "score_without_top": float(max(without, 0.0)), "top_rows": top_rows,
+            "top_share": float(prod[order].sum() / prod.sum()) if prod.sum() > 0 else 0.0}
+
+
+def rows_tokens_and_norms(sample: FeatureSample, rows: np.ndarray) -> list[tuple[str, float]]:
+    """(token text, row norm in medians of the store's row norm) of sample `rows`: whether a pair's
+    top tokens are the store's outliers."""
+    store = _open_store(sample)
+    median = (store.manifest.get("outliers") or {}).get("median_norm")
+    if not median:  # a store from before norms were recorded: the sample's median
+        median = float(np.median(store.row_norms(sample.rows))) or 1.0
+    norms = store.row_norms(sample.rows[rows]) / median
+    texts = token_strings(sample.store_path, [int(t) for t in sample.token_ids[rows]])
+    return list(zip(texts, [float(n) for n in norms]))
+
+
 def add_cofiring(pairs: pd.DataFrame, sample: FeatureSample | None) -> pd.DataFrame:
-    """pairs + a `cofiring` column (Jaccard of the two features' firing rows on the sample)."""
+    """pairs + `cofiring` (Jaccard of the two features' firing rows on the sample), `sample_score`
+    and `without_top` (pair_score on the sample, whole and without the pair's top tokens)."""
     out = pairs.copy()
+    cols = ("cofiring", "sample_score", "without_top")
     if sample is None or out.empty:
-        out["cofiring"] = np.nan
+        for c in cols:
+            out[c] = np.nan
         return out
     vals = []
     for i, j in zip(out["i"].to_numpy(), out["j"].to_numpy()):
         try:
-            vals.append(pair_cofiring(sample, int(i), int(j))["cofiring"])
+            ps = pair_score(sample, int(i), int(j))
+            vals.append((pair_cofiring(sample, int(i), int(j))["cofiring"], ps["score"], ps["score_without_top"]))
         except MsaeError:
-            vals.append(np.nan)
-    out["cofiring"] = vals
+            vals.append((np.nan,) * 3)
+    for c, v in zip(cols, zip(*vals)):
+        out[c] = v
     return out
 
 

@@ -16,7 +16,7 @@ from msae_core.artifacts import RUN_CONFIG, RUN_EVAL, RUN_METRICS, RUN_STATUS
 from msae_core.errors import MsaeError
 from msae_core.paths import runs_root, stores_root
 from msae_core.inspect.run_files import file_fingerprint, read_json_file
-from msae_core.data.store import read_manifest
+from msae_core.data.store import outlier_line, read_manifest
 from msae_core.evals.summary import INTERVALS
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,15 @@ def list_stores(root: str | os.PathLike | None = None) -> list[dict]:
                     "corpus": (m.get("corpus") or {}).get("name") if isinstance(m.get("corpus"), dict)
                     else m.get("corpus"), "n_rows": m.get("n_rows"), "d_model": m.get("d_model"),
                     "complete": bool(m.get("complete")),
+                    "outliers": outlier_line(m.get("outliers"), lambda ids, p=p: _token_texts(p, ids)),
                     "problem": None if m.get("shards") else "no complete shard yet"})
     return out
+
+
+def _token_texts(store: Path, ids: list[int]) -> list[str]:
+    from msae_core.inspect.features import token_strings
+
+    return token_strings(str(store), ids)
 
 
 def _sparsity_knob(arch: object) -> str | None:

@@ -73,6 +73,9 @@ class TrainConfig:
         return out
 
 
+OUTLIER_MODES = ("keep", "exclude", "clip")
+
+
 @dataclass
 class DataConfig:
     """Where the training activations come from: an activation store (`source` store, `acts`), or
@@ -94,8 +97,21 @@ class DataConfig:
         "help": "stream: also write every streamed activation into this folder as an activation store, "
                 "for later runs (--acts) and the workbench's token examples"})
     cache_dtype: str = field(default="float16", metadata={"help": "stream: the cache's dtype, float16 or float32"})
+    outliers: str = field(default="keep", metadata={
+        "help": "rows with a norm above outlier_factor x the median: keep (as SAEBench evaluates on "
+                "all non-special tokens), exclude (drop them from the batch) or clip (scale them down "
+                "to that norm)"})
+    outlier_factor: float = field(default=5.0, metadata={"help": "the outlier threshold, in medians of the row norm"})
 
     def problems(self) -> list[str]:
+        out_rows = []
+        if self.outliers not in OUTLIER_MODES:
+            out_rows.append(f"outliers must be one of {', '.join(OUTLIER_MODES)} (got {self.outliers!r})")
+        if not self.outlier_factor > 1:
+            out_rows.append(f"outlier_factor must be > 1 (got {self.outlier_factor})")
+        return out_rows + self._source_problems()
+
+    def _source_problems(self) -> list[str]:
         if self.source == "store":
             out = [] if self.acts else ["acts: no activation store given (--acts DIR, or --source stream)"]
             return out + (["cache: only a streamed run writes a cache (--source stream)"] if self.cache else [])

@@ -46,7 +46,7 @@ from msae_core import metrics as M
 from msae_core import sae_io
 from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS
 from msae_core.configutil import add_dataclass_args, overrides_from_args
-from msae_core.data.loader import BatchLoader
+from msae_core.data.loader import BatchLoader, limit_outliers
 from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
@@ -204,6 +204,7 @@ class _Fit:
             self.opt = torch.optim.Adam(sae.parameters(), lr=lr_at(self.start, self.tc))
             self.opt.load_state_dict(opt_state)
             set_rng_state(state.get("rng", {}))
+            self.outlier_norm = state.get("outlier_norm")
             log.info("resuming %s from step %d", out_dir, self.start)
         else:
             self.start = 0
@@ -237,7 +238,8 @@ class _Fit:
         self.bad_data = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def _fit_input_scale(self, sae: SAE) -> None:
-        """The fixed input normalisation, from a sample of the store."""
+        """The fixed input normalisation, from a sample of the store, and on that sample the
+        outlier norm (data.outliers: outlier_factor x the median row norm; kept in the checkpoint)."""
         sample_ND = self.store.input_sample(max(self.tc.batch_size, 16_384), self.tc.seed)
         if not bool(torch.isfinite(sample_ND).all()):
             raise MsaeError(self.store.nonfinite_problem() or "non-finite activations in the store")
@@ -246,6 +248,13 @@ class _Fit:
             n = -int(dist.all_max(-len(sample_ND)))
             sample_ND = dist.gather_rows(sample_ND[:n].contiguous())
         sae.fit_input_scale_(sample_ND.to(self.device))
+        data = self.config.data
+        self.outlier_norm = None
+        if data.outliers != "keep":
+            median = float(sample_ND.float().norm(dim=1).median())
+            self.outlier_norm = data.outlier_factor * median
+            log.info("%s rows above %.4g (%gx the median norm %.4g)", data.outliers, self.outlier_norm,
+                     data.outlier_factor, median)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, progress: bool) -> RunResult:
@@ -312,7 +321,9 @@ class _Fit:
         waits for the device: a non-finite loss is recorded on the device (`bad_at`, the loss,
         whether the batch itself was not finite) and read by `run` at its next log, snapshot or
         checkpoint step, before anything of the bad step is written."""
-        x_BD = self.loader.next(s)
+        x_BD, n_over = limit_outliers(self.loader.next(s), self.outlier_norm, self.config.data.outliers)
+        if self.outlier_norm is not None:  # metrics: rows excluded or clipped per step
+            self.sums["outlier_rows"] = self.sums["outlier_rows"] + n_over if "outlier_rows" in self.sums else n_over
         lr = lr_at(s, self.tc)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -366,7 +377,8 @@ class _Fit:
 
     def _checkpoint(self, done: int) -> None:
         state = {"step": done, "rng": rng_state(), "time": time.time(), "config": self.config.to_dict(),
-                 "log_sums": {k: float(v) for k, v in self.sums.items()}, "log_n": self.n_sum}
+                 "log_sums": {k: float(v) for k, v in self.sums.items()}, "log_n": self.n_sum,
+                 "outlier_norm": self.outlier_norm}
         stream = None
         if getattr(self.store, "streamed", False):  # data-parallel: every rank's buffer, to rank 0
             ranks = dist.gather_objects(self.store.state(done))
