@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--l1-coeff", type=float, default=0.5)
+    ap.add_argument("--l1-coeff", type=float, default=5.0)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--only", default="", help="comma list of variant names (default: all)")
     args = ap.parse_args()

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "msae_core.data.synth",
     "msae_core.training.trainer",
     "msae_core.training.sweep",
+    "msae_core.training.imports",
     "msae_core.evals.cli",
     "msae_core.inspect.compare",
     "msae_core.demo",

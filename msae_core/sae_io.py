@@ -132,6 +132,81 @@ def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
     return folder
 
 
+# SAELens's architectures -> ours ("standard" is a ReLU SAE; SAELens saves BatchTopK and
+# Matryoshka BatchTopK SAEs as "jumprelu" with their threshold)
+SAELENS_IMPORT = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+
+
+def saelens_config_problems(cfg: Any) -> list[str]:
+    """What is missing or inconsistent in a SAELens cfg.json (parsed), for one line."""
+    if not isinstance(cfg, dict):
+        return ["cfg.json is not a json object"]
+    out = []
+    arch = cfg.get("architecture", "standard")
+    if arch not in SAELENS_IMPORT:
+        out.append(f"architecture {arch!r} is not one msae reads ({', '.join(SAELENS_IMPORT)})")
+    for name in ("d_in", "d_sae"):
+        v = cfg.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            out.append(f"{name} is missing or not a positive integer (got {json.dumps(v)})")
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    if arch == "topk" and (not isinstance(k, int) or k < 1):
+        out.append("a topk SAE needs k (cfg k or activation_fn_kwargs.k)")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", None):
+        out.append(f"normalize_activations {norm!r}: only SAEs that read raw activations are read ('none')")
+    return out
+
+
+def import_saelens(folder: str | os.PathLike) -> tuple[SAE, dict]:
+    """An SAE of ours from a folder in SAELens's on-disk format (cfg.json + sae_weights.safetensors:
+    W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc, b_dec, and threshold for jumprelu), with input
+    scale 1 and the weights as given, so that its encode and forward equal SAELens's. Also
+    returns the cfg. MsaeError naming what is missing or inconsistent, in one line."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / SAELENS_CONFIG, folder / SAELENS_WEIGHTS
+    missing = [p.name for p in (cfg_path, w_path) if not p.is_file()]
+    if missing:
+        raise MsaeError(f"{folder} is not a SAELens SAE folder: {' and '.join(missing)} missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise MsaeError(f"{cfg_path} is unreadable: {exc}") from exc
+    problems = saelens_config_problems(cfg)
+    if problems:
+        raise MsaeError(f"{cfg_path}: " + "; ".join(problems))
+    try:
+        w = load_file(str(w_path))
+    except Exception as exc:  # safetensors raises its own error types on a torn file
+        raise MsaeError(f"{w_path} is unreadable: {exc}") from exc
+    arch = SAELENS_IMPORT[cfg.get("architecture", "standard")]
+    D, F = cfg["d_in"], cfg["d_sae"]
+    want = {"W_enc": (D, F), "W_dec": (F, D), "b_enc": (F,), "b_dec": (D,)}
+    if arch == "jumprelu":
+        want["threshold"] = (F,)
+    bad = [f"{k} {'missing' if k not in w else f'has shape {tuple(w[k].shape)}, cfg says {shape}'}"
+           for k, shape in want.items() if k not in w or tuple(w[k].shape) != shape]
+    if bad:
+        raise MsaeError(f"{w_path} does not match its cfg.json: " + "; ".join(bad))
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    fields: dict[str, Any] = {"arch": arch, "d_in": D, "d_sae": F}
+    if arch == "topk":
+        fields["k"] = int(k)
+    sae = build_sae(SAEConfig(**fields))
+    W_enc, b_enc = w["W_enc"].float(), w["b_enc"].float()
+    if cfg.get("apply_b_dec_to_input", True) is False:  # pre = x W_enc + b_enc: move b_dec into b_enc
+        b_enc = b_enc + w["b_dec"].float() @ W_enc
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(w["W_dec"].float())
+        sae.b_enc.copy_(b_enc)
+        sae.b_dec.copy_(w["b_dec"].float())
+        sae.input_scale.fill_(1.0)
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(w["threshold"].float().clamp_min(0).log())
+    return sae.eval(), cfg
+
+
 def _activation_fn_str(saelens_architecture: str) -> str:
     """SAELens's activation name of one of its architectures: relu for "standard", else its name."""
     return "relu" if saelens_architecture == "standard" else saelens_architecture
