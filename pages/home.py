@@ -74,7 +74,7 @@ def runs_section() -> None:
     only_eval = c4.checkbox("Evaluated only", key="f_eval")
     view = rt.filter_runs(df, states, archs, text, only_eval)
 
-    cols = ["name", "state", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
+    cols = ["name", "state", "eval_phase", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
             "explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "step", "total_steps",
             "train_explained_variance", "train_l0", "flags", "problem"]
     st.caption(f"{len(view)} of {len(df)} runs")
@@ -88,6 +88,8 @@ def runs_section() -> None:
                      "tokens": st.column_config.NumberColumn(format="compact"),
                      "train_explained_variance": st.column_config.NumberColumn("EV (train)", format="%.3f"),
                      "train_l0": st.column_config.NumberColumn("L0 (train)", format="%.1f"),
+                     "eval_phase": st.column_config.TextColumn("eval", help="the evals after training: "
+                                                               "which one runs now, done, or where it failed"),
                      "flags": st.column_config.TextColumn("suspicious", help="values a researcher should "
                                                           "check before trusting the run (msae_core.evals.flags)"),
                  })

@@ -198,11 +198,17 @@ with st.expander("Sweep grid (same settings, one run per point)"):
 
 
 # ------------------------------------------------------------------ live progress
+def _evaluating(info) -> bool:
+    """A run done training whose evals are still running (its status.json `eval`)."""
+    phase = (info.status or {}).get("eval") if isinstance(info.status, dict) else None
+    return isinstance(phase, str) and (phase.startswith("running") or phase == "starting")
+
+
 @st.fragment(run_every=2.0)
 def progress() -> None:
     launched = set(st.session_state.get("launched", []))
     infos = [i for i in list_runs(runs_dir, metrics_tail=1)
-             if i.state in ("queued", "running") or i.name in launched]
+             if i.state in ("queued", "running") or i.name in launched or _evaluating(i)]
     st.subheader(f"Progress ({sum(i.state in ('queued', 'running') for i in infos)} active)")
     if not infos:
         st.caption("No queued or running runs.")
@@ -211,7 +217,8 @@ def progress() -> None:
         s, m = info.status, (info.metrics[-1] if info.metrics else {})
         step, total = int(s.get("step") or 0), int(s.get("total_steps") or 0)
         c1, c2, c3 = st.columns([3, 5, 1])
-        c1.markdown(f"**{info.name}** · `{info.state}`" + (f"  \n:red[{info.problem}]" if info.problem else ""))
+        phase = f" · eval {s['eval']}" if isinstance(s.get("eval"), str) and s.get("eval") != "done" else ""
+        c1.markdown(f"**{info.name}** · `{info.state}`{phase}" + (f"  \n:red[{info.problem}]" if info.problem else ""))
         c1.progress(min(1.0, step / total) if total else 0.0, text=f"step {step}/{total}")
         eta = s.get("eta_s")
         fmt = lambda k, f: f"{m[k]:{f}}" if isinstance(m.get(k), (int, float)) else "-"  # noqa: E731

@@ -376,3 +376,19 @@ def test_sweep_from_the_launch_page_leaves_the_cli_sweep_record(tmp_path, monkey
     finally:
         for name in ("uisw-lam0", "uisw-lam0.1"):
             cancel_run(root / "runs" / name)
+
+
+def test_a_run_being_evaluated_shows_its_eval_on_home_and_launch(tmp_path, monkeypatch):
+    """Done training, evals running: not a silent `done` with blank scores."""
+    from msae_core.training.run_folder import write_status
+
+    root = make_results(tmp_path / "results", n_runs=2)
+    run = sorted((root / "runs").iterdir())[0]
+    write_status(run, eval="running absorption (2 of 3)")
+    at = open_page(root, "home", monkeypatch)
+    assert_clean(at)
+    table = next(d.value for d in at.dataframe if "eval_phase" in d.value.columns)
+    assert table.set_index("name").loc[run.name, "eval_phase"] == "running absorption (2 of 3)"
+    at = open_page(root, "launch", monkeypatch)
+    assert_clean(at)
+    assert f"**{run.name}** · `done` · eval running absorption (2 of 3)" in texts(at)

@@ -155,6 +155,8 @@ def test_synthetic_eval_on_a_trained_run_and_the_lm_evals_refused(tmp_path):
     assert len(out["synthetic"]["eval_result_details"]) == 96
     again = run_evals(run, "synthetic", progress=False, overrides={"synthetic": {"n_eval_rows": 3000}})
     assert again["synthetic"]["eval_result_metrics"] == m  # fresh rows, but the same ones each time
+    assert json.loads((run / "status.json").read_text())["eval"] == "done"
     with pytest.raises(MsaeError, match="synthetic activations.*--evals synthetic"):
         run_evals(run, "core", progress=False)
+    assert json.loads((run / "status.json").read_text())["eval"].startswith("failed in core: run run trained on")
     assert json.loads((run / "eval.json").read_text())["synthetic"]["eval_result_metrics"] == m

@@ -50,6 +50,16 @@ def parse_evals(text: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
+def _eval_phase(run_dir: Path, text: str) -> None:
+    """The run's status.json `eval`: which eval runs now, or how the evals ended."""
+    from msae_core.training.run_folder import write_status
+
+    try:
+        write_status(run_dir, eval=text)
+    except OSError as exc:  # a read-only run folder still gets its evals computed
+        log.debug("cannot write the eval phase into %s: %s", run_dir, exc)
+
+
 def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: bool = True,
               skip_done: bool = False, device: str | None = None,
               overrides: dict[str, dict] | None = None) -> dict:
@@ -83,8 +93,14 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
     ctx = open_run(run_dir, device=device, progress=progress)
     for i, n in enumerate(todo, 1):
         log.info("eval %d/%d: %s on %s", i, len(todo), n, run_dir.name)
-        result = modules[n].run(ctx, configs[n])
+        _eval_phase(run_dir, f"running {n} ({i} of {len(todo)})")  # Home and Launch show it
+        try:
+            result = modules[n].run(ctx, configs[n])
+        except BaseException as exc:
+            _eval_phase(run_dir, f"failed in {n}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            raise
         existing = write_eval_result(run_dir, n, result)
+    _eval_phase(run_dir, "done")
     flags = run_flags(summarize(existing), ctx.sae.cfg.d_sae)
     existing = write_flags(run_dir, flags)
     for line in flags:

@@ -39,7 +39,7 @@ METRIC_COLUMNS = ["explained_variance", "absorption", "l0", "kl_div_score", "ce_
                   "synth_mcc", "synth_explained_variance", "synth_l0"]
 METRIC_COLUMNS += [c for pair in INTERVALS.values() for c in pair] + ["absorption_seeds"]
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "competing_pairs"]
-TABLE_COLUMNS = (["name", "state", "step", "total_steps", "problem", "flags"] + CONFIG_COLUMNS
+TABLE_COLUMNS = (["name", "state", "eval_phase", "step", "total_steps", "problem", "flags"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
 
 
@@ -94,6 +94,7 @@ def run_row(info: Any) -> dict:
         "arch": arch, "base": base, "d_sae": _num(sae.get("d_sae")), "d_in": _num(sae.get("d_in")),
         "lr": _num(train.get("lr")), "steps": _num(train.get("steps")),
         "batch_size": _num(train.get("batch_size")), "eta_s": _num(status.get("eta_s")),
+        "eval_phase": _text(status.get("eval")),
         "path": str(info.path),
     }
     if arch == "momentum":

@@ -507,9 +507,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run_evals(out_dir: Path, evals: list[str]) -> int:
     """`msae eval RUN --evals a,b` in a child process; its outcome goes into status.json `eval`."""
-    write_status(out_dir, eval="running")
+    write_status(out_dir, eval="starting")  # the child writes which eval it runs (evals.run_evals)
     rc = spawn(msae_command("eval", out_dir, "--evals", ",".join(evals)), detach=False).wait()
-    write_status(out_dir, eval="done" if rc == 0 else f"failed (exit {rc}, see train.log)")
+    if rc != 0:
+        from msae_core.training.run_folder import read_status
+
+        said = str(read_status(out_dir).get("eval") or "")
+        write_status(out_dir, eval=said if said.startswith("failed") else f"failed (exit {rc}, see train.log)")
     return rc
 
 
