@@ -126,7 +126,7 @@ if arch == "momentum":
     sae.update(base=base, beta=float(beta), tau=float(tau), lam=float(lam))
 cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch), "lr": float(lr),
                                   "warmup_steps": min(1000, int(steps) // 5), "snapshot_every":
-                                  max(1, int(steps) // 20) if arch == "momentum" else 0,
+                                  -1 if arch == "momentum" else 0,  # -1: about 100 snapshots a run
                                   "log_every": max(1, min(50, int(steps) // 20))},
             "data": {**(stream or {"acts": acts or ""}), "outliers": outliers}}
 cfg, problems = config_problems(cfg_dict)

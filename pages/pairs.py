@@ -73,8 +73,12 @@ try:
 except MsaeError as exc:
     st.error(str(exc))
     st.stop()
+GROUP_CAPTIONS = {"both fire": "Tokens where both features fire: the inputs they share.",
+                  f"only {i} fires": f"Tokens where {i} fires and {j} is silent: what {i} covers alone.",
+                  f"only {j} fires": f"Tokens where {j} fires and {i} is silent: what {j} covers alone."}
 for title, exs in groups.items():
     st.markdown(f"**{title}**")
+    st.caption(GROUP_CAPTIONS.get(title, ""))
     if not exs:
         st.caption("none in the sample")
         continue

@@ -237,6 +237,11 @@ def test_launch_a_run_and_open_every_page(server, results, browser):
         if name == "pairs":
             assert page.locator('[data-testid="stDataFrame"]').count() >= 1 and "both fire" in text
             assert page.locator('[data-testid="stMain"] span[style*="background:rgba"]').count() > 0
+            # long token-shaded contexts wrap inside their column instead of running over the other
+            spill = page.evaluate("""() => [...document.querySelectorAll(
+                '[data-testid=stMain] div[style*="font-family:monospace"]')]
+                .filter(d => d.scrollWidth > d.clientWidth + 1).length""")
+            assert spill == 0, f"{spill} token contexts overflow their column"
         if name == "explorer":
             assert "Top activating contexts" in text
         if name == "export":

@@ -1,6 +1,7 @@
 """Trainer: run folder contents, resume after a kill equals an uninterrupted run, NaN -> diverged,
 SIGTERM -> cancelled with a checkpoint, CLI flags over a config file."""
 
+import dataclasses
 import json
 import os
 import re
@@ -342,3 +343,16 @@ def test_checkpoints_are_written_beside_training(store, reference, tmp_path, mon
     cfg.train.checkpoint_every, cfg.train.checkpoint_minutes = 10 ** 6, 1e-6  # every log step, by the clock
     assert train(cfg, tmp_path / "clock", progress=False).state == "done"
     assert [w[1] for w in writes] == list(range(5, STEPS + 1, 5))
+
+
+def test_default_snapshots_are_about_100_per_run(tmp_path):
+    """snapshot_every -1 (the default): every run's traces have about 100 points, whatever its length."""
+    assert TrainConfig(steps=3000).snapshot_interval == 30 and TrainConfig(steps=50).snapshot_interval == 1
+    assert TrainConfig(steps=3000, snapshot_every=0).snapshot_interval == 0
+    store = make_store(tmp_path / "store")
+    cfg = make_config(store, steps=200)
+    cfg = RunConfig(sae=cfg.sae, train=dataclasses.replace(cfg.train, snapshot_every=-1), data=cfg.data)
+    train(cfg, tmp_path / "run", progress=False)
+    assert len(list((tmp_path / "run" / RUN_TRACES_DIR).glob("step_*.safetensors"))) == 100  # every 2 steps
+    bad = dataclasses.replace(cfg.train, snapshot_every=-2)
+    assert any("snapshot_every must be -1" in p for p in bad.problems())

@@ -272,8 +272,10 @@ def tokens_html(tokens: Sequence[str], acts: Sequence[float], vmax: float | None
         text = html.escape(t).replace("\n", "⏎").replace(" ", "&nbsp;") or "&#8203;"
         parts.append(f'<span title="{a:.3g}" style="background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f});'
                      f'{border}border-radius:2px;padding:0 1px;">{text}</span>')
-    return ('<div style="font-family:monospace;font-size:0.85rem;line-height:1.7;white-space:normal;">'
-            + "".join(parts) + "</div>")
+    # adjacent spans with no space between them form one unbreakable word: long contexts would
+    # overflow their column, so break anywhere, and let the flex item shrink (min-width 0)
+    return ('<div style="font-family:monospace;font-size:0.85rem;line-height:1.7;white-space:normal;'
+            'overflow-wrap:anywhere;word-break:break-all;min-width:0;flex:1 1 0;">' + "".join(parts) + "</div>")
 
 
 def example_html(example: Any, features: Sequence[int], vmax: dict[int, float] | None = None,
@@ -285,6 +287,7 @@ def example_html(example: Any, features: Sequence[int], vmax: dict[int, float] |
         acts = example.acts.get(f, [0.0] * len(example.tokens))
         peak = max(acts) if acts else 0.0
         rows.append(f'<div style="display:flex;gap:6px;align-items:baseline;">'
-                    f'<span style="min-width:7em;color:rgb{rgb};font-size:0.75rem;">#{f} max {peak:.3g}</span>'
+                    f'<span style="min-width:7em;flex:0 0 auto;color:rgb{rgb};font-size:0.75rem;">#{f} max {peak:.3g}</span>'
                     + tokens_html(example.tokens, acts, (vmax or {}).get(f), rgb, example.center) + "</div>")
-    return '<div style="margin-bottom:8px;border-left:3px solid #ddd;padding-left:6px;">' + "".join(rows) + "</div>"
+    return ('<div style="margin-bottom:8px;border-left:3px solid #ddd;padding-left:6px;max-width:100%;'
+            'overflow:hidden;">' + "".join(rows) + "</div>")

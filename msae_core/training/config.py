@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """How to train: optimiser, schedule, logging and checkpoint cadence."""
 
+    SNAPSHOTS_PER_RUN = 100  # snapshot_every -1: traces with about this many points, whatever the length
+
     steps: int = field(default=10_000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=4096, metadata={"help": "activation rows per step"})
     lr: float = field(default=3e-4, metadata={"help": "Adam learning rate"})
@@ -39,14 +41,21 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata={"help": "steps between resumable checkpoints"})
     checkpoint_minutes: float = field(default=0.0, metadata={
         "help": "also checkpoint at the first log step this many minutes after the last checkpoint (0: off)"})
-    snapshot_every: int = field(default=500, metadata={
-        "help": "steps between momentum trace snapshots (traces/); 0 = none"})
+    snapshot_every: int = field(default=-1, metadata={
+        "help": "steps between momentum trace snapshots; -1: about 100 per run (steps // 100); 0: none"})
     evals: list[str] = field(default_factory=list, metadata={
-        "help": "evals to run when training is done (core, absorption, sparse_probing)"})
+        "help": "evals to run when training is done (core, absorption, sparse_probing; synthetic on a msae synth store)"})
 
     @property
     def effective_warmup(self) -> int:
         return max(0, min(self.warmup_steps, self.steps))
+
+    @property
+    def snapshot_interval(self) -> int:
+        """Steps between trace snapshots (0: none), snapshot_every -1 resolved."""
+        if self.snapshot_every == -1:
+            return max(1, self.steps // self.SNAPSHOTS_PER_RUN)
+        return self.snapshot_every
 
     def problems(self) -> list[str]:
         out = []
@@ -63,8 +72,9 @@ class TrainConfig:
                 out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not self.checkpoint_minutes >= 0:
             out.append(f"checkpoint_minutes must be >= 0 (got {self.checkpoint_minutes})")
-        if self.snapshot_every < 0:
-            out.append(f"snapshot_every must be >= 0 (got {self.snapshot_every})")
+        if self.snapshot_every < -1:
+            out.append(f"snapshot_every must be -1 (about 100 per run), 0 (none) or a step count "
+                       f"(got {self.snapshot_every})")
         unknown = [e for e in self.evals if e not in EVAL_NAMES]
         if unknown:
             out.append(f"evals: unknown eval(s) {', '.join(map(str, unknown))} (known: {', '.join(EVAL_NAMES)})")

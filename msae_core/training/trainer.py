@@ -273,7 +273,7 @@ class _Fit:
                 done = s + 1
                 x_BD, out = self._step(s)
                 log_due = done % tc.log_every == 0 or done == tc.steps
-                snap_due = bool(tc.snapshot_every) and done % tc.snapshot_every == 0
+                snap_due = bool(tc.snapshot_interval) and done % tc.snapshot_interval == 0
                 stopping = self._stopping(log_due)  # read once: the checkpoint and the end agree
                 ckpt_due = (done % tc.checkpoint_every == 0 or done == tc.steps or stopping
                             or (log_due and self._checkpoint_time_due()))
