@@ -55,7 +55,7 @@ if coords is not None:
     name = "log10 firing fraction" if colour_by == "density" else "pressure"
     ev = ui.show_figure(F.umap_figure(coords, vals, name if vals is not None else "", feature,
                                       title=f"{run.name}: decoder directions ({layout}, {len(coords)} features)"),
-                        "umap", on_select="rerun", selection_mode=("points",), width="stretch")
+                        "umap", stem=f"{run.name}-umap-{colour_by}", on_select="rerun", selection_mode=("points",), width="stretch")
     try:
         pts = ev.selection.points if ev else []
         if pts and pts[0].get("customdata") is not None:
@@ -71,7 +71,8 @@ if coords is not None:
 st.subheader(f"Feature {feature}")
 if sample is not None:
     counts, edges, frac = features.activation_histogram(sample, feature)
-    ui.show_figure(F.histogram_figure(counts, edges, feature, frac), "histogram", width="stretch")
+    ui.show_figure(F.histogram_figure(counts, edges, feature, frac), "histogram",
+                   stem=f"{run.name}-feature{feature}-histogram", width="stretch")
     st.markdown("**Top activating contexts**")
     try:
         for e in features.top_examples(sample, feature, n=st.slider("Contexts", 1, 20, 6, key="e_n")):
@@ -80,6 +81,7 @@ if sample is not None:
         st.error(str(exc))
 try:
     out = features.output_tokens(run, feature, k=12)
-    ui.show_figure(F.logits_figure(out["promoted"], out["suppressed"], feature), "logits", width="stretch")
+    ui.show_figure(F.logits_figure(out["promoted"], out["suppressed"], feature), "logits",
+                   stem=f"{run.name}-feature{feature}-logits", width="stretch")
 except MsaeError as exc:
     st.info(f"output tokens unavailable: {exc}")

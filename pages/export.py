@@ -14,6 +14,7 @@ df = ui.runs_table()
 
 st.subheader("Figures")
 figs = dict(st.session_state.get("figures", {}))
+files = dict(st.session_state.get("figure_files", {}))
 if not figs:
     st.caption("Figures you open on the other pages are listed here; the standard write-up figures are "
                "always available.")
@@ -34,7 +35,8 @@ if figs:
             st.error(str(exc))
     got = st.session_state.get("x_bytes")
     if got and got[0] == which and got[1] == fmt:
-        c3.download_button(f"Download {which}.{fmt}", got[2], file_name=f"{X.safe_file_stem(which)}.{fmt}",
+        stem = X.safe_file_stem(files.get(which, which))  # named after the run and the setting shown
+        c3.download_button(f"Download {stem}.{fmt}", got[2], file_name=f"{stem}.{fmt}",
                            mime=X.MIME[fmt], key="x_dl")
 
 st.subheader("Tables")
@@ -55,7 +57,8 @@ if st.button("Write bundle", type="primary", key="x_bundle", disabled=not format
     try:
         with st.spinner("writing figures and tables..."):
             cmp = st.session_state.get("comparison")  # set by the Trade-off page's comparison
-            out = X.write_bundle(root, figures=st.session_state.get("figures", {}), formats=tuple(formats),
+            shown = {files.get(k, k): f for k, f in st.session_state.get("figures", {}).items()}
+            out = X.write_bundle(root, figures=shown, formats=tuple(formats),
                                  runs=df, include_standard=include_std, compare=cmp)
         st.success(f"Wrote `{out}` ({sum(1 for _ in (out / EXPORT_FIGURES_DIR).iterdir())} figure files, runs.md, "
                    "runs.csv, README.md" + (f", compare.md and compare.csv against {cmp[1]}" if cmp else "") + ")")

@@ -35,7 +35,8 @@ ui.problems_box(tr.problems, "in trace snapshots")
 if tr.d_sae and len(tr.features) < len(feats):
     st.warning(f"ids outside [0, {tr.d_sae}) are ignored")
 ui.show_figure(F.traces_figure(tr.steps, tr.features.tolist(), tr.rate, tr.mag, tr.pressure,
-                               title=f"{run.name}: momentum traces"), "traces", width="stretch")
+                               title=f"{run.name}: momentum traces"), "traces", stem=f"{run.name}-traces",
+               width="stretch")
 
 st.subheader("Features x steps")
 h1, h2 = st.columns([1, 2])
@@ -45,7 +46,8 @@ heat_feats = ui.top_pressure(run, n_heat)
 if heat_feats:
     th = ui.traces(run, heat_feats)
     ui.show_figure(F.heatmap_figure(th.steps, th.features.tolist(), getattr(th, what),
-                                    title=f"{run.name}: {what}, features x steps"), "heatmap", width="stretch")
+                                    title=f"{run.name}: {what}, features x steps"), "heatmap",
+                   stem=f"{run.name}-{what}-heatmap-top{len(heat_feats)}", width="stretch")
     if len(heat_feats) < n_heat:
         st.caption(f"{len(heat_feats)} of the {n_heat} rows asked for: only these features are under pressure.")
 else:
@@ -53,10 +55,12 @@ else:
 
 st.subheader("Competition events")
 ev = ui.events(run)
-ui.show_figure(F.events_figure(ev, title=f"{run.name}: competition events ({len(ev)})"), "events", width="stretch")
+ui.show_figure(F.events_figure(ev, title=f"{run.name}: competition events ({len(ev)})"), "events",
+               stem=f"{run.name}-events", width="stretch")
 m = load_metrics(run)
 ui.show_figure(F.metrics_figure(m, ("loss", "explained_variance", "l0", "competing_pairs"),
-                                title=f"{run.name}: training metrics"), "metrics", width="stretch")
+                                title=f"{run.name}: training metrics"), "metrics", stem=f"{run.name}-metrics",
+               width="stretch")
 if not ev.empty:
     with st.expander("Events table"):
         st.dataframe(ev.tail(2000), hide_index=True, width="stretch")

@@ -26,7 +26,7 @@ if ref is not None and any(c not in ref or ref[c].isna().all() for c in (x, y)):
     st.caption(f"The research log reported no {F.RECONSTRUCTION_LABELS.get(y, y)} against "
                f"{F.ABSORPTION_LABELS.get(x, x)}: its points are not drawn.")
 fig = F.tradeoff_figure(df, y=y, x=x, color=colour, reference=ref, frontier=frontier)
-event = ui.show_figure(fig, "tradeoff", on_select="rerun", selection_mode=("points",), width="stretch")
+event = ui.show_figure(fig, "tradeoff", stem=f"tradeoff-{y}-vs-{x}", on_select="rerun", selection_mode=("points",), width="stretch")
 
 have = df[df[x].notna() & df[y].notna()] if not df.empty else df
 missing = len(df) - len(have)

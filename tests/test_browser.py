@@ -261,10 +261,12 @@ def export_figure_and_bundle(page, results: Path) -> None:
     page.get_by_role("option", name="umap", exact=True).click()
     wait_idle(page)
     page.get_by_role("button", name="Render").click()
-    download = page.get_by_role("button", name="Download umap.png")
+    # named after the run and the setting shown, not a bare "umap.png"
+    download = page.get_by_role("button", name=f"Download {RUN_NAME}-umap-density.png")
     download.wait_for(timeout=90_000)
     with page.expect_download() as dl:
         download.click()
+    assert dl.value.suggested_filename == f"{RUN_NAME}-umap-density.png"
     assert Path(dl.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     wait_idle(page)
     page.get_by_role("button", name="Write bundle").click()
@@ -274,5 +276,6 @@ def export_figure_and_bundle(page, results: Path) -> None:
     readme = (bundles[0] / "README.md").read_text()
     assert "| name |" in readme and RUN_NAME in readme
     figs = {p.name for p in (bundles[0] / "figures").iterdir()}
-    assert {"umap.png", "umap.svg", "tradeoff-explained-variance.png"} <= figs, figs
+    assert {f"{RUN_NAME}-umap-density.png", f"{RUN_NAME}-umap-density.svg",
+            "tradeoff-explained-variance.png"} <= figs, figs
     assert_no_exception(page, "export")

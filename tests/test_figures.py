@@ -61,6 +61,12 @@ def test_tradeoff_figure_frontier_customdata_and_empty():
     assert len({t.marker.color for t in by_arch}) == 3
     front = next(t for t in fig.data if t.name == "Pareto frontier")
     assert list(front.x) == [0.05, 0.1]  # c is beaten by a on both axes
+    # runs of another size are not on the same frontier: one frontier per (d_sae, steps)
+    sized = df.assign(d_sae=[4096, 4096, 16384, 16384], steps=2000)
+    sized.loc[3, "absorption"] = 0.3
+    fronts = {t.name: list(t.x) for t in F.tradeoff_figure(sized).data if t.name.startswith("Pareto")}
+    assert fronts == {"Pareto frontier (d_sae 4096, steps 2000)": [0.05, 0.1],
+                      "Pareto frontier (d_sae 16384, steps 2000)": [0.2, 0.3]}
     empty = F.tradeoff_figure(df.iloc[0:0])
     assert "no run" in empty.layout.annotations[0].text
     # an absorption interval: error bars on the runs that have one

@@ -221,6 +221,8 @@ def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):
 def test_traces_page_shows_traces_heatmap_and_events(full_root, monkeypatch):
     at = open_page(full_root, "traces", monkeypatch)
     assert_clean(at)
+    # drawn with the figure's own colours (no Streamlit theme): the screen matches the exported PNG
+    assert all(el.proto.theme == "" for el in at.get("plotly_chart"))
     specs = charts(at)
     assert len(specs) >= 3
     assert any(t["type"] == "heatmap" for s in specs for t in s["data"])

@@ -157,10 +157,14 @@ def _run_label(df: pd.DataFrame, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- figure registry
-def show_figure(fig, name: str, **kw):
-    """st.plotly_chart + remember the figure for the Export page (by name, latest wins)."""
+def show_figure(fig, name: str, stem: str = "", **kw):
+    """st.plotly_chart + remember the figure for the Export page (by name, latest wins). Drawn with
+    the figure's own template and colour scales (theme None), not Streamlit's theme, so that the
+    screen and the exported PNG look the same (Streamlit's theme recoloured the pressure heatmap).
+    `stem` names its exported file after the run and the setting shown (default: `name`)."""
     st.session_state.setdefault("figures", {})[name] = fig
-    return st.plotly_chart(fig, key=f"fig_{name}", **kw)
+    st.session_state.setdefault("figure_files", {})[name] = stem or name
+    return st.plotly_chart(fig, key=f"fig_{name}", theme=None, **kw)
 
 
 def problems_box(problems: list[str], what: str = "") -> None:

@@ -54,6 +54,27 @@ def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
     return np.asarray(front, dtype=int)
 
 
+COMPARABLE_BY = ("d_sae", "steps")  # runs that differ in these are not on one frontier
+
+
+def comparable_groups(d: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The runs split by dictionary size and training length (a frontier joining a 4096-latent
+    run to a 16384-latent one, or 1k steps to 100k, compares unlike things): (label, rows)."""
+    cols = [c for c in COMPARABLE_BY if c in d.columns]
+    if not cols:
+        return [("", d)]
+    keys = d[cols].astype(object).where(d[cols].notna(), "?")
+    out = []
+    for key, g in d.groupby([keys[c] for c in cols], sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        out.append((", ".join(f"{c} {_short(v)}" for c, v in zip(cols, key)), g))
+    return out
+
+
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
 def _error_bars(d: pd.DataFrame, col: str) -> dict | None:
     """Plotly error bars from the columns `{col}_ci_low` / `{col}_ci_high` (an eval's confidence
     interval); None when no run has one. A run without one gets no bar."""
@@ -70,7 +91,8 @@ def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "a
                     color: str | None = None, reference: pd.DataFrame | None = None,
                     frontier: bool = True, hover: Sequence[str] = ()) -> go.Figure:
     """Reconstruction (`y`) against absorption (`x`) for every run with both, coloured by `color`,
-    the Pareto frontier (low absorption, high reconstruction) as a line, reference points as
+    the Pareto frontier (low absorption, high reconstruction) as a line, one per group of
+    comparable runs (same d_sae and steps, `comparable_groups`), named by its group when there are several, reference points as
     crosses. Run traces share legendgroup "runs": one trace with a colour scale for a numeric
     `color` (runs without a value in grey), one trace per value for a categorical one. Each run's
     marker carries its name as customdata[0] (for click-to-open). Runs whose evals give a
@@ -108,10 +130,15 @@ def tradeoff_figure(df: pd.DataFrame, y: str = "explained_variance", x: str = "a
                                      marker=marker, customdata=custom[mask].to_numpy(), hovertemplate=tmpl,
                                      error_x=_error_bars(g, x), error_y=_error_bars(g, y)))
         if frontier and len(d) > 1:
-            idx = pareto_front(d[x].to_numpy(), d[y].to_numpy())
-            fd = d.iloc[idx]
-            fig.add_trace(go.Scatter(x=fd[x], y=fd[y], mode="lines", name="Pareto frontier",
-                                     line={"dash": "dash", "color": "#444"}, hoverinfo="skip"))
+            groups_ = comparable_groups(d)
+            for n, (label, g) in enumerate(groups_):
+                if len(g) < 2:
+                    continue
+                fd = g.iloc[pareto_front(g[x].to_numpy(), g[y].to_numpy())]
+                name = "Pareto frontier" + (f" ({label})" if len(groups_) > 1 else "")
+                fig.add_trace(go.Scatter(x=fd[x], y=fd[y], mode="lines", name=name,
+                                         line={"dash": ("dash", "dot", "dashdot", "longdash")[n % 4],
+                                               "color": "#444"}, hoverinfo="skip"))
     if reference is not None and not reference.empty and x in reference and y in reference:
         r = reference[reference[x].notna() & reference[y].notna()]
         fig.add_trace(go.Scatter(
