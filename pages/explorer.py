@@ -71,6 +71,7 @@ if coords is not None:
 st.subheader(f"Feature {feature}")
 if sample is not None:
     counts, edges, frac = features.activation_histogram(sample, feature)
+    st.markdown(f"Activation density: fires on **{frac:.3%}** of {sample.n_rows:,} sampled tokens.")
     ui.show_figure(F.histogram_figure(counts, edges, feature, frac), "histogram",
                    stem=f"{run.name}-feature{feature}-histogram", width="stretch")
     st.markdown("**Top activating contexts**")
@@ -79,6 +80,31 @@ if sample is not None:
             st.html(F.example_html(e, [feature]))
     except MsaeError as exc:
         st.error(str(exc))
+    with st.expander("Examples across its range (quantile bins of its nonzero activations)"):
+        try:
+            for lo, hi, exs in features.quantile_examples(sample, feature, n_bins=5, per_bin=2):
+                st.caption(f"activation {lo:.3g} to {hi:.3g}")
+                for e in exs:
+                    st.html(F.example_html(e, [feature]))
+        except MsaeError as exc:
+            st.error(str(exc))
+n1, n2 = st.columns(2)
+try:
+    near = features.nearest_by_decoder(run, feature, k=10)
+    n1.markdown("**Nearest features by decoder cosine**")
+    n1.dataframe(near, hide_index=True, width="stretch", key="e_near",
+                 column_config={"decoder_cos": st.column_config.NumberColumn("decoder cos", format="%.3f")})
+except MsaeError as exc:
+    n1.info(f"nearest features unavailable: {exc}")
+if sample is not None:
+    n2.markdown("**Most correlated by activation** (Pearson over the sample)")
+    n2.dataframe(features.most_correlated(sample, feature, k=10), hide_index=True, width="stretch",
+                 key="e_corr", column_config={"pearson": st.column_config.NumberColumn(format="%.3f")})
+n3, _ = st.columns([1, 2])
+go_to = n3.number_input("Open feature", 0, max(d_sae - 1, 0), feature, key="e_goto",
+                        help="a feature from the tables above")
+n3.button("Open", key="e_open", disabled=go_to == feature, on_click=st.session_state.update,
+          kwargs={"e_feature": int(go_to)})  # a callback: it runs before the Feature widget is drawn
 try:
     out = features.output_tokens(run, feature, k=12)
     ui.show_figure(F.logits_figure(out["promoted"], out["suppressed"], feature), "logits",

@@ -8,7 +8,7 @@ import streamlit as st
 
 import ui
 from msae_core.inspect import figures as F
-from msae_core.inspect.run_files import load_metrics, trace_files
+from msae_core.inspect.run_files import events_by_pair, load_metrics, trace_files
 
 st.title("Momentum traces")
 run, _ = ui.pick_momentum_run("traces")
@@ -55,13 +55,17 @@ else:
 
 st.subheader("Competition events")
 ev = ui.events(run)
-ui.show_figure(F.events_figure(ev, title=f"{run.name}: competition events ({len(ev)})"), "events",
-               stem=f"{run.name}-events", width="stretch")
+by_pair = events_by_pair(ev)
+ui.show_figure(F.pair_events_figure(by_pair, title=f"{run.name}: competition by pair ({len(ev)} events)"),
+               "events", stem=f"{run.name}-events-by-pair", width="stretch")
+with st.expander(f"Every event ({len(ev)}), at its step"):
+    ui.show_figure(F.events_figure(ev, title=f"{run.name}: competition events ({len(ev)})"), "events-all",
+                   stem=f"{run.name}-events", width="stretch")
 m = load_metrics(run)
 ui.show_figure(F.metrics_figure(m, ("loss", "explained_variance", "l0", "competing_pairs"),
                                 title=f"{run.name}: training metrics"), "metrics", stem=f"{run.name}-metrics",
                width="stretch")
 if not ev.empty:
-    with st.expander("Events table"):
-        st.dataframe(ev.tail(2000), hide_index=True, width="stretch")
+    with st.expander("Events by pair (table)"):
+        st.dataframe(by_pair, hide_index=True, width="stretch")
 _ = np  # numpy is used by the figures through the arrays

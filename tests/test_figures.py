@@ -265,3 +265,49 @@ def test_pair_score_against_a_direct_computation_and_without_its_top_tokens(run)
         s.nz_val[a0 + int(np.searchsorted(r, shared[0]))] = 1e4
     big = features.pair_score(s, i, j, drop_top=1)
     assert big["score"] > 0.99 and big["top_share"] > 0.99 and big["score_without_top"] < big["score"]
+
+
+def test_events_by_pair_counts_the_flapping():
+    ev = pd.DataFrame({"step": [10, 12, 14, 16, 18, 50, 70], "i": [1, 1, 1, 1, 1, 2, 3], "j": [5, 5, 5, 5, 5, 6, 7],
+                       "kappa": 0.4, "direction": ["up", "down", "up", "down", "up", "up", "down"]})
+    by = run_files.events_by_pair(ev.sample(frac=1, random_state=0))  # any order in, step order used
+    assert by[["i", "j", "first", "last", "crossings", "ups", "downs"]].values.tolist() == [
+        [1, 5, 10, 18, 5, 3, 2], [2, 6, 50, 50, 1, 1, 0], [3, 7, 70, 70, 1, 0, 1]]
+    assert by["ends_competing"].tolist() == [True, True, False]
+    fig = F.pair_events_figure(by)
+    assert "1 crossing tau more than twice" in fig.layout.title.text
+    assert list(fig.data[1].y) == ["3 & 7", "2 & 6", "1 & 5"] and list(fig.data[1].marker.color) == [1, 1, 5]
+    assert run_files.events_by_pair(ev.iloc[0:0]).empty and "no competition" in F.pair_events_figure(
+        run_files.events_by_pair(ev.iloc[0:0])).layout.annotations[0].text
+
+
+def test_dashboard_quantiles_neighbours_and_correlations_against_direct_computations(run):
+    s = features.feature_sample(run, n_rows=512)
+    f = int(np.argmax(np.diff(s.feat_ptr)))
+    r, v = s.feature(f)
+    bins = features.quantile_examples(s, f, n_bins=4, per_bin=2)
+    edges = np.quantile(v, np.linspace(0, 1, 5))
+    assert [x for lo, hi, _ in bins for x in (lo, hi)] == pytest.approx(
+        [x for b in range(4) for x in (edges[b], edges[b + 1])])
+    for lo, hi, exs in bins:
+        assert 1 <= len(exs) <= 2
+        for e in exs:  # each example's centre activation lies in its bin
+            assert lo - 1e-6 <= e.acts[f][e.center] <= hi + 1e-6
+    dense = np.stack([s.column(g) for g in range(s.d_sae)], 1).astype(np.float64)
+    corr = features.most_correlated(s, f, k=5)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = np.array([np.corrcoef(dense[:, f], dense[:, g])[0, 1] for g in range(s.d_sae)])
+    want[f] = -np.inf
+    want = np.nan_to_num(want, nan=-np.inf)
+    assert corr["feature"].tolist() == np.argsort(-want, kind="stable")[:5].tolist()
+    assert corr["pearson"].to_numpy() == pytest.approx(np.sort(want)[::-1][:5])
+    near = features.nearest_by_decoder(run, f, k=3)
+    from msae_core.inspect.projection import numpy_decoder_rows
+    from msae_core.inspect.run_files import load_run_sae
+
+    w = numpy_decoder_rows(load_run_sae(run)).astype(np.float64)
+    cos = (w / np.linalg.norm(w, axis=1, keepdims=True)) @ (w[f] / np.linalg.norm(w[f]))
+    cos[f] = -np.inf
+    assert near["feature"].tolist() == np.argsort(-cos)[:3].tolist()
+    with pytest.raises(MsaeError):
+        features.nearest_by_decoder(run, 10 ** 6)

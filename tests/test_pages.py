@@ -16,7 +16,7 @@ from fixtures_runs import make_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "workbench" / "Home.py")
-PAGES = ["home", "launch", "tradeoff", "traces", "pairs", "explorer", "export"]
+PAGES = ["home", "launch", "tradeoff", "curves", "traces", "pairs", "explorer", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +253,14 @@ def test_explorer_page_map_and_dashboard(full_root, monkeypatch):
     assert "activations where it fires" in titles and "output tokens" in titles
     at.number_input(key="e_feature").set_value(5).run()
     assert_clean(at)
+    near = next(d.value for d in at.dataframe if "decoder_cos" in d.value.columns)
+    assert len(near) == 10 and 5 not in near["feature"].tolist() and near["decoder_cos"].is_monotonic_decreasing
+    assert "Activation density: fires on" in texts(at)
+    other = int(near["feature"].iloc[0])
+    at.number_input(key="e_goto").set_value(other).run()
+    at.button(key="e_open").click().run()
+    assert_clean(at)
+    assert at.number_input(key="e_feature").value == other  # the table's link opens that feature
 
 
 def test_export_page_lists_figures_and_tables(full_root, monkeypatch):
@@ -394,3 +402,17 @@ def test_a_run_being_evaluated_shows_its_eval_on_home_and_launch(tmp_path, monke
     at = open_page(root, "launch", monkeypatch)
     assert_clean(at)
     assert f"**{run.name}** · `done` · eval running absorption (2 of 3)" in texts(at)
+
+
+def test_curves_page_overlays_chosen_runs_by_step_or_l0(full_root, monkeypatch):
+    at = open_page(full_root, "curves", monkeypatch)
+    assert_clean(at)
+    chosen = at.multiselect(key="c_runs").value
+    spec = charts(at)[0]
+    assert [t["name"] for t in spec["data"]] == chosen and len(chosen) >= 2
+    at.selectbox(key="c_y").set_value("explained_variance").run()
+    at.radio(key="c_x").set_value("l0").run()
+    assert_clean(at)
+    spec = charts(at)[0]
+    assert spec["layout"]["xaxis"]["title"]["text"] == "L0 (batch)" and len(spec["data"]) == len(chosen)
+    assert all(min(arr(t["x"])) >= 8 for t in spec["data"])  # the fixtures log L0 between 8 and 9

@@ -22,6 +22,7 @@ ui.PAGES = {
     "home": st.Page(PAGES / "home.py", title="Home", icon=":material/home:", default=True),
     "launch": st.Page(PAGES / "launch.py", title="Launch", icon=":material/rocket_launch:"),
     "tradeoff": st.Page(PAGES / "tradeoff.py", title="Trade-off", icon=":material/scatter_plot:"),
+    "curves": st.Page(PAGES / "curves.py", title="Training curves", icon=":material/show_chart:"),
     "traces": st.Page(PAGES / "traces.py", title="Momentum traces", icon=":material/timeline:"),
     "pairs": st.Page(PAGES / "pairs.py", title="Competing pairs", icon=":material/compare_arrows:"),
     "explorer": st.Page(PAGES / "explorer.py", title="Feature explorer", icon=":material/explore:"),

@@ -51,7 +51,13 @@ Where we differ, and why:
   1 (SAEBench would divide by zero), and with too few passing letters we raise a one-line error
   (SAEBench prints a warning and writes no result).
 - `eval_result_unstructured` holds our diagnostics (per-letter probe F1 and main latents, word
-  counts); SAEBench leaves it empty.
+  counts, each test word's absorption fraction and full absorption), one entry per seed under
+  "seeds"; SAEBench leaves it empty.
+- Uncertainty (ours; sae-bench's absorption eval never applies its `random_seed`): `seeds` repeats
+  the whole eval with seeds random_seed, random_seed + 1, ..., the scores are the seeds' mean, and
+  the `uncertainty` metric group holds their 95 % interval (evals.stats.score_interval: a bootstrap
+  over letters and their words for one seed, a t interval over the seeds for more) and the seeds'
+  standard deviation.
 
 Why one file of ~680 lines: it is one definition spread over eight SAEBench modules, and the steps
 above map onto the code top to bottom (words, prompts, activations, the letter probe, k-sparse

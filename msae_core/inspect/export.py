@@ -19,7 +19,7 @@ from msae_core.artifacts import EXPORT_FIGURES_DIR, EXPORT_README, EXPORT_RUNS_C
 from msae_core.errors import MsaeError
 from msae_core.inspect import figures as F
 from msae_core.paths import exports_root, results_root
-from msae_core.inspect.run_files import load_events, load_traces, top_pressure_features, trace_files
+from msae_core.inspect.run_files import events_by_pair, load_events, load_traces, top_pressure_features, trace_files
 from msae_core.inspect.runs_table import runs_table
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ def standard_figures(root: str | os.PathLike | None = None, runs: pd.DataFrame |
             tr = load_traces(path, feats)
             figs[f"{name}-pressure-heatmap"] = F.heatmap_figure(tr.steps, tr.features.tolist(), tr.pressure,
                                                                 title=f"{name}: pressure, features x steps")
-        figs[f"{name}-events"] = F.events_figure(load_events(path), title=f"{name}: competition events")
+        figs[f"{name}-events-by-pair"] = F.pair_events_figure(events_by_pair(load_events(path)),
+                                                              title=f"{name}: competition by pair")
     return figs
 
 

@@ -353,6 +353,62 @@ def _swap(e: Example, i: int, j: int) -> Example:
     return Example(e.window_id, e.center, e.tokens, {i: e.acts[i], j: e.acts[j]}, e.label)
 
 
+def quantile_examples(sample: FeatureSample, feature: int, n_bins: int = 5, per_bin: int = 2,
+                      span: int = 16, seed: int = 0) -> list[tuple[float, float, list[Example]]]:
+    """Examples across the feature's range, as Neuronpedia shows them: its nonzero activations cut
+    into `n_bins` equal-count quantile bins, `per_bin` random examples from each (seeded), lowest
+    bin first: [(low, high, examples)], an example's centre activation within [low, high]."""
+    r, v = sample.feature(feature)
+    if not len(v):
+        return []
+    edges = np.quantile(v, np.linspace(0, 1, n_bins + 1))
+    rng = np.random.default_rng(seed)
+    store = _open_store(sample)
+    out = []
+    for b in range(n_bins):
+        lo, hi = float(edges[b]), float(edges[b + 1])
+        inside = np.nonzero((v >= lo) & ((v <= hi) if b == n_bins - 1 else (v < hi)))[0]
+        pick = rng.choice(inside, size=min(per_bin, len(inside)), replace=False) if len(inside) else []
+        exs = [_window_example(sample, store, int(sample.window_ids[r[k]]), int(sample.positions[r[k]]),
+                               [feature], span, f"{lo:.3g}-{hi:.3g}") for k in pick]
+        out.append((lo, hi, exs))
+    return out
+
+
+def nearest_by_decoder(run_dir: str | os.PathLike, feature: int, k: int = 10) -> pd.DataFrame:
+    """The `k` features whose decoder directions (input units) are closest in cosine to `feature`'s."""
+    w = numpy_decoder_rows(load_run_sae(run_dir)).astype(np.float64)
+    if not 0 <= feature < len(w):
+        raise MsaeError(f"feature {feature} is out of range [0, {len(w)})")
+    unit = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    cos = unit @ unit[feature]
+    cos[feature] = -np.inf
+    top = np.argsort(-cos, kind="stable")[:k]
+    return pd.DataFrame({"feature": top.astype(int), "decoder_cos": cos[top]})
+
+
+def most_correlated(sample: FeatureSample, feature: int, k: int = 10) -> pd.DataFrame:
+    """The `k` features whose activations over the sample correlate most with `feature`'s
+    (Pearson over all sample rows). Only features firing on a row where it fires are scored: with
+    activations >= 0, two features that never fire together correlate negatively."""
+    x = sample.column(feature).astype(np.float64)
+    if not x.any():
+        return pd.DataFrame(columns=["feature", "pearson"])
+    feat_of_nz = np.repeat(np.arange(sample.d_sae), np.diff(sample.feat_ptr))
+    cand = np.unique(feat_of_nz[np.isin(sample.nz_row, np.nonzero(x)[0])])
+    cand = cand[cand != feature]
+    xc = x - x.mean()
+    out = []
+    for f in cand.tolist():
+        yc = sample.column(f).astype(np.float64)
+        yc -= yc.mean()
+        den = np.sqrt((xc @ xc) * (yc @ yc))
+        if den > 0:
+            out.append((f, float(xc @ yc / den)))
+    out.sort(key=lambda t: (-t[1], t[0]))
+    return pd.DataFrame(out[:k], columns=["feature", "pearson"])
+
+
 def activation_histogram(sample: FeatureSample, feature: int, bins: int = 40) -> tuple[np.ndarray, np.ndarray, float]:
     """(counts, edges, firing fraction) of a feature's nonzero activations over the sample."""
     _, v = sample.feature(feature)

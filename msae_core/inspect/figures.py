@@ -168,6 +168,32 @@ def metrics_figure(metrics: pd.DataFrame, keys: Sequence[str] = ("loss", "explai
     return fig
 
 
+CURVE_LABELS = {"loss": "training loss", "explained_variance": "explained variance (batch)", "l0": "L0 (batch)",
+                "dead_features": "dead latents", "competing_pairs": "competing pairs", "mse": "MSE (normalised)",
+                "outlier_rows": "outlier rows per step"}
+
+
+def curves_figure(runs: dict[str, pd.DataFrame], y: str, x: str = "step", title: str = "") -> go.Figure:
+    """Training curves of several runs overlaid: metric `y` of each run's metrics.jsonl against its
+    steps, or against its L0 (`x` "l0", the trade-off as SAEBench plots it), one line a run."""
+    fig = go.Figure()
+    for n, (name, m) in enumerate(runs.items()):
+        if m.empty or y not in m or x not in m:
+            continue
+        d = m[[x, y, "step"] if x != "step" else [x, y]].dropna()
+        if d.empty:
+            continue
+        fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines" if x == "step" else "lines+markers", name=name,
+                                 line={"color": _PALETTE[n % len(_PALETTE)]},
+                                 hovertemplate=f"<b>{name}</b><br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4g}}<extra></extra>"))
+    if not fig.data:
+        return _empty(f"no chosen run has logged {y} yet", title)
+    fig.update_layout(template=TEMPLATE, title=title or f"{CURVE_LABELS.get(y, y)} by {x}", height=440,
+                      xaxis_title="step" if x == "step" else CURVE_LABELS.get(x, x),
+                      yaxis_title=CURVE_LABELS.get(y, y), legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
 # ---------------------------------------------------------------------------------- traces
 def traces_figure(steps: np.ndarray, features: Sequence[int], rate: np.ndarray, mag: np.ndarray,
                   pressure: np.ndarray, title: str = "momentum traces") -> go.Figure:
@@ -224,6 +250,36 @@ def events_figure(events: pd.DataFrame, title: str = "competition events") -> go
     fig.update_layout(template=TEMPLATE, title=title, xaxis_title="step", yaxis_title="kappa",
                       yaxis2={"overlaying": "y", "side": "right", "title": "events", "showgrid": False},
                       height=380, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def pair_events_figure(by_pair: pd.DataFrame, top: int = 60, title: str = "competition by pair") -> go.Figure:
+    """The `top` pairs with the most crossings (run_files.events_by_pair), one row each: a segment
+    from its first to its last crossing of tau, coloured by how many crossings lie between (many:
+    kappa flapping around tau), a marker at its end (up: still competing, down: stopped)."""
+    if by_pair.empty:
+        return _empty("no competition events logged", title)
+    d = by_pair.head(top).iloc[::-1]  # most crossings at the top
+    labels = [f"{i} & {j}" for i, j in zip(d["i"], d["j"])]
+    xs, ys = [], []
+    for lab, a, b in zip(labels, d["first"], d["last"]):
+        xs += [a, b, None]
+        ys += [lab, lab, None]
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#bbb", "width": 2}, hoverinfo="skip",
+                               showlegend=False))
+    custom = np.stack([d["first"], d["last"], d["crossings"], d["ups"], d["downs"]], axis=1)
+    fig.add_trace(go.Scatter(
+        x=d["last"], y=labels, mode="markers", name="last crossing",
+        marker={"size": 9, "symbol": np.where(d["ends_competing"], "triangle-up", "triangle-down"),
+                "color": d["crossings"], "colorscale": "Viridis", "showscale": True,
+                "colorbar": {"title": "crossings"}},
+        customdata=custom,
+        hovertemplate="pair %{y}<br>first crossing %{customdata[0]}, last %{customdata[1]}<br>"
+                      "%{customdata[2]} crossings (%{customdata[3]} up, %{customdata[4]} down)<extra></extra>"))
+    flapping = int((by_pair["crossings"] > 2).sum())
+    fig.update_layout(template=TEMPLATE, height=max(320, 14 * len(d) + 120), xaxis_title="step",
+                      yaxis_title="pair", title=f"{title} ({len(by_pair)} pairs, {flapping} crossing tau more "
+                                                f"than twice; top {len(d)} shown)")
     return fig
 
 

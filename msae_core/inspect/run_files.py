@@ -104,6 +104,25 @@ def load_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
+def events_by_pair(events: pd.DataFrame) -> pd.DataFrame:
+    """One row per pair of the competition events: i, j, first and last crossing step, crossings,
+    ups, downs, and whether it ends competing (its last crossing upward). A pair whose kappa
+    hovers at tau crosses it again and again; this is that flapping counted, not drawn 6,000 times.
+    Sorted by crossings, most first."""
+    cols = ["i", "j", "first", "last", "crossings", "ups", "downs", "ends_competing"]
+    if events.empty or not {"step", "i", "j"} <= set(events.columns):
+        return pd.DataFrame(columns=cols)
+    d = events.sort_values("step", kind="stable").copy()
+    direction = d["direction"].astype(str).str.lower() if "direction" in d else pd.Series("up", index=d.index)
+    d["up"] = direction.isin(["up", "1", "+1", "enter", "start", "true"])
+    g = d.groupby(["i", "j"], sort=False)
+    out = pd.DataFrame({"first": g["step"].min(), "last": g["step"].max(), "crossings": g.size(),
+                        "ups": g["up"].sum(), "ends_competing": g["up"].last()}).reset_index()
+    out["downs"] = out["crossings"] - out["ups"]
+    out = out.astype({"i": int, "j": int, "first": int, "last": int, "crossings": int, "ups": int, "downs": int})
+    return out.sort_values(["crossings", "first"], ascending=[False, True], kind="stable")[cols].reset_index(drop=True)
+
+
 def load_events(run_dir: str | os.PathLike) -> pd.DataFrame:
     rows = event_rows(run_dir)
     df = pd.DataFrame(rows, columns=EVENT_COLUMNS) if not rows else pd.DataFrame(rows)
