@@ -16,7 +16,7 @@ from fixtures_runs import make_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "workbench" / "Home.py")
-PAGES = ["home", "launch", "tradeoff", "curves", "traces", "pairs", "explorer", "export"]
+PAGES = ["home", "launch", "tradeoff", "curves", "traces", "pairs", "explorer", "diff", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -416,3 +416,15 @@ def test_curves_page_overlays_chosen_runs_by_step_or_l0(full_root, monkeypatch):
     spec = charts(at)[0]
     assert spec["layout"]["xaxis"]["title"]["text"] == "L0 (batch)" and len(spec["data"]) == len(chosen)
     assert all(min(arr(t["x"])) >= 8 for t in spec["data"])  # the fixtures log L0 between 8 and 9
+
+
+def test_diff_page_matches_two_runs_and_shows_both_side_by_side(full_root, monkeypatch):
+    at = open_page(full_root, "diff", monkeypatch)
+    assert_clean(at)
+    assert "latents of A have a partner in B" in texts(at)
+    everything = next(d.value for d in at.dataframe if {"a", "b", "cosine", "pearson"} <= set(d.value.columns))
+    assert len(everything) == everything["a"].nunique() and everything["cosine"].max() <= 1 + 1e-6
+    at.number_input(key="d_feat").set_value(3).run()
+    assert_clean(at)
+    htmls = [h.proto.body for h in at.get("html")]
+    assert any("#3 " in h for h in htmls)  # A's latent 3, shaded, beside its partner

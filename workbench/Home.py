@@ -26,6 +26,7 @@ ui.PAGES = {
     "traces": st.Page(PAGES / "traces.py", title="Momentum traces", icon=":material/timeline:"),
     "pairs": st.Page(PAGES / "pairs.py", title="Competing pairs", icon=":material/compare_arrows:"),
     "explorer": st.Page(PAGES / "explorer.py", title="Feature explorer", icon=":material/explore:"),
+    "diff": st.Page(PAGES / "diff.py", title="Diff two SAEs", icon=":material/difference:"),
     "export": st.Page(PAGES / "export.py", title="Export", icon=":material/download:"),
 }
 st.navigation(list(ui.PAGES.values())).run()

@@ -99,6 +99,18 @@ def umap(run_dir: Path, compute: bool):
     return _cached_or_computed(_umap, run_dir, compute)
 
 
+@st.cache_data(show_spinner=False, max_entries=4)
+def _diff(key_a: tuple, key_b: tuple):
+    from msae_core.inspect.diff import diff_runs
+
+    return diff_runs(key_a[0], key_b[0])
+
+
+def diff(run_a: Path, run_b: Path):
+    """inspect.diff.diff_runs, cached until either run's files change."""
+    return _diff(_run_key(run_a), _run_key(run_b))
+
+
 # ---------------------------------------------------------------------------------- run picker
 def pick_run(df: pd.DataFrame, label: str = "Run", key: str = "run", help: str | None = None) -> Path | None:
     """A selectbox over df's runs; remembers the choice across pages (session 'run' and ?run=)."""
