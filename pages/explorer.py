@@ -105,6 +105,25 @@ go_to = n3.number_input("Open feature", 0, max(d_sae - 1, 0), feature, key="e_go
                         help="a feature from the tables above")
 n3.button("Open", key="e_open", disabled=go_to == feature, on_click=st.session_state.update,
           kwargs={"e_feature": int(go_to)})  # a callback: it runs before the Feature widget is drawn
+with st.expander("Try your own text"):
+    text = st.text_area("Text", key="e_text", height=90,
+                        placeholder="Paste text: each token is shaded by this feature's activation")
+    if st.button("Run the model on it", key="e_text_go") and text.strip():
+        try:
+            with st.spinner("loading the model (the first time) and running it up to the SAE's layer..."):
+                toks, lat = features.text_activations(run, text)
+            st.session_state["e_text_out"] = (run.name, text, toks, lat)
+        except MsaeError as exc:
+            st.error(str(exc))
+    got = st.session_state.get("e_text_out")
+    if got and got[0] == run.name and got[1] == text:
+        _, _, toks, lat = got
+        st.html(F.tokens_html(toks, lat[:, feature].tolist()))
+        peak = float(lat[:, feature].max()) if len(lat) else 0.0
+        st.caption(f"feature {feature}: max {peak:.3g} over {len(toks)} tokens")
+        tops = features.top_features_per_token(lat, k=3)
+        st.dataframe({"token": toks, "top features": [", ".join(f"{f} ({a:.2g})" for f, a in t) for t in tops]},
+                     hide_index=True, width="stretch", key="e_text_table")
 try:
     out = features.output_tokens(run, feature, k=12)
     ui.show_figure(F.logits_figure(out["promoted"], out["suppressed"], feature), "logits",

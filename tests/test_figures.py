@@ -311,3 +311,23 @@ def test_dashboard_quantiles_neighbours_and_correlations_against_direct_computat
     assert near["feature"].tolist() == np.argsort(-cos)[:3].tolist()
     with pytest.raises(MsaeError):
         features.nearest_by_decoder(run, 10 ** 6)
+
+
+def test_text_activations_equal_the_sae_on_the_models_own_activations(run):
+    from msae_core.data.lm import load_lm
+    from msae_core.inspect.run_files import load_run_sae, run_store_path
+
+    text = "A stitch in time saves nine."
+    toks, lat = features.text_activations(run, text)
+    manifest = features.store_manifest(run_store_path(run))
+    lm = load_lm(manifest["model"], device="cpu")
+    ids = lm.to_tokens(text)
+    assert len(toks) == ids.shape[1] - 1 and lat.shape == (len(toks), 256)
+    with torch.inference_mode():
+        want = load_run_sae(run).encode(lm.resid_post(ids, int(manifest["layer"]))[0].float()).numpy()[1:]
+    np.testing.assert_allclose(lat, want, rtol=1e-5, atol=1e-5)
+    tops = features.top_features_per_token(lat, k=2)
+    assert all(len(t) <= 2 and all(a > 0 for _, a in t) for t in tops)
+    assert tops[0] and tops[0][0][0] == int(np.argmax(lat[0]))
+    with pytest.raises(MsaeError, match="type some text"):
+        features.text_activations(run, "   ")

@@ -261,6 +261,12 @@ def test_explorer_page_map_and_dashboard(full_root, monkeypatch):
     at.button(key="e_open").click().run()
     assert_clean(at)
     assert at.number_input(key="e_feature").value == other  # the table's link opens that feature
+    at.text_area(key="e_text").set_value("The quick brown fox jumps over the lazy dog.").run()
+    at.button(key="e_text_go").click().run()
+    assert_clean(at)
+    assert f"feature {other}: max" in texts(at)
+    rows = next(d.value for d in at.dataframe if "top features" in d.value.columns)
+    assert "".join(rows["token"]).startswith("The") and "quick" in "".join(rows["token"])  # a row a token, no BOS
 
 
 def test_export_page_lists_figures_and_tables(full_root, monkeypatch):

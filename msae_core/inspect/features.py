@@ -465,9 +465,63 @@ def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: An
             "suppressed": list(zip(toks[k:], logits[bot].tolist(), bot.tolist()))}
 
 
+# ------------------------------------------------------------------------------- your own text
+@functools.lru_cache(maxsize=1)
+def _text_lm(model: str):
+    """The run's language model, loaded once per process for custom text (CPU, float32)."""
+    from msae_core.data.lm import load_lm
+
+    return load_lm(model, device="cpu")
+
+
+MAX_TEXT_TOKENS = 512
+
+
+def text_activations(run_dir: str | os.PathLike, text: str, sae: Any = None) -> tuple[list[str], np.ndarray]:
+    """(tokens, latents (T, F) float32) of the run's SAE on `text`: the model runs up to the run's
+    layer only (early stop), BOS first as in the harvest; the BOS row is left out. At most
+    MAX_TEXT_TOKENS tokens. MsaeError when the model or the weights are unavailable."""
+    import torch
+
+    run_dir = Path(run_dir)
+    if not text.strip():
+        raise MsaeError("type some text first")
+    data = run_config(run_dir).get("data") or {}
+    store_path = run_store_path(run_dir)
+    manifest = store_manifest(store_path) if store_path else {}
+    model = manifest.get("model") or (data.get("model") if data.get("source") == "stream" else None)
+    layer = manifest.get("layer", data.get("layer"))
+    if not model or layer is None or manifest.get("synthetic"):
+        raise MsaeError("the run names no language model and layer (a synthetic store has none)")
+    sae = sae if sae is not None else load_run_sae(run_dir)
+    try:
+        lm = _text_lm(str(model))
+    except MsaeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MsaeError(f"cannot load model {model!r}: {exc}".splitlines()[0]) from exc
+    ids = lm.to_tokens(text)[:, :MAX_TEXT_TOKENS]
+    with torch.inference_mode():
+        acts = lm.resid_post(ids, int(layer), stop_early=True)[0].float()
+        f = sae.encode(acts).float().numpy()
+    toks = lm.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    skip = 1 if lm.bos_token_id is not None else 0
+    return [str(t) for t in toks[skip:]], f[skip:]
+
+
+def top_features_per_token(latents_TF: np.ndarray, k: int = 3) -> list[list[tuple[int, float]]]:
+    """Per token, its `k` strongest latents [(feature, activation)], zeros left out."""
+    out = []
+    for row in latents_TF:
+        top = np.argsort(-row, kind="stable")[:k]
+        out.append([(int(f), float(row[f])) for f in top if row[f] > 0])
+    return out
+
+
 def clear_caches() -> None:
     """Forget the tokenizers and unembeddings loaded in this process (what a fresh one starts without)."""
     _tokenizer.cache_clear()
+    _text_lm.cache_clear()
     _unembed.cache_clear()
 
 
