@@ -51,6 +51,7 @@ EVAL_NAMES = ("core", "absorption", "sparse_probing", "synthetic")
 RUN_INSPECT_CACHE_DIR = "workbench"
 FEATURE_SAMPLE = "feature_sample.safetensors"
 UMAP_COORDS = "umap.safetensors"
+DIFF_CACHE = "diff-{other}.safetensors"  # in run A's cache folder: its diff against run {other}
 
 # results folder ($MSAE_RESULTS, else ./results)
 RESULTS_DIR = "results"

@@ -2,6 +2,7 @@
 and merge are flagged, activations agree on matched pairs, and runs on different stores are refused."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -77,6 +78,14 @@ def test_diff_runs_on_one_store_and_refused_on_two(tmp_path):
     fired = d.table["pearson"].notna()
     assert fired.any() and np.allclose(d.table.loc[fired, "pearson"], 1.0, atol=1e-5)
     assert d.unmatched.empty and d.splits.empty and d.merges.empty
+    cache = run_a / "workbench" / "diff-b.safetensors"
+    assert cache.is_file()
+    mtime = cache.stat().st_mtime_ns
+    again = Df.diff_runs(run_a, run_b, n_rows=256)  # read back, not recomputed
+    assert cache.stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(again.table, d.table)
+    save_sae(load_sae(run_a), run_b)  # B's weights change: computed again
+    assert (Df.diff_runs(run_a, run_b, n_rows=256).table["b"] == np.arange(64)).all()
     other = make_store(tmp_path / "stores" / "t", seed=1)
     run_c = make_run(tmp_path, "c", str(other), arch="topk", d_sae=64, ev=None, traces=False, umap=False, k=8)
     with pytest.raises(MsaeError, match="different activation stores"):

@@ -147,10 +147,65 @@ class SAEDiff:
         return self.table[~self.table["good"]]
 
 
+def _cache_path(run_a: str | os.PathLike, run_b: str | os.PathLike):
+    from pathlib import Path
+
+    from msae_core.artifacts import DIFF_CACHE, RUN_INSPECT_CACHE_DIR
+
+    return Path(run_a) / RUN_INSPECT_CACHE_DIR / DIFF_CACHE.format(other=Path(run_b).name)
+
+
 def diff_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, n_rows: int = 8192,
               good_cos: float = GOOD_COS) -> SAEDiff:
     """The diff of two runs' SAEs (decoders in input units; activation samples of the same rows
-    of run A's store). MsaeError when they read activations of different widths or stores."""
+    of run A's store), cached in run A's folder (workbench/diff-<B>.safetensors) until either
+    run's weights change. MsaeError when they read activations of different widths or stores."""
+    import json
+
+    from msae_core.artifacts import atomic_save_safetensors
+    from msae_core.inspect.run_files import weights_key
+
+    key = json.dumps({"a": weights_key(run_a), "b": weights_key(run_b), "n_rows": n_rows, "good_cos": good_cos})
+    cache = _cache_path(run_a, run_b)
+    got = _read_cache(cache, key)
+    if got is not None:
+        return got
+    d = _compute_diff(run_a, run_b, n_rows, good_cos)
+    try:
+        import torch
+
+        t = d.table
+        atomic_save_safetensors(cache, {k: torch.tensor(t[k].to_numpy(dt)) for k, dt in
+                                        (("b", np.int64), ("cosine", np.float64), ("pearson", np.float64))},
+                                metadata={"key": key, "splits": d.splits.to_json(orient="records"),
+                                          "merges": d.merges.to_json(orient="records")})
+    except OSError:  # a read-only run folder: computed each time
+        pass
+    return d
+
+
+def _read_cache(path, key: str) -> SAEDiff | None:
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            arrays = {k: fh.get_tensor(k) for k in ("b", "cosine", "pearson")}
+        good_cos = json.loads(key)["good_cos"]
+        table = pd.DataFrame({"a": np.arange(len(arrays["b"])), **arrays})
+        table["good"] = table["cosine"] >= good_cos
+        splits_ = pd.DataFrame(json.loads(meta["splits"]), columns=["a", "b_latents", "cosines", "max_jaccard"])
+        merges = pd.DataFrame(json.loads(meta["merges"]), columns=["b", "a_latents", "cosines", "max_jaccard"])
+        return SAEDiff(table, splits_, merges, good_cos)
+    except Exception:  # noqa: BLE001 - no cache, a torn one or another version: computed again
+        return None
+
+
+def _compute_diff(run_a: str | os.PathLike, run_b: str | os.PathLike, n_rows: int, good_cos: float) -> SAEDiff:
     from msae_core.inspect.features import feature_sample
     from msae_core.inspect.projection import numpy_decoder_rows
     from msae_core.inspect.run_files import load_run_sae, run_store_path
