@@ -47,8 +47,12 @@ except AttributeError:
     picked = None
 names = have["name"].tolist() if not have.empty else []
 if names:
-    default = names.index(picked) if picked in names else 0
-    name = st.selectbox("Open run", names, index=default, key="t_open")
+    if picked in names and picked != st.session_state.get("_t_picked"):
+        st.session_state["t_open"] = picked  # a clicked point selects its run (once per click)
+    elif st.session_state.get("t_open") not in names:
+        st.session_state["t_open"] = names[0]
+    st.session_state["_t_picked"] = picked
+    name = st.selectbox("Open run", names, key="t_open")
     row = have[have["name"] == name].iloc[0]
     st.session_state["selected_run"] = name
     st.dataframe(row.dropna().astype(str).rename("value").to_frame(), width="stretch")
