@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -126,6 +127,9 @@ def test_streamed_run_killed_and_resumed_equals_uninterrupted(setup, tmp_path, m
     # resumed through the command line, from the folder's own config.json
     assert cli.main(["train", "--out", str(run), "--no-progress"]) == 0
     assert read_status(run)["state"] == "done"
+    # the norm outliers of what was streamed, counted across the resume as in one go
+    assert read_status(run)["stream_outliers"] == read_status(ref)["stream_outliers"]
+    assert read_status(run)["stream_outliers"]["rows_seen"] > 0
     a, b = load_file(run / "sae.safetensors"), load_file(ref / "sae.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -203,6 +207,13 @@ def test_stream_cache_resumes_to_the_harvested_store(setup, tmp_path):
     assert got.manifest["settings_hash"] == want.manifest["settings_hash"]
     assert got.manifest["n_windows"] == want.manifest["n_windows"]
     _same_store(got, want)
+    # the stream counted the norms of every row it read, across the resume: the cache's rows
+    o = st2.outlier_summary()
+    norms = got.row_norms(np.arange(got.n_rows)).astype(np.float64)
+    assert o["rows_seen"] == got.n_rows and o["n_rows"] == int((norms > o["threshold"]).sum())
+    assert o["max_norm"] == pytest.approx(float(norms.max()), rel=1e-3)  # the cache is float16
+    assert o["share_sq_norm"] == pytest.approx(float((norms[norms > o["threshold"]] ** 2).sum() / (norms ** 2).sum()),
+                                               rel=1e-3, abs=1e-9)
     # resumed for more batches, the finished cache is taken over, grows and is finished again
     st3 = _stream(setup, cache=cache)
     st3.restore(fields, tensors)

@@ -114,6 +114,10 @@ class ActivationStream:
         self.device = resolve_device(device)
         self._lm, self._corpus = lm, corpus
         self._buf = _Buffer()
+        # the row norms of everything streamed (this rank's rows): the outlier summary a store's
+        # manifest holds (store.norm_outliers), for a stream with no cache to hold it
+        self.norm_stats: dict = {"rows": 0, "above": 0, "sq": 0.0, "sq_above": 0.0, "median": None, "max": 0.0,
+                                 "tokens": {}}
         self._windows: Iterator | None = None
         self._next_step = 0
         self._sample: tuple[torch.Tensor, int] | None = None
@@ -228,10 +232,44 @@ class ActivationStream:
                 raise MsaeError(f"the model gave non-finite activations (NaN or inf) at layer "
                                 f"{self.settings.layer} in windows {g0}..{batch[-1][0]}: try "
                                 f"--model-dtype float32")
+            self._count_norms(acts, rows.token_ids)
             parts.append(acts)
             got += len(acts)
             nxt = batch[-1][0] + 1
         return torch.cat(parts), nxt, False
+
+    def _count_norms(self, acts: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Add rows to norm_stats; the median is that of the first rows streamed (the input-scale
+        sample), the threshold OUTLIER_FACTOR times it."""
+        from msae_core.data.store import OUTLIER_FACTOR
+
+        if not len(acts):
+            return
+        n = acts.norm(dim=1).double().cpu()
+        st = self.norm_stats
+        if st["median"] is None:
+            st["median"] = float(n.median())
+        over = n > OUTLIER_FACTOR * st["median"]
+        st["rows"] += len(n)
+        st["above"] += int(over.sum())
+        st["sq"] += float((n ** 2).sum())
+        st["sq_above"] += float((n[over] ** 2).sum())
+        st["max"] = max(st["max"], float(n.max()))
+        for t in token_ids[over.to(token_ids.device)].tolist():
+            st["tokens"][str(t)] = st["tokens"].get(str(t), 0) + 1
+
+    def outlier_summary(self) -> dict | None:
+        """norm_stats in the layout of a store manifest's `outliers` (store.norm_outliers)."""
+        from msae_core.data.store import OUTLIER_FACTOR
+
+        st = self.norm_stats
+        if not st["rows"]:
+            return None
+        top = sorted(((int(t), c) for t, c in st["tokens"].items()), key=lambda tc: (-tc[1], tc[0]))[:5]
+        return {"median_norm": st["median"], "factor": OUTLIER_FACTOR, "threshold": OUTLIER_FACTOR * st["median"],
+                "n_rows": st["above"], "fraction": st["above"] / st["rows"],
+                "share_sq_norm": st["sq_above"] / st["sq"] if st["sq"] else 0.0, "max_norm": st["max"],
+                "top_tokens": [[t, c] for t, c in top], "rows_seen": st["rows"]}
 
     # -- batches -----------------------------------------------------------------------------------
     def _refill(self) -> None:
@@ -308,7 +346,8 @@ class ActivationStream:
         b = self._buf
         tensors = {k: v.detach().cpu().contiguous() for k, v in (("kept", b.kept), ("ready", b.ready))
                    if v is not None}
-        return {"next_window": b.next_window, "round": b.round, "done": b.done, "step": step}, tensors
+        return {"next_window": b.next_window, "round": b.round, "done": b.done, "step": step,
+                "norms": {**self.norm_stats, "tokens": dict(self.norm_stats["tokens"])}}, tensors
 
     def restore(self, fields: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Put back the buffer `state` returned (this rank's, from `merge_rank_states`' entry);
@@ -328,6 +367,8 @@ class ActivationStream:
                             bool(fields.get("done", False)))
         self._windows = None
         self._sample = None
+        if isinstance(fields.get("norms"), dict):
+            self.norm_stats = {**fields["norms"], "tokens": dict(fields["norms"].get("tokens") or {})}
         self._next_step = int(fields["step"])
 
 

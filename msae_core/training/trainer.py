@@ -446,6 +446,7 @@ class _Fit:
         extra = {}
         if streamed:  # the evals hold out the windows trained on
             extra["stream_windows"] = windows
+            extra["stream_outliers"] = self.store.outlier_summary()  # rank 0's rows: their norm outliers
             self.store.finish_cache()
         write_status(self.out_dir, state="done", step=step, eta_s=0, pid=None, error=None,
                      finished=time.time(), **extra)
