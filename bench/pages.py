@@ -17,7 +17,10 @@ elements. The browser's drawing is not included (see --browser). Three columns:
 The 16k run's feature map has extra rows: the explorer before its UMAP exists (PCA shown), the
 "Compute UMAP" click (UMAP computed once and written to <run>/workbench/umap.safetensors), and
 the explorer in a fresh server once it is on disk; the same for the activation sample behind the
-pair examples and feature dashboards (computed on request above 4096 features).
+pair examples and feature dashboards (computed on request above 4096 features). The Diff page on
+the 16k run against a permuted copy of itself (the matching, both activation samples, the diff
+cached in the run folder), then in a fresh server; the explorer's "try your own text" with the
+fixture runs' model, first click (model cold) and second (warm).
 
 With --browser, the app is also served and each page timed in headless Chromium (Debian's
 /usr/bin/chromium through Playwright): from navigation to every plotly chart drawn.
@@ -104,6 +107,45 @@ def render(root: Path, page: str, session: dict | None = None, reruns: int = 1) 
     again.sort()
     notes = [f"{kind}: {e.value}" for kind in ("info", "warning", "error") for e in getattr(at, kind)]
     return {"first": first, "rerun": again[len(again) // 2], "payload": payload(at), "notes": notes}
+
+
+def render_text(root: Path, run: str, text: str) -> dict:
+    """The explorer's "try your own text": the first click (model loaded cold) and a second one
+    (model warm), each the whole rerun the click causes."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["MSAE_RESULTS"] = str(root)
+    at = AppTest.from_file(APP, default_timeout=1800)
+    at.session_state["selected_run"] = run
+    at.run()
+    clear_caches()
+    at.switch_page("../pages/explorer.py")
+    at.run()
+    at.text_area(key="e_text").set_value(text)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        at.button(key="e_text_go").click().run()
+        times.append(time.perf_counter() - t0)
+        if at.exception:
+            raise RuntimeError(f"custom text: {at.exception[0].value}")
+    return {"first": times[0], "rerun": times[1], "payload": payload(at), "notes": []}
+
+
+def permuted_copy(src: Path, dst: Path, seed: int = 0) -> None:
+    """Run folder `dst`: `src` with its SAE's latents permuted (the same SAE, for a full-size diff)."""
+    import torch
+
+    from msae_core.sae_io import load_sae, save_sae
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("workbench", "traces", "checkpoint"))
+    sae = load_sae(src)
+    perm = torch.randperm(sae.cfg.d_sae, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_enc[:, perm])
+        sae.b_enc.copy_(sae.b_enc[perm])
+        sae.W_dec.copy_(sae.W_dec[perm])
+    save_sae(sae, dst)
 
 
 def row(label: str, r: dict | None, first: float | None = None) -> None:
@@ -251,6 +293,14 @@ def main() -> int:
             row(f"explorer, {big}: UMAP + sample on disk, fresh server", render(root, "explorer", full, n))
             row(f"pairs, {big}: sample on disk, fresh server", render(root, "pairs", full, n))
             row(f"export, {big} selected", render(root, "export", full, n))
+            other = f"{big}-permuted"
+            if not (root / "runs" / other).is_dir():
+                permuted_copy(big_dir, root / "runs" / other)
+            pair = {"d_a": big, "d_b": other}
+            row(f"diff {big} vs {other} (one time: match, samples, cache)", render(root, "diff", pair, n))
+            row(f"diff {big} vs {other}: on disk, fresh server", render(root, "diff", pair, n))
+        row(f"explorer, {mom}: your own text (first click, then warm)",
+            render_text(root, mom, "A stitch in time saves nine. " * 8))
         if args.browser:
             print(f"\n{'page in headless Chromium (served app)':58s} {'seconds':>8s} charts")
             pages = [("home", "/", 0), ("tradeoff", "/tradeoff", 1), ("traces, big", f"/traces?run={big}", 4),

@@ -100,6 +100,15 @@ if sample is not None:
     n2.markdown("**Most correlated by activation** (Pearson over the sample)")
     n2.dataframe(features.most_correlated(sample, feature, k=10), hide_index=True, width="stretch",
                  key="e_corr", column_config={"pearson": st.column_config.NumberColumn(format="%.3f")})
+pairs_, _ = ui.pairs(run)  # a momentum run's competing partners of this feature, at the last snapshot
+if not pairs_.empty:
+    mine = pairs_[(pairs_["i"] == feature) | (pairs_["j"] == feature)].copy()
+    mine["partner"] = mine["j"].where(mine["i"] == feature, mine["i"])
+    st.markdown(f"**Competing partners** ({len(mine)} in the pair table; the Competing pairs page shows "
+                "their examples)")
+    st.dataframe(mine[["partner", "kappa", "dec_cos"]].head(20), hide_index=True, width="stretch", key="e_partners",
+                 column_config={"kappa": st.column_config.NumberColumn(format="%.3f"),
+                                "dec_cos": st.column_config.NumberColumn("decoder cos", format="%.3f")})
 n3, _ = st.columns([1, 2])
 go_to = n3.number_input("Open feature", 0, max(d_sae - 1, 0), feature, key="e_goto",
                         help="a feature from the tables above")

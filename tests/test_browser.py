@@ -228,6 +228,13 @@ def test_launch_a_run_and_open_every_page(server, results, browser):
         if n_figs:
             plotly_charts(page, n_figs, name)
         assert_no_exception(page, name)
+        for width in (1280, 1920):  # the widths researchers' screens have: nothing runs off the side
+            page.set_viewport_size({"width": width, "height": 1800})
+            page.wait_for_timeout(400)
+            wide = page.evaluate("""() => { const m = document.querySelector('[data-testid=stMain]');
+                return [m.scrollWidth, m.clientWidth]; }""")
+            assert wide[0] <= wide[1] + 1, (name, width, wide)
+        page.set_viewport_size({"width": 1400, "height": 1800})
         text = main.inner_text()
         if name in ("traces", "pairs", "explorer"):
             assert page.get_by_role("combobox", name="Run").input_value().startswith(RUN_NAME)
@@ -242,6 +249,25 @@ def test_launch_a_run_and_open_every_page(server, results, browser):
                 '[data-testid=stMain] div[style*="font-family:monospace"]')]
                 .filter(d => d.scrollWidth > d.clientWidth + 1).length""")
             assert spill == 0, f"{spill} token contexts overflow their column"
+        if name == "tradeoff":  # clicking a point opens its run below the chart
+            before = page.get_by_role("combobox", name="Open run").input_value()
+            points = page.locator(".stPlotlyChart .scatterlayer path.point")
+            clicked = ""
+            for n in range(points.count()):  # a point of another run than the one open now
+                box = points.nth(n).bounding_box()
+                x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the drag layer is on
+                page.mouse.move(x, y)                                           # top: point as a user does
+                hover = page.locator(".hoverlayer .hovertext").first
+                hover.wait_for(timeout=10_000)
+                clicked = hover.text_content() or ""  # "<name>absorption=...": the name comes first
+                if not clicked.startswith(before):
+                    break
+            assert clicked and not clicked.startswith(before), (before, clicked)
+            page.mouse.click(x, y)
+            page.wait_for_timeout(500)
+            wait_idle(page)
+            opened = page.get_by_role("combobox", name="Open run").input_value()
+            assert opened != before and clicked.startswith(opened), (before, clicked, opened)
         if name == "explorer":
             assert "Top activating contexts" in text
         if name == "export":

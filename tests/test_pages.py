@@ -256,6 +256,8 @@ def test_explorer_page_map_and_dashboard(full_root, monkeypatch):
     near = next(d.value for d in at.dataframe if "decoder_cos" in d.value.columns)
     assert len(near) == 10 and 5 not in near["feature"].tolist() and near["decoder_cos"].is_monotonic_decreasing
     assert "Activation density: fires on" in texts(at)
+    partners = [d.value for d in at.dataframe if "partner" in d.value.columns]  # a momentum run's pairs
+    assert partners and (partners[0]["partner"] != 5).all()
     other = int(near["feature"].iloc[0])
     at.number_input(key="e_goto").set_value(other).run()
     at.button(key="e_open").click().run()
