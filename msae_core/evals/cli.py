@@ -44,7 +44,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate runs; results go into RUN/eval.json in SAEBench's layout.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
     p.add_argument("--evals", default="core,absorption,sparse_probing",
-                   help="comma list of core, absorption, sparse_probing (default: %(default)s)")
+                   help="comma list of core, absorption, sparse_probing, synthetic (a run on a `msae synth` "
+                        "store) (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--skip-done", action="store_true", help="skip evals already in eval.json")
     p.add_argument("--set", action="append", metavar="EVAL.FIELD=VALUE",
