@@ -430,6 +430,16 @@ def _unembed(model: str):
     return w
 
 
+def _load_one_line(load: Any, model: str, what: str = "") -> Any:
+    """load(model), any failure of the model's loading (a missing file, a hub error) as one line."""
+    try:
+        return load(model)
+    except MsaeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MsaeError(f"cannot load model {model!r}{what}: {exc}".splitlines()[0]) from exc
+
+
 def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: Any = None) -> dict:
     """The tokens a feature's decoder direction promotes and suppresses through the unembedding:
     logits W_U @ d of its unit-norm decoder direction d in input units (no final norm: the direct
@@ -447,12 +457,7 @@ def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: An
     w_dec = numpy_decoder_rows(sae)
     if not 0 <= feature < w_dec.shape[0]:
         raise MsaeError(f"feature {feature} is out of range [0, {w_dec.shape[0]})")
-    try:
-        w_u = _unembed(str(model))
-    except MsaeError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise MsaeError(f"cannot load model {model!r} for its unembedding: {exc}".splitlines()[0]) from exc
+    w_u = _load_one_line(_unembed, str(model), " for its unembedding")
     if w_u.shape[1] != w_dec.shape[1]:
         raise MsaeError(f"model {model} has width {w_u.shape[1]}, the SAE {w_dec.shape[1]}")
     d = torch.from_numpy(w_dec[feature])
@@ -494,12 +499,7 @@ def text_activations(run_dir: str | os.PathLike, text: str, sae: Any = None) -> 
     if not model or layer is None or manifest.get("synthetic"):
         raise MsaeError("the run names no language model and layer (a synthetic store has none)")
     sae = sae if sae is not None else load_run_sae(run_dir)
-    try:
-        lm = _text_lm(str(model))
-    except MsaeError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise MsaeError(f"cannot load model {model!r}: {exc}".splitlines()[0]) from exc
+    lm = _load_one_line(_text_lm, str(model))
     ids = lm.to_tokens(text)[:, :MAX_TEXT_TOKENS]
     with torch.inference_mode():
         acts = lm.resid_post(ids, int(layer), stop_early=True)[0].float()
