@@ -266,6 +266,10 @@ def test_suspicious_values_are_flagged():
                            "other": {"absorption": 0.2}, "alone": {"sae_probe_acc": 0.9, "sae_probe_acc_ci_low": 0.1,
                                                                   "sae_probe_acc_ci_high": 0.99}})
     assert wide == {"topk": [], "other": [], "alone": []}  # spread 0.409; one run has no spread
+    lm_probe = {"ci_low": 0.8, "ci_high": 0.99}
+    same_lm = interval_flags({n: {"llm_probe_acc": 0.9, **{f"llm_probe_acc_{k}": v for k, v in lm_probe.items()}}
+                              for n in ("a", "b")})
+    assert same_lm == {"a": [], "b": []}  # the LM's own probe is the same for every SAE: not flagged
 
 
 def test_runs_table_and_eval_json_carry_the_flags(tmp_path):

@@ -56,6 +56,8 @@ def interval_flags(runs: dict[str, dict]) -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {name: [] for name in runs}
     for key, (lo_key, hi_key) in INTERVALS.items():
+        if key.startswith("llm_"):  # the language model's own probe: the same for every SAE on it
+            continue
         vals = {n: v for n, m in runs.items() if (v := _num(m.get(key))) is not None}
         if len(vals) < 2:
             continue
