@@ -240,8 +240,9 @@ class StoreWriter:
         if len(window_index) and int(window_index[0]) != self.n_windows_done:
             raise ValueError(f"shard starts at window {int(window_index[0])}, expected {self.n_windows_done}")
         dtype = torch.float16 if self.manifest["dtype"] == "float16" else torch.float32
+        stored = acts.to(dtype)
         tensors = {
-            "acts": acts.to(dtype), "norms": acts.to(dtype).float().norm(dim=1), "token_ids": token_ids.to(torch.int32),
+            "acts": stored, "norms": stored.float().norm(dim=1), "token_ids": token_ids.to(torch.int32),
             "window_ids": window_ids.to(torch.int64), "positions": positions.to(torch.int32),
             "windows": windows.to(torch.int32), "window_index": window_index.to(torch.int64),
             "doc_ids": doc_ids.to(torch.int64),

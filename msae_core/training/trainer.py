@@ -321,8 +321,9 @@ class _Fit:
         waits for the device: a non-finite loss is recorded on the device (`bad_at`, the loss,
         whether the batch itself was not finite) and read by `run` at its next log, snapshot or
         checkpoint step, before anything of the bad step is written."""
-        x_BD, n_over = limit_outliers(self.loader.next(s), self.outlier_norm, self.config.data.outliers)
-        if self.outlier_norm is not None:  # metrics: rows excluded or clipped per step
+        x_BD = self.loader.next(s)
+        if self.outlier_norm is not None:  # --outliers exclude|clip; metrics: the rows it touched a step
+            x_BD, n_over = limit_outliers(x_BD, self.outlier_norm, self.config.data.outliers)
             self.sums["outlier_rows"] = self.sums["outlier_rows"] + n_over if "outlier_rows" in self.sums else n_over
         lr = lr_at(s, self.tc)
         for g in self.opt.param_groups:
