@@ -69,6 +69,8 @@ EXPORT_RUNS_MD = "runs.md"
 EXPORT_RUNS_CSV = "runs.csv"
 EXPORT_COMPARE_MD = "compare.md"    # msae compare --out, and the Trade-off page's comparison
 EXPORT_COMPARE_CSV = "compare.csv"
+DASHBOARDS_DIR = "dashboards"       # msae dashboard: default folder inside the run
+DASHBOARD_PLOTLY_JS = "plotly.min.js"  # shared by the dashboard pages beside it
 
 # SAE weights (a run's final weights, a checkpoint's, an export's)
 SAE_WEIGHTS = "sae.safetensors"

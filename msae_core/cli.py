@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "msae_core.training.imports",
     "msae_core.evals.cli",
     "msae_core.inspect.compare",
+    "msae_core.inspect.dashboard",
     "msae_core.demo",
 )
 

@@ -1,11 +1,12 @@
 """Feature explorer: a UMAP of decoder directions, and one feature's dashboard (activation
-histogram, top contexts with token shading, promoted and suppressed output tokens)."""
+histogram, top, quantile and random contexts with token shading, nearest and correlated features,
+promoted and suppressed output tokens with their logit histogram), downloadable as one HTML file."""
 
 import streamlit as st
 
 import ui
 from msae_core.errors import MsaeError
-from msae_core.inspect import features
+from msae_core.inspect import dashboard, features
 from msae_core.inspect import figures as F
 from msae_core.inspect.run_files import has_weights
 
@@ -88,6 +89,12 @@ if sample is not None:
                     st.html(F.example_html(e, [feature]))
         except MsaeError as exc:
             st.error(str(exc))
+    with st.expander("Random positive examples (what a typical firing looks like)"):
+        try:
+            for e in features.random_examples(sample, feature, n=4):
+                st.html(F.example_html(e, [feature]))
+        except MsaeError as exc:
+            st.error(str(exc))
 n1, n2 = st.columns(2)
 try:
     near = features.nearest_by_decoder(run, feature, k=10)
@@ -137,5 +144,19 @@ try:
     out = features.output_tokens(run, feature, k=12)
     ui.show_figure(F.logits_figure(out["promoted"], out["suppressed"], feature), "logits",
                    stem=f"{run.name}-feature{feature}-logits", width="stretch")
+    ui.show_figure(F.logit_histogram_figure(*out["histogram"], feature, out["promoted"], out["suppressed"]),
+                   "logit_hist", stem=f"{run.name}-feature{feature}-logit-histogram", width="stretch")
 except MsaeError as exc:
     st.info(f"output tokens unavailable: {exc}")
+if st.button("Prepare this dashboard as one HTML file", key="e_dash",
+             help="for the write-up; `msae dashboard RUN --features ...` writes many at once"):
+    try:
+        with st.spinner("gathering the dashboard..."):
+            page = dashboard.dashboard_html(dashboard.feature_dashboard(run, feature, sample=sample))
+        st.session_state["e_dash_out"] = (run.name, feature, page)
+    except MsaeError as exc:
+        st.error(str(exc))
+got = st.session_state.get("e_dash_out")
+if got and got[:2] == (run.name, feature):
+    st.download_button("Download the dashboard (HTML)", got[2], file_name=f"{dashboard.dashboard_file_stem(run.name, feature)}.html",
+                       mime="text/html", key="e_dash_dl")

@@ -171,6 +171,12 @@ def test_output_tokens_are_the_unembedding_of_the_decoder_row(run):
     assert [round(v, 4) for _, v, _ in out["promoted"]] == [round(float(v), 4) for v in logits.topk(5).values]
     assert [i for _, _, i in out["promoted"]] == logits.topk(5).indices.tolist()
     assert out["suppressed"][0][1] == pytest.approx(float(logits.min()), abs=1e-5)
+    counts, edges = out["histogram"]  # the whole vocabulary, from its lowest logit to its highest
+    assert counts.sum() == len(logits) and edges[0] == pytest.approx(float(logits.min()), abs=1e-5)
+    assert edges[-1] == pytest.approx(float(logits.max()), abs=1e-5)
+    hist = F.logit_histogram_figure(counts, edges, 3, out["promoted"], out["suppressed"])
+    colours = list(hist.data[0].marker.color)
+    assert colours[-1] == "#2ca02c" and colours[0] == "#d62728" and "#999999" in colours  # tails coloured
     # tokens that decode to the same text stay separate bars
     fig = F.logits_figure([("\ufffd", 2.0, 7), ("\ufffd", 1.0, 9), ("a", 0.5, 3)], [("b", -1.0, 4)], 3)
     assert len(set(fig.data[0].y)) == 3 and list(fig.data[0].x) == [0.5, 1.0, 2.0]
@@ -293,6 +299,10 @@ def test_dashboard_quantiles_neighbours_and_correlations_against_direct_computat
         assert 1 <= len(exs) <= 2
         for e in exs:  # each example's centre activation lies in its bin
             assert lo - 1e-6 <= e.acts[f][e.center] <= hi + 1e-6
+    rand = features.random_examples(s, f, n=3, seed=1)
+    assert len(rand) == 3 and all(e.acts[f][e.center] > 0 for e in rand)  # drawn where it fires
+    assert [e.label for e in rand] == [e.label for e in features.random_examples(s, f, n=3, seed=1)]
+    assert [e.label for e in features.random_examples(s, f, n=len(v), seed=0)] == [f"{x:.3g}" for x in v]
     dense = np.stack([s.column(g) for g in range(s.d_sae)], 1).astype(np.float64)
     corr = features.most_correlated(s, f, k=5)
     with np.errstate(invalid="ignore", divide="ignore"):

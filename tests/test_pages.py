@@ -250,7 +250,7 @@ def test_explorer_page_map_and_dashboard(full_root, monkeypatch):
     specs = charts(at)
     assert specs[0]["data"][0]["type"] == "scattergl"
     titles = " ".join(str(s["layout"].get("title", {}).get("text", "")) for s in specs)
-    assert "activations where it fires" in titles and "output tokens" in titles
+    assert "activations where it fires" in titles and "output tokens" in titles and "logits over the vocabulary" in titles
     at.number_input(key="e_feature").set_value(5).run()
     assert_clean(at)
     near = next(d.value for d in at.dataframe if "decoder_cos" in d.value.columns)
@@ -269,6 +269,11 @@ def test_explorer_page_map_and_dashboard(full_root, monkeypatch):
     assert f"feature {other}: max" in texts(at)
     rows = next(d.value for d in at.dataframe if "top features" in d.value.columns)
     assert "".join(rows["token"]).startswith("The") and "quick" in "".join(rows["token"])  # a row a token, no BOS
+    at.button(key="e_dash").click().run()
+    assert_clean(at)
+    dl = [b for b in at.get("download_button") if "dashboard" in b.proto.label]
+    page = at.session_state["e_dash_out"][2]  # the chosen feature's page, plotly.js inside: opens offline
+    assert dl and f"<h1>run-000-momentum: feature {other}</h1>" in page and len(page) > 1_000_000
 
 
 def test_export_page_lists_figures_and_tables(full_root, monkeypatch):

@@ -375,6 +375,20 @@ def quantile_examples(sample: FeatureSample, feature: int, n_bins: int = 5, per_
     return out
 
 
+def random_examples(sample: FeatureSample, feature: int, n: int = 4, span: int = 16,
+                    seed: int = 0) -> list[Example]:
+    """`n` contexts drawn uniformly (seeded) from the sample rows where `feature` fires, as
+    Neuronpedia's "random positive" examples: what a typical firing looks like, not its peak."""
+    r, v = sample.feature(feature)
+    if not len(r):
+        return []
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(r), size=min(n, len(r)), replace=False))
+    store = _open_store(sample)
+    return [_window_example(sample, store, int(sample.window_ids[r[k]]), int(sample.positions[r[k]]),
+                            [feature], span, f"{v[k]:.3g}") for k in pick]
+
+
 def nearest_by_decoder(run_dir: str | os.PathLike, feature: int, k: int = 10) -> pd.DataFrame:
     """The `k` features whose decoder directions (input units) are closest in cosine to `feature`'s."""
     w = numpy_decoder_rows(load_run_sae(run_dir)).astype(np.float64)
@@ -440,11 +454,13 @@ def _load_one_line(load: Any, model: str, what: str = "") -> Any:
         raise MsaeError(f"cannot load model {model!r}{what}: {exc}".splitlines()[0]) from exc
 
 
-def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: Any = None) -> dict:
+def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: Any = None,
+                  bins: int = 60) -> dict:
     """The tokens a feature's decoder direction promotes and suppresses through the unembedding:
     logits W_U @ d of its unit-norm decoder direction d in input units (no final norm: the direct
-    path). {"promoted": [(token, logit, token id)], "suppressed": [...]}; MsaeError when the model
-    or weights are unavailable."""
+    path). {"promoted": [(token, logit, token id)], "suppressed": [...], "histogram": (counts,
+    edges) of the logits over the whole vocabulary}; MsaeError when the model or weights are
+    unavailable."""
     import torch
 
     run_dir = Path(run_dir)
@@ -466,8 +482,10 @@ def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: An
     top = np.argsort(-logits, kind="stable")[:k]
     bot = np.argsort(logits, kind="stable")[:k]
     toks = token_strings(store_path, [int(t) for t in np.concatenate([top, bot])])
+    counts, edges = np.histogram(logits, bins=bins)
     return {"promoted": list(zip(toks[:k], logits[top].tolist(), top.tolist())),
-            "suppressed": list(zip(toks[k:], logits[bot].tolist(), bot.tolist()))}
+            "suppressed": list(zip(toks[k:], logits[bot].tolist(), bot.tolist())),
+            "histogram": (counts, edges)}
 
 
 # ------------------------------------------------------------------------------- your own text

@@ -160,11 +160,14 @@ def metrics_figure(metrics: pd.DataFrame, keys: Sequence[str] = ("loss", "explai
     keys = [k for k in keys if k in metrics.columns and metrics[k].notna().any()]
     if metrics.empty or "step" not in metrics or not keys:
         return _empty("no metrics logged yet", title)
-    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=keys)
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[CURVE_LABELS.get(k, k) for k in keys])
     for n, k in enumerate(keys, start=1):
         fig.add_trace(go.Scatter(x=metrics["step"], y=metrics[k], mode="lines", name=k, showlegend=False),
                       row=1, col=n)
-    fig.update_layout(template=TEMPLATE, title=title, height=260, margin={"t": 50, "b": 30})
+    for n, k in enumerate(keys, start=1):
+        fig.update_xaxes(title_text="step", row=1, col=n)
+        fig.update_yaxes(title_text=CURVE_LABELS.get(k, k), row=1, col=n)
+    fig.update_layout(template=TEMPLATE, title=title, height=300, margin={"t": 50, "b": 40})
     return fig
 
 
@@ -211,6 +214,9 @@ def traces_figure(steps: np.ndarray, features: Sequence[int], rate: np.ndarray, 
                                      showlegend=row == 1, line={"color": c}), row=row, col=1)
     fig.update_layout(template=TEMPLATE, title=title, height=640)
     fig.update_xaxes(title_text="step", row=3, col=1)
+    for row, name in enumerate(("firing rate", "mag", "pressure"), start=1):
+        fig.update_yaxes(title_text=name, row=row, col=1)
+    fig.update_yaxes(rangemode="tozero", row=1, col=1)
     return fig
 
 
@@ -339,7 +345,27 @@ def logits_figure(promoted: Sequence[tuple], suppressed: Sequence[tuple], featur
                              marker={"color": c}, showlegend=False,
                              hovertemplate="%{y}: %{x:.4g}<extra></extra>"), row=1, col=col)
     fig.update_yaxes(type="category")
+    fig.update_xaxes(title_text="logit (direct path, unit decoder direction)")
     fig.update_layout(template=TEMPLATE, title=title, height=max(300, 24 * max(len(promoted), 1) + 100))
+    return fig
+
+
+def logit_histogram_figure(counts: np.ndarray, edges: np.ndarray, feature: int,
+                           promoted: Sequence[tuple] = (), suppressed: Sequence[tuple] = ()) -> go.Figure:
+    """The logits of the whole vocabulary through a feature's decoder direction, as Neuronpedia's
+    logit histogram: the bars in the tails are the promoted (green) and suppressed (red) tokens."""
+    title = f"feature {feature}: logits over the vocabulary"
+    if len(counts) == 0:
+        return _empty("no output logits", title)
+    centres = (edges[:-1] + edges[1:]) / 2
+    hi = min((float(t[1]) for t in promoted), default=np.inf)
+    lo = max((float(t[1]) for t in suppressed), default=-np.inf)
+    colours = [("#2ca02c" if e1 >= hi else "#d62728" if e0 <= lo else "#999999")
+               for e0, e1 in zip(edges[:-1], edges[1:])]
+    fig = go.Figure(go.Bar(x=centres, y=counts, width=np.diff(edges), marker={"color": colours},
+                           hovertemplate="logit %{x:.3g}: %{y} tokens<extra></extra>"))
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="logit (direct path)",
+                      yaxis_title="vocabulary tokens", yaxis_type="log", height=300, bargap=0)
     return fig
 
 
