@@ -105,3 +105,41 @@ def test_broken_folders_are_refused_in_one_line(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["import", "--release", "gemma-scope-2", "--sae-id", "x", "--out", str(tmp_path / "r2")]) == 2
     assert "sae-lens" in capsys.readouterr().err
+
+
+def test_release_import_goes_through_sae_lens_and_records_the_release(tmp_path, monkeypatch, capsys):
+    """The --release path with a stand-in for sae-lens (no hub here): msae asks it for the release's
+    SAE, has it saved in SAELens's format, and imports that; sae-lens's own errors become one line.
+    The real hub path is not exercised by the tests."""
+    import sys
+    import types
+
+    sae, x = _trained("topk")
+    asked = []
+
+    class StandIn:  # what sae-lens 6 returns: an SAE object with save_model(path)
+        @classmethod
+        def from_pretrained(cls, release, sae_id, device="cpu"):
+            asked.append((release, sae_id, device))
+            if sae_id == "missing":
+                raise ValueError("ID missing not found in release gemma-scope-2-270m\nmore detail")
+            return cls()
+
+        def save_model(self, path):
+            export_saelens(sae, path, model_name="google/gemma-3-270m", hook_name="blocks.6.hook_resid_post")
+
+    monkeypatch.setitem(sys.modules, "sae_lens", types.SimpleNamespace(SAE=StandIn))
+    out = tmp_path / "runs" / "gs"
+    assert cli.main(["import", "--release", "gemma-scope-2-270m", "--sae-id", "layer_6/width_16k",
+                     "--out", str(out)]) == 0
+    assert asked == [("gemma-scope-2-270m", "layer_6/width_16k", "cpu")]
+    status = json.loads((out / "status.json").read_text())
+    assert status["imported_from"] == "gemma-scope-2-270m / layer_6/width_16k"  # not the deleted temp folder
+    assert json.loads((out / "config.json").read_text())["data"]["layer"] == 6
+    with torch.no_grad():
+        torch.testing.assert_close(load_sae(out).forward(x).x_hat, sae.forward(x).x_hat, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert cli.main(["import", "--release", "gemma-scope-2-270m", "--sae-id", "missing",
+                     "--out", str(tmp_path / "runs" / "gs2")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot fetch gemma-scope-2-270m / missing: ID missing not found" in err and "more detail" not in err

@@ -42,9 +42,9 @@ def model_and_layer(cfg: dict, model: str = "", layer: int | None = None) -> tup
 
 
 def import_run(folder: str | Path, out: str | Path, *, model: str = "", layer: int | None = None,
-               acts: str = "", corpus: str = "embedded") -> Path:
-    """Write the run folder `out` for the SAELens SAE in `folder`. Refuses an `out` that exists
-    and is not empty."""
+               acts: str = "", corpus: str = "embedded", source: str = "") -> Path:
+    """Write the run folder `out` for the SAELens SAE in `folder`, recording `source` (default:
+    the folder's path) as where it came from. Refuses an `out` that exists and is not empty."""
     from msae_core.artifacts import check_can_create
     from msae_core.data.store import ActivationStore
     from msae_core.sae_io import import_saelens, save_sae
@@ -65,9 +65,10 @@ def import_run(folder: str | Path, out: str | Path, *, model: str = "", layer: i
     else:
         data = DataConfig(source="stream", model=model, layer=layer, corpus=corpus, context_size=ctx)
     out.mkdir(parents=True, exist_ok=True)
-    save_sae(sae, out, extra={"imported_from": str(Path(folder).resolve()), "saelens_cfg": cfg})
+    source = source or str(Path(folder).resolve())
+    save_sae(sae, out, extra={"imported_from": source, "saelens_cfg": cfg})
     RunConfig(sae=sae.cfg, train=TrainConfig(steps=1), data=data).save(out / "config.json")
-    write_status(out, state="done", step=0, total_steps=0, imported_from=str(Path(folder).resolve()),
+    write_status(out, state="done", step=0, total_steps=0, imported_from=source,
                  error=None, pid=None)
     return out
 
@@ -95,7 +96,8 @@ def _run(args: argparse.Namespace) -> int:
         raise MsaeError("--release needs --sae-id")
     with tempfile.TemporaryDirectory(prefix="msae-import-") as tmp:
         folder = Path(args.path) if args.path else _fetch_published(args.release, args.sae_id, Path(tmp))
-        out = import_run(folder, args.out, model=args.model, layer=args.layer, acts=args.acts, corpus=args.corpus)
+        out = import_run(folder, args.out, model=args.model, layer=args.layer, acts=args.acts, corpus=args.corpus,
+                         source=f"{args.release} / {args.sae_id}" if args.release else "")
     print(f"imported into {out}: evaluate it with `msae eval {out}`")
     return 0
 
