@@ -75,8 +75,8 @@ def runs_section() -> None:
     view = rt.filter_runs(df, states, archs, text, only_eval)
 
     cols = ["name", "state", "eval_phase", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
-            "explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "step", "total_steps",
-            "train_explained_variance", "train_l0", "flags", "problem"]
+            "explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "dead_fraction", "step",
+            "total_steps", "train_explained_variance", "train_l0", "train_dead_fraction", "flags", "problem"]
     st.caption(f"{len(view)} of {len(df)} runs")
     st.dataframe(view[cols], hide_index=True, key="runs_table", width="stretch",
                  column_config={
@@ -88,6 +88,12 @@ def runs_section() -> None:
                      "tokens": st.column_config.NumberColumn(format="compact"),
                      "train_explained_variance": st.column_config.NumberColumn("EV (train)", format="%.3f"),
                      "train_l0": st.column_config.NumberColumn("L0 (train)", format="%.1f"),
+                     "dead_fraction": st.column_config.NumberColumn(
+                         "dead", format="%.3f", help="fraction of latents that fire on none of the core eval's "
+                         "tokens (how many: dead_window_tokens in eval.json; SAEBench's 1 - frac_alive)"),
+                     "train_dead_fraction": st.column_config.NumberColumn(
+                         "dead (train)", format="%.3f", help="fraction of latents silent for the last "
+                         "dead_tokens_threshold tokens of training (100,000 unless set): those AuxK trains"),
                      "eval_phase": st.column_config.TextColumn("eval", help="the evals after training: "
                                                                "which one runs now, done, or where it failed"),
                      "flags": st.column_config.TextColumn("suspicious", help="values a researcher should "

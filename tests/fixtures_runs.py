@@ -77,7 +77,8 @@ def eval_json(ev: float, absorption: float, l0: float, kl: float = 0.9, ce: floa
                                                "ce_loss_with_sae": 3.5, "ce_loss_without_sae": 3.0},
             "reconstruction_quality": {"explained_variance": ev, "mse": 1 - ev, "cossim": 0.9},
             "sparsity": {"l0": l0, "l1": 10 * l0},
-            "misc_metrics": {"freq_over_1_percent": 0.1, "frac_alive": 0.95}}},
+            "misc_metrics": {"freq_over_1_percent": 0.1, "frac_alive": 0.95, "frac_dead_features": 0.05,
+                             "dead_window_tokens": 4096}}},
         "absorption": {**base, "eval_type_id": "absorption_first_letter", "eval_result_metrics": {
             "mean": {"mean_absorption_fraction_score": absorption, "mean_full_absorption_score": absorption / 2,
                      "mean_num_split_features": 1.2}}},
@@ -155,6 +156,7 @@ def make_run(root: Path, name: str, store: str, arch: str = "momentum", d_sae: i
             fh.write(json.dumps({"step": s, "loss": float(1 / s + rng.random() * 0.01),
                                  "explained_variance": float(1 - 1 / s), "l0": float(8 + rng.random()),
                                  "competing_pairs": float(rng.integers(0, 50)), "lr": 3e-4,
+                                 "dead_features": float(s // 10),
                                  "time": now}) + "\n")
     if arch == "momentum" and traces:
         snap = [int(s) for s in np.linspace(10, step, n_snapshots).round()]

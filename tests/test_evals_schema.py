@@ -43,7 +43,7 @@ CORE_METRICS = {
                      "average_max_decoder_cosine_sim", "frac_alive"],
 }
 # what msae adds to SAEBench's misc_metrics (module docstring of msae_core.evals.core)
-MSAE_MISC = ["frac_dead_features", "frac_dense_features"]
+MSAE_MISC = ["frac_dead_features", "frac_dense_features", "dead_window_tokens"]
 
 # sae_bench/evals/core/eval_output.py, CoreFeatureMetric
 CORE_FEATURE_METRIC = ["index", "feature_density", "consistent_activation_heuristic", "encoder_bias",

@@ -188,6 +188,10 @@ def test_runs_table_survives_broken_folders_and_run_path_refuses_traversal(root)
     df = runs_table(root)
     assert len(df) == 3 + 8  # the good runs and every broken folder of fixtures_runs
     assert df.set_index("name").loc["run-001-topk", "k"] == 8
+    last = run_files.load_metrics(root / "runs" / "run-001-topk").iloc[-1]
+    row = df.set_index("name").loc["run-001-topk"]  # dead latents, each with the window it was counted on
+    assert row["train_dead_fraction"] == pytest.approx(last["dead_features"] / row["d_sae"]) and row["train_dead_fraction"] > 0
+    assert (row["train_dead_window"], row["dead_fraction"], row["dead_window_tokens"]) == (100_000, 0.05, 4096)
     assert (df[df["name"].str.startswith("broken")]["problem"] != "").all()
     for bad in ("../x", "a/b", "..", ".hidden", ""):
         with pytest.raises(MsaeError):

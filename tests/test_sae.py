@@ -12,6 +12,9 @@ from safetensors.torch import load_file
 
 from msae_core import sae_io
 from msae_core.sae import SAEConfig, build_sae, registered_archs, sae_class
+from msae_core.training.config import TrainConfig
+
+GRAD_CLIP = TrainConfig().grad_clip
 
 
 def _cfg(**kw) -> SAEConfig:
@@ -28,13 +31,15 @@ def _sparse_data(n: int, dirs_TD: torch.Tensor, per_row: int, g: torch.Generator
     return (mags[..., None] * dirs_TD[idx]).sum(1)
 
 
-def _train(sae, batches, lr=3e-3, start=0):
+def _train(sae, batches, lr=3e-3, start=0, clip=GRAD_CLIP):
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     losses = []
     for t, x in enumerate(batches, start):
         out = sae.training_loss(x, t)
         opt.zero_grad()
         out["loss"].backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)  # as the trainer steps
         opt.step()
         sae.post_step_(t)
         losses.append({k: float(v.detach()) for k, v in out.items()})
@@ -297,7 +302,8 @@ def test_a_momentum_sae_saved_by_the_first_format_loads_with_identical_outputs(t
     for k, v in obs.items():
         torch.testing.assert_close(v.to(want["obs_" + k].dtype), want["obs_" + k], rtol=1e-6, atol=1e-6)
     g = torch.Generator().manual_seed(12)
-    losses = _train(sae, [torch.randn(32, 16, generator=g) for _ in range(3)], start=10)
+    # the losses were recorded with an unclipped loop (before the trainer clipped gradients)
+    losses = _train(sae, [torch.randn(32, 16, generator=g) for _ in range(3)], start=10, clip=0)
     got = torch.tensor([[r[k] for k in sorted(r)] for r in losses], dtype=torch.float64)
     torch.testing.assert_close(got, want["more_losses"], rtol=1e-5, atol=1e-6)
     # today's code writes the same names, shapes and dtypes
@@ -421,7 +427,8 @@ def test_topk_sparse_decoder_equals_the_dense_one():
     e = (x_n - x_hat_n).detach()
     dv, di = pre.masked_fill(~dead, float("-inf")).topk(min(16, int(dead.sum())), dim=-1, sorted=False)
     aux_f = torch.zeros_like(pre).scatter(-1, di, Fn.relu(dv))
-    auxk = (e - aux_f @ sae.W_dec).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
+    var_x = (x_n - x_n.mean(0)).pow(2).sum(-1).mean()  # Gao's nmse(e, e_hat), in the main MSE's units
+    auxk = var_x * (e - aux_f @ sae.W_dec).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
     ref = mse + sae.cfg.auxk_coeff * auxk
     ref.backward()
     torch.testing.assert_close(losses["loss"], ref)

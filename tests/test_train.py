@@ -356,3 +356,51 @@ def test_default_snapshots_are_about_100_per_run(tmp_path):
     assert len(list((tmp_path / "run" / RUN_TRACES_DIR).glob("step_*.safetensors"))) == 100  # every 2 steps
     bad = dataclasses.replace(cfg.train, snapshot_every=-2)
     assert any("snapshot_every must be -1" in p for p in bad.problems())
+
+
+def test_decoder_bias_starts_at_the_store_mean(tmp_path):
+    """A fresh run's b_dec (in input units) is the mean of the store's rows, on a store whose mean
+    is far from 0; the input scale makes the mean row norm sqrt(d_in)."""
+    store = make_store(tmp_path / "store", n_rows=1024)
+    from msae_core.data.store import ActivationStore
+    from msae_core.sae_io import load_sae
+
+    rows = ActivationStore(store).rows(torch.arange(1024)).float()
+    cfg = make_config(store, steps=1, arch="topk")
+    cfg = RunConfig(sae=cfg.sae, train=dataclasses.replace(cfg.train, lr=1e-12), data=cfg.data)  # Adam moves by ~lr
+    assert train(cfg, tmp_path / "run", progress=False).state == "done"
+    sae = load_sae(tmp_path / "run")
+    torch.testing.assert_close(sae.b_dec.detach() / sae.input_scale, rows.mean(0), rtol=1e-4, atol=1e-4)
+    assert float((rows * sae.input_scale).norm(dim=1).mean()) == pytest.approx(D ** 0.5, rel=1e-4)
+
+
+def test_dead_latents_logged_equal_a_direct_count_on_the_same_window(tmp_path, monkeypatch):
+    """The trainer's dead_features (latents silent for dead_tokens_threshold tokens) equals a count
+    made directly from what fired in each step's batch, over the last threshold's worth of tokens."""
+    from msae_core.sae.base import SAE
+
+    fired_per_step = []
+    orig = SAE._track_firing_
+
+    def record(self, f_BF):
+        fired_per_step.append((f_BF > 0).any(dim=0).clone())
+        return orig(self, f_BF)
+
+    monkeypatch.setattr(SAE, "_track_firing_", record)
+    store = make_store(tmp_path / "store")
+    window_batches = 3
+    cfg = make_config(store, steps=30, arch="topk", d_sae=512, k=2, dead_tokens_threshold=window_batches * 128)
+    cfg = RunConfig(sae=cfg.sae, train=dataclasses.replace(cfg.train, log_every=1), data=cfg.data)
+    train(cfg, tmp_path / "run", progress=False)
+    rows = read_jsonl(tmp_path / "run" / RUN_METRICS)
+    assert len(fired_per_step) == 30 and len(rows) == 30
+    checked = 0
+    for r in rows:  # a row's "step" is the number of steps done
+        done = r["step"]
+        if done < window_batches:
+            assert r["dead_features"] == 0  # nothing has been silent for a whole window yet
+            continue
+        recent = torch.stack(fired_per_step[done - window_batches:done]).any(dim=0)
+        assert r["dead_features"] == int((~recent).sum()), done
+        checked += int(r["dead_features"] > 0)
+    assert checked > 0  # the window was short enough for some latents to count as dead

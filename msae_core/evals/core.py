@@ -37,7 +37,10 @@ Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-be
    normalized_freq_over_{1,10}_percent and average_max_{encoder,decoder}_cosine_sim, plus ours:
    frac_dead_features (density <= `dead_feature_threshold`, default 0 = never fired, so it is
    1 - frac_alive) and frac_dense_features (density > `dense_feature_threshold`, default 0.1, the
-   threshold of SAEBench's freq_over_10_percent; SAEBench itself names no "dense" threshold).
+   threshold of SAEBench's freq_over_10_percent; SAEBench itself names no "dense" threshold),
+   and dead_window_tokens, the number of tokens the densities were counted on: a dead latent
+   fired on none of them, as a latent the trainer counts dead (its dead_features metric) was
+   silent for its last dead_tokens_threshold training tokens (100,000 by default).
 6. eval_result_details: one object per latent in SAEBench's CoreFeatureMetric layout (index,
    feature_density, consistent_activation_heuristic, encoder_bias, encoder_norm,
    encoder_decoder_cosine_sim, max_decoder_cosine_sim, max_encoder_cosine_sim), the weight-based
@@ -335,8 +338,10 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor
 
 def misc_metrics(density_F: torch.Tensor, dead_threshold: float = 0.0, dense_threshold: float = 0.1,
                  max_encoder_cos_F: torch.Tensor | None = None,
-                 max_decoder_cos_F: torch.Tensor | None = None) -> dict[str, float]:
-    """SAEBench's calculate_misc_metrics on feature densities, plus frac_dead/dense_features."""
+                 max_decoder_cos_F: torch.Tensor | None = None, n_tokens: int | None = None) -> dict[str, float]:
+    """SAEBench's calculate_misc_metrics on feature densities, plus frac_dead/dense_features and
+    dead_window_tokens: the `n_tokens` the densities were counted on (a dead latent was silent on
+    all of them, as the trainer's dead latents were silent for their last dead_tokens_threshold)."""
     d = density_F.double()
     total = float(d.sum())
     out: dict[str, float] = {}
@@ -351,6 +356,8 @@ def misc_metrics(density_F: torch.Tensor, dead_threshold: float = 0.0, dense_thr
     out["normalized_freq_over_10_percent"] = float(d[d > 0.1].sum()) / total if total > 0 else 0.0
     out["frac_dead_features"] = float((d <= dead_threshold).double().mean())
     out["frac_dense_features"] = float((d > dense_threshold).double().mean())
+    if n_tokens is not None:
+        out["dead_window_tokens"] = int(n_tokens)
     return out
 
 
@@ -560,7 +567,8 @@ def run(ctx: Any, cfg: Config) -> dict:
         feature.update(weight_metrics(w["W_enc"], w["W_dec"], w["b_enc"]))
     if feature:
         misc = misc_metrics(acc.feature_density(), cfg.dead_feature_threshold, cfg.dense_feature_threshold,
-                            feature.get("max_encoder_cosine_sim"), feature.get("max_decoder_cosine_sim"))
+                            feature.get("max_encoder_cosine_sim"), feature.get("max_decoder_cosine_sim"),
+                            acc.n_tokens)
         if not cfg.compute_featurewise_density_statistics:
             misc = {k: v for k, v in misc.items() if k.startswith("average_max")}
         metrics["misc_metrics"] = misc

@@ -16,6 +16,7 @@ PATHS: dict[str, tuple[str, str, str]] = {
     "l2_ratio": ("core", "shrinkage", "l2_ratio"),
     "relative_reconstruction_bias": ("core", "shrinkage", "relative_reconstruction_bias"),
     "dead_fraction": ("core", "misc_metrics", "frac_dead_features"),
+    "dead_window_tokens": ("core", "misc_metrics", "dead_window_tokens"),
     "dense_fraction": ("core", "misc_metrics", "frac_dense_features"),
     "absorption": ("absorption", "mean", "mean_absorption_fraction_score"),
     "absorption_full": ("absorption", "mean", "mean_full_absorption_score"),

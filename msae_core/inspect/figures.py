@@ -172,7 +172,7 @@ def metrics_figure(metrics: pd.DataFrame, keys: Sequence[str] = ("loss", "explai
 
 
 CURVE_LABELS = {"loss": "training loss", "explained_variance": "explained variance (batch)", "l0": "L0 (batch)",
-                "dead_features": "dead latents", "competing_pairs": "competing pairs", "mse": "MSE (normalised)",
+                "dead_features": "dead latents (silent for dead_tokens_threshold tokens)", "competing_pairs": "competing pairs", "mse": "MSE (normalised)",
                 "outlier_rows": "outlier rows per step"}
 
 

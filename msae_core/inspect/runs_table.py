@@ -18,6 +18,7 @@ from msae_core.paths import runs_root, stores_root
 from msae_core.inspect.run_files import file_fingerprint, read_json_file
 from msae_core.data.store import outlier_line, read_manifest
 from msae_core.evals.summary import INTERVALS
+from msae_core.sae.base import SAEConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,18 @@ EMBEDDED_DEFAULT = {
     "hook": "resid_post (output of the decoder block)",
 }
 
+DEAD_TOKENS_DEFAULT = SAEConfig().dead_tokens_threshold  # a config written before the field existed
+
 # hyperparameter and metric columns of the runs table, in display order
 CONFIG_COLUMNS = ["arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "d_in", "lr",
                   "steps", "batch_size", "tokens"]
 METRIC_COLUMNS = ["explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "mse",
-                  "cossim", "l1", "dead_fraction", "absorption_full", "n_split_features",
+                  "cossim", "l1", "dead_fraction", "dead_window_tokens", "absorption_full", "n_split_features",
                   "llm_probe_acc", "sae_probe_acc", "sae_top1_acc", "synth_absorption", "synth_f1",
                   "synth_mcc", "synth_explained_variance", "synth_l0"]
 METRIC_COLUMNS += [c for pair in INTERVALS.values() for c in pair] + ["absorption_seeds"]
-TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "competing_pairs"]
+TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "train_dead_fraction", "train_dead_window",
+                 "competing_pairs"]
 TABLE_COLUMNS = (["name", "state", "eval_phase", "step", "total_steps", "problem", "flags"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
 
@@ -109,6 +113,9 @@ def run_row(info: Any) -> dict:
     row["train_explained_variance"] = _num(last.get("explained_variance"))
     row["train_l0"] = _num(last.get("l0"))
     row["competing_pairs"] = _num(last.get("competing_pairs"))
+    dead, d_sae = _num(last.get("dead_features")), row["d_sae"]
+    row["train_dead_fraction"] = dead / d_sae if dead is not None and d_sae else None
+    row["train_dead_window"] = _num(sae.get("dead_tokens_threshold", DEAD_TOKENS_DEFAULT) if sae else None)
     if info.has_eval:
         ev, problem = read_json_file(Path(info.path) / RUN_EVAL)
         if problem or not isinstance(ev, dict):

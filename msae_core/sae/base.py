@@ -67,8 +67,8 @@ class SAEConfig:
     jumprelu_init_threshold: float = field(default=0.1, metadata={"help": "jumprelu: initial thresholds"})
     matryoshka_widths: list[int] = field(default_factory=list, metadata={
         "help": "matryoshka: nested prefix widths, increasing, d_sae appended (empty: d_sae/16, d_sae/4, d_sae)"})
-    dead_tokens_threshold: int = field(default=500_000, metadata={
-        "help": "a latent that has not fired for this many tokens counts as dead"})
+    dead_tokens_threshold: int = field(default=100_000, metadata={
+        "help": "a latent that has not fired for this many tokens counts as dead (and AuxK trains it)"})
     base: Literal["topk", "relu", "batchtopk", "matryoshka", "jumprelu"] = field(default="topk", metadata={
         "help": "base of a momentum SAE"})
     beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})

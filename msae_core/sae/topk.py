@@ -3,7 +3,13 @@
     f     = scatter(TopK(ReLU(pre), k))
     e     = x - x_hat                                  (detached target)
     e_hat = W_dec^T TopK_{dead}(pre, k_aux)            k_aux = min(d_in // 2, #dead)
-    loss  = ||x - x_hat||^2 + auxk_coeff * ||e - e_hat||^2 / ||e - mean(e)||^2
+    loss  = ||x - x_hat||^2 + auxk_coeff * V_x * ||e - e_hat||^2 / V_e      V = batch variance: ||. - mean(.)||^2
+
+Gao et al.'s loss is nmse(x, x_hat) + auxk_coeff * nmse(e, e_hat), both MSEs normalised by their
+target's variance; msae's main term is the plain MSE (as SAELens's), so the AuxK term is multiplied
+by V_x to keep Gao's balance (auxk_coeff 1/32 as theirs). Logged as "auxk": V_x * nmse(e, e_hat).
+A latent is dead for AuxK after `dead_tokens_threshold` tokens without firing (bench/quality.py
+measured the window; Gao et al. use 10M tokens in runs of billions).
 
 Sparse decoder: x_hat and e_hat are sums of the k (k_aux) active decoder rows per token, gathered
 with `embedding_bag` (B k D multiply-adds and a gradient only for those rows' entries of the B x F
@@ -70,7 +76,8 @@ class TopKSAE(SAE):
             dead_pre = pre.masked_fill(~dead_F, float("-inf"))
             vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
             e_hat_BD = self._decode_rows_n(torch.relu(vals), idx)
-            denom = (e_BD - e_BD.mean(0, keepdim=True)).pow(2).sum(-1).mean().clamp_min(1e-8)
-            auxk = (e_BD - e_hat_BD).pow(2).sum(-1).mean() / denom
+            var_e = (e_BD - e_BD.mean(0, keepdim=True)).pow(2).sum(-1).mean().clamp_min(1e-8)
+            var_x = (x_n - x_n.mean(0, keepdim=True)).detach().pow(2).sum(-1).mean()
+            auxk = (e_BD - e_hat_BD).pow(2).sum(-1).mean() * (var_x / var_e)
             auxk = torch.nan_to_num(auxk, nan=0.0)
         return auxk

@@ -31,6 +31,8 @@ class TrainConfig:
     steps: int = field(default=10_000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=4096, metadata={"help": "activation rows per step"})
     lr: float = field(default=3e-4, metadata={"help": "Adam learning rate"})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "clip the gradient's total norm to this before each Adam step, as SAELens does (0: off)"})
     warmup_steps: int = field(default=1000, metadata={
         "help": "linear learning-rate warm-up steps (capped at --steps)"})
     seed: int = field(default=0, metadata={"help": "seed of the batch order (and of the SAE init "
@@ -65,6 +67,8 @@ class TrainConfig:
             out.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if not self.lr > 0:
             out.append(f"lr must be > 0 (got {self.lr})")
+        if not self.grad_clip >= 0:
+            out.append(f"grad_clip must be >= 0 (got {self.grad_clip})")
         if self.warmup_steps < 0:
             out.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         for name in ("log_every", "checkpoint_every"):

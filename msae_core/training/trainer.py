@@ -339,6 +339,8 @@ class _Fit:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients_(self.sae.parameters())
+        if self.tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.tc.grad_clip)
         self.opt.step()
         self.sae.post_step_(s)
         for k, v in step_out.losses.items():
