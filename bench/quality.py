@@ -180,7 +180,7 @@ def run_saelens(train_view: str, held: torch.Tensor, d_sae: int, k: int, batch: 
 
 
 def peer_worker(args: argparse.Namespace) -> None:
-    held = torch.load(args.held_file)
+    held = torch.load(args.held_file, weights_only=True)
     out = {v: run_saelens(args.train_view, held, args.d_sae, args.k, args.batch, args.lr, args.steps,
                           args.warmup, v == "saelens-tuned", args.device)
            for v in args.variants.split(",")}
