@@ -66,11 +66,11 @@ def test_saebench_full_probe_learns_a_linear_rule():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(1200, 16, generator=g)
     y = (X[:, 3] - X[:, 7] > 0).long()
-    acc = sp.saebench_probe_accuracy(X[:1000], y[:1000], X[1000:], y[1000:], torch.Generator().manual_seed(0))
+    acc = sp.saebench_probe_correct(X[:1000], y[:1000], X[1000:], y[1000:], torch.Generator().manual_seed(0)).mean()
     assert acc >= 0.9
     y_rand = torch.randint(0, 2, (1200,), generator=g)
-    acc_rand = sp.saebench_probe_accuracy(X[:1000], y_rand[:1000], X[1000:], y_rand[1000:],
-                                          torch.Generator().manual_seed(0))
+    acc_rand = sp.saebench_probe_correct(X[:1000], y_rand[:1000], X[1000:], y_rand[1000:],
+                                         torch.Generator().manual_seed(0)).mean()
     assert acc_rand < 0.75  # best-of-epochs on test lifts chance a little, never to a rule
 
 

@@ -269,15 +269,10 @@ def top_k_mean_diff(X_ND: torch.Tensor, y_N: torch.Tensor, k: int) -> torch.Tens
     return torch.argsort(diff_D, descending=True, stable=True)[:k]
 
 
-def sklearn_probe_accuracy(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
-                           y_test: torch.Tensor) -> float:
-    """Test accuracy of scikit-learn's L2 logistic regression (C=1, max_iter=1000), as SAEBench."""
-    return float(sklearn_probe_correct(X_train, y_train, X_test, y_test).mean())
-
-
 def sklearn_probe_correct(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
                           y_test: torch.Tensor) -> np.ndarray:
-    """Per test example, whether that probe classifies it right (bool array)."""
+    """Per test example, whether scikit-learn's L2 logistic regression (C=1, max_iter=1000, as
+    SAEBench) classifies it right (bool array; its mean is the test accuracy)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -288,18 +283,12 @@ def sklearn_probe_correct(X_train: torch.Tensor, y_train: torch.Tensor, X_test: 
     return probe.predict(X_test.float().numpy()) == y_test.numpy()
 
 
-def saebench_probe_accuracy(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
-                            y_test: torch.Tensor, gen: torch.Generator, **kw) -> float:
-    """SAEBench's full-width probe (train_probe_gpu): a linear layer with BCE, AdamW, early stopping
-    on test accuracy; returns the best test accuracy over epochs."""
-    return float(saebench_probe_correct(X_train, y_train, X_test, y_test, gen, **kw).mean())
-
-
 def saebench_probe_correct(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
                            y_test: torch.Tensor, gen: torch.Generator, epochs: int = 100,
                            lr: float = 1e-2, batch_size: int = 250, patience: int = 10) -> np.ndarray:
-    """Per test example, whether the full-width probe at its best epoch (by test accuracy, as
-    SAEBench picks it) classifies it right (bool array)."""
+    """SAEBench's full-width probe (train_probe_gpu): a linear layer with BCE, AdamW, early stopping
+    on test accuracy. Per test example, whether the probe at its best epoch (by test accuracy, as
+    SAEBench picks it) classifies it right (bool array; its mean is the best test accuracy)."""
     X_train, X_test = X_train.float(), X_test.float()
     D = X_train.shape[1]
     bound = 1.0 / math.sqrt(D)  # nn.Linear's default initialisation, from our generator

@@ -22,6 +22,7 @@ import pandas as pd
 
 from msae_core.artifacts import EXPORT_COMPARE_CSV, EXPORT_COMPARE_MD, atomic_write_text
 from msae_core.errors import MsaeError
+from msae_core.evals.stats import intervals_overlap
 from msae_core.evals.summary import INTERVALS
 
 # (key, label, direction): the metrics of the table, in order; direction "higher" / "lower" / None
@@ -108,8 +109,8 @@ def comparison(df: pd.DataFrame, baseline: str, l0_tolerance: float = L0_TOLERAN
             resolved = better = None
             if diff is not None:
                 blo, bhi = (_num(base.get(lo_key)), _num(base.get(hi_key))) if lo_key else (None, None)
-                if None not in (lo, hi, blo, bhi):
-                    resolved = hi < blo or bhi < lo  # type: ignore[operator]
+                overlap = intervals_overlap((lo, hi), (blo, bhi))
+                resolved = None if overlap is None else not overlap
                 if direction and diff != 0:
                     better = (diff > 0) == (direction == "higher")
             out.append({"run": name, "metric": key, "label": label, "direction": direction, "value": v,
