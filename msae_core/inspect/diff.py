@@ -91,9 +91,9 @@ def match(a_FD: np.ndarray, b_GD: np.ndarray, candidates: int = CANDIDATES) -> t
 
 
 def _jaccard(rows_a: np.ndarray, rows_b: np.ndarray) -> float:
-    both = len(np.intersect1d(rows_a, rows_b, assume_unique=True))
-    either = len(rows_a) + len(rows_b) - both
-    return both / either if either else 0.0
+    from msae_core.inspect.features import jaccard
+
+    return jaccard(len(np.intersect1d(rows_a, rows_b, assume_unique=True)), len(rows_a), len(rows_b))
 
 
 def splits(a_FD: np.ndarray, b_GD: np.ndarray, sample_b: Any, split_cos: float = SPLIT_COS,
@@ -120,18 +120,18 @@ def splits(a_FD: np.ndarray, b_GD: np.ndarray, sample_b: Any, split_cos: float =
 def activation_agreement(sample_a: Any, sample_b: Any, partner: np.ndarray) -> np.ndarray:
     """Per A latent, the Pearson correlation of its activations and its partner's over the same
     sample rows (nan without a partner, or when either never fires there)."""
+    from msae_core.inspect.features import pearson_centered
+
     if not np.array_equal(sample_a.rows, sample_b.rows):
         raise MsaeError("the two activation samples are of different store rows: diff runs on one store")
     out = np.full(len(partner), np.nan)
     for a, b in enumerate(partner.tolist()):
         if b < 0:
             continue
-        x, y = sample_a.column(a).astype(np.float64), sample_b.column(b).astype(np.float64)
-        x -= x.mean()
-        y -= y.mean()
-        den = np.sqrt((x @ x) * (y @ y))
-        if den > 0:
-            out[a] = float(x @ y / den)
+        x = sample_a.column(a).astype(np.float64)
+        r = pearson_centered(x - x.mean(), sample_b.column(b))
+        if r is not None:
+            out[a] = r
     return out
 
 

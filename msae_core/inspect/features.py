@@ -173,14 +173,27 @@ def feature_sample(run_dir: str | os.PathLike, n_rows: int = 8192, seed: int = 0
     return s
 
 
+def jaccard(both: int, n_a: int, n_b: int) -> float:
+    """The Jaccard index of two sets of `n_a` and `n_b` elements sharing `both` (0 for two empty)."""
+    either = n_a + n_b - both
+    return both / either if either else 0.0
+
+
+def pearson_centered(xc: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson correlation of x (given centred, float64) and y over the same rows; None when either
+    is constant."""
+    yc = y.astype(np.float64) - y.mean()
+    den = np.sqrt((xc @ xc) * (yc @ yc))
+    return float(xc @ yc / den) if den > 0 else None
+
+
 def pair_cofiring(sample: FeatureSample, i: int, j: int) -> dict:
     """How often features i and j fire together on the sample: counts and the Jaccard index."""
     ri, _ = sample.feature(i)
     rj, _ = sample.feature(j)
     both = len(np.intersect1d(ri, rj, assume_unique=True))
-    either = len(ri) + len(rj) - both
     return {"both": both, "only_i": len(ri) - both, "only_j": len(rj) - both,
-            "cofiring": both / either if either else 0.0}
+            "cofiring": jaccard(both, len(ri), len(rj))}
 
 
 TOP_TOKENS_DROPPED = 10  # the pair score is also shown without the pair's this many top tokens
@@ -412,13 +425,7 @@ def most_correlated(sample: FeatureSample, feature: int, k: int = 10) -> pd.Data
     cand = np.unique(feat_of_nz[np.isin(sample.nz_row, np.nonzero(x)[0])])
     cand = cand[cand != feature]
     xc = x - x.mean()
-    out = []
-    for f in cand.tolist():
-        yc = sample.column(f).astype(np.float64)
-        yc -= yc.mean()
-        den = np.sqrt((xc @ xc) * (yc @ yc))
-        if den > 0:
-            out.append((f, float(xc @ yc / den)))
+    out = [(f, r) for f in cand.tolist() if (r := pearson_centered(xc, sample.column(f))) is not None]
     out.sort(key=lambda t: (-t[1], t[0]))
     return pd.DataFrame(out[:k], columns=["feature", "pearson"])
 
