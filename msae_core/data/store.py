@@ -632,10 +632,17 @@ def norm_outliers(store: ActivationStore, factor: float = OUTLIER_FACTOR, top_to
             ids, counts = np.unique(store._shard(s)["token_ids"][out], return_counts=True)
             for t, c in zip(ids.tolist(), counts.tolist()):
                 tokens[t] = tokens.get(t, 0) + c
-    return {"median_norm": median, "factor": factor, "threshold": thr, "n_rows": count,
-            "fraction": count / n if n else 0.0, "share_sq_norm": sq_out / sq_all if sq_all else 0.0,
-            "max_norm": top, "top_tokens": sorted(([t, c] for t, c in tokens.items()),
-                                                  key=lambda tc: (-tc[1], tc[0]))[:top_tokens]}
+    return outlier_record(median, factor, count, n, sq_all, sq_out, top, tokens, top_tokens)
+
+
+def outlier_record(median: float, factor: float, n_above: int, n_rows: int, sq_all: float, sq_above: float,
+                   max_norm: float, tokens: dict[int, int], top_tokens: int = 5) -> dict:
+    """A manifest's `outliers` entry from its sums (norm_outliers over a store, the stream over what
+    it streamed): `tokens` counts the outlier rows per token id."""
+    return {"median_norm": median, "factor": factor, "threshold": factor * median, "n_rows": n_above,
+            "fraction": n_above / n_rows if n_rows else 0.0, "share_sq_norm": sq_above / sq_all if sq_all else 0.0,
+            "max_norm": max_norm, "top_tokens": sorted(([int(t), c] for t, c in tokens.items()),
+                                                       key=lambda tc: (-tc[1], tc[0]))[:top_tokens]}
 
 
 def outlier_line(outliers: dict | None, token_text=None) -> str:

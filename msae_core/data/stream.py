@@ -259,17 +259,15 @@ class ActivationStream:
             st["tokens"][str(t)] = st["tokens"].get(str(t), 0) + 1
 
     def outlier_summary(self) -> dict | None:
-        """norm_stats in the layout of a store manifest's `outliers` (store.norm_outliers)."""
-        from msae_core.data.store import OUTLIER_FACTOR
+        """norm_stats in the layout of a store manifest's `outliers` (store.outlier_record), with
+        the rows seen."""
+        from msae_core.data.store import OUTLIER_FACTOR, outlier_record
 
         st = self.norm_stats
         if not st["rows"]:
             return None
-        top = sorted(((int(t), c) for t, c in st["tokens"].items()), key=lambda tc: (-tc[1], tc[0]))[:5]
-        return {"median_norm": st["median"], "factor": OUTLIER_FACTOR, "threshold": OUTLIER_FACTOR * st["median"],
-                "n_rows": st["above"], "fraction": st["above"] / st["rows"],
-                "share_sq_norm": st["sq_above"] / st["sq"] if st["sq"] else 0.0, "max_norm": st["max"],
-                "top_tokens": [[t, c] for t, c in top], "rows_seen": st["rows"]}
+        return {**outlier_record(st["median"], OUTLIER_FACTOR, st["above"], st["rows"], st["sq"], st["sq_above"],
+                                 st["max"], st["tokens"]), "rows_seen": st["rows"]}
 
     # -- batches -----------------------------------------------------------------------------------
     def _refill(self) -> None:
