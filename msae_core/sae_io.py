@@ -137,6 +137,11 @@ def export_saelens(sae: SAE, folder: str | os.PathLike, *, model_name: str = "",
 SAELENS_IMPORT = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 
 
+def _saelens_k(cfg: dict) -> Any:
+    """A SAELens cfg's k: its own field, else activation_fn_kwargs.k (older versions)."""
+    return cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+
+
 def saelens_config_problems(cfg: Any) -> list[str]:
     """What is missing or inconsistent in a SAELens cfg.json (parsed), for one line."""
     if not isinstance(cfg, dict):
@@ -149,7 +154,7 @@ def saelens_config_problems(cfg: Any) -> list[str]:
         v = cfg.get(name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             out.append(f"{name} is missing or not a positive integer (got {json.dumps(v)})")
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    k = _saelens_k(cfg)
     if arch == "topk" and (not isinstance(k, int) or k < 1):
         out.append("a topk SAE needs k (cfg k or activation_fn_kwargs.k)")
     norm = cfg.get("normalize_activations", "none")
@@ -188,7 +193,7 @@ def import_saelens(folder: str | os.PathLike) -> tuple[SAE, dict]:
            for k, shape in want.items() if k not in w or tuple(w[k].shape) != shape]
     if bad:
         raise MsaeError(f"{w_path} does not match its cfg.json: " + "; ".join(bad))
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    k = _saelens_k(cfg)
     fields: dict[str, Any] = {"arch": arch, "d_in": D, "d_sae": F}
     if arch == "topk":
         fields["k"] = int(k)

@@ -3,7 +3,6 @@
 partner, which B splits or merges; any row opens both features side by side."""
 
 import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 
 import ui
@@ -36,10 +35,7 @@ st.markdown(f"**{good}** of {len(t)} latents of A have a partner in B at decoder
             f"median cosine {np.nanmedian(t['cosine']):.3f}, median activation correlation "
             f"{np.nanmedian(t['pearson']):.3f}. B splits **{len(d.splits)}** latents of A and merges "
             f"**{len(d.merges)}** groups of them.")
-fig = go.Figure(go.Histogram(x=t["cosine"].dropna(), nbinsx=40, marker={"color": "#1f77b4"}))
-fig.update_layout(template=F.TEMPLATE, height=300, title=f"{a_name} vs {b_name}: decoder cosine of matched latents",
-                  xaxis_title="cosine with its partner in B", yaxis_title="latents of A")
-ui.show_figure(fig, "diff", stem=f"diff-{a_name}-vs-{b_name}", width="stretch")
+ui.show_figure(F.match_cosine_figure(t["cosine"].to_numpy(), a_name, b_name), "diff", stem=f"diff-{a_name}-vs-{b_name}", width="stretch")
 
 tab_u, tab_s, tab_m, tab_all = st.tabs([f"No good partner ({len(d.unmatched)})", f"Split by B ({len(d.splits)})",
                                         f"Merged by B ({len(d.merges)})", "All matches"])

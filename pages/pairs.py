@@ -3,6 +3,7 @@
 import streamlit as st
 
 import ui
+from msae_core.data.store import OUTLIER_FACTOR
 from msae_core.errors import MsaeError
 from msae_core.inspect import figures as F
 from msae_core.inspect.features import (TOP_TOKENS_DROPPED, add_cofiring, pair_cofiring, pair_examples,
@@ -64,8 +65,8 @@ except MsaeError:
 st.markdown(f"Pair score on the sample **{ps['score']:.3f}**; without its {len(ps['top_rows'])} top tokens "
             f"**{ps['score_without_top']:.3f}** (they carry {ps['top_share']:.0%} of it). Top tokens, with their "
             "row norm in medians of the store's: " + ", ".join(f"`{t!r}` ({n:.1f}x)" for t, n in tops))
-if any(n > 5 for _, n in tops):
-    st.warning("Some of this pair's top tokens are outlier rows (over 5x the median norm): its score may be "
+if any(n > OUTLIER_FACTOR for _, n in tops):
+    st.warning(f"Some of this pair's top tokens are outlier rows (over {OUTLIER_FACTOR:g}x the median norm): its score may be "
                "driven by them. Training with outliers excluded or clipped (Launch page) tests that.")
 n_ex = st.slider("Contexts per group", 1, 10, 3, key="p_n")
 try:

@@ -333,8 +333,7 @@ def _run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise MsaeError(f"bad synth setting: {exc}") from exc
     store = synth(cfg, args.out, progress=not args.no_progress)
-    feats = load_features(store.path)
-    print(f"{store.path}: {store.n_rows} rows of width {store.d_in} from {feats.n_features} features "
+    print(f"{store.path}: {store.n_rows} rows of width {store.d_in} from {cfg.n_features} features "
           f"({cfg.n_hierarchy} in {cfg.n_trees} hierarchies, {cfg.n_correlated} correlated); "
           f"train on it with `msae train --acts {store.path}`, score with `msae eval RUN --evals synthetic`")
     return 0

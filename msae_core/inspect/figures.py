@@ -164,7 +164,6 @@ def metrics_figure(metrics: pd.DataFrame, keys: Sequence[str] = ("loss", "explai
     for n, k in enumerate(keys, start=1):
         fig.add_trace(go.Scatter(x=metrics["step"], y=metrics[k], mode="lines", name=k, showlegend=False),
                       row=1, col=n)
-    for n, k in enumerate(keys, start=1):
         fig.update_xaxes(title_text="step", row=1, col=n)
         fig.update_yaxes(title_text=CURVE_LABELS.get(k, k), row=1, col=n)
     fig.update_layout(template=TEMPLATE, title=title, height=300, margin={"t": 50, "b": 40})
@@ -347,6 +346,14 @@ def logits_figure(promoted: Sequence[tuple], suppressed: Sequence[tuple], featur
     fig.update_yaxes(type="category")
     fig.update_xaxes(title_text="logit (direct path, unit decoder direction)")
     fig.update_layout(template=TEMPLATE, title=title, height=max(300, 24 * max(len(promoted), 1) + 100))
+    return fig
+
+
+def match_cosine_figure(cosines: np.ndarray, a: str, b: str) -> go.Figure:
+    """The SAE diff's match quality: a histogram of each A latent's decoder cosine with its partner in B."""
+    fig = go.Figure(go.Histogram(x=cosines[np.isfinite(cosines)], nbinsx=40, marker={"color": "#1f77b4"}))
+    fig.update_layout(template=TEMPLATE, height=300, title=f"{a} vs {b}: decoder cosine of matched latents",
+                      xaxis_title="cosine with its partner in B", yaxis_title="latents of A")
     return fig
 
 
