@@ -94,15 +94,17 @@ def dashboard_file_stem(run: str, feature: int) -> str:
     return safe_file_stem(f"{run}-feature{int(feature)}")
 
 
-def _figures(d: Dashboard) -> list[Any]:
-    figs = []
+def _panels(d: Dashboard) -> list[tuple[Any, int]]:
+    """The dashboard's figures, each with the columns it spans in the PNG's grid (2: full width;
+    1: the output tokens, whose promoted and suppressed panels sit side by side)."""
+    panels: list[tuple[Any, int]] = []
     if d.histogram is not None:
-        figs.append(F.histogram_figure(*d.histogram, d.feature, d.fraction or 0.0))
+        panels.append((F.histogram_figure(*d.histogram, d.feature, d.fraction or 0.0), 2))
     if d.output is not None:
-        figs.append(F.logits_figure(d.output["promoted"], d.output["suppressed"], d.feature))
-        figs.append(F.logit_histogram_figure(*d.output["histogram"], d.feature, d.output["promoted"],
-                                             d.output["suppressed"]))
-    return figs
+        panels.append((F.logits_figure(d.output["promoted"], d.output["suppressed"], d.feature), 1))
+        panels.append((F.logit_histogram_figure(*d.output["histogram"], d.feature, d.output["promoted"],
+                                                d.output["suppressed"]), 2))
+    return panels
 
 
 def _feature_table(df: pd.DataFrame | None, col: str, link: Callable[[int], str] | None) -> str:
@@ -127,7 +129,7 @@ def dashboard_html(d: Dashboard, plotly_js: str = "inline", link: Callable[[int]
         parts.append(f"<p>Activation density: fires on <b>{d.fraction:.3%}</b> of {d.n_rows:,} sampled tokens.</p>")
     for what, why in d.problems.items():
         parts.append(f"<p class='problem'>{html.escape(what)} unavailable: {html.escape(why)}</p>")
-    for fig in _figures(d):
+    for fig, _ in _panels(d):
         parts.append(pio.to_html(fig, include_plotlyjs=False, full_html=False))
 
     def examples(title: str, exs: list) -> None:
@@ -158,13 +160,7 @@ def dashboard_figure(d: Dashboard, contexts: int = 6) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    panels: list[tuple[Any, int]] = []  # (figure, columns it spans in the grid: 2 = full width)
-    if d.histogram is not None:
-        panels.append((F.histogram_figure(*d.histogram, d.feature, d.fraction or 0.0), 2))
-    if d.output is not None:
-        panels.append((F.logits_figure(d.output["promoted"], d.output["suppressed"], d.feature), 1))
-        panels.append((F.logit_histogram_figure(*d.output["histogram"], d.feature, d.output["promoted"],
-                                                d.output["suppressed"]), 2))
+    panels = _panels(d)
     top = d.top[:contexts]
     heights = [float(f.layout.height or 300) for f, _ in panels] + [60.0 + 34 * max(len(top), 1)]
     specs, titles = [], []
