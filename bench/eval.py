@@ -118,11 +118,15 @@ def main() -> int:
     tok = res["eval_result_metrics"]["token_stats"]
     n_rec, n_sv = tok["total_tokens_eval_reconstruction"], tok["total_tokens_eval_sparsity_variance"]
     n_sv_only = n_sv - min(n_sv, n_rec)  # the first batches reuse the KL/CE forwards' activations
+    un = res["eval_result_unstructured"]
+    # the density window's own forwards (kept tokens: BOS and EOS positions are not counted)
+    n_density_only = un.get("kept_tokens_feature_density", 0) - un["kept_tokens_sparsity_variance"]
 
     rows = [("forward (logits)", ids.numel(), fwd_s),
             ("core: KL/CE", n_rec, sec["reconstruction"]),
             ("core: sparsity", n_sv_only, sec["sparsity_variance"]),
-            ("core: total", n_rec + n_sv_only, sec["total"])]
+            ("core: density", n_density_only, sec.get("feature_density", 0.0)),
+            ("core: total", n_rec + n_sv_only + n_density_only, sec["total"])]
     absorption_row = None
     if not args.no_absorption:
         try:

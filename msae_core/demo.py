@@ -52,7 +52,8 @@ DEMO_RUNS: dict[str, dict] = {
 _SECONDS_PER_TOKEN = 1 / 1200          # harvest with early stop, embedded model
 _MODEL_CONVERSION_S = 90               # first use only: GGUF -> cached safetensors
 _SECONDS_PER_STEP = 0.28               # TopK step at d_sae 2048, batch 1024, d_in 640
-_EVAL_S = {"core": 30, "absorption": 70, "sparse_probing": 60}
+# core: KL/CE and sparsity/variance about 30 s, its 100k-token density window about 60 s (2026-12-05)
+_EVAL_S = {"core": 90, "absorption": 70, "sparse_probing": 60}
 
 
 @dataclass

@@ -289,7 +289,10 @@ def _ctx(tiny, sae):
     return ctx
 
 
-SMALL = dict(batch_size_prompts=3, n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=3)
+# density_tokens=1: densities over the sparsity/variance batches only (SAEBench's window), not the
+# run's dead window (test_densities_are_counted_over_the_trainers_dead_window)
+SMALL = dict(batch_size_prompts=3, n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=3,
+             density_tokens=1)
 
 
 def test_identity_sae_is_perfect_and_zero_sae_is_ablation(tiny):
@@ -323,11 +326,50 @@ def test_identity_sae_is_perfect_and_zero_sae_is_ablation(tiny):
     assert abs(kept - mb["kl_div_with_sae"]) > 1e-4
 
 
+def test_densities_are_counted_over_the_trainers_dead_window(tiny):
+    """By default the densities go on past the sparsity/variance batches until the run's
+    dead_tokens_threshold kept tokens are counted, and equal a direct count over those windows."""
+    from msae_core.data.text import context_windows, load_corpus
+    from msae_core.sae import SAEConfig, build_sae
+
+    target = 400
+    sae = build_sae(SAEConfig(arch="topk", d_in=32, d_sae=64, k=4, seed=3, dead_tokens_threshold=target)).eval()
+    res = core.run(_ctx(tiny, sae), core.Config(**{**SMALL, "density_tokens": 0}))
+    un, misc = res["eval_result_unstructured"], res["eval_result_metrics"]["misc_metrics"]
+    n_kept = un["kept_tokens_feature_density"]
+    assert un["kept_tokens_sparsity_variance"] < target <= n_kept  # SMALL's 3 x 3 windows keep < 150
+    assert misc["dead_window_tokens"] == n_kept and un["feature_density_histogram"]["n_tokens"] == n_kept
+    assert un["windows"]["held_out"] is True and len(un["windows"]["window_indices"]) > 3 * 3
+
+    stream = [w for _, w in context_windows(load_corpus(str(tiny["corpus"])), tiny["lm"].tokenizer, 16)]
+    windows = [stream[i] for i in un["windows"]["window_indices"]]
+    fires, kept, bs = torch.zeros(64, dtype=torch.float64), 0, SMALL["batch_size_prompts"]
+    for s in range(0, len(windows), bs):
+        if kept >= target:
+            break
+        ids = torch.tensor(windows[s:s + bs])
+        keep = core.keep_mask(ids, tiny["lm"].special_ids)
+        with torch.no_grad():
+            x = tiny["lm"].resid_post(ids, 0, stop_early=True).float()
+            f = sae.forward(x.reshape(-1, 32)).f.reshape(*ids.shape, 64)
+        fires += ((f > 0) & keep[..., None]).sum((0, 1)).double()
+        kept += int(keep.sum())
+    assert kept == n_kept
+    dens = torch.tensor([d["feature_density"] for d in res["eval_result_details"]], dtype=torch.float64)
+    assert torch.allclose(dens, fires / kept, atol=1e-6)
+    assert misc["frac_dead_features"] == pytest.approx(float((fires == 0).double().mean()))
+
+    # density_tokens at most the sparsity/variance batches' tokens: SAEBench's window
+    small = core.run(_ctx(tiny, sae), core.Config(**SMALL))["eval_result_unstructured"]
+    assert small["kept_tokens_feature_density"] == small["kept_tokens_sparsity_variance"] < target
+
+
 def test_bad_config_is_one_line():
     with pytest.raises(MsaeError, match="batch_size_prompts"):
         from msae_core.configutil import validate
 
         validate(core.Config(batch_size_prompts=0))
+    assert core.Config(density_tokens=-1).problems() == ["density_tokens must be >= 0 (got -1)"]
     assert core.Config(n_eval_reconstruction_batches=0).problems()
     assert not core.Config(n_eval_reconstruction_batches=0, compute_kl=False, compute_ce_loss=False).problems()
 
@@ -465,7 +507,7 @@ def test_embedded_core_eval_through_the_cli(tmp_path):
                     data=DataConfig(acts=str(store)))
     assert train(cfg, run, progress=False).state == "done"
     sets = ["core.batch_size_prompts=2", "core.n_eval_reconstruction_batches=1",
-            "core.n_eval_sparsity_variance_batches=2", "core.context_size=32"]
+            "core.n_eval_sparsity_variance_batches=2", "core.context_size=32", "core.density_tokens=2000"]
     cmd = [sys.executable, "-m", "msae_core.cli", "eval", str(run), "--evals", "core", "--no-progress",
            "--device", "cpu"] + [a for s in sets for a in ("--set", s)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -484,3 +526,6 @@ def test_embedded_core_eval_through_the_cli(tmp_path):
     assert 0.0 < m["reconstruction_quality"]["explained_variance"] < 1.0
     assert m["sparsity"]["l0"] == pytest.approx(16.0)
     assert m["token_stats"]["total_tokens_eval_reconstruction"] == 2 * 32
+    # the densities ran past the 2 x 2 x 32 sparsity/variance tokens, to the 2,000 asked for
+    assert m["misc_metrics"]["dead_window_tokens"] >= 2000
+    assert res["eval_result_unstructured"]["kept_tokens_sparsity_variance"] < 2 * 2 * 32

@@ -41,6 +41,14 @@ Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-be
    and dead_window_tokens, the number of tokens the densities were counted on: a dead latent
    fired on none of them, as a latent the trainer counts dead (its dead_features metric) was
    silent for its last dead_tokens_threshold training tokens (100,000 by default).
+   The density window: SAEBench counts densities on the sparsity/variance batches (its README runs
+   2000 batches of 16 x 128 tokens, 4M tokens). Our sparsity/variance default is sized for 2 CPU
+   cores (8 x 4 x 128 = 4,096 tokens), too few to tell a dead latent from a rare one, so after those
+   batches the eval goes on with forwards that stop at the layer and only count firings until
+   `density_tokens` kept tokens are counted: by default the run's dead_tokens_threshold, so the
+   eval's dead fraction and the trainer's count silence over the same number of tokens. The
+   windows are held out from the store as the others; where the corpus has too few, the densities
+   are over the tokens it has (dead_window_tokens says how many).
 6. eval_result_details: one object per latent in SAEBench's CoreFeatureMetric layout (index,
    feature_density, consistent_activation_heuristic, encoder_bias, encoder_norm,
    encoder_decoder_cosine_sim, max_decoder_cosine_sim, max_encoder_cosine_sim), the weight-based
@@ -145,6 +153,12 @@ class Config:
     exclude_special_tokens_from_reconstruction: bool = field(default=True, metadata={
         "help": "keep BOS/EOS/PAD positions' original activations when splicing in the SAE "
                 "(SAEBench's flag; the harvest never trains on those positions)"})
+    density_tokens: int = field(default=0, metadata={
+        "help": "kept tokens the per-latent densities (dead/dense fractions, density histogram) are "
+                "counted on, with forwards that stop at the layer after the sparsity/variance "
+                "batches; 0 = the run's dead_tokens_threshold, the window of the trainer's dead "
+                "count (100,000 by default); at most the sparsity/variance batches' tokens = "
+                "SAEBench's window"})
     dead_feature_threshold: float = field(default=0.0, metadata={
         "help": "a latent with density <= this on the eval tokens counts as dead (0: never fired)"})
     dense_feature_threshold: float = field(default=0.1, metadata={
@@ -169,6 +183,8 @@ class Config:
         if self._needs_sv() and self.n_eval_sparsity_variance_batches < 1:
             out.append("n_eval_sparsity_variance_batches must be >= 1 when a sparsity, variance, "
                        "l2 or density metric is on")
+        if self.density_tokens < 0:
+            out.append(f"density_tokens must be >= 0 (got {self.density_tokens})")
         if not 0 <= self.dead_feature_threshold < 1:
             out.append(f"dead_feature_threshold must be in [0, 1) (got {self.dead_feature_threshold})")
         if not 0 <= self.dense_feature_threshold < 1:
@@ -248,6 +264,7 @@ class CoreAccumulator:
     def __init__(self, d_sae: int):
         self.d_sae = d_sae
         self.n_tokens = 0           # kept tokens
+        self.density_tokens = 0     # kept tokens the fire counts ran over (n_tokens + update_density's)
         self.n_prompts = 0
         self.n_batches = 0
         self.d_in: int | None = None
@@ -302,7 +319,16 @@ class CoreAccumulator:
         s["mse_saebench_formula"] += float((resid_sq_N / N).sum())
         s["l0"] += float((f != 0).float().sum())
         s["l1"] += float(f.double().sum())
+        self.update_density(f_BTF, keep_BT)
+
+    @torch.no_grad()
+    def update_density(self, f_BTF: torch.Tensor, keep_BT: torch.Tensor | None = None) -> None:
+        """Count firings only (the density window beyond the sparsity/variance batches). (B, T, F)"""
+        if keep_BT is None:
+            keep_BT = torch.ones(f_BTF.shape[:2], dtype=torch.bool)
+        keep_BT = keep_BT.to(f_BTF.device)
         fired_BTF = (f_BTF > 0) & keep_BT[..., None]
+        self.density_tokens += int(keep_BT.sum())
         self.fire_count += fired_BTF.sum(dim=(0, 1)).double().cpu()
         self.fire_prompts += fired_BTF.any(dim=1).sum(0).double().cpu()
 
@@ -320,8 +346,8 @@ class CoreAccumulator:
         return out
 
     def feature_density(self) -> torch.Tensor:
-        """Per latent, the fraction of kept tokens with f > 0. (F,)"""
-        return (self.fire_count / max(self.n_tokens, 1)).float()
+        """Per latent, the fraction of kept tokens with f > 0 (over the density window). (F,)"""
+        return (self.fire_count / max(self.density_tokens, 1)).float()
 
     def consistent_activation_heuristic(self) -> torch.Tensor:
         """Per latent, firings per window it fired in at all (nan when it never fired). (F,)"""
@@ -406,10 +432,12 @@ def weight_metrics(W_enc_DF: torch.Tensor, W_dec_FD: torch.Tensor, b_enc_F: torc
 
 
 def eval_windows(corpus: Any, tokenizer: Any, context_size: int, n_windows: int, *, skip_tokens: int = 0,
-                 seed: int = 42, pool_factor: int = POOL_FACTOR) -> tuple[list[list[int]], dict]:
+                 seed: int = 42, pool_factor: int = POOL_FACTOR,
+                 min_windows: int | None = None) -> tuple[list[list[int]], dict]:
     """`n_windows` context windows of `corpus`, chosen (seeded) from the `pool_factor * n_windows`
     windows that follow the first `skip_tokens` tokens of the packed stream; from the stream's
-    beginning when too few follow. Returns (windows in stream order, provenance)."""
+    beginning when fewer than `min_windows` (default `n_windows`) follow, fewer than asked (with a
+    warning) when at least that many do. Returns (windows in stream order, provenance)."""
     from msae_core.data.text import context_windows
 
     body = context_size - 1
@@ -422,7 +450,8 @@ def eval_windows(corpus: Any, tokenizer: Any, context_size: int, n_windows: int,
 
     pool, start = pool_from(skip), skip
     held_out = skip > 0
-    if len(pool) < n_windows and skip > 0:
+    need = n_windows if min_windows is None else min(min_windows, n_windows)
+    if len(pool) < need and skip > 0:
         log.warning("corpus %s has only %d windows after the %d the activation store holds: the core "
                     "eval uses windows from its beginning (not held out)", corpus.name, len(pool), skip)
         pool, start, held_out = pool_from(0), 0, False
@@ -476,9 +505,15 @@ def run(ctx: Any, cfg: Config) -> dict:
     n_rec = cfg.n_eval_reconstruction_batches if (cfg.compute_kl or cfg.compute_ce_loss) else 0
     n_sv = cfg.n_eval_sparsity_variance_batches if cfg._needs_sv() else 0
     bs = cfg.batch_size_prompts
+    density_target = (cfg.density_tokens or sae.cfg.dead_tokens_threshold) \
+        if cfg.compute_featurewise_density_statistics else 0
+    # a window keeps at most context_size - 1 tokens (its BOS is left out; 10 % spare for the EOS
+    # between documents); the density loop stops once it has counted density_target kept tokens
+    n_density = max(n_sv, math.ceil(1.1 * density_target / (max(context_size - 1, 1) * bs)))
     corpus = load_corpus(dataset)
-    windows, win_info = eval_windows(corpus, lm.tokenizer, context_size, max(n_rec, n_sv) * bs,
-                                     skip_tokens=skip, seed=cfg.random_seed)
+    windows, win_info = eval_windows(corpus, lm.tokenizer, context_size, max(n_rec, n_density) * bs,
+                                     skip_tokens=skip, seed=cfg.random_seed,
+                                     min_windows=max(n_rec, n_sv) * bs)
     batches = [torch.tensor(windows[i:i + bs], dtype=torch.long) for i in range(0, len(windows), bs)]
     ignore = sorted(lm.special_ids)
     layer, device = ctx.layer, lm.device
@@ -537,6 +572,19 @@ def run(ctx: Any, cfg: Config) -> dict:
             acc.update(x_BTD, x_hat_BTD.to(x_BTD.device), f_BTF, keep_BT)
             sv_tokens += ids_BT.numel()
     t_sv = time.time()
+    n_read = max(n_rec, n_sv)
+    with tqdm(batches[n_sv:n_density], desc="core: feature density", unit="batch",
+              disable=disable if n_density > n_sv else True) as bar:
+        for i, ids_BT in enumerate(bar, start=n_sv):
+            if acc.density_tokens >= density_target:
+                break
+            with torch.no_grad():
+                x_BTD = lm.resid_post(ids_BT.to(device), layer, stop_early=True).float()
+            acc.update_density(encode(x_BTD)[1], keep_mask(ids_BT, ignore))
+            n_read = max(n_read, i + 1)
+    t_density = time.time()
+    read = min(n_read * bs, len(windows))  # windows drawn for the density window but not needed drop out
+    win_info = {**win_info, "used_windows": read, "window_indices": win_info["window_indices"][:read]}
 
     metrics: dict[str, dict] = {}
     scores = downstream_scores(**{k: torch.cat(v) for k, v in per_token.items() if v}) if rec_batches else {}
@@ -568,7 +616,7 @@ def run(ctx: Any, cfg: Config) -> dict:
     if feature:
         misc = misc_metrics(acc.feature_density(), cfg.dead_feature_threshold, cfg.dense_feature_threshold,
                             feature.get("max_encoder_cosine_sim"), feature.get("max_decoder_cosine_sim"),
-                            acc.n_tokens)
+                            acc.density_tokens)
         if not cfg.compute_featurewise_density_statistics:
             misc = {k: v for k, v in misc.items() if k.startswith("average_max")}
         metrics["misc_metrics"] = misc
@@ -582,12 +630,14 @@ def run(ctx: Any, cfg: Config) -> dict:
         "ignored_token_ids": ignore,
         "kept_tokens_reconstruction": int(sum(len(v) for v in per_token["kl_with_sae"])),
         "kept_tokens_sparsity_variance": acc.n_tokens,
+        "kept_tokens_feature_density": acc.density_tokens,
         "mse_saebench_formula": sv["mse_saebench_formula"],
         "seconds": {"setup": round(t_setup - t0, 3), "reconstruction": round(t_rec - t_setup, 3),
-                    "sparsity_variance": round(t_sv - t_rec, 3), "total": round(time.time() - t0, 3)},
+                    "sparsity_variance": round(t_sv - t_rec, 3), "feature_density": round(t_density - t_sv, 3),
+                    "total": round(time.time() - t0, 3)},
     }
     if cfg.compute_featurewise_density_statistics:
-        unstructured["feature_density_histogram"] = density_histogram(acc.feature_density(), acc.n_tokens)
+        unstructured["feature_density_histogram"] = density_histogram(acc.feature_density(), acc.density_tokens)
     recorded = dataclasses.replace(cfg, model_name=ctx.model_name,
                                    llm_dtype=str(lm.dtype).replace("torch.", ""),
                                    dataset=dataset, context_size=context_size)
