@@ -55,7 +55,7 @@ if coords is not None:
     vals = features.feature_colour_values(run, colour_by, len(coords), sample)
     name = "log10 firing fraction" if colour_by == "density" else "pressure"
     ev = ui.show_figure(F.umap_figure(coords, vals, name if vals is not None else "", feature,
-                                      title=f"{run.name}: decoder directions ({layout}, {len(coords)} features)"),
+                                      title=f"{run.name}: decoder directions ({layout}, {len(coords)} features)", layout=layout),
                         "umap", stem=f"{run.name}-umap-{colour_by}", on_select="rerun", selection_mode=("points",), width="stretch")
     try:
         pts = ev.selection.points if ev else []

@@ -46,7 +46,7 @@ heat_feats = ui.top_pressure(run, n_heat)
 if heat_feats:
     th = ui.traces(run, heat_feats)
     ui.show_figure(F.heatmap_figure(th.steps, th.features.tolist(), getattr(th, what),
-                                    title=f"{run.name}: {what}, features x steps"), "heatmap",
+                                    title=f"{run.name}: {what}, features x steps", quantity=what), "heatmap",
                    stem=f"{run.name}-{what}-heatmap-top{len(heat_feats)}", width="stretch")
     if len(heat_feats) < n_heat:
         st.caption(f"{len(heat_feats)} of the {n_heat} rows asked for: only these features are under pressure.")

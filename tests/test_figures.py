@@ -345,3 +345,28 @@ def test_text_activations_equal_the_sae_on_the_models_own_activations(run):
     assert tops[0] and tops[0][0][0] == int(np.argmax(lat[0]))
     with pytest.raises(MsaeError, match="type some text"):
         features.text_activations(run, "   ")
+
+
+def test_figures_carry_paper_ready_axes():
+    """What an exported figure needs to stand alone in a write-up: named axes and colour bars,
+    scales that start where the quantity does, fixed bins where two figures get compared."""
+    heat = F.heatmap_figure(np.arange(3), [4, 9], np.array([[0.2, 0.5, 0.9], [0.1, 0.3, 0.4]]), quantity="rate")
+    assert heat.data[0].zmin == 0 and heat.data[0].zmax == pytest.approx(0.9)
+    assert heat.data[0].colorbar.title.text == "rate"
+    m = pd.DataFrame({"step": [10, 20], "loss": [1.0, 0.5], "l0": [30.0, 32.0]})
+    mf = F.metrics_figure(m, ("loss", "l0"))
+    assert [a.text for a in mf.layout.annotations] == ["training loss", "L0 (batch)"]
+    assert mf.layout.yaxis.title.text is None  # the panel title names it; no y title over the next panel
+    assert mf.layout.yaxis2.rangemode == "tozero" and mf.layout.yaxis.rangemode is None
+    by = pd.DataFrame({"i": [1, 2], "j": [3, 4], "first": [5, 6], "last": [7, 8], "crossings": [1, 7],
+                       "ups": [1, 4], "downs": [0, 3], "ends_competing": [True, True]})
+    pe = F.pair_events_figure(by)
+    assert pe.layout.yaxis.dtick == 1 and pe.data[1].marker.cmin == 1 and pe.data[1].marker.cmax == 7
+    ev = pd.DataFrame({"step": [1, 1, 2], "i": [0, 1, 2], "j": [3, 4, 5], "kappa": 0.5, "direction": "up"})
+    ef = F.events_figure(ev)
+    assert ef.layout.yaxis.rangemode == "tozero" and ef.layout.yaxis2.dtick == 1
+    mc = F.match_cosine_figure(np.array([0.3, 0.9, np.nan]), "a", "b")
+    assert mc.data[0].xbins.size == 0.025 and list(mc.layout.xaxis.range) == [0.0, 1.0]
+    assert list(F.match_cosine_figure(np.array([-0.2, 0.9]), "a", "b").layout.xaxis.range) == [-1.0, 1.0]
+    um = F.umap_figure(np.zeros((3, 2)), layout="PCA")
+    assert (um.layout.xaxis.title.text, um.layout.yaxis.title.text) == ("PCA 1", "PCA 2")

@@ -160,12 +160,15 @@ def metrics_figure(metrics: pd.DataFrame, keys: Sequence[str] = ("loss", "explai
     keys = [k for k in keys if k in metrics.columns and metrics[k].notna().any()]
     if metrics.empty or "step" not in metrics or not keys:
         return _empty("no metrics logged yet", title)
-    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[CURVE_LABELS.get(k, k) for k in keys])
+    # each panel's title names its metric (a y-axis title would run into the panel to its left)
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[_PANEL_LABELS.get(k, k) for k in keys],
+                        horizontal_spacing=0.06)
     for n, k in enumerate(keys, start=1):
-        fig.add_trace(go.Scatter(x=metrics["step"], y=metrics[k], mode="lines", name=k, showlegend=False),
-                      row=1, col=n)
+        fig.add_trace(go.Scatter(x=metrics["step"], y=metrics[k], mode="lines", name=k, showlegend=False,
+                                 line={"color": _PALETTE[(n - 1) % len(_PALETTE)]}), row=1, col=n)
         fig.update_xaxes(title_text="step", row=1, col=n)
-        fig.update_yaxes(title_text=CURVE_LABELS.get(k, k), row=1, col=n)
+        if k in _COUNTS:
+            fig.update_yaxes(rangemode="tozero", row=1, col=n)
     fig.update_layout(template=TEMPLATE, title=title, height=300, margin={"t": 50, "b": 40})
     return fig
 
@@ -173,6 +176,8 @@ def metrics_figure(metrics: pd.DataFrame, keys: Sequence[str] = ("loss", "explai
 CURVE_LABELS = {"loss": "training loss", "explained_variance": "explained variance (batch)", "l0": "L0 (batch)",
                 "dead_features": "dead latents (silent for dead_tokens_threshold tokens)", "competing_pairs": "competing pairs", "mse": "MSE (normalised)",
                 "outlier_rows": "outlier rows per step"}
+_PANEL_LABELS = {**CURVE_LABELS, "dead_features": "dead latents (training window)"}
+_COUNTS = ("l0", "dead_features", "competing_pairs", "outlier_rows")  # counts: their axes start at 0
 
 
 def curves_figure(runs: dict[str, pd.DataFrame], y: str, x: str = "step", title: str = "") -> go.Figure:
@@ -220,12 +225,18 @@ def traces_figure(steps: np.ndarray, features: Sequence[int], rate: np.ndarray, 
 
 
 def heatmap_figure(steps: np.ndarray, features: Sequence[int], values: np.ndarray,
-                   title: str = "pressure: features x steps") -> go.Figure:
-    """values (n_features, n_steps) as a heatmap, one row per feature."""
+                   title: str = "pressure: features x steps", quantity: str = "pressure") -> go.Figure:
+    """values (n_features, n_steps) of `quantity` as a heatmap, one row per feature; the colour
+    scale starts at 0 (the traces are rates, magnitudes and pressures, none negative) and its bar
+    is titled, so a screen and an exported file read alike."""
     if len(steps) == 0 or len(features) == 0:
         return _empty("no trace snapshots", title)
-    fig = go.Figure(go.Heatmap(z=values, x=steps, y=[str(f) for f in features], colorscale="Magma",
-                               hovertemplate="feature %{y}<br>step %{x}<br>%{z:.4g}<extra></extra>"))
+    z = np.asarray(values, dtype=float)
+    top = float(np.nanmax(z)) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=steps, y=[str(f) for f in features], colorscale="Magma",
+                               zmin=min(0.0, float(np.nanmin(z)) if np.isfinite(z).any() else 0.0),
+                               zmax=top if top > 0 else 1.0, colorbar={"title": quantity},
+                               hovertemplate="feature %{y}<br>step %{x}<br>" + quantity + " %{z:.4g}<extra></extra>"))
     fig.update_layout(template=TEMPLATE, title=title, xaxis_title="step", yaxis_title="feature",
                       yaxis={"type": "category"}, height=max(320, min(900, 16 * len(features) + 120)))
     return fig
@@ -252,8 +263,11 @@ def events_figure(events: pd.DataFrame, title: str = "competition events") -> go
     counts = d.groupby("step").size()
     fig.add_trace(go.Bar(x=counts.index, y=counts.values, name="events per step", yaxis="y2", opacity=0.3,
                          marker={"color": "#888"}))
-    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="step", yaxis_title="kappa",
-                      yaxis2={"overlaying": "y", "side": "right", "title": "events", "showgrid": False},
+    most = int(counts.max()) if len(counts) else 1
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="step",
+                      yaxis={"title": "kappa", "rangemode": "tozero"},
+                      yaxis2={"overlaying": "y", "side": "right", "title": "events per step", "showgrid": False,
+                              "rangemode": "tozero", "dtick": max(1, math.ceil(most / 5)), "tickformat": "d"},
                       height=380, legend={"orientation": "h", "y": -0.25})
     return fig
 
@@ -274,24 +288,30 @@ def pair_events_figure(by_pair: pd.DataFrame, top: int = 60, title: str = "compe
                                showlegend=False))
     custom = np.stack([d["first"], d["last"], d["crossings"], d["ups"], d["downs"]], axis=1)
     fig.add_trace(go.Scatter(
-        x=d["last"], y=labels, mode="markers", name="last crossing",
+        x=d["last"], y=labels, mode="markers", name="last crossing (up: still competing, down: stopped)",
         marker={"size": 9, "symbol": np.where(d["ends_competing"], "triangle-up", "triangle-down"),
-                "color": d["crossings"], "colorscale": "Viridis", "showscale": True,
-                "colorbar": {"title": "crossings"}},
+                "color": d["crossings"], "colorscale": "Viridis", "showscale": True, "cmin": 1,
+                "cmax": max(2, int(d["crossings"].max())),
+                "colorbar": {"title": "crossings of tau", "dtick": max(1, math.ceil(int(d["crossings"].max()) / 5))}},
         customdata=custom,
         hovertemplate="pair %{y}<br>first crossing %{customdata[0]}, last %{customdata[1]}<br>"
                       "%{customdata[2]} crossings (%{customdata[3]} up, %{customdata[4]} down)<extra></extra>"))
     flapping = int((by_pair["crossings"] > 2).sum())
-    fig.update_layout(template=TEMPLATE, height=max(320, 14 * len(d) + 120), xaxis_title="step",
-                      yaxis_title="pair", title=f"{title} ({len(by_pair)} pairs, {flapping} crossing tau more "
+    fig.update_layout(template=TEMPLATE, height=max(320, 16 * len(d) + 140), xaxis_title="step",
+                      yaxis={"title": "pair (latents i & j)", "type": "category", "dtick": 1},
+                      legend={"orientation": "h", "y": -0.12, "x": 0},
+                      title=f"{title} ({len(by_pair)} pairs, {flapping} crossing tau more "
                                                 f"than twice; top {len(d)} shown)")
     return fig
 
 
 # ------------------------------------------------------------------------------ feature explorer
 def umap_figure(coords: np.ndarray, values: np.ndarray | None = None, colour_name: str = "",
-                selected: int | None = None, title: str = "decoder directions (UMAP)") -> go.Figure:
-    """WebGL scatter of (F, 2) coordinates; customdata is the feature id (for click-to-select)."""
+                selected: int | None = None, title: str = "decoder directions (UMAP)",
+                layout: str = "UMAP") -> go.Figure:
+    """WebGL scatter of (F, 2) coordinates; customdata is the feature id (for click-to-select).
+    The axes are named after the `layout` that made the coordinates (UMAP or PCA); their values
+    carry no meaning, so they have no tick labels."""
     if coords is None or len(coords) == 0:
         return _empty("no UMAP coordinates", title)
     ids = np.arange(len(coords))
@@ -308,8 +328,9 @@ def umap_figure(coords: np.ndarray, values: np.ndarray | None = None, colour_nam
         fig.add_trace(go.Scattergl(x=[coords[selected, 0]], y=[coords[selected, 1]], mode="markers",
                                    marker={"size": 16, "symbol": "circle-open", "color": "#d62728",
                                            "line": {"width": 3}}, name=f"feature {selected}", hoverinfo="skip"))
-    fig.update_layout(template=TEMPLATE, title=title, height=560, xaxis={"showticklabels": False},
-                      yaxis={"showticklabels": False}, dragmode="pan",
+    fig.update_layout(template=TEMPLATE, title=title, height=560,
+                      xaxis={"showticklabels": False, "title": f"{layout} 1"},
+                      yaxis={"showticklabels": False, "title": f"{layout} 2"}, dragmode="pan",
                       legend={"orientation": "h", "y": -0.04, "x": 0})
     return fig
 
@@ -350,10 +371,16 @@ def logits_figure(promoted: Sequence[tuple], suppressed: Sequence[tuple], featur
 
 
 def match_cosine_figure(cosines: np.ndarray, a: str, b: str) -> go.Figure:
-    """The SAE diff's match quality: a histogram of each A latent's decoder cosine with its partner in B."""
-    fig = go.Figure(go.Histogram(x=cosines[np.isfinite(cosines)], nbinsx=40, marker={"color": "#1f77b4"}))
+    """The SAE diff's match quality: a histogram of each A latent's decoder cosine with its partner
+    in B, in fixed bins of 0.025 over [0, 1] (from -1 when a match is negative), so that the
+    figures of two diffs compare."""
+    c = np.asarray(cosines, dtype=float)
+    c = c[np.isfinite(c)]
+    lo = -1.0 if len(c) and c.min() < 0 else 0.0
+    fig = go.Figure(go.Histogram(x=c, xbins={"start": lo, "end": 1.0, "size": 0.025}, marker={"color": "#1f77b4"}))
     fig.update_layout(template=TEMPLATE, height=300, title=f"{a} vs {b}: decoder cosine of matched latents",
-                      xaxis_title="cosine with its partner in B", yaxis_title="latents of A")
+                      xaxis={"title": f"decoder cosine with its partner in {b}", "range": [lo, 1.0]},
+                      yaxis_title=f"latents of {a}", bargap=0.05)
     return fig
 
 
