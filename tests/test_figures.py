@@ -370,3 +370,5 @@ def test_figures_carry_paper_ready_axes():
     assert list(F.match_cosine_figure(np.array([-0.2, 0.9]), "a", "b").layout.xaxis.range) == [-1.0, 1.0]
     um = F.umap_figure(np.zeros((3, 2)), layout="PCA")
     assert (um.layout.xaxis.title.text, um.layout.yaxis.title.text) == ("PCA 1", "PCA 2")
+    lh = F.logit_histogram_figure(np.array([3, 40, 2]), np.array([-1.0, 0.0, 1.0, 2.0]), 0)
+    assert lh.layout.yaxis.type == "log" and lh.layout.yaxis.dtick == 1  # a tick a decade, no 2..9 clutter

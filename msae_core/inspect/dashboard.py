@@ -181,7 +181,8 @@ def dashboard_figure(d: Dashboard, contexts: int = 6) -> Any:
             out.add_trace(t, row=r, col=col)
             out.update_xaxes(title_text=fig.layout.xaxis.title.text, row=r, col=col)
         if span == 2:
-            out.update_yaxes(title_text=fig.layout.yaxis.title.text, type=fig.layout.yaxis.type, row=r, col=1)
+            out.update_yaxes(title_text=fig.layout.yaxis.title.text, type=fig.layout.yaxis.type,
+                             dtick=fig.layout.yaxis.dtick, row=r, col=1)
         else:
             out.update_yaxes(type="category", row=r, col=1)
             out.update_yaxes(type="category", row=r, col=2)

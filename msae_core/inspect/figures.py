@@ -399,7 +399,8 @@ def logit_histogram_figure(counts: np.ndarray, edges: np.ndarray, feature: int,
     fig = go.Figure(go.Bar(x=centres, y=counts, width=np.diff(edges), marker={"color": colours},
                            hovertemplate="logit %{x:.3g}: %{y} tokens<extra></extra>"))
     fig.update_layout(template=TEMPLATE, title=title, xaxis_title="logit (direct path)",
-                      yaxis_title="vocabulary tokens", yaxis_type="log", height=300, bargap=0)
+                      yaxis={"title": "vocabulary tokens", "type": "log", "dtick": 1},  # a tick a decade
+                      height=300, bargap=0)
     return fig
 
 
