@@ -22,10 +22,17 @@ the 16k run against a permuted copy of itself (the matching, both activation sam
 cached in the run folder), then in a fresh server; the explorer's "try your own text" with the
 fixture runs' model, first click (model cold) and second (warm).
 
+With --real-run RUN (a finished run of a real model, e.g. a TopK SAE trained on the embedded
+Gemma 3 270M's activations), that run is copied into the results folder and its feature dashboard
+(the explorer page: map, activation sample, output tokens through the model's unembedding,
+nearest and correlated features) is timed once computed and again from disk in a fresh server,
+then "try your own text" through the run's own model: first click (the model loaded), second
+(warm).
+
 With --browser, the app is also served and each page timed in headless Chromium (Debian's
 /usr/bin/chromium through Playwright): from navigation to every plotly chart drawn.
 
-    python bench/pages.py [--root DIR] [--runs 100] [--big 16384] [--big-d-in 640] [--browser]
+    python bench/pages.py [--root DIR] [--runs 100] [--big 16384] [--big-d-in 640] [--real-run RUN] [--browser]
 """
 
 from __future__ import annotations
@@ -148,6 +155,28 @@ def permuted_copy(src: Path, dst: Path, seed: int = 0) -> None:
     save_sae(sae, dst)
 
 
+def real_run(root: Path, src: Path, reruns: int) -> None:
+    """The rows of --real-run: a real model's run, its dashboard and your own text (module docstring)."""
+    from msae_core.artifacts import RUN_INSPECT_CACHE_DIR
+    from msae_core.inspect.run_files import run_config
+
+    name = f"real-{src.name}"
+    dst = root / "runs" / name
+    if not dst.is_dir():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint", RUN_INSPECT_CACHE_DIR))
+    cfg = run_config(dst)
+    sae, data = cfg.get("sae", {}), cfg.get("data", {})
+    label = f"{name} ({data.get('model')} L{data.get('layer')}, {sae.get('arch')} {sae.get('d_sae')})"
+    print(label)
+    full = {"selected_run": name, f"umap_{name}": True, f"sample_{name}": True}
+    row("  explorer: map and sample computed (one time)", render(root, "explorer", full, reruns))
+    row("  explorer: map and sample on disk, fresh server", render(root, "explorer", full, reruns))
+    # the first click loads the model from its cache into this process (the page has loaded it
+    # once already, for the unembedding, and dropped it), the second finds it loaded
+    row("  your own text, 32 sentences (first click: model load; then warm)",
+        render_text(root, name, "A stitch in time saves nine. " * 32))
+
+
 def row(label: str, r: dict | None, first: float | None = None) -> None:
     f = r["first"] if r else first
     rr = r["rerun"] if r else None
@@ -224,6 +253,7 @@ def main() -> int:
     p.add_argument("--snapshots", type=int, default=40, help="trace snapshots of the big run")
     p.add_argument("--big-windows", type=int, default=512, help="16-token windows in the big run's store")
     p.add_argument("--reruns", type=int, default=3)
+    p.add_argument("--real-run", help="a finished run of a real model: time its dashboard and your own text")
     p.add_argument("--browser", action="store_true", help="also time the pages in headless Chromium")
     p.add_argument("--keep", action="store_true", help="keep the tmp results folder")
     p.add_argument("--verbose", action="store_true", help="print each page's info, warning and error boxes")
@@ -265,10 +295,10 @@ def main() -> int:
         from msae_core.inspect.runs_table import runs_table
 
         df = runs_table(root)
-        print(f"results: {len(df)} run folders ({int(df['problem'].fillna('').ne('').sum())} broken), "
-              f"big run {big}: d_sae {args.big}, d_in {args.big_d_in}, "
-              f"{len(trace_files(big_dir))} snapshots, {len(load_pairs(big_dir)[0])} pairs, "
-              f"{len(load_events(big_dir))} events")
+        print(f"results: {len(df)} run folders ({int(df['problem'].fillna('').ne('').sum())} broken)"
+              + (f", big run {big}: d_sae {args.big}, d_in {args.big_d_in}, "
+                 f"{len(trace_files(big_dir))} snapshots, {len(load_pairs(big_dir)[0])} pairs, "
+                 f"{len(load_events(big_dir))} events" if args.big else ""))
         print(f"goal: under {GOAL_S:.0f} s per page render\n")
         print(f"{'page (AppTest: entry + page script, no browser drawing)':58s} {'first s':>8s} {'':4s} "
               f"{'rerun s':>8s} {'':4s} {'fig MB':>7s}")
@@ -301,6 +331,8 @@ def main() -> int:
             row(f"diff {big} vs {other}: on disk, fresh server", render(root, "diff", pair, n))
         row(f"explorer, {mom}: your own text (first click, then warm)",
             render_text(root, mom, "A stitch in time saves nine. " * 8))
+        if args.real_run:
+            real_run(root, Path(args.real_run), n)
         if args.browser:
             print(f"\n{'page in headless Chromium (served app)':58s} {'seconds':>8s} charts")
             pages = [("home", "/", 0), ("tradeoff", "/tradeoff", 1), ("traces, big", f"/traces?run={big}", 4),
