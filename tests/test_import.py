@@ -104,7 +104,13 @@ def test_broken_folders_are_refused_in_one_line(tmp_path, capsys):
     assert cli.main(["import", str(sl), "--out", str(tmp_path / "full"), "--layer", "2"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["import", "--release", "gemma-scope-2", "--sae-id", "x", "--out", str(tmp_path / "r2")]) == 2
-    assert "sae-lens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    try:  # without the [bench] extra: what to install; with it, sae-lens's own word on the release
+        import sae_lens  # noqa: F401
+    except ImportError:
+        assert "sae-lens" in err and len(err.strip().splitlines()) == 1
+    else:
+        assert "cannot fetch gemma-scope-2 / x: Release gemma-scope-2 not found" in err
 
 
 def test_release_import_goes_through_sae_lens_and_records_the_release(tmp_path, monkeypatch, capsys):
@@ -143,3 +149,103 @@ def test_release_import_goes_through_sae_lens_and_records_the_release(tmp_path, 
                      "--out", str(tmp_path / "runs" / "gs2")]) == 2
     err = capsys.readouterr().err
     assert "cannot fetch gemma-scope-2-270m / missing: ID missing not found" in err and "more detail" not in err
+
+
+def _serve_hub(files: dict[str, bytes], seen: list[str]):
+    """A local HTTP server answering as the Hugging Face hub's file endpoint does
+    (/{repo}/resolve/{revision}/{path}: HEAD with the commit, etag and size headers, GET with byte
+    ranges, 404 with X-Error-Code EntryNotFound for any other file). Returns (server, url)."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    commit = hashlib.sha1(b"".join(files.values())).hexdigest()
+
+    class Hub(BaseHTTPRequestHandler):
+        def _answer(self, body: bool) -> None:
+            seen.append(f"{self.command} {self.path}")
+            key = self.path.split("?")[0]
+            parts = key.lstrip("/").split("/resolve/", 1)
+            data = files.get(parts[0] + "/" + parts[1].split("/", 1)[1]) if len(parts) == 2 else None
+            if data is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            lo, hi = 0, len(data) - 1
+            rng = self.headers.get("Range")
+            if rng and rng.startswith("bytes="):
+                a, _, b = rng[6:].partition("-")
+                lo, hi = int(a or 0), min(int(b) if b else len(data) - 1, len(data) - 1)
+            chunk = data[lo:hi + 1]
+            self.send_response(206 if rng else 200)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+            self.send_header("Content-Length", str(len(chunk)))
+            if rng:
+                self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
+            self.end_headers()
+            if body:
+                self.wfile.write(chunk)
+
+        def do_HEAD(self):  # noqa: N802 - http.server's names
+            self._answer(False)
+
+        def do_GET(self):  # noqa: N802
+            self._answer(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_release_import_through_sae_lens_and_a_hub(tmp_path):
+    """`msae import --release` with the real sae-lens (the [bench] extra) against a local server
+    that answers as the hub does, holding a Gemma Scope 2 SAE for Gemma 3 270M (SAELens's release
+    gemma-scope-2-270m-pt-res, random weights of the real layout): sae-lens resolves the release,
+    reads the tensor shapes by byte range, downloads, converts; msae imports what it saved."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("sae_lens", reason="the [bench] extra (sae-lens) is not installed")
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae = 640, 96
+    params = {"w_enc": torch.randn(d_in, d_sae, generator=g) / 25, "w_dec": torch.randn(d_sae, d_in, generator=g) / 25,
+              "b_enc": torch.randn(d_sae, generator=g) / 10, "b_dec": torch.randn(d_in, generator=g) / 10,
+              "threshold": torch.rand(d_sae, generator=g) / 5}
+    save_file(params, tmp_path / "params.safetensors")
+    folder = "google/gemma-scope-2-270m-pt/resid_post/layer_12_width_16k_l0_small"
+    files = {f"{folder}/params.safetensors": (tmp_path / "params.safetensors").read_bytes(),
+             f"{folder}/config.json": json.dumps({"architecture": "jump_relu", "model_name": "gemma-v3-270m-pt",
+                                                  "hf_hook_point_in": "model.layers.12.output"}).encode()}
+    seen: list[str] = []
+    server, url = _serve_hub(files, seen)
+    try:
+        env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HUB_OFFLINE", None)
+        out = tmp_path / "runs" / "gs2"
+        proc = subprocess.run([sys.executable, "-m", "msae_core.cli", "import", "--release",
+                               "gemma-scope-2-270m-pt-res", "--sae-id", "layer_12_width_16k_l0_small",
+                               "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(s.startswith("GET") and s.endswith("/params.safetensors") for s in seen)  # fetched from the hub
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "done"
+    assert status["imported_from"] == "gemma-scope-2-270m-pt-res / layer_12_width_16k_l0_small"
+    data = json.loads((out / "config.json").read_text())["data"]
+    assert (data["model"], data["layer"]) == ("google/gemma-3-270m", 12)  # the embedded model's HF name
+    sae = load_sae(out)
+    assert (sae.cfg.arch, sae.cfg.d_in, sae.cfg.d_sae) == ("jumprelu", d_in, d_sae)
+    x = torch.randn(32, d_in, generator=g)
+    pre = x @ params["w_enc"] + params["b_enc"]
+    f = torch.where(pre > params["threshold"], pre, torch.zeros_like(pre))  # Gemma Scope's JumpReLU
+    with torch.no_grad():
+        got = sae.forward(x)
+    torch.testing.assert_close(got.x_hat, f @ params["w_dec"] + params["b_dec"], rtol=1e-4, atol=1e-4)
