@@ -402,13 +402,26 @@ def random_examples(sample: FeatureSample, feature: int, n: int = 4, span: int =
                             [feature], span, f"{v[k]:.3g}") for k in pick]
 
 
+@functools.lru_cache(maxsize=2)
+def _decoder_units(run_dir: str, key: str) -> np.ndarray:
+    """Unit-norm decoder rows (input units) of the weights `key` names, float32 (F, D)."""
+    w = numpy_decoder_rows(load_run_sae(run_dir))
+    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+
+
+def decoder_units(run_dir: str | os.PathLike) -> np.ndarray:
+    """The run's unit-norm decoder directions (F, D) float32, read and normalised once per version
+    of its weights in this process: every feature the explorer opens reuses them (at F 16384 and
+    D 2304, reading the weights and normalising took most of a second a rerun)."""
+    return _decoder_units(str(Path(run_dir).resolve()), weights_key(run_dir))
+
+
 def nearest_by_decoder(run_dir: str | os.PathLike, feature: int, k: int = 10) -> pd.DataFrame:
     """The `k` features whose decoder directions (input units) are closest in cosine to `feature`'s."""
-    w = numpy_decoder_rows(load_run_sae(run_dir)).astype(np.float64)
-    if not 0 <= feature < len(w):
-        raise MsaeError(f"feature {feature} is out of range [0, {len(w)})")
-    unit = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-    cos = unit @ unit[feature]
+    unit = decoder_units(run_dir)
+    if not 0 <= feature < len(unit):
+        raise MsaeError(f"feature {feature} is out of range [0, {len(unit)})")
+    cos = (unit @ unit[feature]).astype(np.float64)
     cos[feature] = -np.inf
     top = np.argsort(-cos, kind="stable")[:k]
     return pd.DataFrame({"feature": top.astype(int), "decoder_cos": cos[top]})
@@ -476,14 +489,13 @@ def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: An
     model = manifest.get("model")
     if not model:
         raise MsaeError("the run's activation store does not name its model")
-    sae = sae if sae is not None else load_run_sae(run_dir)
-    w_dec = numpy_decoder_rows(sae)
+    w_dec = numpy_decoder_rows(sae) if sae is not None else decoder_units(run_dir)
     if not 0 <= feature < w_dec.shape[0]:
         raise MsaeError(f"feature {feature} is out of range [0, {w_dec.shape[0]})")
     w_u = _load_one_line(_unembed, str(model), " for its unembedding")
     if w_u.shape[1] != w_dec.shape[1]:
         raise MsaeError(f"model {model} has width {w_u.shape[1]}, the SAE {w_dec.shape[1]}")
-    d = torch.from_numpy(w_dec[feature])
+    d = torch.from_numpy(np.ascontiguousarray(w_dec[feature]))
     logits = (w_u @ (d / d.norm().clamp_min(1e-12))).numpy()
     k = min(k, len(logits))
     top = np.argsort(-logits, kind="stable")[:k]
@@ -544,10 +556,12 @@ def top_features_per_token(latents_TF: np.ndarray, k: int = 3) -> list[list[tupl
 
 
 def clear_caches() -> None:
-    """Forget the tokenizers and unembeddings loaded in this process (what a fresh one starts without)."""
+    """Forget the tokenizers, unembeddings and decoder directions loaded in this process (what a
+    fresh one starts without)."""
     _tokenizer.cache_clear()
     _text_lm.cache_clear()
     _unembed.cache_clear()
+    _decoder_units.cache_clear()
 
 
 # ---------------------------------------------------------------------------------- map colours
