@@ -209,6 +209,22 @@ def test_umap_cache_is_keyed_by_the_weights(tmp_path, run):
     assert pca.shape == (256, 2) and np.isfinite(pca).all()
 
 
+def test_pca_preview_equals_the_exact_top_two_components():
+    rng = np.random.default_rng(3)
+    scales = np.array([9.0, 4.0] + [1.0] * 62)  # two clear principal axes, then noise
+    w = (rng.standard_normal((2000, 64)) * scales) @ np.linalg.qr(rng.standard_normal((64, 64)))[0]
+    got = projection.top2_pca(w)
+    u = w / np.linalg.norm(w, axis=1, keepdims=True)
+    u -= u.mean(0)
+    _, _, vt = np.linalg.svd(u, full_matrices=False)
+    exact = u @ vt[:2].T
+    for a in range(2):  # the same axes, up to sign
+        assert abs(np.corrcoef(got[:, a], exact[:, a])[0, 1]) > 0.9999
+        assert np.abs(got[:, a]).max() == pytest.approx(np.abs(exact[:, a]).max(), rel=1e-3)
+        assert got[np.abs(got[:, a]).argmax(), a] > 0
+    assert projection.top2_pca(w[:, :1]).shape == (2000, 2)  # fewer than two dimensions: zeros pad
+
+
 @pytest.mark.slow
 def test_umap_computes_and_caches(tmp_path, run):
     copy = tmp_path / "runs" / "copy"
