@@ -90,11 +90,13 @@ def runs_section() -> None:
                      "train_l0": st.column_config.NumberColumn("L0 (train)", format="%.1f"),
                      "dead_fraction": st.column_config.NumberColumn(
                          "dead", format="%.3f", help="fraction of latents that fire on none of the core eval's "
-                         "held-out density window: the run's dead_tokens_threshold tokens (100,000 unless "
-                         "set), as in training; dead_window_tokens in eval.json; SAEBench's 1 - frac_alive"),
+                         "held-out density window: the run's dead_tokens_threshold tokens (a twentieth of "
+                         "its training tokens, 100,000 to 10M, unless set), as in training; "
+                         "dead_window_tokens in eval.json; SAEBench's 1 - frac_alive"),
                      "train_dead_fraction": st.column_config.NumberColumn(
                          "dead (train)", format="%.3f", help="fraction of latents silent for the last "
-                         "dead_tokens_threshold tokens of training (100,000 unless set): those AuxK trains"),
+                         "dead_tokens_threshold tokens of training (a twentieth of its tokens, 100,000 to 10M, "
+                         "unless set): those AuxK trains"),
                      "eval_phase": st.column_config.TextColumn("eval", help="the evals after training: "
                                                                "which one runs now, done, or where it failed"),
                      "flags": st.column_config.TextColumn("suspicious", help="values a researcher should "

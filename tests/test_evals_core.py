@@ -249,12 +249,22 @@ def test_eval_windows_are_held_out_and_seeded(tiny):
     assert info["held_out"] and len(wins) == 6 and all(len(w) == 16 and w[0] == 2 for w in wins)
     assert min(info["window_indices"]) >= n_store
     stream = [w for _, w in context_windows(corpus, tiny["lm"].tokenizer, 16)]
+    wins = [w.tolist() for w in wins]
     assert wins == [stream[i] for i in info["window_indices"]]
     stored = {tuple(w) for w in stream[:n_store]}
     assert not stored & {tuple(w) for w in wins}
     again, _ = core.eval_windows(corpus, tiny["lm"].tokenizer, 16, 6, skip_tokens=skip, seed=1)
     other, _ = core.eval_windows(corpus, tiny["lm"].tokenizer, 16, 6, skip_tokens=skip, seed=2)
-    assert again == wins and other != wins
+    assert [w.tolist() for w in again] == wins and [w.tolist() for w in other] != wins
+    # a large ask draws from at most POOL_EXTRA_MAX more windows than it needs, not 4x
+    _, big = core.eval_windows(corpus, tiny["lm"].tokenizer, 16, 20, skip_tokens=skip, seed=1, pool_factor=4)
+    assert big["pool_windows"] == 80
+    core_extra, core.POOL_EXTRA_MAX = core.POOL_EXTRA_MAX, 5
+    try:
+        _, capped = core.eval_windows(corpus, tiny["lm"].tokenizer, 16, 20, skip_tokens=skip, seed=1)
+    finally:
+        core.POOL_EXTRA_MAX = core_extra
+    assert capped["pool_windows"] == 25
     # a corpus with nothing left after the store's windows falls back to its beginning, and says so
     _, info = core.eval_windows(corpus, tiny["lm"].tokenizer, 16, 6, skip_tokens=10**7, seed=1)
     assert info["held_out"] is False and info["skipped_windows"] == 0

@@ -535,3 +535,32 @@ def test_jumprelu_straight_through_gradients_equal_the_rectangle_kernel():
         assert float(losses["l0_loss"]) == pytest.approx(l0)
         sparsity = (l0 / target - 1) ** 2 if target else l0
         assert float(losses["loss"]) == pytest.approx(float(losses["mse"]) + 0.5 * sparsity, rel=1e-5)
+
+
+def test_dead_window_follows_the_run_length():
+    """0 = from the run: a twentieth of its tokens, 100,000 to 10M; resolved (and so recorded in the
+    run's config) when a run config is checked; an SAE built outside a trainer uses the floor."""
+    from msae_core.sae.base import auto_dead_tokens, dead_window
+    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+
+    assert auto_dead_tokens(2000 * 1024) == 102_400  # the CPU benchmark's 2M-token runs
+    assert auto_dead_tokens(500 * 1024) == 100_000 and auto_dead_tokens(10 ** 12) == 10_000_000
+    assert auto_dead_tokens(100_000_000) == 5_000_000
+    assert dead_window(_cfg()) == 100_000 and dead_window(_cfg(dead_tokens_threshold=7)) == 7
+    sae = build_sae(_cfg(d_in=4, d_sae=8, k=2))
+    sae.tokens_since_fired.fill_(99_999)
+    assert not sae.dead_mask.any()
+    sae.tokens_since_fired[3] = 100_000
+    assert sae.dead_mask.tolist() == [i == 3 for i in range(8)]
+    assert _cfg(dead_tokens_threshold=-1).problems()
+
+    class Store:  # what RunConfig's check reads of an activation store
+        d_in, n_rows, manifest = 4, 10 ** 9, {}
+
+    cfg = RunConfig(sae=_cfg(d_in=4, d_sae=8, k=2), train=TrainConfig(steps=25_000, batch_size=4096), data=DataConfig(acts="a-store"))
+    cfg.check(Store())
+    assert cfg.sae.dead_tokens_threshold == 5_120_000
+    fixed = RunConfig(sae=_cfg(d_in=4, d_sae=8, k=2, dead_tokens_threshold=300),
+                      train=TrainConfig(steps=25_000, batch_size=4096), data=DataConfig(acts="a-store"))
+    fixed.check(Store())
+    assert fixed.sae.dead_tokens_threshold == 300

@@ -40,7 +40,8 @@ Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-be
    threshold of SAEBench's freq_over_10_percent; SAEBench itself names no "dense" threshold),
    and dead_window_tokens, the number of tokens the densities were counted on: a dead latent
    fired on none of them, as a latent the trainer counts dead (its dead_features metric) was
-   silent for its last dead_tokens_threshold training tokens (100,000 by default).
+   silent for its last dead_tokens_threshold training tokens (by default a twentieth of the run's
+   tokens, 100,000 to 10M: msae_core.sae.base.auto_dead_tokens).
    The density window: SAEBench counts densities on the sparsity/variance batches (its README runs
    2000 batches of 16 x 128 tokens, 4M tokens). Our sparsity/variance default is sized for 2 CPU
    cores (8 x 4 x 128 = 4,096 tokens), too few to tell a dead latent from a rare one, so after those
@@ -106,6 +107,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -115,7 +117,8 @@ from msae_core.evals.schema import make_result
 log = logging.getLogger(__name__)
 
 EVAL_TYPE_ID = "core"
-POOL_FACTOR = 4          # held-out windows are drawn from this many times the windows needed
+POOL_FACTOR = 4          # held-out windows are drawn from this many times the windows needed,
+POOL_EXTRA_MAX = 4096    # but from at most this many more (a 10M-token density window: not 40M tokenised)
 HIST_BINS = 40           # bins of the log10 feature-density histogram
 L2_IN_FLOOR = 1e-4       # SAEBench: an input norm below this divides l2_ratio by 1
 
@@ -157,8 +160,8 @@ class Config:
         "help": "kept tokens the per-latent densities (dead/dense fractions, density histogram) are "
                 "counted on, with forwards that stop at the layer after the sparsity/variance "
                 "batches; 0 = the run's dead_tokens_threshold, the window of the trainer's dead "
-                "count (100,000 by default); at most the sparsity/variance batches' tokens = "
-                "SAEBench's window"})
+                "count (a twentieth of its training tokens, 100,000 to 10M); at most the "
+                "sparsity/variance batches' tokens = SAEBench's window"})
     dead_feature_threshold: float = field(default=0.0, metadata={
         "help": "a latent with density <= this on the eval tokens counts as dead (0: never fired)"})
     dense_feature_threshold: float = field(default=0.1, metadata={
@@ -434,19 +437,20 @@ def weight_metrics(W_enc_DF: torch.Tensor, W_dec_FD: torch.Tensor, b_enc_F: torc
 def eval_windows(corpus: Any, tokenizer: Any, context_size: int, n_windows: int, *, skip_tokens: int = 0,
                  seed: int = 42, pool_factor: int = POOL_FACTOR,
                  min_windows: int | None = None) -> tuple[list[list[int]], dict]:
-    """`n_windows` context windows of `corpus`, chosen (seeded) from the `pool_factor * n_windows`
-    windows that follow the first `skip_tokens` tokens of the packed stream; from the stream's
-    beginning when fewer than `min_windows` (default `n_windows`) follow, fewer than asked (with a
-    warning) when at least that many do. Returns (windows in stream order, provenance)."""
+    """`n_windows` context windows of `corpus` (int64 arrays), chosen (seeded) from the
+    `pool_factor * n_windows` windows (at most POOL_EXTRA_MAX more than asked) that follow the first
+    `skip_tokens` tokens of the packed stream; from the stream's beginning when fewer than
+    `min_windows` (default `n_windows`) follow, fewer than asked (with a warning) when at least that
+    many do. Returns (windows in stream order, provenance)."""
     from msae_core.data.text import context_windows
 
     body = context_size - 1
     skip = math.ceil(skip_tokens / body) if skip_tokens > 0 else 0
-    want = max(n_windows * pool_factor, n_windows)
+    want = max(min(n_windows * pool_factor, n_windows + POOL_EXTRA_MAX), n_windows)
 
-    def pool_from(start: int) -> list[list[int]]:
+    def pool_from(start: int) -> list[np.ndarray]:
         stream = context_windows(corpus, tokenizer, context_size, prepend_bos=True)
-        return [w for _, w in itertools.islice(stream, start, start + want)]
+        return [np.asarray(w, dtype=np.int64) for _, w in itertools.islice(stream, start, start + want)]
 
     pool, start = pool_from(skip), skip
     held_out = skip > 0
@@ -487,6 +491,7 @@ def run(ctx: Any, cfg: Config) -> dict:
     """The core eval on the run in `ctx` (module docstring); SAEBench's result layout."""
     from msae_core.configutil import validate
     from msae_core.data.text import load_corpus
+    from msae_core.sae.base import dead_window
 
     validate(cfg)
     if cfg.model_name and cfg.model_name != ctx.model_name:
@@ -505,8 +510,7 @@ def run(ctx: Any, cfg: Config) -> dict:
     n_rec = cfg.n_eval_reconstruction_batches if (cfg.compute_kl or cfg.compute_ce_loss) else 0
     n_sv = cfg.n_eval_sparsity_variance_batches if cfg._needs_sv() else 0
     bs = cfg.batch_size_prompts
-    density_target = (cfg.density_tokens or sae.cfg.dead_tokens_threshold) \
-        if cfg.compute_featurewise_density_statistics else 0
+    density_target = (cfg.density_tokens or dead_window(sae.cfg)) if cfg.compute_featurewise_density_statistics else 0
     # a window keeps at most context_size - 1 tokens (its BOS is left out; 10 % spare for the EOS
     # between documents); the density loop stops once it has counted density_target kept tokens
     n_density = max(n_sv, math.ceil(1.1 * density_target / (max(context_size - 1, 1) * bs)))
@@ -514,7 +518,7 @@ def run(ctx: Any, cfg: Config) -> dict:
     windows, win_info = eval_windows(corpus, lm.tokenizer, context_size, max(n_rec, n_density) * bs,
                                      skip_tokens=skip, seed=cfg.random_seed,
                                      min_windows=max(n_rec, n_sv) * bs)
-    batches = [torch.tensor(windows[i:i + bs], dtype=torch.long) for i in range(0, len(windows), bs)]
+    batches = [torch.from_numpy(np.stack(windows[i:i + bs])) for i in range(0, len(windows), bs)]
     ignore = sorted(lm.special_ids)
     layer, device = ctx.layer, lm.device
     acc = CoreAccumulator(sae.cfg.d_sae)

@@ -18,7 +18,7 @@ from msae_core.paths import runs_root, stores_root
 from msae_core.inspect.run_files import file_fingerprint, read_json_file
 from msae_core.data.store import outlier_line, read_manifest
 from msae_core.evals.summary import INTERVALS
-from msae_core.sae.base import SAEConfig
+from msae_core.sae.base import DEAD_TOKENS_FLOOR
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ EMBEDDED_DEFAULT = {
     "hook": "resid_post (output of the decoder block)",
 }
 
-DEAD_TOKENS_DEFAULT = SAEConfig().dead_tokens_threshold  # a config written before the field existed
 
 # hyperparameter and metric columns of the runs table, in display order
 CONFIG_COLUMNS = ["arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "d_in", "lr",
@@ -115,7 +114,8 @@ def run_row(info: Any) -> dict:
     row["competing_pairs"] = _num(last.get("competing_pairs"))
     dead, d_sae = _num(last.get("dead_features")), row["d_sae"]
     row["train_dead_fraction"] = dead / d_sae if dead is not None and d_sae else None
-    row["train_dead_window"] = _num(sae.get("dead_tokens_threshold", DEAD_TOKENS_DEFAULT) if sae else None)
+    # 0 or absent (a config from before the field, an SAE never trained here): the floor, as dead_window
+    row["train_dead_window"] = _num((sae.get("dead_tokens_threshold") or DEAD_TOKENS_FLOOR) if sae else None)
     if info.has_eval:
         ev, problem = read_json_file(Path(info.path) / RUN_EVAL)
         if problem or not isinstance(ev, dict):

@@ -20,6 +20,26 @@ from msae_core import dist
 
 _REGISTRY: dict[str, type["SAE"]] = {}
 
+# The dead-latent window (tokens without firing before a latent counts dead and AuxK trains it) of a
+# run of T training tokens: T / 20, at least 100,000 and at most 10M. bench/quality.py measured
+# 100,000 best in runs of 2M tokens (T / 20: 500,000 left most dying latents firing now and then, out
+# of AuxK's reach); Gao et al. 2024, sparsify and dictionary_learning count 10M tokens in runs of
+# hundreds of millions to billions. Between the two the rule is a prior, not a measurement.
+DEAD_TOKENS_FLOOR = 100_000
+DEAD_TOKENS_CAP = 10_000_000
+DEAD_TOKENS_FRACTION = 20
+
+
+def auto_dead_tokens(train_tokens: int) -> int:
+    """The dead window for a run of `train_tokens` training tokens (the rule above)."""
+    return int(min(DEAD_TOKENS_CAP, max(DEAD_TOKENS_FLOOR, int(train_tokens) // DEAD_TOKENS_FRACTION)))
+
+
+def dead_window(cfg: "SAEConfig") -> int:
+    """The dead window an SAE config means: its dead_tokens_threshold, or where that is 0 (auto, not
+    yet resolved by a trainer: an SAE built outside one, an imported SAE) the floor, 100,000."""
+    return int(cfg.dead_tokens_threshold) or DEAD_TOKENS_FLOOR
+
 
 def register_sae(name: str) -> Callable[[type["SAE"]], type["SAE"]]:
     def deco(cls: type["SAE"]) -> type["SAE"]:
@@ -67,8 +87,9 @@ class SAEConfig:
     jumprelu_init_threshold: float = field(default=0.1, metadata={"help": "jumprelu: initial thresholds"})
     matryoshka_widths: list[int] = field(default_factory=list, metadata={
         "help": "matryoshka: nested prefix widths, increasing, d_sae appended (empty: d_sae/16, d_sae/4, d_sae)"})
-    dead_tokens_threshold: int = field(default=100_000, metadata={
-        "help": "a latent that has not fired for this many tokens counts as dead (and AuxK trains it)"})
+    dead_tokens_threshold: int = field(default=0, metadata={
+        "help": "a latent that has not fired for this many tokens counts as dead (and AuxK trains it); "
+                "0 = from the run's length: a twentieth of its tokens, 100,000 to 10M"})
     base: Literal["topk", "relu", "batchtopk", "matryoshka", "jumprelu"] = field(default="topk", metadata={
         "help": "base of a momentum SAE"})
     beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})
@@ -102,6 +123,8 @@ class SAEConfig:
             out.append(f"k must be in [1, d_sae={self.d_sae}] (got {self.k})")
         if self.l1_coeff < 0:
             out.append(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+        if self.dead_tokens_threshold < 0:
+            out.append(f"dead_tokens_threshold must be >= 0 (0: from the run's length) (got {self.dead_tokens_threshold})")
         if self.auxk_coeff < 0:
             out.append(f"auxk_coeff must be >= 0 (got {self.auxk_coeff})")
         if self.arch == "momentum" and self.base not in momentum_bases():
@@ -227,7 +250,7 @@ class SAE(nn.Module):
 
     @property
     def dead_mask(self) -> torch.Tensor:
-        return self.tokens_since_fired >= self.cfg.dead_tokens_threshold
+        return self.tokens_since_fired >= dead_window(self.cfg)
 
     @torch.no_grad()
     def unit_norm_decoder_(self) -> None:

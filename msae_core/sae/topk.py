@@ -8,8 +8,9 @@
 Gao et al.'s loss is nmse(x, x_hat) + auxk_coeff * nmse(e, e_hat), both MSEs normalised by their
 target's variance; msae's main term is the plain MSE (as SAELens's), so the AuxK term is multiplied
 by V_x to keep Gao's balance (auxk_coeff 1/32 as theirs). Logged as "auxk": V_x * nmse(e, e_hat).
-A latent is dead for AuxK after `dead_tokens_threshold` tokens without firing (bench/quality.py
-measured the window; Gao et al. use 10M tokens in runs of billions).
+A latent is dead for AuxK after `dead_tokens_threshold` tokens without firing; by default a
+twentieth of the run's tokens, 100,000 to 10M (msae_core.sae.base.auto_dead_tokens: bench/quality.py
+measured 100,000 in 2M-token runs; Gao et al. use 10M tokens in runs of billions).
 
 Sparse decoder: x_hat and e_hat are sums of the k (k_aux) active decoder rows per token, gathered
 with `embedding_bag` (B k D multiply-adds and a gradient only for those rows' entries of the B x F

@@ -17,6 +17,7 @@ from msae_core.artifacts import EVAL_NAMES, atomic_write_json
 from msae_core.configutil import collect_problems, from_dict, to_dict
 from msae_core.errors import MsaeError
 from msae_core.sae import SAEConfig
+from msae_core.sae.base import auto_dead_tokens
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,9 @@ class RunConfig:
             return None, problems
         if not self.sae.d_in:
             self.sae = dataclasses.replace(self.sae, d_in=store.d_in)
+        if not self.sae.dead_tokens_threshold:  # 0: from the run's length (msae_core.sae.base)
+            self.sae = dataclasses.replace(self.sae, dead_tokens_threshold=auto_dead_tokens(
+                max(self.train.steps, 1) * max(self.train.batch_size, 1)))
         out = list(problems)
         if self.sae.d_in != store.d_in:
             out.append(f"sae.d_in {self.sae.d_in} does not match the store's activation width "
