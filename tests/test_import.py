@@ -229,11 +229,16 @@ def test_release_import_through_sae_lens_and_a_hub(tmp_path):
         env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
         env.pop("HF_HUB_OFFLINE", None)
         out = tmp_path / "runs" / "gs2"
-        proc = subprocess.run([sys.executable, "-m", "msae_core.cli", "import", "--release",
-                               "gemma-scope-2-270m-pt-res", "--sae-id", "layer_12_width_16k_l0_small",
-                               "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        cmd = [sys.executable, "-m", "msae_core.cli", "import", "--release", "gemma-scope-2-270m-pt-res",
+               "--sae-id", "layer_12_width_16k_l0_small"]
+        proc = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        offline = subprocess.run(cmd + ["--out", str(tmp_path / "runs" / "gs2-embedded"), "--model", "embedded"],
+                                 env=env, capture_output=True, text=True, timeout=300)
     finally:
         server.shutdown()
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    assert "--model embedded" not in offline.stdout
+    assert json.loads((tmp_path / "runs" / "gs2-embedded" / "config.json").read_text())["data"]["model"] == "embedded"
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert any(s.startswith("GET") and s.endswith("/params.safetensors") for s in seen)  # fetched from the hub
     status = json.loads((out / "status.json").read_text())
@@ -241,6 +246,7 @@ def test_release_import_through_sae_lens_and_a_hub(tmp_path):
     assert status["imported_from"] == "gemma-scope-2-270m-pt-res / layer_12_width_16k_l0_small"
     data = json.loads((out / "config.json").read_text())["data"]
     assert (data["model"], data["layer"]) == ("google/gemma-3-270m", 12)  # the embedded model's HF name
+    assert "import again with --model embedded" in proc.stdout
     sae = load_sae(out)
     assert (sae.cfg.arch, sae.cfg.d_in, sae.cfg.d_sae) == ("jumprelu", d_in, d_sae)
     x = torch.randn(32, d_in, generator=g)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_ID = "gemma-3-270m-q4_k_m"
+EMBEDDED_SOURCE = "google/gemma-3-270m"  # the Hugging Face model the embedded one is a 4-bit (Q4_K_M) copy of
 _CACHE_MARKER = "msae_cache.json"
 
 # where decoder blocks live in the families we know; others fall back to a search

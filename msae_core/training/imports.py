@@ -45,7 +45,7 @@ def import_run(folder: str | Path, out: str | Path, *, model: str = "", layer: i
                acts: str = "", corpus: str = "embedded", source: str = "") -> Path:
     """Write the run folder `out` for the SAELens SAE in `folder`, recording `source` (default:
     the folder's path) as where it came from. Refuses an `out` that exists and is not empty."""
-    from msae_core.artifacts import check_can_create
+    from msae_core.artifacts import RUN_CONFIG, check_can_create
     from msae_core.data.store import ActivationStore
     from msae_core.sae_io import import_saelens, save_sae
     from msae_core.training.config import DataConfig, RunConfig, TrainConfig
@@ -67,7 +67,7 @@ def import_run(folder: str | Path, out: str | Path, *, model: str = "", layer: i
     out.mkdir(parents=True, exist_ok=True)
     source = source or str(Path(folder).resolve())
     save_sae(sae, out, extra={"imported_from": source, "saelens_cfg": cfg})
-    RunConfig(sae=sae.cfg, train=TrainConfig(steps=1), data=data).save(out / "config.json")
+    RunConfig(sae=sae.cfg, train=TrainConfig(steps=1), data=data).save(out / RUN_CONFIG)
     write_status(out, state="done", step=0, total_steps=0, imported_from=source,
                  error=None, pid=None)
     return out
@@ -99,6 +99,13 @@ def _run(args: argparse.Namespace) -> int:
         out = import_run(folder, args.out, model=args.model, layer=args.layer, acts=args.acts, corpus=args.corpus,
                          source=f"{args.release} / {args.sae_id}" if args.release else "")
     print(f"imported into {out}: evaluate it with `msae eval {out}`")
+    from msae_core.artifacts import RUN_CONFIG
+    from msae_core.data.lm import EMBEDDED_SOURCE
+    from msae_core.training.config import RunConfig
+
+    if not args.model and RunConfig.load(out / RUN_CONFIG).data.model == EMBEDDED_SOURCE:
+        print(f"its model {EMBEDDED_SOURCE} is the one msae embeds a 4-bit copy of: without the hub, "
+              "import again with --model embedded (the quantised weights give slightly different activations)")
     return 0
 
 
