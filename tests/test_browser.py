@@ -272,10 +272,45 @@ def test_launch_a_run_and_open_every_page(server, results, browser):
             assert opened != before and clicked.startswith(opened), (before, clicked, opened)
         if name == "explorer":
             assert "Top activating contexts" in text
+            own_text(page, results / "runs" / RUN_NAME)
         if name == "export":
             export_figure_and_bundle(page, results)
         shot(page, name)
     page.close()
+
+
+def own_text(page, run: Path) -> None:
+    """The explorer's "Try your own text": type a sentence, run the model on the server, read the
+    feature's activation back from the page and compare it with the SAE on the model's own
+    activations of that text (computed here)."""
+    from msae_core.inspect import features
+
+    sentence = "The quick brown fox jumps over the lazy dog. To be or not to be."
+    toks, lat = features.text_activations(run, sentence)
+    strongest = int(lat.max(axis=0).argmax())  # a feature that fires on this text
+    assert lat[:, strongest].max() > 0
+    feature_box = page.get_by_label("Feature", exact=True)
+    for _ in range(3):  # the number input keeps what was typed once the rerun it causes has run
+        set_number(page, "Feature", strongest)
+        if feature_box.input_value() == str(strongest):
+            break
+    assert feature_box.input_value() == str(strongest)
+    page.get_by_text("Try your own text", exact=True).click()
+    box = page.get_by_label("Text", exact=True)
+    box.fill(sentence)
+    box.press("Control+Enter")  # commit the text (a rerun) before the button reads it
+    wait_idle(page)
+    page.get_by_role("button", name="Run the model on it").click()
+    caption = page.get_by_text(re.compile(r"^feature \d+: max \S+ over \d+ tokens$"))
+    caption.wait_for(timeout=120_000)
+    wait_idle(page)
+    got = re.match(r"feature (\d+): max (\S+) over (\d+) tokens", caption.inner_text())
+    feature, peak, n_tokens = int(got[1]), float(got[2]), int(got[3])
+    assert feature == strongest and n_tokens == len(toks) > 5, (caption.inner_text(), strongest, len(toks))
+    assert peak == pytest.approx(float(lat[:, feature].max()), rel=1e-2, abs=1e-3)
+    # the text is shown token by token, the peak token shaded with its activation on hover
+    assert page.locator(f'span[title="{float(lat[:, feature].max()):.3g}"][style*="background:rgba"]').count() > 0
+    assert_no_exception(page, "explorer, own text")
 
 
 def export_figure_and_bundle(page, results: Path) -> None:
