@@ -388,3 +388,30 @@ def test_figures_carry_paper_ready_axes():
     assert (um.layout.xaxis.title.text, um.layout.yaxis.title.text) == ("PCA 1", "PCA 2")
     lh = F.logit_histogram_figure(np.array([3, 40, 2]), np.array([-1.0, 0.0, 1.0, 2.0]), 0)
     assert lh.layout.yaxis.type == "log" and lh.layout.yaxis.dtick == 1  # a tick a decade, no 2..9 clutter
+
+
+def test_own_text_and_output_tokens_share_one_loaded_model(run, monkeypatch):
+    """The explorer's output tokens read the unembedding of the model "your own text" keeps: one
+    load when the text comes first, and no second copy of W_U when it comes after."""
+    import msae_core.data.lm as lm_module
+
+    loads = []
+    real = lm_module.load_lm
+    monkeypatch.setattr(lm_module, "load_lm", lambda *a, **k: loads.append(a) or real(*a, **k))
+    features.clear_caches()
+    try:
+        features.text_activations(run, "a stitch in time")
+        out = features.output_tokens(run, 3, k=5)
+        assert len(loads) == 1
+        model = features.store_manifest(run_files.run_store_path(run))["model"]
+        held = features._TEXT_LMS[model].unembed_matrix()
+        assert features._unembed(model).data_ptr() == held.data_ptr()  # the same storage, not a copy
+        features.clear_caches()
+        loads.clear()
+        again = features.output_tokens(run, 3, k=5)  # output tokens first: a copy, the model dropped
+        features.text_activations(run, "a stitch in time")
+        assert len(loads) == 2 and features._unembed(model).data_ptr() == \
+            features._TEXT_LMS[model].unembed_matrix().data_ptr()
+        assert [t[2] for t in again["promoted"]] == [t[2] for t in out["promoted"]]
+    finally:
+        features.clear_caches()

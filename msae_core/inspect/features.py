@@ -453,11 +453,18 @@ def activation_histogram(sample: FeatureSample, feature: int, bins: int = 40) ->
 
 
 # ------------------------------------------------------------------------------- output tokens
+_TEXT_LMS: dict[str, Any] = {}  # at most one language model, kept for "your own text" (_text_lm)
+
+
 @functools.lru_cache(maxsize=2)
 def _unembed(model: str):
-    """W_U (V, D) float32 of a model, loaded once per process (the LM itself is dropped)."""
+    """W_U (V, D) float32 of a model, once per process: the loaded model's own when "your own text"
+    holds it (no second copy), else a copy from a load whose model is then dropped."""
     from msae_core.data.lm import load_lm
 
+    held = _TEXT_LMS.get(model)
+    if held is not None:
+        return held.unembed_matrix().float()
     lm = load_lm(model, device="cpu")
     w = lm.unembed_matrix().float().clone()
     del lm
@@ -508,12 +515,16 @@ def output_tokens(run_dir: str | os.PathLike, feature: int, k: int = 10, sae: An
 
 
 # ------------------------------------------------------------------------------- your own text
-@functools.lru_cache(maxsize=1)
 def _text_lm(model: str):
-    """The run's language model, loaded once per process for custom text (CPU, float32)."""
+    """The run's language model, loaded once per process for custom text (CPU, float32). Loading it
+    drops the unembedding copies made before, so output tokens read this model's own W_U."""
     from msae_core.data.lm import load_lm
 
-    return load_lm(model, device="cpu")
+    if model not in _TEXT_LMS:
+        _TEXT_LMS.clear()
+        _TEXT_LMS[model] = load_lm(model, device="cpu")
+        _unembed.cache_clear()
+    return _TEXT_LMS[model]
 
 
 MAX_TEXT_TOKENS = 512
@@ -559,7 +570,7 @@ def clear_caches() -> None:
     """Forget the tokenizers, unembeddings and decoder directions loaded in this process (what a
     fresh one starts without)."""
     _tokenizer.cache_clear()
-    _text_lm.cache_clear()
+    _TEXT_LMS.clear()
     _unembed.cache_clear()
     _decoder_units.cache_clear()
 
