@@ -582,9 +582,11 @@ def run(ctx: Any, cfg: Config) -> dict:
         for i, ids_BT in enumerate(bar, start=n_sv):
             if acc.density_tokens >= density_target:
                 break
-            with torch.no_grad():
+            with torch.no_grad():  # firing is all it counts: the encoder alone (no decoder, no units)
                 x_BTD = lm.resid_post(ids_BT.to(device), layer, stop_early=True).float()
-            acc.update_density(encode(x_BTD)[1], keep_mask(ids_BT, ignore))
+                B, T, D = x_BTD.shape
+                f_BTF = sae.encode(x_BTD.reshape(B * T, D).to(ctx.device, torch.float32)).reshape(B, T, -1)
+            acc.update_density(f_BTF, keep_mask(ids_BT, ignore))
             n_read = max(n_read, i + 1)
     t_density = time.time()
     read = min(n_read * bs, len(windows))  # windows drawn for the density window but not needed drop out
