@@ -23,7 +23,8 @@ import pandas as pd
 
 from msae_core.artifacts import (FEATURE_SAMPLE, RUN_INSPECT_CACHE_DIR, atomic_save_safetensors)
 from msae_core.errors import MsaeError
-from msae_core.inspect.projection import numpy_decoder_rows
+from msae_core.inspect import projection
+from msae_core.inspect.projection import decoder_units, numpy_decoder_rows
 from msae_core.data.store import read_manifest
 from msae_core.inspect.run_files import (latest_snapshots, load_run_sae, run_config, run_store_path,
                                          weights_key)
@@ -402,20 +403,6 @@ def random_examples(sample: FeatureSample, feature: int, n: int = 4, span: int =
                             [feature], span, f"{v[k]:.3g}") for k in pick]
 
 
-@functools.lru_cache(maxsize=2)
-def _decoder_units(run_dir: str, key: str) -> np.ndarray:
-    """Unit-norm decoder rows (input units) of the weights `key` names, float32 (F, D)."""
-    w = numpy_decoder_rows(load_run_sae(run_dir))
-    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-
-
-def decoder_units(run_dir: str | os.PathLike) -> np.ndarray:
-    """The run's unit-norm decoder directions (F, D) float32, read and normalised once per version
-    of its weights in this process: every feature the explorer opens reuses them (at F 16384 and
-    D 2304, reading the weights and normalising took most of a second a rerun)."""
-    return _decoder_units(str(Path(run_dir).resolve()), weights_key(run_dir))
-
-
 def nearest_by_decoder(run_dir: str | os.PathLike, feature: int, k: int = 10) -> pd.DataFrame:
     """The `k` features whose decoder directions (input units) are closest in cosine to `feature`'s."""
     unit = decoder_units(run_dir)
@@ -572,7 +559,7 @@ def clear_caches() -> None:
     _tokenizer.cache_clear()
     _TEXT_LMS.clear()
     _unembed.cache_clear()
-    _decoder_units.cache_clear()
+    projection.clear_caches()
 
 
 # ---------------------------------------------------------------------------------- map colours

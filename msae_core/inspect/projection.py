@@ -3,6 +3,7 @@ folder, keyed by the weights' fingerprint) and an instant PCA shown until the UM
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -22,6 +23,26 @@ def numpy_decoder_rows(sae: Any) -> np.ndarray:
     from msae_core.sae_io import folded_weights
 
     return np.ascontiguousarray(folded_weights(sae)["W_dec"].cpu().numpy())
+
+
+@functools.lru_cache(maxsize=2)
+def _decoder_units(run_dir: str, key: str) -> np.ndarray:
+    """Unit-norm decoder rows (input units) of the weights `key` names, float32 (F, D)."""
+    w = numpy_decoder_rows(load_run_sae(run_dir))
+    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+
+
+def decoder_units(run_dir: str | os.PathLike) -> np.ndarray:
+    """The run's unit-norm decoder directions (F, D) float32, read and normalised once per version
+    of its weights in this process: every feature the explorer opens reuses them (at F 16384 and
+    D 2304, reading the weights and normalising took most of a second a rerun), and the PCA
+    preview reads the same copy."""
+    return _decoder_units(str(Path(run_dir).resolve()), weights_key(run_dir))
+
+
+def clear_caches() -> None:
+    """Forget the decoder directions read in this process (what a fresh one starts without)."""
+    _decoder_units.cache_clear()
 
 
 def compute_umap(w_FD: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
@@ -68,7 +89,7 @@ def umap_coords(run_dir: str | os.PathLike, compute: bool = True, n_neighbors: i
 
 def pca_coords(run_dir: str | os.PathLike) -> np.ndarray:
     """2-D PCA of the (unit-normalised) decoder directions, (F, 2): quick, shown until UMAP is cached."""
-    return top2_pca(numpy_decoder_rows(load_run_sae(run_dir)))
+    return top2_pca(decoder_units(run_dir))
 
 
 def top2_pca(w_FD: np.ndarray, rounds: int = 8, width: int = 8, seed: int = 0) -> np.ndarray:
