@@ -155,8 +155,11 @@ def saelens_config_problems(cfg: Any) -> list[str]:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             out.append(f"{name} is missing or not a positive integer (got {json.dumps(v)})")
     k = _saelens_k(cfg)
-    if arch == "topk" and (not isinstance(k, int) or k < 1):
-        out.append("a topk SAE needs k (cfg k or activation_fn_kwargs.k)")
+    d_sae = cfg.get("d_sae")
+    if arch == "topk" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        out.append(f"a topk SAE needs k, a positive integer (cfg k or activation_fn_kwargs.k; got {json.dumps(k)})")
+    elif arch == "topk" and isinstance(d_sae, int) and k > d_sae:
+        out.append(f"k {k} is more than d_sae {d_sae}: a TopK SAE keeps at most d_sae latents")
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", None):
         out.append(f"normalize_activations {norm!r}: only SAEs that read raw activations are read ('none')")
@@ -193,6 +196,13 @@ def import_saelens(folder: str | os.PathLike) -> tuple[SAE, dict]:
            for k, shape in want.items() if k not in w or tuple(w[k].shape) != shape]
     if bad:
         raise MsaeError(f"{w_path} does not match its cfg.json: " + "; ".join(bad))
+    broken = [f"{k} holds {n} NaN or infinite values" for k in want
+              if (n := int((~torch.isfinite(w[k].float())).sum()))]
+    if broken:
+        raise MsaeError(f"{w_path}: " + "; ".join(broken) + ": a diverged or damaged SAE")
+    if arch == "jumprelu" and (n_neg := int((w["threshold"] < 0).sum())):
+        raise MsaeError(f"{w_path}: {n_neg} JumpReLU thresholds are negative (least "
+                        f"{float(w['threshold'].min()):.3g}): a JumpReLU threshold is >= 0")
     k = _saelens_k(cfg)
     fields: dict[str, Any] = {"arch": arch, "d_in": D, "d_sae": F}
     if arch == "topk":
@@ -208,7 +218,7 @@ def import_saelens(folder: str | os.PathLike) -> tuple[SAE, dict]:
         sae.b_dec.copy_(w["b_dec"].float())
         sae.input_scale.fill_(1.0)
         if arch == "jumprelu":
-            sae.log_threshold.copy_(w["threshold"].float().clamp_min(0).log())
+            sae.log_threshold.copy_(w["threshold"].float().log())  # thresholds are >= 0 (checked)
     return sae.eval(), cfg
 
 

@@ -69,15 +69,79 @@ def test_import_run_is_evaluated_to_the_same_numbers(tmp_path):
     assert ctx.layer == 0 and json.loads((back / "status.json").read_text())["state"] == "done"
 
 
-def test_import_without_a_store_streams_the_cfg_model_and_layer(tmp_path):
+def test_import_without_a_store_streams_the_cfg_model_and_layer(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub name that cannot be read here is imported unchecked
     sae, _ = _trained("topk")
     export_saelens(sae, tmp_path / "sl", model_name="google/gemma-3-270m", hook_name="blocks.5.hook_resid_post",
                    context_size=64)
     out = import_run(tmp_path / "sl", tmp_path / "run")
     cfg = json.loads((out / "config.json").read_text())["data"]
     assert (cfg["source"], cfg["model"], cfg["layer"], cfg["context_size"]) == ("stream", "google/gemma-3-270m", 5, 64)
-    out2 = import_run(tmp_path / "sl", tmp_path / "run2", model="embedded", layer=6)
-    assert json.loads((out2 / "config.json").read_text())["data"]["model"] == "embedded"
+    assert "were not checked" in caplog.text
+
+
+def _tiny_lm_sae(tmp_path, d_in: int):
+    """A tiny random model folder (2 blocks of width 64) and a SAELens SAE of width `d_in` for it."""
+    from msae_core.data.lm import save_tiny_model
+
+    lm = tmp_path / "tiny-lm"
+    save_tiny_model(lm, family="llama", d_model=64, n_layers=2)
+    sae = build_sae(SAEConfig(arch="topk", d_in=d_in, d_sae=32, k=4))
+    export_saelens(sae, tmp_path / f"sl{d_in}", model_name=str(lm), hook_name="blocks.1.hook_resid_post")
+    return lm, tmp_path / f"sl{d_in}"
+
+
+def test_import_checks_the_model_layer_width_and_corpus(tmp_path, capsys, monkeypatch):
+    from msae_core.data.lm import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    lm, sl = _tiny_lm_sae(tmp_path, 64)
+    (tmp_path / "c.txt").write_text("some text.\n\nmore text.")
+    out = import_run(sl, tmp_path / "ok", corpus=str(tmp_path / "c.txt"))
+    assert json.loads((out / "config.json").read_text())["data"]["layer"] == 1
+    cases = {"past the last block of": ["--layer", "2"], "layer must be >= 0": ["--layer", "-1"],
+             "cannot load": ["--model", str(tmp_path / "no-such-model")],
+             "corpus file": ["--corpus", str(tmp_path / "c.docx")],
+             "no network": ["--corpus", "no-such-dataset-name"]}
+    (tmp_path / "c.docx").write_text("x")
+    _, wide = _tiny_lm_sae(tmp_path, 48)
+    capsys.readouterr()  # the tiny model's own writing
+    for i, (said, extra) in enumerate(cases.items()):
+        dest = tmp_path / f"bad{i}"
+        assert cli.main(["import", str(sl), "--out", str(dest)] + extra) == 2, said
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+        assert not dest.exists()  # nothing half-written
+    assert cli.main(["import", str(wide), "--out", str(tmp_path / "w")]) == 2
+    assert "width 48" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, said", [
+    ("nan", "W_enc holds 3 NaN or infinite values"),
+    ("inf", "W_dec holds 1 NaN or infinite values"),
+    ("k_big", "k 49 is more than d_sae 48"),
+    ("k_bool", "needs k, a positive integer"),
+    ("threshold", "2 JumpReLU thresholds are negative")])
+def test_import_refuses_weights_and_settings_that_cannot_work(tmp_path, capsys, change, said):
+    sae, _ = _trained("jumprelu" if change == "threshold" else "topk")
+    sl = tmp_path / "sl"
+    export_saelens(sae, sl, model_name="m", hook_name="blocks.2.hook_resid_post")
+    w, cfg = load_file(str(sl / "sae_weights.safetensors")), json.loads((sl / "cfg.json").read_text())
+    if change == "nan":
+        w["W_enc"][0, :3] = float("nan")
+    elif change == "inf":
+        w["W_dec"][5, 1] = float("inf")
+    elif change == "threshold":
+        w["threshold"][:2] = -0.5
+    else:
+        cfg["k"] = 49 if change == "k_big" else True
+    save_file(w, str(sl / "sae_weights.safetensors"))
+    (sl / "cfg.json").write_text(json.dumps(cfg))
+    assert cli.main(["import", str(sl), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
 
 
 def test_broken_folders_are_refused_in_one_line(tmp_path, capsys):
@@ -227,7 +291,8 @@ def test_release_import_through_sae_lens_and_a_hub(tmp_path):
     server, url = _serve_hub(files, seen)
     try:
         env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-        env.pop("HF_HUB_OFFLINE", None)
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  # set on offline machines
+            env.pop(var, None)
         out = tmp_path / "runs" / "gs2"
         cmd = [sys.executable, "-m", "msae_core.cli", "import", "--release", "gemma-scope-2-270m-pt-res",
                "--sae-id", "layer_12_width_16k_l0_small"]

@@ -11,11 +11,14 @@ run reads that activation store (the feature pages' token examples come from it)
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from msae_core.errors import MsaeError
+
+log = logging.getLogger(__name__)
 
 
 def _meta(cfg: dict, key: str) -> Any:
@@ -41,10 +44,33 @@ def model_and_layer(cfg: dict, model: str = "", layer: int | None = None) -> tup
     return model, layer, int(ctx) if isinstance(ctx, int) and ctx >= 2 else 128
 
 
+def check_model_fits(model: str, layer: int, d_in: int) -> str:
+    """'' when `model` has a block `layer` whose output is `d_in` wide; MsaeError when it cannot
+    work. A hub name whose config cannot be read here (offline, gated, a mirror without it) gets a
+    note instead: the model may well exist where the evals will run."""
+    from msae_core.data.lm import EMBEDDED, model_shape
+
+    try:
+        width, n_layers = model_shape(model)
+    except MsaeError as exc:
+        if model == EMBEDDED or Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+            raise
+        return f"{model}'s layer count and width were not checked: {exc}"
+    if n_layers is not None and layer >= n_layers:
+        raise MsaeError(f"layer {layer} is past the last block of {model} ({n_layers} blocks: 0..{n_layers - 1})")
+    if width != d_in:
+        raise MsaeError(f"the SAE reads activations of width {d_in}, {model}'s blocks output {width}: "
+                        "give the model it was trained on (--model)")
+    return ""
+
+
 def import_run(folder: str | Path, out: str | Path, *, model: str = "", layer: int | None = None,
                acts: str = "", corpus: str = "embedded", source: str = "") -> Path:
     """Write the run folder `out` for the SAELens SAE in `folder`, recording `source` (default:
-    the folder's path) as where it came from. Refuses an `out` that exists and is not empty."""
+    the folder's path) as where it came from. Refuses an `out` that exists and is not empty, and
+    a model, layer, width or corpus that the evals could not use (a model that cannot be reached
+    here is imported unchecked, said in the log)."""
+    from msae_core.data.text import load_corpus
     from msae_core.artifacts import RUN_CONFIG, check_can_create
     from msae_core.data.store import ActivationStore
     from msae_core.sae_io import import_saelens, save_sae
@@ -57,6 +83,13 @@ def import_run(folder: str | Path, out: str | Path, *, model: str = "", layer: i
     check_can_create(out)
     sae, cfg = import_saelens(folder)
     model, layer, ctx = model_and_layer(cfg, model, layer)
+    if layer < 0:
+        raise MsaeError(f"layer must be >= 0 (got {layer})")
+    note = check_model_fits(model, layer, sae.cfg.d_in)
+    if note:
+        log.warning("%s", note)
+    if not acts:
+        load_corpus(corpus)  # MsaeError in one line for a corpus that cannot be read
     if acts:
         store = ActivationStore(acts)
         if store.d_in != sae.cfg.d_in:
