@@ -38,6 +38,7 @@ RUN_TMP_CHECKPOINT_DIR = ".checkpoint.tmp-{pid}"  # a checkpoint being written b
 RUN_TMP_CHECKPOINT_GLOB = ".checkpoint.tmp-*"
 # an OS file lock held by the one process that trains (or waits to train) in a run folder
 FOLDER_LOCK = ".lock"
+EVAL_LOCK = ".eval.lock"  # held by the one `msae eval` of a run folder at a time
 
 # a folder of run folders (results/runs): its sweeps' records and the lock of its run queue
 SWEEPS_DIR = "_sweeps"                  # _sweeps/NAME/sweep.json + one config json per point
@@ -120,9 +121,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # a write's error names no file
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
     _remove_orphan_tmp(path)
 

@@ -128,9 +128,10 @@ class FolderLock:
             ...   # only this process reads and writes the folder's files here
     """
 
-    def __init__(self, path: str | os.PathLike, what: str = "folder") -> None:
+    def __init__(self, path: str | os.PathLike, what: str = "folder", lock_file: str = FOLDER_LOCK) -> None:
         self.path = Path(path)
         self.what = what
+        self.lock_file = lock_file
         self._key = ""
 
     def __enter__(self) -> "FolderLock":
@@ -141,12 +142,12 @@ class FolderLock:
         self.release()
 
     def acquire(self) -> None:
-        self._key = str(self.path.resolve())
+        self._key = str(self.path.resolve() / self.lock_file)
         held = _HELD.get(self._key)
         if held is not None:
             held[1] += 1
             return
-        fd = os.open(self.path / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

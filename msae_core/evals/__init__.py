@@ -9,11 +9,12 @@ is done, so a killed eval keeps the evals finished before it and never leaves a 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from msae_core.artifacts import EVAL_NAMES
 from msae_core.errors import MsaeError
@@ -69,9 +70,7 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
     eval.json are not run again. Returns the whole eval.json content.
     """
     from msae_core.configutil import from_dict
-    from msae_core.evals.flags import run_flags
-    from msae_core.evals.schema import read_eval_json, write_eval_result, write_flags
-    from msae_core.evals.summary import summarize
+    from msae_core.evals.schema import read_eval_json
 
     names = parse_evals(evals)
     run_dir = Path(run_dir)
@@ -90,18 +89,62 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
             configs[n] = from_dict(mod.Config, over, prefix=f"{n}.") if over else mod.Config()
         except (TypeError, ValueError) as exc:
             raise MsaeError(f"{n}: bad eval setting: {exc}") from exc
+    with _eval_lock(run_dir):
+        return _run_locked(run_dir, todo, modules, configs, device, progress, skip_done)
+
+
+@contextlib.contextmanager
+def _eval_lock(run_dir: Path) -> Iterator[None]:
+    """The run's eval lock: one `msae eval` of a run at a time (MsaeError naming the other's pid);
+    none where the folder cannot hold a lock file (read-only: evals are still computed)."""
+    from msae_core.artifacts import EVAL_LOCK
+    from msae_core.procs import FolderLock
+
+    lock = FolderLock(run_dir, what="eval", lock_file=EVAL_LOCK)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        log.debug("no eval lock in %s: %s", run_dir, exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(run_dir: Path, todo: list[str], modules: dict, configs: dict, device: str | None,
+                progress: bool, skip_done: bool) -> dict:
+    """run_evals' work under the eval lock (evals another process finished meanwhile are skipped
+    with skip_done)."""
+    from msae_core.evals.flags import run_flags
+    from msae_core.evals.schema import read_eval_json, write_eval_result, write_flags
+    from msae_core.evals.summary import not_numbers, summarize
+
+    existing = read_eval_json(run_dir)
+    if skip_done:
+        todo = [n for n in todo if n not in existing]
+        if not todo:
+            return existing
     ctx = open_run(run_dir, device=device, progress=progress)
+    synthetic = isinstance(ctx.manifest.get("synthetic"), dict)
+    wrong = [n for n in todo if (n == "synthetic") != synthetic]
+    if wrong:  # refused before any phase is written: the run's status keeps what its evals said
+        raise MsaeError(f"run {run_dir.name} " + (
+            "trained on synthetic activations (msae synth): there is no language model for "
+            f"{', '.join(wrong)}; score it with --evals synthetic" if synthetic else
+            "trained on a language model's activations: the synthetic eval needs a run on a msae synth store"))
     for i, n in enumerate(todo, 1):
         log.info("eval %d/%d: %s on %s", i, len(todo), n, run_dir.name)
         _eval_phase(run_dir, f"running {n} ({i} of {len(todo)})")  # Home and Launch show it
         try:
             result = modules[n].run(ctx, configs[n])
+            existing = write_eval_result(run_dir, n, result)  # a full disk fails here: said too
         except BaseException as exc:
             _eval_phase(run_dir, f"failed in {n}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             raise
-        existing = write_eval_result(run_dir, n, result)
     _eval_phase(run_dir, "done")
-    flags = run_flags(summarize(existing), ctx.sae.cfg.d_sae)
+    flags = run_flags(summarize(existing), ctx.sae.cfg.d_sae, not_numbers(existing))
     existing = write_flags(run_dir, flags)
     for line in flags:
         log.warning("%s: %s", run_dir.name, line)

@@ -3,6 +3,7 @@ from reported without a word (a baseline with L0 8,896 of 16,384 latents, runs w
 explained variance, two runs with the same KL score to four digits) and what a diverging run can
 end with (`--lr 1e6` ended `done` at explained variance -8e12).
 
+    a metric that is NaN or null    the weights or outputs are not finite (a diverged or damaged SAE)
     explained variance < 0          the reconstruction is worse than predicting the mean
     L0 > d_sae / 4                  not a sparse code
     dead fraction > 1/2             most of the dictionary is unused
@@ -30,10 +31,14 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def run_flags(metrics: dict, d_sae: Any = None) -> list[str]:
+def run_flags(metrics: dict, d_sae: Any = None, not_numbers: list[str] | tuple = ()) -> list[str]:
     """One line per suspicious value of one run. `metrics`: summarize()'s keys, and `train_`
-    keys (train_explained_variance, train_l0) for a run not evaluated yet."""
+    keys (train_explained_variance, train_l0) for a run not evaluated yet; `not_numbers`: the
+    keys its evals reported as null or NaN (summary.not_numbers)."""
     out = []
+    if not_numbers:
+        out.append(f"{', '.join(not_numbers[:4])}{' ...' if len(not_numbers) > 4 else ''} came out as no "
+                   "number (NaN or infinite): the SAE's weights or outputs are not finite")
     ev = next((v for k in ("explained_variance", "synth_explained_variance", "train_explained_variance")
                if (v := _num(metrics.get(k))) is not None), None)
     if ev is not None and ev < 0:

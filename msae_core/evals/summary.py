@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # workbench key -> (eval, metric group, metric) in SAEBench's names
@@ -49,6 +50,22 @@ PATHS: dict[str, tuple[str, str, str]] = {
 # a score's confidence interval: its (low, high) keys above
 INTERVALS: dict[str, tuple[str, str]] = {
     key: (f"{key}_ci_low", f"{key}_ci_high") for key in PATHS if f"{key}_ci_low" in PATHS}
+
+
+def not_numbers(eval_json: Any) -> list[str]:
+    """The workbench keys an eval in `eval_json` reported as null, NaN or infinite (json has no
+    NaN: an eval writes null for it), e.g. a SAE whose weights hold NaN."""
+    out = []
+    if not isinstance(eval_json, dict):
+        return out
+    for key, (section, group, name) in PATHS.items():
+        try:
+            v = eval_json[section]["eval_result_metrics"][group][name]
+        except (KeyError, TypeError):
+            continue
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            out.append(key)
+    return out
 
 
 def summarize(eval_json: Any) -> dict[str, float]:
