@@ -158,5 +158,20 @@ def test_synthetic_eval_on_a_trained_run_and_the_lm_evals_refused(tmp_path):
     assert json.loads((run / "status.json").read_text())["eval"] == "done"
     with pytest.raises(MsaeError, match="synthetic activations.*--evals synthetic"):
         run_evals(run, "core", progress=False)
-    assert json.loads((run / "status.json").read_text())["eval"].startswith("failed in core: run run trained on")
+    assert json.loads((run / "status.json").read_text())["eval"] == "done"  # refused before it began: not "failed"
     assert json.loads((run / "eval.json").read_text())["synthetic"]["eval_result_metrics"] == m
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--noise", "nan"], "noise must be a finite number (got nan)"),
+    (["--magnitude", "inf"], "magnitude must be a finite number (got inf)"),
+    (["--magnitude", "nan"], "magnitude must be a finite number (got nan)"),
+    (["--depth", "100000"], "trees of depth 100000 and branching 3 hold more than 256 features"),
+    (["--d-model", "10000000", "--n-features", "10000000"], "GiB at once, more than the"),
+])
+def test_synth_refuses_settings_that_cannot_make_a_store(tmp_path, capsys, args, said):
+    out = tmp_path / "s"
+    assert cli.main(["synth", "--out", str(out), "--no-progress"] + args) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -66,6 +66,18 @@ KIND_HIERARCHY, KIND_CORRELATED, KIND_INDEPENDENT = 0, 1, 2
 _SPLITS = {"train": 0, "eval": 1}
 
 
+def _memory_available() -> int:
+    """Bytes of memory free for a new allocation (the OS's available figure; 2**62 where unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """The generator's knobs; equal settings give the same store, bit for bit."""
@@ -94,8 +106,30 @@ class SynthConfig:
     def n_hierarchy(self) -> int:
         return self.n_trees * sum(self.branching ** lv for lv in range(self.depth + 1)) if self.n_trees else 0
 
+    def _hierarchy_over(self, limit: int) -> bool:
+        """Whether the hierarchies hold more than `limit` features, without building a number of
+        `depth` digits (a depth of 100,000 is refused, not computed)."""
+        total, level = 0, max(self.n_trees, 0)
+        for _ in range(max(self.depth, 0) + 1):
+            total += level
+            if total > limit:
+                return True
+            level *= max(self.branching, 1)
+        return False
+
+    def memory_bytes(self) -> int:
+        """What generating needs at once: the feature directions (F, D) and a shard's rows (its
+        activations (N, D) and firing magnitudes (N, F)), float32."""
+        shard = min(self.rows, SHARD_WINDOWS * WINDOW_ROWS)
+        return 4 * (self.n_features * self.d_model + shard * (self.d_model + self.n_features))
+
     def problems(self) -> list[str]:
         out = []
+        floats = [f.name for f in dataclasses.fields(self) if f.type in ("float", float)]
+        bad = [f"{name} must be a finite number (got {getattr(self, name)})" for name in floats
+               if not math.isfinite(getattr(self, name))]
+        if bad:
+            return bad
         for name in ("n_features", "d_model", "rows", "group_size"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -115,10 +149,15 @@ class SynthConfig:
             out.append(f"n_correlated {self.n_correlated} is not a multiple of group_size {self.group_size}")
         if self.magnitude <= 0 or not 0 <= self.magnitude_spread < 1 or self.magnitude_std < 0 or self.noise < 0:
             out.append("magnitude must be > 0, magnitude_spread in [0, 1), magnitude_std and noise >= 0")
-        if not out and self.n_hierarchy + self.n_correlated > self.n_features:
+        if not out and self._hierarchy_over(self.n_features - self.n_correlated):
+            held = f"{self.n_hierarchy}" if self.depth <= 64 else f"more than {self.n_features}"
             out.append(f"{self.n_trees} trees of depth {self.depth} and branching {self.branching} hold "
-                       f"{self.n_hierarchy} features and the groups {self.n_correlated}: more than "
+                       f"{held} features and the groups {self.n_correlated}: more than "
                        f"n_features {self.n_features}")
+        if not out and self.memory_bytes() > _memory_available():
+            out.append(f"n_features {self.n_features} x d_model {self.d_model} needs about "
+                       f"{self.memory_bytes() / 2**30:.1f} GiB at once, more than the "
+                       f"{_memory_available() / 2**30:.1f} GiB free here")
         return out
 
     def settings_hash(self) -> str:
