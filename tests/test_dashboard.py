@@ -57,8 +57,14 @@ def test_html_pages_link_their_neighbours_and_share_one_plotly(run, tmp_path):
     page = files[0].read_text()
     assert f'<script src="{DASHBOARD_PLOTLY_JS}">' in page and page.count("<script src=") == 1
     near = D.feature_dashboard(run, 3, logits=False).nearest["feature"].tolist()
-    links = re.findall(r'href="run-000-momentum-feature(\d+)\.html"', page)
-    assert [int(x) for x in links[:len(near)]] == near
+    links = [int(x) for x in re.findall(r'href="run-000-momentum-feature(\d+)\.html"', page)]
+    assert set(links) <= {3, 7}  # only pages that exist are linked; the other neighbours are named
+    assert all(f"feature {f}" in page for f in near)
+    again = D.write_dashboards(run, near[:2], tmp_path, ("html",))  # their pages now exist: linked
+    page = D.write_dashboards(run, [3], tmp_path, ("html",))[0].read_text()
+    links = [int(x) for x in re.findall(r'href="run-000-momentum-feature(\d+)\.html"', page)]
+    assert set(near[:2]) <= set(links) and all((tmp_path / f"run-000-momentum-feature{f}.html").is_file() for f in links)
+    assert len(again) == 2
     for heading in ("Top activating contexts", "Random positive examples", "quantile bin", "Most correlated"):
         assert heading in page
     assert "background:rgba" in page and page.count("plotly-graph-div") == 3  # histogram, logits, logit histogram
@@ -72,13 +78,24 @@ def test_parse_features_and_bad_input(run, tmp_path, capsys):
             D.parse_features(bad, 256)
     assert main(["dashboard", str(run), "--features", "999", "--out", str(tmp_path)]) == 2
     assert "out of range [0, 256)" in capsys.readouterr().err
+    import tracemalloc
+
+    tracemalloc.start()  # a huge range is refused before it is expanded
+    with pytest.raises(MsaeError, match="0-1000000000 is out of range"):
+        D.parse_features("0-1000000000", 256)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20
     assert main(["dashboard", str(run), "--features", "1", "--format", "gif", "--out", str(tmp_path)]) == 2
     assert "unknown dashboard format gif" in capsys.readouterr().err
     assert main(["dashboard", str(tmp_path / "nope"), "--features", "1"]) == 2
 
 
 @pytest.mark.skipif(not HAVE_CHROMIUM, reason="PNG export needs Debian's chromium")
-def test_cli_writes_a_png(run, tmp_path, capsys):
+def test_cli_writes_a_png(run, tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
     assert main(["dashboard", str(run), "--features", "4", "--format", "png", "--out", str(tmp_path)]) == 0
     png = tmp_path / "run-000-momentum-feature4.png"
     assert str(png) in capsys.readouterr().out
@@ -86,3 +103,6 @@ def test_cli_writes_a_png(run, tmp_path, capsys):
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = np.frombuffer(head[16:24], dtype=">u4")
     assert width == 1650 and height > 1.2 * width  # histogram, output tokens, logit histogram, contexts
+    chatter = [r for r in caplog.records if r.name.split(".")[0] in ("kaleido", "choreographer", "logistro")
+               and r.levelno < logging.WARNING]
+    assert not chatter, chatter[:3]  # the exporter's INFO lines stay out of the command's output

@@ -107,12 +107,13 @@ def _panels(d: Dashboard) -> list[tuple[Any, int]]:
     return panels
 
 
-def _feature_table(df: pd.DataFrame | None, col: str, link: Callable[[int], str] | None) -> str:
+def _feature_table(df: pd.DataFrame | None, col: str, link: Callable[[int], str | None] | None) -> str:
     if df is None or df.empty:
         return "<p><i>none</i></p>"
     rows = []
     for f, v in zip(df.iloc[:, 0].astype(int), df[col].astype(float)):
-        name = f'<a href="{html.escape(link(f))}">feature {f}</a>' if link else f"feature {f}"
+        href = link(f) if link else None
+        name = f'<a href="{html.escape(href)}">feature {f}</a>' if href else f"feature {f}"
         rows.append(f"<tr><td>{name}</td><td>{v:.3f}</td></tr>")
     return f"<table><tr><th>feature</th><th>{html.escape(col)}</th></tr>{''.join(rows)}</table>"
 
@@ -120,7 +121,7 @@ def _feature_table(df: pd.DataFrame | None, col: str, link: Callable[[int], str]
 def dashboard_html(d: Dashboard, plotly_js: str = "inline", link: Callable[[int], str] | None = None) -> str:
     """A standalone HTML page of the dashboard. `plotly_js`: "inline" embeds plotly.js (one file
     that opens anywhere), or a path/URL the page loads it from; `link(f)` the href of feature f's
-    page (None: neighbours are not links)."""
+    page, or None where there is no page to link to (None: neighbours are not links)."""
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
 
@@ -203,7 +204,8 @@ def dashboard_figure(d: Dashboard, contexts: int = 6) -> Any:
 def write_dashboards(run_dir: str | os.PathLike, feature_ids: list[int], out: str | os.PathLike,
                      formats: tuple[str, ...] = ("html",), progress: bool = False) -> list[Path]:
     """Write each feature's dashboard into `out` (one sample, one model load for all); returns the
-    files written. The HTML pages link to `<run>-feature<N>.html` for the features they list."""
+    files written. The HTML pages link to `<run>-feature<N>.html` for the features they list
+    whose page this call writes or `out` already holds; the others are named, not linked."""
     formats = tuple(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
     bad = [f for f in formats if f not in DASHBOARD_FORMATS]
     if bad or not formats:
@@ -224,13 +226,18 @@ def write_dashboards(run_dir: str | os.PathLike, feature_ids: list[int], out: st
         sample = None
     from tqdm import tqdm
 
+    writing = set(feature_ids)
+
+    def link(g: int) -> str | None:
+        name = f"{dashboard_file_stem(run_dir.name, g)}.html"
+        return name if g in writing or (out / name).is_file() else None
+
     for f in tqdm(feature_ids, desc="dashboards", unit="feature", disable=not progress):
         d = feature_dashboard(run_dir, f, sample=sample)
         stem = dashboard_file_stem(d.run, f)
         if "html" in formats:
             p = out / f"{stem}.html"
-            p.write_text(dashboard_html(d, DASHBOARD_PLOTLY_JS, link=lambda g: f"{dashboard_file_stem(d.run, g)}.html"),
-                         encoding="utf-8")
+            p.write_text(dashboard_html(d, DASHBOARD_PLOTLY_JS, link=link), encoding="utf-8")
             written.append(p)
         if "png" in formats:
             fig = dashboard_figure(d)
@@ -252,6 +259,8 @@ def parse_features(text: str, d_sae: int | None = None) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
+                if lo < 0 or (d_sae is not None and hi >= d_sae):  # checked before it is expanded
+                    raise MsaeError(f"--features: {part} is out of range [0, {d_sae})")
                 got.extend(range(lo, hi + 1))
             else:
                 got.append(int(part))

@@ -33,8 +33,17 @@ RUN_TABLE_COLUMNS = ["name", "state", "arch", "base", "beta", "tau", "lam", "k",
                      "kl_div_score", "absorption", "l0", "sae_top1_acc"]
 
 
+# the figure exporter's loggers: each PNG logs ~25 INFO lines about its browser and temp files
+EXPORTER_LOGGERS = ("kaleido", "choreographer", "logistro")
+
+
 def configure_browser() -> str | None:
-    """Set BROWSER_PATH for kaleido/choreographer to Debian's chromium when none is set."""
+    """Set BROWSER_PATH for kaleido/choreographer to Debian's chromium when none is set, and keep
+    the exporter's own INFO lines out of the log (warnings still show; `msae -v` shows them all)."""
+    for name in EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            logger.setLevel(logging.WARNING)
     if os.environ.get("BROWSER_PATH"):
         return os.environ["BROWSER_PATH"]
     for p in DEFAULT_BROWSERS:
