@@ -25,21 +25,41 @@ if run is None:
 d_sae = int(ready[ready["name"] == run.name]["d_sae"].fillna(0).iloc[0])
 auto = 0 < d_sae <= AUTO_MAX_F
 
+@st.fragment(run_every=2)
+def _umap_progress(run) -> None:
+    """While this server computes the run's UMAP: a line; once it is cached, the page again."""
+    running, error = ui.umap_job(run)
+    if running:
+        st.caption("UMAP of the decoder directions is computing in the background (the other widgets "
+                   "work meanwhile); the map switches to it when it is done.")
+    elif error:
+        st.error(f"UMAP failed: {error}")
+    elif ui.umap(run, compute=False) is not None:
+        st.rerun()
+
+
 coords, layout = None, "UMAP"
 try:
-    coords = ui.umap(run, compute=st.session_state.get(f"umap_{run.name}", False))
+    coords = ui.umap(run, compute=False)
     if coords is None:
+        running, _ = ui.umap_job(run)
         st.info(f"The UMAP of {d_sae} decoder directions is not cached yet: a PCA projection is shown "
                 "until it is (UMAP compiles for ~40 s the first time in a server, then ~1 min per 16k).")
         coords, layout = ui.pca(run), "PCA"
-        if st.button("Compute UMAP", key="e_umap"):
-            st.session_state[f"umap_{run.name}"] = True
-            with st.spinner("UMAP of the decoder directions..."):
-                coords, layout = ui.umap(run, compute=True), "UMAP"
+        if not running and st.button("Compute UMAP", key="e_umap"):
+            ui.start_umap(run)
+        _umap_progress(run)
 except MsaeError as exc:
     st.error(str(exc))
 except ImportError as exc:
     st.error(f"umap-learn is not installed: {exc}")
+try:
+    broken = ui.empty_rows(run)
+except MsaeError:
+    broken = 0
+if broken:
+    st.warning(f"{broken} of {d_sae} decoder rows have no direction (NaN, infinite or zero: a diverged or "
+               "damaged SAE): they sit at the map's centre and their dashboards mean nothing.")
 
 sample = None
 try:

@@ -99,6 +99,42 @@ def umap(run_dir: Path, compute: bool):
     return _cached_or_computed(_umap, run_dir, compute)
 
 
+@st.cache_resource(show_spinner=False)
+def _umap_jobs() -> dict:
+    """The UMAPs being computed in this server: run path -> (thread, [error or None])."""
+    return {}
+
+
+def start_umap(run_dir: Path) -> None:
+    """Compute the run's UMAP into its folder in a thread of this server, so the page's widgets
+    stay live meanwhile (`umap_job` polls it). Once per run at a time."""
+    import threading
+
+    jobs = _umap_jobs()
+    key = str(run_dir)
+    if key in jobs and jobs[key][0].is_alive():
+        return
+    said: list = [None]
+
+    def work() -> None:
+        try:
+            projection.umap_coords(run_dir, compute=True)
+        except Exception as exc:  # noqa: BLE001 - shown on the page, in one line
+            said[0] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    thread = threading.Thread(target=work, name=f"umap-{run_dir.name}", daemon=True)
+    jobs[key] = (thread, said)
+    thread.start()
+
+
+def umap_job(run_dir: Path) -> tuple[bool, str | None]:
+    """(running, error) of this server's UMAP job for the run ((False, None) when there is none)."""
+    job = _umap_jobs().get(str(run_dir))
+    if job is None:
+        return False, None
+    return job[0].is_alive(), job[1][0]
+
+
 @st.cache_data(show_spinner=False, max_entries=4)
 def _diff(key_a: tuple, key_b: tuple):
     from msae_core.inspect.diff import diff_runs
@@ -204,3 +240,8 @@ def _pca(key: tuple):
 
 def pca(run_dir: Path):
     return _pca(_run_key(run_dir))
+
+
+def empty_rows(run_dir: Path) -> int:
+    """How many of the run's decoder rows have no direction (NaN, inf or zeros)."""
+    return projection.empty_rows(run_dir)

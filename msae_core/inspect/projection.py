@@ -19,10 +19,22 @@ log = logging.getLogger(__name__)
 
 def numpy_decoder_rows(sae: Any) -> np.ndarray:
     """Decoder rows in input units, (F, D) float32 numpy (msae_core.sae_io.folded_weights); the
-    numpy counterpart of msae_core.evals.absorption.decoder_directions, for plotting."""
+    numpy counterpart of msae_core.evals.absorption.decoder_directions, for plotting. A row
+    holding NaN or inf (a diverged or damaged SAE) comes back as zeros: it sits at the map's
+    centre instead of breaking the projection (`non_finite_rows` counts them)."""
     from msae_core.sae_io import folded_weights
 
-    return np.ascontiguousarray(folded_weights(sae)["W_dec"].cpu().numpy())
+    w = np.ascontiguousarray(folded_weights(sae)["W_dec"].cpu().numpy())
+    bad = ~np.isfinite(w).all(axis=1)
+    if bad.any():
+        w[bad] = 0.0
+    return w
+
+
+def empty_rows(run_dir: str | os.PathLike) -> int:
+    """How many of the run's decoder rows have no direction: NaN, inf (read as zeros by
+    numpy_decoder_rows) or all zeros; from the cached unit rows, no second read of the weights."""
+    return int((~decoder_units(run_dir).any(axis=1)).sum())
 
 
 @functools.lru_cache(maxsize=2)
@@ -46,15 +58,20 @@ def clear_caches() -> None:
 
 
 def compute_umap(w_FD: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
-    """UMAP of rows of w_FD (cosine), float32 (F, 2)."""
+    """UMAP of rows of w_FD (cosine), float32 (F, 2). A zero row (no direction: a damaged row
+    read as zeros) is left out of the fit and placed at the centre of the others."""
     import umap
 
     n = w_FD.shape[0]
-    if n < 4:
-        return np.zeros((n, 2), dtype=np.float32)
-    reducer = umap.UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=min_dist, metric="cosine",
+    ok = np.abs(w_FD).sum(axis=1) > 0
+    out = np.zeros((n, 2), dtype=np.float32)
+    if ok.sum() < 4:
+        return out
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, int(ok.sum()) - 1), min_dist=min_dist, metric="cosine",
                         random_state=seed, n_components=2, low_memory=True)
-    return reducer.fit_transform(w_FD).astype(np.float32)
+    out[ok] = reducer.fit_transform(w_FD if ok.all() else w_FD[ok]).astype(np.float32)
+    out[~ok] = out[ok].mean(axis=0)
+    return out
 
 
 def umap_coords(run_dir: str | os.PathLike, compute: bool = True, n_neighbors: int = 15,
@@ -99,6 +116,7 @@ def top2_pca(w_FD: np.ndarray, rounds: int = 8, width: int = 8, seed: int = 0) -
     product took about 3 s of a 4 s first visit on 2 cores). Each axis's sign puts its largest
     |coordinate| positive."""
     w = w_FD.astype(np.float32, copy=True)
+    w[~np.isfinite(w).all(axis=1)] = 0.0  # a damaged row sits at the centre
     w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
     w -= w.mean(0, keepdims=True)
     F_, D = w.shape
