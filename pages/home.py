@@ -74,17 +74,28 @@ def runs_section() -> None:
     only_eval = c4.checkbox("Evaluated only", key="f_eval")
     view = rt.filter_runs(df, states, archs, text, only_eval)
 
-    cols = ["name", "state", "eval_phase", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae", "tokens",
-            "explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "dead_fraction", "step",
-            "total_steps", "train_explained_variance", "train_l0", "train_dead_fraction", "flags", "problem"]
+    view = rt.with_synthetic_scores(view)
+    cols = ["name", "state", "eval_phase", "data", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae",
+            "tokens", "explained_variance", "absorption", "synth_absorption", "synth_f1", "l0", "kl_div_score",
+            "ce_loss_score", "dead_fraction", "step", "total_steps", "train_explained_variance", "train_l0",
+            "train_dead_fraction", "flags", "problem"]
     st.caption(f"{len(view)} of {len(df)} runs")
     st.dataframe(view[cols], hide_index=True, key="runs_table", width="stretch",
                  column_config={
-                     "explained_variance": st.column_config.NumberColumn("expl. var", format="%.4f"),
-                     "absorption": st.column_config.NumberColumn(format="%.4f"),
+                     "data": st.column_config.TextColumn("trained on", help="model, layer and activation "
+                                                         "store (or streamed); synthetic: a msae synth store"),
+                     "explained_variance": st.column_config.NumberColumn(
+                         "expl. var", format="%.4f", help="the core eval's; a synthetic run's from its synthetic eval"),
+                     "absorption": st.column_config.NumberColumn(
+                         "absorption", format="%.4f", help="first-letter absorption (the absorption eval)"),
+                     "synth_absorption": st.column_config.NumberColumn(
+                         "synth absorption", format="%.4f", help="a synthetic run's exact absorption "
+                         "against its store's known features"),
+                     "synth_f1": st.column_config.NumberColumn("synth F1", format="%.3f"),
                      "kl_div_score": st.column_config.NumberColumn("KL score", format="%.4f"),
                      "ce_loss_score": st.column_config.NumberColumn("CE score", format="%.4f"),
-                     "l0": st.column_config.NumberColumn("L0", format="%.1f"),
+                     "l0": st.column_config.NumberColumn("L0", format="%.1f", help="the core eval's; a "
+                                                         "synthetic run's from its synthetic eval"),
                      "tokens": st.column_config.NumberColumn(format="compact"),
                      "train_explained_variance": st.column_config.NumberColumn("EV (train)", format="%.3f"),
                      "train_l0": st.column_config.NumberColumn("L0 (train)", format="%.1f"),
@@ -108,6 +119,10 @@ def runs_section() -> None:
     if not flagged.empty:
         st.warning("Suspicious results, check before trusting them:\n\n" + "\n".join(
             f"- **{r.name}**: {r.flags}" for r in flagged.itertuples()))
+    together = rt.cross_run_notes(view)
+    if together:
+        st.info(f"What the {len(view)} runs shown tell together (changes with the runs shown):\n\n"
+                + "\n".join(f"- {line}" for line in together))
 
 
 runs_section()

@@ -36,6 +36,9 @@ flagged = have[have["flags"].fillna("") != ""] if not have.empty else have
 if not flagged.empty:
     st.warning("Points to read with care:\n\n" + "\n".join(f"- **{r.name}**: {r.flags}"
                                                             for r in flagged.itertuples()))
+together = rt.cross_run_notes(have)
+if together:
+    st.info("What these points show together:\n\n" + "\n".join(f"- {line}" for line in together))
 
 picked = None
 try:

@@ -273,20 +273,24 @@ def test_suspicious_values_are_flagged():
 
 
 def test_runs_table_and_eval_json_carry_the_flags(tmp_path):
-    """The runs table's `flags` column holds each run's lines (one rule on its own values, one
-    across runs). The fixture writes the same KL score for every run: that is flagged too."""
+    """The runs table's `flags` column holds each run's own lines (its values alone: adding runs
+    never changes it); what runs show together is `cross_run_notes`, over the runs given. The
+    fixture writes the same KL score for every run: that is noted too."""
     from fixtures_runs import make_run, make_store
-    from msae_core.inspect.runs_table import runs_table
+    from msae_core.inspect.runs_table import cross_run_notes, runs_table
 
     store = make_store(tmp_path / "stores" / "s")
     make_run(tmp_path, "negative", str(store), arch="topk", ev=-0.4, absorption=0.01, umap=False)
     make_run(tmp_path, "twin-a", str(store), arch="topk", ev=0.81234, absorption=0.02, umap=False)
     make_run(tmp_path, "twin-b", str(store), arch="topk", ev=0.81231, absorption=0.03, umap=False)
     make_run(tmp_path, "clean", str(store), arch="topk", ev=0.7, absorption=0.04, umap=False)
-    df = runs_table(tmp_path).set_index("name")
+    table = runs_table(tmp_path)
+    df = table.set_index("name")
     assert "worse than predicting the mean" in df.loc["negative", "flags"]
-    assert "explained_variance 0.8123 equals twin-b's" in df.loc["twin-a", "flags"]
-    assert "twin-a" in df.loc["twin-b", "flags"]
-    clean = df.loc["clean", "flags"]
-    assert "explained_variance" not in clean and "worse than" not in clean
-    assert "kl_div_score 0.9 equals negative, twin-a, twin-b's" in clean
+    assert df.loc["twin-a", "flags"] == df.loc["twin-b", "flags"] == df.loc["clean", "flags"] == ""
+    notes = cross_run_notes(table)
+    assert "twin-a: explained_variance 0.8123 equals twin-b's to 4 digits: the same result twice?" in notes
+    assert any(n.startswith("twin-b:") and "twin-a" in n for n in notes)
+    assert "clean: kl_div_score 0.9 equals negative, twin-a, twin-b's to 4 digits: the same result twice?" in notes
+    assert not [n for n in cross_run_notes(table[table["name"].isin(["clean", "negative"])]) if "twin" in n]
+    assert (df["data"] == "s-tiny-model L0 · s").all() and (df["layer"] == 0).all()  # what each run trained on

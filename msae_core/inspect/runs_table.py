@@ -42,7 +42,8 @@ METRIC_COLUMNS = ["explained_variance", "absorption", "l0", "kl_div_score", "ce_
 METRIC_COLUMNS += [c for pair in INTERVALS.values() for c in pair] + ["absorption_seeds"]
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "train_dead_fraction", "train_dead_window",
                  "competing_pairs"]
-TABLE_COLUMNS = (["name", "state", "eval_phase", "step", "total_steps", "problem", "flags"] + CONFIG_COLUMNS
+TABLE_COLUMNS = (["name", "state", "eval_phase", "step", "total_steps", "problem", "flags", "data", "model",
+                  "layer", "store", "synthetic", "not_numbers"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
 
 
@@ -83,8 +84,32 @@ def _text(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def run_row(info: Any) -> dict:
-    """One row of the runs table from a runs.RunInfo."""
+def _data_fields(data: dict, manifests: dict[str, Any]) -> dict:
+    """What a run trained on: `data` (one line), model, layer, store (its folder name) and whether
+    the store is synthetic (`msae synth`), from its config's data section and its store's manifest
+    (read once per store through `manifests`)."""
+    acts = _text(data.get("acts")) or ""
+    if data.get("source") == "stream":
+        model, layer, store = _text(data.get("model")), _num(data.get("layer")), Path(_text(data.get("cache")) or "").name
+        where = "streamed"
+    else:
+        key = str(Path(acts).resolve()) if acts else ""
+        if key not in manifests:
+            try:
+                manifests[key] = read_manifest(acts) if acts else None
+            except MsaeError:
+                manifests[key] = None
+        m = manifests[key] or {}
+        model, layer, store, where = _text(m.get("model")), _num(m.get("layer")), Path(acts).name, ""
+        if isinstance(m.get("synthetic"), dict):
+            return {"data": f"synthetic · {store}", "model": None, "layer": None, "store": store, "synthetic": True}
+    shown = Path(model).name if model and model.startswith(("/", ".", "~")) else model  # a local folder: its name
+    line = " · ".join(p for p in ((shown or "?") + (f" L{int(layer)}" if layer is not None else ""), where, store) if p)
+    return {"data": line, "model": model, "layer": layer, "store": store or None, "synthetic": False}
+
+
+def run_row(info: Any, manifests: dict[str, Any] | None = None) -> dict:
+    """One row of the runs table from a runs.RunInfo (`manifests`: store manifests already read)."""
     cfg = info.config if isinstance(info.config, dict) else {}
     sae = cfg.get("sae") if isinstance(cfg.get("sae"), dict) else {}
     train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
@@ -100,6 +125,8 @@ def run_row(info: Any) -> dict:
         "eval_phase": _text(status.get("eval")),
         "path": str(info.path),
     }
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    row.update(_data_fields(data, {} if manifests is None else manifests))
     if arch == "momentum":
         row.update(beta=_num(sae.get("beta")), tau=_num(sae.get("tau")), lam=_num(sae.get("lam")))
     knob = _sparsity_knob(base)
@@ -121,7 +148,10 @@ def run_row(info: Any) -> dict:
         if problem or not isinstance(ev, dict):
             row["problem"] = "; ".join(p for p in (row["problem"], problem or f"{RUN_EVAL} is not an object") if p)
         else:
+            from msae_core.evals.summary import not_numbers
+
             row.update(summarize_eval(ev))
+            row["not_numbers"] = ",".join(not_numbers(ev))
     return row
 
 
@@ -130,10 +160,10 @@ def runs_table(root: str | os.PathLike | None = None) -> pd.DataFrame:
     A broken folder gives a row whose `problem` column says what is wrong."""
     from msae_core.training.run_folder import list_runs
 
-    rows = []
+    rows, manifests = [], {}
     for info in list_runs(runs_root(root), metrics_tail=1):
         try:
-            rows.append(run_row(info))
+            rows.append(run_row(info, manifests))
         except Exception as exc:  # noqa: BLE001 - one odd folder must not hide the others
             rows.append({"name": info.name, "state": "unknown", "problem": f"unreadable: {exc}",
                          "path": str(info.path)})
@@ -145,16 +175,42 @@ def runs_table(root: str | os.PathLike | None = None) -> pd.DataFrame:
 
 
 def _flags_column(df: pd.DataFrame) -> list[str]:
-    """Per run, its suspicious values (evals.flags) joined by "; " ("" when none)."""
-    from msae_core.evals.flags import interval_flags, run_flags, shared_value_flags
+    """Per run, its own suspicious values (evals.flags.run_flags) joined by "; " ("" when none):
+    what the run alone shows, so that adding runs never changes it (cross_run_notes says what
+    the runs show together)."""
+    from msae_core.evals.flags import run_flags
 
     if df.empty:
         return []
-    records = df.to_dict("records")
-    by_name = {r["name"]: r for r in records}
-    shared, wide = shared_value_flags(by_name), interval_flags(by_name)
-    return ["; ".join(run_flags(r, r.get("d_sae")) + shared.get(r["name"], []) + wide.get(r["name"], []))
-            for r in records]
+    return ["; ".join(run_flags(r, r.get("d_sae"), [k for k in str(r.get("not_numbers") or "").split(",") if k]))
+            for r in df.to_dict("records")]
+
+
+def with_synthetic_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with a synthetic run's explained variance and L0 from its synthetic eval where it has
+    no core eval (the same definitions on its store's rows), so such runs show scores on Home."""
+    if df.empty:
+        return df
+    out = df.copy()
+    for key in ("explained_variance", "l0"):
+        out[key] = out[key].where(out[key].notna(), out[f"synth_{key}"])
+    return out
+
+
+def cross_run_notes(df: pd.DataFrame) -> list[str]:
+    """What the runs in `df` show together (evals.flags): a metric two runs share to 4 digits, a
+    score whose interval is wider than its spread over these runs. Pages show these once, above
+    the runs they are about; they change with the runs chosen."""
+    from msae_core.evals.flags import interval_flags, shared_value_flags
+
+    if df.empty:
+        return []
+    by_name = {r["name"]: r for r in df.to_dict("records")}
+    out = []
+    for flags in (shared_value_flags(by_name), interval_flags(by_name)):
+        for name, lines in flags.items():
+            out += [f"{name}: {line}" for line in lines]
+    return out
 
 
 def filter_runs(df: pd.DataFrame, states: list[str] | None = None, archs: list[str] | None = None,
