@@ -70,3 +70,31 @@ def test_refusals_are_one_line(runs, tmp_path, capsys):
     assert "has no eval results yet" in capsys.readouterr().err
     with pytest.raises(MsaeError, match="baseline 'x' is not among the runs"):
         C.comparison(C.read_runs(runs[:2]), "x")
+
+
+def test_runs_on_different_data_are_warned_about_and_namesakes_kept_apart(runs, tmp_path, capsys):
+    import shutil
+
+    other = _run(tmp_path / "elsewhere", "base", 0.70, 0.20, (0.18, 0.22))  # another root, the same name
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["data"]["acts"] = "another-store"
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["compare", str(runs[0]), str(other), "--baseline", str(runs[0])]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("WARNING: these runs trained on different data")
+    first = f"{runs[0].parent.parent.name}/runs/base"
+    assert f"| {first} (baseline) |" in printed and "| elsewhere/runs/base |" in printed
+    assert "nan" not in printed  # no interval is "-", not [nan, nan]
+    assert cli.main(["compare", str(runs[0]), str(runs[1])]) == 0
+    assert "WARNING" not in capsys.readouterr().out  # the same store: no warning
+    assert cli.main(["compare", str(runs[0]), str(runs[0])]) == 2
+    assert "given twice" in capsys.readouterr().err
+    shutil.rmtree(other)
+
+
+def test_a_long_table_read_back_prints_no_nan_interval(runs):
+    long = C.comparison(C.read_runs(runs), "base")
+    back = pd.read_csv(pd.io.common.StringIO(long.to_csv(index=False)))  # None -> NaN
+    back = back.astype(object).where(back.notna(), None).assign(ci_low=back["ci_low"], ci_high=back["ci_high"])
+    text = C.cell(back[back["metric"] == "explained_variance"].iloc[1].to_dict(), "base")
+    assert "nan" not in text and "[" not in text

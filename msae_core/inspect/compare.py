@@ -59,9 +59,12 @@ def read_runs(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     from msae_core.inspect.runs_table import run_row
     from msae_core.training.run_folder import read_run
 
-    rows = []
+    rows, seen = [], {}
     for p in paths:
         path = Path(p)
+        if path.resolve() in seen:
+            raise MsaeError(f"{path} is given twice (as {seen[path.resolve()]}): give each run once")
+        seen[path.resolve()] = str(p)
         if not path.is_dir():
             raise MsaeError(f"no run folder at {path}")
         info = read_run(path, metrics_tail=1)
@@ -72,10 +75,27 @@ def read_runs(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
             raise MsaeError(f"run {path.name} has no eval results yet: run `msae eval {path}` first")
         rows.append(row)
     names = [r["name"] for r in rows]
-    if len(set(names)) != len(names):
-        raise MsaeError(f"two runs share a folder name ({', '.join(n for n in names if names.count(n) > 1)}): "
-                        "give each once")
+    for name in {n for n in names if names.count(n) > 1}:  # namesakes in different folders: named by
+        same = [r for r in rows if r["name"] == name]       # as much of their paths as tells them apart
+        parts = [Path(r["path"]).resolve().parts for r in same]
+        k = next(k for k in range(2, max(map(len, parts)) + 1)
+                 if len({p[-k:] for p in parts}) == len(parts))
+        for r, p in zip(same, parts):
+            r["name"] = "/".join(p[-k:]).lstrip("/")
     return pd.DataFrame(rows)
+
+
+def data_note(df: pd.DataFrame) -> str:
+    """'' when every run trained on the same data (model, layer and store, or the same stream);
+    else one line naming what each trained on: their differences mix the data with the method."""
+    if df.empty or "data_key" not in df:
+        return ""
+    keys = df["data_key"].fillna("?")
+    if keys.nunique() <= 1:
+        return ""
+    parts = [f"{r['name']}: {r.get('data') or '?'}" for r in df.to_dict("records")]
+    return ("WARNING: these runs trained on different data (" + "; ".join(parts)
+            + "): a difference between them is not the method's alone")
 
 
 def _l0(row: dict) -> float | None:
@@ -128,10 +148,11 @@ def _fmt(v: float | None) -> str:
 def cell(r: dict, baseline: str) -> str:
     """One cell of the wide table: value [interval], and for a run other than the baseline its
     difference with the verdict: "resolved" (intervals disjoint), "within noise", "no interval"."""
-    text = _fmt(r["value"])
-    if r["ci_low"] is not None and r["ci_high"] is not None:
-        text += f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-    if r["run"] != baseline and r["diff"] is not None:
+    text = _fmt(_num(r["value"]))
+    lo, hi = _num(r["ci_low"]), _num(r["ci_high"])  # a long table read back holds NaN for "none"
+    if lo is not None and hi is not None:
+        text += f" [{_fmt(lo)}, {_fmt(hi)}]"
+    if r["run"] != baseline and _num(r["diff"]) is not None:
         verdict = {True: "resolved", False: "within noise", None: "no interval"}[r["resolved"]]
         text += f" ({'+' if r['diff'] >= 0 else ''}{_fmt(r['diff'])}, {verdict})"
     return text
@@ -156,7 +177,8 @@ def wide_table(long: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def to_markdown(wide: pd.DataFrame, baseline: str) -> str:
+def to_markdown(wide: pd.DataFrame, baseline: str, note: str = "") -> str:
+    """The wide table as markdown, its reading below it and `note` (data_note) above it."""
     cols = list(wide.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in wide.itertuples(index=False)]
@@ -164,35 +186,39 @@ def to_markdown(wide: pd.DataFrame, baseline: str) -> str:
              "they overlap; no interval: the eval gives none for that metric (one sample). "
              f"L0 matched: within {L0_TOLERANCE:.0%} of the baseline's L0; reconstruction and absorption "
              "both move with L0, so compare matched runs."]
-    return "\n".join(lines + [""] + notes) + "\n"
+    return "\n".join(([note, ""] if note else []) + lines + [""] + notes) + "\n"
 
 
-def write_comparison(long: pd.DataFrame, wide: pd.DataFrame, baseline: str, out: str | os.PathLike) -> Path:
+def write_comparison(long: pd.DataFrame, wide: pd.DataFrame, baseline: str, out: str | os.PathLike,
+                     note: str = "") -> Path:
     """compare.md (the wide table and its reading) and compare.csv (the long table) into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / EXPORT_COMPARE_MD, to_markdown(wide, baseline))
+    atomic_write_text(out / EXPORT_COMPARE_MD, to_markdown(wide, baseline, note))
     atomic_write_text(out / EXPORT_COMPARE_CSV, long.to_csv(index=False))
     return out
 
 
 def _run(args: argparse.Namespace) -> int:
-    df = read_runs(args.runs)
-    baseline = Path(args.baseline).name if args.baseline else df["name"].iloc[0]
-    if args.baseline and Path(args.baseline).name not in set(df["name"]):
-        df = pd.concat([read_runs([args.baseline]), df], ignore_index=True)
+    runs = list(args.runs)
+    if args.baseline and Path(args.baseline).resolve() not in {Path(r).resolve() for r in runs}:
+        runs = [args.baseline] + runs
+    df = read_runs(runs)
+    by_path = {str(Path(p).resolve()): n for p, n in zip(df["path"], df["name"])}
+    baseline = by_path[str(Path(args.baseline).resolve())] if args.baseline else df["name"].iloc[0]
     long = comparison(df, baseline)
     wide = wide_table(long, baseline)
-    print(to_markdown(wide, baseline), end="")
+    note = data_note(df)
+    print(to_markdown(wide, baseline, note), end="")
     if args.out:
-        print(f"written: {write_comparison(long, wide, baseline, args.out)}")
+        print(f"written: {write_comparison(long, wide, baseline, args.out, note)}")
     return 0
 
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "compare", help="runs side by side: metrics with intervals, differences to a baseline",
-        description="Print evaluated runs as a paper's table: each metric with its 95 %% interval where "
+        description="Print evaluated runs as a paper's table: each metric with its 95 % interval where "
                     "the eval gives one, the difference to the baseline and whether the intervals "
                     "resolve it; L0 matching is checked.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders with eval results")

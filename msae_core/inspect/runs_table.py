@@ -43,7 +43,7 @@ METRIC_COLUMNS += [c for pair in INTERVALS.values() for c in pair] + ["absorptio
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "train_dead_fraction", "train_dead_window",
                  "competing_pairs"]
 TABLE_COLUMNS = (["name", "state", "eval_phase", "step", "total_steps", "problem", "flags", "data", "model",
-                  "layer", "store", "synthetic", "not_numbers"] + CONFIG_COLUMNS
+                  "layer", "store", "synthetic", "data_key", "not_numbers"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
 
 
@@ -102,10 +102,14 @@ def _data_fields(data: dict, manifests: dict[str, Any]) -> dict:
         m = manifests[key] or {}
         model, layer, store, where = _text(m.get("model")), _num(m.get("layer")), Path(acts).name, ""
         if isinstance(m.get("synthetic"), dict):
-            return {"data": f"synthetic · {store}", "model": None, "layer": None, "store": store, "synthetic": True}
+            return {"data": f"synthetic · {store}", "model": None, "layer": None, "store": store, "synthetic": True,
+                    "data_key": f"store:{key}"}
     shown = Path(model).name if model and model.startswith(("/", ".", "~")) else model  # a local folder: its name
     line = " · ".join(p for p in ((shown or "?") + (f" L{int(layer)}" if layer is not None else ""), where, store) if p)
-    return {"data": line, "model": model, "layer": layer, "store": store or None, "synthetic": False}
+    data_key = (f"store:{key}" if where != "streamed" else
+                f"stream:{model}:{layer}:{data.get('corpus')}:{data.get('context_size')}")
+    return {"data": line, "model": model, "layer": layer, "store": store or None, "synthetic": False,
+            "data_key": data_key}
 
 
 def run_row(info: Any, manifests: dict[str, Any] | None = None) -> dict:
