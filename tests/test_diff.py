@@ -90,3 +90,20 @@ def test_diff_runs_on_one_store_and_refused_on_two(tmp_path):
     run_c = make_run(tmp_path, "c", str(other), arch="topk", d_sae=64, ev=None, traces=False, umap=False, k=8)
     with pytest.raises(MsaeError, match="different activation stores"):
         Df.diff_runs(run_a, run_c)
+
+
+def test_a_store_recorded_relative_and_absolute_is_one_store(tmp_path, monkeypatch):
+    """The demo records its store one way, the Launch page another: the diff reads both as one."""
+    import json
+    import shutil
+
+    store = make_store(tmp_path / "stores" / "s")
+    run_a = make_run(tmp_path, "a", str(store), arch="topk", d_sae=64, ev=None, traces=False, umap=False, k=8)
+    run_b = tmp_path / "runs" / "b"
+    shutil.copytree(run_a, run_b)
+    cfg = json.loads((run_b / "config.json").read_text())
+    cfg["data"]["acts"] = "stores/s"  # relative to the folder the workbench runs from
+    (run_b / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)
+    d = Df.diff_runs(run_a, run_b, n_rows=128)
+    assert (d.table["b"] == np.arange(64)).all()

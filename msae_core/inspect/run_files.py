@@ -58,12 +58,13 @@ def run_config(run_dir: str | os.PathLike) -> dict:
 
 def run_store_path(run_dir: str | os.PathLike) -> str | None:
     """The activation store the run's rows are read back from: its --acts, or a streamed run's
-    --cache (None when it has neither)."""
+    --cache, as an absolute path (one run may have recorded it relative to the folder it was
+    started from, another absolute); None when it has neither."""
     data = run_config(run_dir).get("data")
     if not isinstance(data, dict):
         return None
     path = data.get("cache") if data.get("source") == "stream" else data.get("acts")
-    return path if isinstance(path, str) and path else None
+    return str(Path(path).expanduser().resolve()) if isinstance(path, str) and path else None
 
 
 def has_weights(run_dir: str | os.PathLike) -> bool:
