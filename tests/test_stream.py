@@ -225,6 +225,27 @@ def test_stream_cache_resumes_to_the_harvested_store(setup, tmp_path):
     _same_store(more, _harvested(setup, tmp_path / "harvested30", more.n_rows))
 
 
+def test_a_resumed_stream_that_reads_nothing_new_still_finishes_its_cache(setup, tmp_path):
+    """Killed after the checkpoint of its last step, resumed with no window left to read: the
+    cache is made complete (it stayed complete: false with the open-ended target); its meta is
+    the manifest's, so no model is needed for it."""
+    from msae_core.data.store import ActivationStore
+
+    cache = str(tmp_path / "cache")
+    st1 = _stream(setup, cache=cache)
+    for s in range(6):
+        st1.batch_raw(s, 32, 0)
+    fields, tensors = st1.state(6)  # the last checkpoint; then killed before finish_cache
+    assert not ActivationStore(cache).manifest["complete"]
+    st2 = _stream(setup, cache=cache)
+    st2.restore(fields, tensors)
+    st2.finish_cache()  # the run had reached its steps: nothing streamed in this process
+    got = ActivationStore(cache)
+    assert got.manifest["complete"] and got.manifest["n_windows"] == st1.windows_used
+    assert got.manifest["target_tokens"] == got.n_rows
+    _same_store(got, _harvested(setup, tmp_path / "harvested", got.n_rows))
+
+
 def test_streamed_run_reads_its_rows_back_from_its_cache(setup, tmp_path):
     """A run with --cache: at its end the cache is the harvest of every row the stream read; the
     workbench and the evals read the run's rows and manifest from it; resumed for more steps, the

@@ -203,7 +203,16 @@ class ActivationStream:
             self._sink.flush()
 
     def finish_cache(self) -> None:
-        """The run is done: the cache becomes a complete harvest of the rows it holds."""
+        """The run is done: the cache becomes a complete harvest of the rows it holds (also when
+        this process wrote nothing into it: a run resumed after its last window was cached)."""
+        if self._sink is None and self._cache_settings is not None:
+            from msae_core.data.harvest import ShardSink
+            from msae_core.data.store import StoreWriter, read_manifest
+
+            held = read_manifest(self.cache_path)  # its meta is already in the manifest: no model load
+            if held is not None:
+                self._sink = ShardSink(StoreWriter(self.cache_path, self._cache_settings,
+                                                   {"d_model": held.get("d_model")}, retarget=True))
         if self._sink is None or self._sink.writer.complete:
             return
         self._sink.flush()
