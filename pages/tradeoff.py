@@ -6,6 +6,7 @@ import ui
 from msae_core.evals.reference import reference_points
 from msae_core.inspect import compare as C
 from msae_core.inspect import figures as F
+from msae_core.inspect import runs_table as rt
 
 st.title("Reconstruction vs absorption")
 df = ui.runs_table()

@@ -73,10 +73,11 @@ def _sample(key: tuple, compute: bool) -> features.FeatureSample | None:
     return features.feature_sample(key[0], compute=compute)
 
 
-def _cached_or_computed(cached, run_dir: Path, compute: bool):
+def _cached_or_computed(cached, run_dir: Path, compute: bool, extra: tuple = ()):
     """cached(key, False) (in-process, or from the run folder's cache); computed when missing and
-    `compute`, clearing the in-process None first."""
-    key = _run_key(run_dir)
+    `compute`, clearing the in-process None first. `extra` joins the key (a cache file another
+    thread writes)."""
+    key = (*_run_key(run_dir), *extra)
     value = cached(key, False)
     if value is None and compute:
         cached.clear()
@@ -95,8 +96,12 @@ def _umap(key: tuple, compute: bool):
 
 
 def umap(run_dir: Path, compute: bool):
-    """The run's UMAP coordinates (cached in-process and in the run folder); None if not computed."""
-    return _cached_or_computed(_umap, run_dir, compute)
+    """The run's UMAP coordinates (cached in-process and in the run folder); None if not computed.
+    Keyed by the folder's UMAP file too, so one written by the background job is read at once."""
+    from msae_core.artifacts import RUN_INSPECT_CACHE_DIR, UMAP_COORDS
+
+    return _cached_or_computed(_umap, run_dir, compute,
+                               (run_files.file_fingerprint(run_dir / RUN_INSPECT_CACHE_DIR / UMAP_COORDS),))
 
 
 @st.cache_resource(show_spinner=False)
