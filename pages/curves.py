@@ -15,9 +15,12 @@ if not names:
     st.stop()
 chosen = st.multiselect("Runs", names, default=names[:4], key="c_runs")
 c1, c2 = st.columns(2)
-y = c1.selectbox("Metric", list(F.CURVE_LABELS), key="c_y", format_func=lambda k: F.CURVE_LABELS.get(k, k))
 x = c2.radio("Against", ["step", "l0"], horizontal=True, key="c_x",
              format_func=lambda k: {"step": "training step", "l0": "L0 (the trade-off)"}[k])
+metrics = [k for k in F.CURVE_LABELS if k != x]  # L0 against L0 says nothing
+if st.session_state.get("c_y") not in metrics:
+    st.session_state.pop("c_y", None)
+y = c1.selectbox("Metric", metrics, key="c_y", format_func=lambda k: F.CURVE_LABELS.get(k, k))
 paths = dict(zip(df["name"], df["path"]))
 curves = {name: load_metrics(paths[name]) for name in chosen}
 ui.show_figure(F.curves_figure(curves, y, x), "curves", stem=f"curves-{y}-by-{x}", width="stretch")

@@ -431,6 +431,11 @@ def test_curves_page_overlays_chosen_runs_by_step_or_l0(full_root, monkeypatch):
     spec = charts(at)[0]
     assert spec["layout"]["xaxis"]["title"]["text"] == "L0 (batch)" and len(spec["data"]) == len(chosen)
     assert all(min(arr(t["x"])) >= 8 for t in spec["data"])  # the fixtures log L0 between 8 and 9
+    at.radio(key="c_x").set_value("step").run()
+    at.selectbox(key="c_y").set_value("l0").run()
+    at.radio(key="c_x").set_value("l0").run()  # L0 (batch) against L0: a traceback once
+    assert_clean(at)
+    assert "L0 (batch)" not in at.selectbox(key="c_y").options and at.selectbox(key="c_y").value != "l0"
 
 
 def test_diff_page_matches_two_runs_and_shows_both_side_by_side(full_root, monkeypatch):

@@ -187,7 +187,7 @@ def curves_figure(runs: dict[str, pd.DataFrame], y: str, x: str = "step", title:
     for n, (name, m) in enumerate(runs.items()):
         if m.empty or y not in m or x not in m:
             continue
-        d = m[[x, y, "step"] if x != "step" else [x, y]].dropna()
+        d = m[list(dict.fromkeys([x, y, "step"]))].dropna()  # a column once, also when y is x
         if d.empty:
             continue
         fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines" if x == "step" else "lines+markers", name=name,
