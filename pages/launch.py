@@ -6,6 +6,7 @@ import streamlit as st
 
 import ui
 from msae_core.artifacts import EVAL_NAMES
+from msae_core.evals.cli import DEFAULT_EVALS
 from msae_core.errors import MsaeError
 from msae_core.inspect.launch import config_problems, problem_field
 from msae_core.paths import runs_root
@@ -14,6 +15,8 @@ from msae_core.training.jobs import start_harvest
 from msae_core.training.jobs import cancel_run, launch_run
 from msae_core.paths import safe_run_name
 from msae_core.training.run_folder import list_runs
+
+LM_EVALS = DEFAULT_EVALS.split(",")  # what `msae eval` runs by default on a language model's run
 
 st.title("Launch runs")
 root = ui.root()
@@ -117,9 +120,12 @@ with a3:
     batch = st.number_input("Batch size (tokens per step)", 1, 1 << 20, 1024, step=256, key="batch")
     slots["batch_size"] = st.empty()
     st.caption(f"= {int(steps) * int(batch):,} training tokens")
-    evals = st.multiselect("Evals when done", list(EVAL_NAMES), key="evals",
+    synthetic = bool(chosen_store and chosen_store.get("synthetic"))
+    evals = st.multiselect("Evals when done", list(EVAL_NAMES), key="evals_synthetic" if synthetic else "evals",
+                           default=["synthetic"] if synthetic else list(LM_EVALS),
                            help="synthetic scores a run on a store written by `msae synth` against its true "
-                                "features; the others need a language model's activations")
+                                "features; the others need a language model's activations. None: evaluate "
+                                "later with `msae eval`")
 
 sae = {"arch": arch, "d_in": 0, "d_sae": int(d_sae), "k": int(k), "l1_coeff": float(l1), "l0_coeff": float(l0c)}
 if arch == "momentum":

@@ -167,7 +167,7 @@ def test_launch_streams_from_a_model(full_root, monkeypatch, tmp_path):
 
     model = save_tiny_model(tmp_path / "tiny", "llama", n_layers=2, seed=0)
     launched = {}
-    monkeypatch.setattr(jobs, "launch_run", lambda cfg, root, name, **kw: launched.setdefault("cfg", cfg) and
+    monkeypatch.setattr(jobs, "launch_run", lambda cfg, root, name, **kw: launched.update(cfg=cfg, **kw) or
                         (Path(root) / name))
     at = open_page(full_root, "launch", monkeypatch)
     at.radio(key="source").set_value("stream from the model").run()
@@ -187,6 +187,20 @@ def test_launch_streams_from_a_model(full_root, monkeypatch, tmp_path):
     assert cfg.data.source == "stream" and cfg.data.model == str(model) and cfg.data.layer == 1
     assert cfg.sae.d_in == 64 and not cfg.data.acts and cfg.data.cache == str(tmp_path / "cache")
     assert cfg.data.outliers == "clip"
+    assert launched["evals"] == ["core", "absorption", "sparse_probing"]  # a launch is followed by its evals
+
+
+def test_launch_offers_the_evals_that_fit_the_store(tmp_path, monkeypatch):
+    """Evals when done starts with the language-model evals on a harvest and with synthetic on a
+    `msae synth` store (it started empty: runs launched from the page were never evaluated)."""
+    from msae_core.data import synth as S
+
+    root = tmp_path / "results"
+    S.synth(S.SynthConfig(n_features=64, d_model=16, n_trees=2, depth=1, branching=2, n_correlated=4,
+                          group_size=2, rows=2000), root / "stores" / "syn", progress=False)
+    at = open_page(root, "launch", monkeypatch)
+    assert_clean(at)
+    assert at.multiselect(key="evals_synthetic").value == ["synthetic"]
 
 
 def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):

@@ -9,6 +9,9 @@ from pathlib import Path
 from msae_core.errors import MsaeError
 
 
+DEFAULT_EVALS = "core,absorption,sparse_probing"  # on a language model's run (the Launch page's default too)
+
+
 def _overrides(items: list[str]) -> dict[str, dict]:
     """['core.n_eval_reconstruction_batches=4', 'absorption.max_words=500'] -> {'core': {...}, ...} (json values)."""
     out: dict[str, dict] = {}
@@ -43,7 +46,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate trained runs with SAEBench's metric definitions",
                        description="Evaluate runs; results go into RUN/eval.json in SAEBench's layout.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
-    p.add_argument("--evals", default="core,absorption,sparse_probing",
+    p.add_argument("--evals", default=DEFAULT_EVALS,
                    help="comma list of core, absorption, sparse_probing, synthetic (a run on a `msae synth` "
                         "store) (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")

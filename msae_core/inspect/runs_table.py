@@ -252,7 +252,7 @@ def list_stores(root: str | os.PathLike | None = None) -> list[dict]:
         out.append({"name": p.name, "path": str(p), "model": m.get("model"), "layer": m.get("layer"),
                     "corpus": (m.get("corpus") or {}).get("name") if isinstance(m.get("corpus"), dict)
                     else m.get("corpus"), "n_rows": m.get("n_rows"), "d_model": m.get("d_model"),
-                    "complete": bool(m.get("complete")),
+                    "complete": bool(m.get("complete")), "synthetic": isinstance(m.get("synthetic"), dict),
                     "outliers": outlier_line(m.get("outliers"), lambda ids, p=p: _token_texts(p, ids)),
                     "problem": None if m.get("shards") else "no complete shard yet"})
     return out
