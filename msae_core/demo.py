@@ -100,28 +100,62 @@ def _fmt_s(s: float) -> str:
 
 
 class _Progress:
-    """Writes demo.json and the terminal lines; estimates the time left from the phases done."""
+    """Writes demo.json and the terminal lines; estimates the time left from the phases done and
+    the time spent in the phase in hand. A thread refreshes the estimate every `tick_s` seconds
+    (demo.json, which Home polls) and says it on the terminal every `say_s` seconds."""
 
-    def __init__(self, root: Path, phases: list[Phase]) -> None:
+    def __init__(self, root: Path, phases: list[Phase], tick_s: float = 2.0, say_s: float = 60.0) -> None:
+        import threading
+
         self.root, self.phases = root, phases
         self.started = time.time()
         self.done_est = self.done_real = 0.0
+        self.current: tuple[int, float] | None = None  # (phase, its start)
         self.record = {"state": "running", "pid": os.getpid(), "started": self.started, "error": None,
                        "phases": [{"label": p.label, "kind": p.kind, "run": p.run, "eval": p.eval,
                                    "state": "pending", "estimate_s": p.estimate_s} for p in phases]}
+        self._lock = threading.Lock()
         self._write()
+        self._halt = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, args=(tick_s, say_s), name="demo-eta", daemon=True)
+        self._ticker.start()
 
     def left_s(self, i: int) -> float:
+        """Seconds left from phase i on: the estimates scaled by the speed seen so far, the phase in
+        hand less the time it has already taken (never below a tenth of its estimate)."""
         speed = self.done_real / self.done_est if self.done_est > 0 else 1.0
-        return speed * sum(p.estimate_s for p in self.phases[i:])
+        rest = speed * sum(p.estimate_s for p in self.phases[i + 1:])
+        if i >= len(self.phases):
+            return 0.0
+        own = speed * self.phases[i].estimate_s
+        if self.current is not None and self.current[0] == i:
+            own = max(own - (time.time() - self.current[1]), 0.1 * own)
+        return rest + own
+
+    def _tick(self, tick_s: float, say_s: float) -> None:
+        said = time.time()
+        while not self._halt.wait(tick_s):
+            cur = self.current
+            if cur is None:
+                continue
+            left = self.left_s(cur[0])
+            with self._lock:
+                self.record["eta_s"] = left
+                self._write_locked()
+            if time.time() - said >= say_s:
+                said = time.time()
+                log.info("demo [%d/%d] %s: %s in this phase, about %s left", cur[0] + 1, len(self.phases),
+                         self.phases[cur[0]].label, _fmt_s(time.time() - cur[1]), _fmt_s(left))
 
     def start(self, i: int) -> float:
+        self.current = (i, time.time())
         left = self.left_s(i)
         log.info("demo [%d/%d] %s; %s elapsed, about %s left", i + 1, len(self.phases),
                  self.phases[i].label, _fmt_s(time.time() - self.started), _fmt_s(left))
-        self.record["phases"][i].update(state="running", started=time.time())
-        self.record.update(phase=i, eta_s=left)
-        self._write()
+        with self._lock:
+            self.record["phases"][i].update(state="running", started=time.time())
+            self.record.update(phase=i, eta_s=left)
+            self._write_locked()
         return time.time()
 
     def finish(self, i: int, t0: float, state: str = "done", error: str | None = None) -> None:
@@ -129,22 +163,35 @@ class _Progress:
         if took >= 1.0:  # a phase found done (a rerun skips it) says nothing of this machine's speed
             self.done_est += self.phases[i].estimate_s
             self.done_real += took
-        self.record["phases"][i].update(state=state, seconds=took, error=error)
-        self.record.update(eta_s=self.left_s(i + 1))
-        self._write()
+        self.current = None
+        with self._lock:
+            self.record["phases"][i].update(state=state, seconds=took, error=error)
+            self.record.update(eta_s=self.left_s(i + 1))
+            self._write_locked()
 
     def end(self, state: str, error: str | None = None) -> None:
-        self.record.update(state=state, error=error, eta_s=0, finished=time.time())
-        self._write()
+        self._halt.set()
+        self._ticker.join()
+        self.current = None
+        with self._lock:
+            self.record.update(state=state, error=error, eta_s=0, finished=time.time())
+            self._write_locked()
         log.info("demo %s in %s%s", state, _fmt_s(time.time() - self.started), f": {error}" if error else "")
 
     def _write(self) -> None:
+        with self._lock:
+            self._write_locked()
+
+    def _write_locked(self) -> None:
         self.record["updated"] = time.time()
         atomic_write_json(self.root / DEMO_STATUS, self.record)
 
 
 def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> list[Path]:
+    """Run the demo's phases (module docstring). Ctrl-C or SIGTERM in any phase stops the demo
+    there (KeyboardInterrupt), with what was done kept; the same call continues."""
     from msae_core.evals import run_evals
+    from msae_core.procs import StopFlag
     from msae_core.data.harvest import harvest
     from msae_core.data.lm import embedded_is_cached
     from msae_core.training.config import DataConfig, RunConfig, TrainConfig
@@ -175,9 +222,10 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
                                       snapshot_every=max(1, plan.steps // 100)),
                     data=DataConfig(acts=str(store_dir)))
                 if read_status(run_dir).get("state") != "done":
-                    result = train(cfg, run_dir, progress=progress)
-                    if result.state == "cancelled":  # the trainer took the signal (Ctrl-C, SIGTERM)
-                        raise KeyboardInterrupt(f"stopped: {ph.run} cancelled at step {result.step} "
+                    stop = StopFlag()  # the trainer takes Ctrl-C and SIGTERM at its safe points
+                    result = train(cfg, run_dir, progress=progress, stop=stop)
+                    if result.state == "cancelled" or stop.signum is not None:  # also a signal after its last step
+                        raise KeyboardInterrupt(f"stopped: {ph.run} {result.state} at step {result.step} "
                                                 "(checkpoint written); run the same command to continue")
                     if result.state != "done":
                         raise MsaeError(f"{ph.run} ended {result.state}: {result.error}")
@@ -192,6 +240,8 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
             prog.finish(i, t0)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, in any phase: nothing done is lost
         label = phases[prog.record.get("phase") or 0].label if phases else "the demo"
+        if str(exc):
+            log.warning("demo %s", str(exc).splitlines()[0])
         prog.end("failed", str(exc).splitlines()[0] if str(exc) else
                  f"stopped during {label} (Ctrl-C or SIGTERM); run the same command to continue")
         raise
@@ -260,30 +310,37 @@ def _cli(args: argparse.Namespace) -> int:
     plan = DemoPlan(model=args.model, layer=args.layer, tokens=args.tokens, steps=args.steps,
                     d_sae=args.d_sae, batch_size=args.batch_size, evals=tuple(parse_evals(args.evals)))
     root = Path(args.root)
-    if not args.serve:
-        run_demo(root, plan)
-        return 0
-    server = serve_workbench(root, args.port)
-    log.info("workbench: http://127.0.0.1:%d (the demo's runs appear on Home as they progress)", args.port)
-    rc = 0
 
-    def _stop(signum, frame):  # SIGTERM stops the demo and its server like Ctrl-C does
+    def _stop(signum, frame):  # SIGTERM stops the demo (and its server) as Ctrl-C does
         raise KeyboardInterrupt
 
     old_term = signal.signal(signal.SIGTERM, _stop)
+    server = None
+    demo_over = False  # once the demo has ended, Ctrl-C only stops the server: exit as the demo ended
+    rc = 0
     try:
+        if args.serve:
+            server = serve_workbench(root, args.port)
+            log.info("workbench: http://127.0.0.1:%d (the demo's runs appear on Home as they progress)", args.port)
         try:
             run_demo(root, plan)
         except MsaeError as exc:
+            if not args.serve:
+                raise
             log.error("demo: %s", exc)
             rc = 2
-        log.info("the workbench keeps serving at http://127.0.0.1:%d; Ctrl-C to stop", args.port)
-        server.wait()
+        demo_over = True
+        if server is not None:
+            log.info("the workbench keeps serving at http://127.0.0.1:%d; Ctrl-C to stop", args.port)
+            server.wait()
     except KeyboardInterrupt:
-        pass
+        if not demo_over:
+            print("msae: demo stopped (Ctrl-C or SIGTERM); what was done is kept: run the same command "
+                  "to continue", file=sys.stderr)
+            rc = 130
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        if server.poll() is None:
+        if server is not None and server.poll() is None:
             server.terminate()
             try:
                 server.wait(timeout=10)
@@ -294,8 +351,14 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="harvest, train and evaluate demo runs on the embedded default",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "demo", help="harvest, train and evaluate demo runs on the embedded default",
+        description="Harvest layer-6 activations of the embedded Gemma 3 270M on the embedded fortunes "
+                    "corpus, train a TopK SAE and a momentum SAE on them and evaluate both. The TopK run "
+                    "trains and gets its core eval first, so a scored run is on the workbench's Home "
+                    "within minutes; the slower evals come last. The terminal shows each phase with the "
+                    "time left; with --serve the workbench shows the runs as they progress. Ctrl-C stops "
+                    "the demo; running the same command again continues where it stopped.")
     p.add_argument("--root", default=str(results_root()), help="results folder (default: %(default)s)")
     p.add_argument("--serve", action="store_true",
                    help="serve the workbench on 127.0.0.1 first and keep serving when the demo is done")

@@ -55,7 +55,8 @@ def test_demo_harvests_trains_and_evaluates_then_skips_what_is_done(tmp_path, ca
     cfg = json.loads((root / "runs" / "demo-momentum" / "config.json").read_text())
     assert cfg["sae"]["arch"] == "momentum" and cfg["sae"]["lam"] == 0.3
     # the terminal got one line a phase with the time left; demo.json holds every phase, done
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("demo [")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("demo [")
+             and "elapsed" in r.getMessage()]  # a phase's first line (a long one says more each minute)
     assert len(lines) == 5 and lines[0].startswith("demo [1/5] harvest activations")
     assert all("left" in line for line in lines)
     prog = demo.demo_progress(root)
@@ -148,7 +149,7 @@ def test_a_signal_during_training_stops_the_demo(tmp_path, monkeypatch):
     from msae_core.training import trainer
     from msae_core.training.trainer import RunResult
 
-    monkeypatch.setattr(trainer, "train", lambda cfg, run_dir, progress=True: RunResult(
+    monkeypatch.setattr(trainer, "train", lambda cfg, run_dir, progress=True, stop=None: RunResult(
         "cancelled", 17, Path(run_dir), {}, "cancelled by signal SIGTERM at step 17; checkpoint written"))
     prog = _interrupted_demo(tmp_path)
     assert prog["state"] == "failed" and "cancelled at step 17" in prog["error"]
@@ -162,7 +163,7 @@ def test_a_signal_during_an_eval_reads_as_stopped_not_failed(tmp_path, monkeypat
     from msae_core.training import trainer
     from msae_core.training.trainer import RunResult
 
-    monkeypatch.setattr(trainer, "train", lambda cfg, run_dir, progress=True: RunResult("done", 5, Path(run_dir)))
+    monkeypatch.setattr(trainer, "train", lambda cfg, run_dir, progress=True, stop=None: RunResult("done", 5, Path(run_dir)))
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
@@ -184,3 +185,58 @@ def test_time_left_ignores_phases_a_rerun_finds_done(tmp_path):
     prog.start(1)
     prog.finish(1, time.time() - 2 * phases[1].estimate_s)  # twice the estimate
     assert prog.left_s(2) == pytest.approx(2 * sum(p.estimate_s for p in phases[2:]), rel=1e-3)
+
+
+def test_a_signal_after_the_last_step_still_stops_the_demo(tmp_path, monkeypatch):
+    """Ctrl-C that reaches the trainer after its last step leaves the run done; the demo must stop
+    there all the same, not go on into the next phase (it did, and a second Ctrl-C was needed)."""
+    from msae_core.training import trainer
+    from msae_core.training.trainer import RunResult
+
+    def done_but_signalled(cfg, run_dir, progress=True, stop=None):
+        stop.signum = signal.SIGINT
+        return RunResult("done", 5, Path(run_dir))
+
+    monkeypatch.setattr(trainer, "train", done_but_signalled)
+    prog = _interrupted_demo(tmp_path)
+    assert prog["state"] == "failed" and "demo-topk done at step 5" in prog["error"]
+    assert [p["state"] for p in prog["phases"]][:2] == ["done", "running"]  # not on into the eval
+
+
+def test_an_interrupted_demo_exits_130_with_serve_too(tmp_path, monkeypatch, capsys):
+    """Ctrl-C stops the demo (and its server) with exit code 130 and a line saying how to go on;
+    it ended 0 after "demo failed"."""
+    class Server:
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(demo, "serve_workbench", lambda root, port: Server())
+
+    def interrupted(root, plan, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    for extra in ([], ["--serve"]):
+        assert cli.main(_argv(tmp_path, tmp_path / "results") + extra) == 130
+        err = capsys.readouterr().err
+        assert "run the same command" in err or "interrupted" in err
+
+
+def test_time_left_moves_within_a_phase(tmp_path):
+    """The estimate counts down while a phase runs (it stood still for a whole phase), in
+    demo.json too, refreshed by the progress thread."""
+    phases = demo.plan_phases(demo.DemoPlan(), model_cached=True)
+    prog = demo._Progress(tmp_path, phases, tick_s=0.05)
+    prog.start(0)
+    first = json.loads((tmp_path / DEMO_STATUS).read_text())["eta_s"]
+    prog.current = (0, time.time() - 20)  # 20 s into the harvest
+    assert prog.left_s(0) == pytest.approx(first - 20, abs=0.5)
+    for _ in range(100):
+        eta = json.loads((tmp_path / DEMO_STATUS).read_text())["eta_s"]
+        if eta < first - 19:
+            break
+        time.sleep(0.05)
+    assert first - 21 < eta < first - 19
+    prog.current = (0, time.time() - 10 * phases[0].estimate_s)  # far over its estimate: a floor
+    assert prog.left_s(0) >= sum(p.estimate_s for p in phases[1:]) + 0.1 * phases[0].estimate_s - 1e-6
+    prog.end("done")
