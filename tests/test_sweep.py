@@ -60,6 +60,9 @@ def test_expand_grid_types_names_and_refusals(store):
     assert "beta" in str(exc.value) and "tau" in str(exc.value)
     with pytest.raises(MsaeError, match="name=v1,v2"):
         parse_grid(["beta"])
+    from msae_core.training.sweep import default_name  # the README's example gives no --name
+
+    assert default_name(parse_grid(["lam=0,0.1,0.3", "sae.tau=0.3,0.5"])) == "sweep-lam-tau"
 
 
 @pytest.mark.slow  # five `msae train` processes, ~5 s each of torch start-up on 2 cores

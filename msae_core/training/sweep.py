@@ -291,14 +291,22 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="field (dotted sae.beta or bare beta) and its values")
     p.add_argument("--root", default="results/runs", help="folder of the run folders (default: results/runs)")
-    p.add_argument("--name", required=True, help="sweep name; run folders are NAME-<values>")
+    p.add_argument("--name", default="", help="sweep name; run folders are NAME-<values> "
+                   "(default: sweep-<the grid's fields>, e.g. sweep-lam-tau)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
     p.set_defaults(func=run_cli)
 
 
+def default_name(grid: dict[str, Any]) -> str:
+    """sweep-<the grid's fields, bare>: `lam=... tau=...` -> sweep-lam-tau."""
+    return "sweep-" + "-".join(k.rsplit(".", 1)[-1] for k in grid)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     base = RunConfig.load(args.base_config)
-    record = run_sweep(base, parse_grid(args.grid), args.root, args.name, parallel=args.parallel)
+    grid = parse_grid(args.grid)
+    args.name = args.name or default_name(grid)
+    record = run_sweep(base, grid, args.root, args.name, parallel=args.parallel)
     bad = [f"{p['name']} ({p['state']})" for p in record["points"] if p["state"] != "done"]
     if bad:
         raise MsaeError(f"{len(bad)} of {len(record['points'])} sweep points did not finish: "
