@@ -15,8 +15,10 @@ missing=()
 for d in "${debs[@]}"; do dpkg -s "$d" >/dev/null 2>&1 || missing+=("$d"); done
 if ((${#missing[@]})); then
   sudo=""; [[ "$(id -u)" == 0 ]] || sudo="sudo"
-  $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
+  # another apt (unattended upgrades on a fresh machine) may hold the dpkg lock: wait for it
+  lock=(-o DPkg::Lock::Timeout=600)
+  $sudo apt-get "${lock[@]}" update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get "${lock[@]}" install -y -q "${missing[@]}"
 fi
 
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
