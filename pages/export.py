@@ -7,6 +7,8 @@ from msae_core.artifacts import EXPORT_FIGURES_DIR
 from msae_core.errors import MsaeError
 from msae_core.evals.reference import reference_points
 from msae_core.inspect import export as X
+from msae_core.paths import exports_root
+from msae_core.training.imports import export_run
 
 st.title("Export")
 root = ui.root()
@@ -50,6 +52,23 @@ t1.download_button("Research log points (CSV)", X.table_csv(ref), file_name="res
                    mime="text/csv", key="x_ref_csv")
 with st.expander("Runs table as markdown"):
     st.code(X.runs_markdown(df), language="markdown")
+
+st.subheader("SAE weights for SAELens")
+done = df[df["state"].eq("done") & df["problem"].fillna("").eq("")]["name"].tolist() if not df.empty else []
+if done:
+    s1, s2 = st.columns([3, 2])
+    run_name = s1.selectbox("Run", done, key="x_sae_run")
+    target = exports_root(root) / f"{run_name}-saelens"
+    s1.caption(f"Into `{target}`: cfg.json and sae_weights.safetensors, as SAELens saves a SAE "
+               f"(`msae export RUN --format saelens --out DIR` does the same; `msae import` reads it back).")
+    if s2.button("Export SAE", key="x_sae_go"):
+        try:
+            out = export_run(dict(zip(df["name"], df["path"]))[run_name], target)
+            st.success(f"Wrote `{out}`")
+        except MsaeError as exc:
+            st.error(str(exc))
+else:
+    st.caption("No finished run to export yet.")
 
 st.subheader("Write-up bundle")
 formats = st.multiselect("Figure formats", list(X.FORMATS), ["png", "svg"], key="x_formats")

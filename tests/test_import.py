@@ -320,3 +320,28 @@ def test_release_import_through_sae_lens_and_a_hub(tmp_path):
     with torch.no_grad():
         got = sae.forward(x)
     torch.testing.assert_close(got.x_hat, f @ params["w_dec"] + params["b_dec"], rtol=1e-4, atol=1e-4)
+
+
+def test_export_command_round_trips_through_import(tmp_path, capsys):
+    """`msae export RUN --format saelens` and `msae import` give back the same SAE and settings."""
+    from fixtures_runs import make_run
+
+    store = make_store(tmp_path / "stores" / "s")
+    run = make_run(tmp_path, "orig", str(store), arch="momentum", d_sae=64, ev=None, traces=False, umap=False,
+                   base="topk", k=8)
+    out = tmp_path / "exports" / "orig-saelens"
+    assert cli.main(["export", str(run), "--format", "saelens", "--out", str(out)]) == 0
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["k"], cfg["metadata"]["hook_name"]) == ("topk", 8, "blocks.0.hook_resid_post")
+    assert cli.main(["import", str(out), "--out", str(tmp_path / "runs" / "back"), "--acts", str(store)]) == 0
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(load_sae(tmp_path / "runs" / "back").forward(x).x_hat,
+                                   load_sae(run).forward(x).x_hat, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--out", str(out)]) == 2  # not over an export
+    assert "exists and is not empty" in capsys.readouterr().err
+    pending = make_run(tmp_path, "pending", str(store), arch="topk", state="running", ev=None, traces=False,
+                       umap=False, k=8)
+    assert cli.main(["export", str(pending), "--out", str(tmp_path / "p")]) == 2
+    assert "no final weights" in capsys.readouterr().err and not (tmp_path / "p").exists()

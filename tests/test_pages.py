@@ -297,6 +297,12 @@ def test_export_page_lists_figures_and_tables(full_root, monkeypatch):
     assert_clean(at)
     assert "tradeoff-explained-variance" in at.selectbox(key="x_fig").options
     assert any(b.label.startswith("Runs table") for b in at.get("download_button"))
+    at.selectbox(key="x_sae_run").set_value("run-001-topk").run()
+    at.button(key="x_sae_go").click().run()
+    assert_clean(at)
+    out = full_root / "exports" / "run-001-topk-saelens"
+    assert any(str(out) in s.value for s in at.success), [e.value for e in at.error]
+    assert json.loads((out / "cfg.json").read_text())["architecture"] == "topk"
 
 
 def test_server_binds_localhost_by_default():

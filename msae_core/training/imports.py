@@ -1,5 +1,5 @@
 """`msae import`: a SAELens SAE (a local folder, or a published one through sae-lens) as a run
-folder that every eval and page accepts.
+folder that every eval and page accepts; and `msae export RUN --format saelens`, the other way.
 
 The run folder holds the SAE in our format (sae_io.import_saelens: input scale 1, the weights as
 SAELens has them), a config whose data section names the SAE's model and layer (read from its
@@ -106,6 +106,48 @@ def import_run(folder: str | Path, out: str | Path, *, model: str = "", layer: i
     return out
 
 
+EXPORT_FORMATS = ("saelens",)
+
+
+def export_run(run_dir: str | Path, out: str | Path, fmt: str = "saelens") -> Path:
+    """Write the finished run's SAE into `out` in SAELens's on-disk format (sae_io.export_saelens:
+    cfg.json with its model, hook, context size and corpus, and sae_weights.safetensors), which
+    `msae import` and SAELens read back to the same SAE. Refuses a run without final weights and
+    an `out` that exists and is not empty."""
+    from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS, check_can_create
+    from msae_core.data.store import read_manifest
+    from msae_core.sae_io import export_saelens, load_sae
+    from msae_core.training.config import RunConfig
+    from msae_core.training.run_folder import read_status
+
+    if fmt not in EXPORT_FORMATS:
+        raise MsaeError(f"unknown export format {fmt!r}: use {', '.join(EXPORT_FORMATS)}")
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise MsaeError(f"{run_dir} is not a run folder ({RUN_CONFIG} missing)")
+    state = read_status(run_dir).get("state")
+    if state != "done" or not (run_dir / SAE_WEIGHTS).is_file() or not (run_dir / SAE_CONFIG).is_file():
+        raise MsaeError(f"run {run_dir.name} has no final weights to export (it is {state or 'unknown'})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MsaeError(f"{out} exists and is not empty: choose a new folder for the export")
+    check_can_create(out)
+    data = RunConfig.load(run_dir / RUN_CONFIG).data
+    manifest = (read_manifest(data.store_path) if data.store_path else None) or {}
+    model = str(manifest.get("model") or data.model)
+    layer = int(manifest["layer"]) if "layer" in manifest else data.layer
+    corpus = manifest.get("corpus", data.corpus)
+    corpus = str(corpus.get("name", "")) if isinstance(corpus, dict) else str(corpus)
+    return export_saelens(load_sae(run_dir), out, model_name=model, hook_name=f"blocks.{layer}.hook_resid_post",
+                          context_size=int(manifest.get("context_size") or data.context_size),
+                          dataset_path=corpus)
+
+
+def _export(args: argparse.Namespace) -> int:
+    out = export_run(args.run, args.out, args.format)
+    print(f"exported {Path(args.run).name} into {out} (SAELens's format: cfg.json, sae_weights.safetensors)")
+    return 0
+
+
 def _fetch_published(release: str, sae_id: str, into: Path) -> Path:
     """A published SAE saved in SAELens's on-disk format into `into`, through sae-lens and the hub."""
     try:
@@ -158,3 +200,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--acts", default="", help="an activation store of that model and layer, for token examples")
     p.add_argument("--corpus", default="embedded", help="text the evals run on (default: %(default)s)")
     p.set_defaults(func=_run)
+    e = subparsers.add_parser(
+        "export", help="a run's SAE in SAELens's format (read back by msae import and SAELens)",
+        description="Write a finished run's SAE as SAELens saves one: cfg.json (model, hook, context size, "
+                    "corpus) and sae_weights.safetensors, the input scale folded into the weights. A momentum "
+                    "SAE is written as its base architecture; BatchTopK and Matryoshka as jumprelu with their "
+                    "threshold, as SAELens saves them.")
+    e.add_argument("run", metavar="RUN", help="a finished run folder")
+    e.add_argument("--format", default="saelens", choices=EXPORT_FORMATS, help="(default: %(default)s)")
+    e.add_argument("--out", required=True, help="the new folder for the export")
+    e.set_defaults(func=_export)
