@@ -353,6 +353,7 @@ def test_text_activations_equal_the_sae_on_the_models_own_activations(run):
     lm = load_lm(manifest["model"], device="cpu")
     ids = lm.to_tokens(text)
     assert len(toks) == ids.shape[1] - 1 and lat.shape == (len(toks), 256)
+    assert "".join(toks) == text and not any(m in t for t in toks for m in ("▁", "Ġ"))  # text, not pieces
     with torch.inference_mode():
         want = load_run_sae(run).encode(lm.resid_post(ids, int(manifest["layer"]))[0].float()).numpy()[1:]
     np.testing.assert_allclose(lat, want, rtol=1e-5, atol=1e-5)

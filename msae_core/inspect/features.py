@@ -539,9 +539,11 @@ def text_activations(run_dir: str | os.PathLike, text: str, sae: Any = None) -> 
     with torch.inference_mode():
         acts = lm.resid_post(ids, int(layer), stop_early=True)[0].float()
         f = sae.encode(acts).float().numpy()
-    toks = lm.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     skip = 1 if lm.bos_token_id is not None else 0
-    return [str(t) for t in toks[skip:]], f[skip:]
+    # each token as text (" quick"), as the contexts show them; convert_ids_to_tokens gave the
+    # tokenizer's pieces with their "▁" space markers
+    toks = [lm.tokenizer.decode([int(i)]) for i in ids[0].tolist()[skip:]]
+    return toks, f[skip:]
 
 
 def top_features_per_token(latents_TF: np.ndarray, k: int = 3) -> list[list[tuple[int, float]]]:
