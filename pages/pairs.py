@@ -42,7 +42,11 @@ st.dataframe(table, hide_index=True, width="stretch", key="pair_table",
                             "cofiring": st.column_config.NumberColumn(format="%.3f"),
                             "sample_score": st.column_config.NumberColumn("sample score", format="%.3f"),
                             "without_top": st.column_config.NumberColumn(
-                                f"without top {TOP_TOKENS_DROPPED}", format="%.3f")})
+                                f"without top {TOP_TOKENS_DROPPED}", format="%.3f"),
+                            "first": st.column_config.NumberColumn(
+                                "first crossing", help="the first step kappa crossed tau (empty: it never did)"),
+                            "last": st.column_config.NumberColumn(
+                                "last crossing", help="the last step kappa crossed tau (empty: it never did)")})
 st.session_state.setdefault("tables", {})["pairs"] = table
 
 top = table.head(300)

@@ -117,8 +117,10 @@ def write_traces(run: Path, d_sae: int, steps: list[int], n_pairs: int, seed: in
             "pair_i": pi.to(torch.int64), "pair_j": pj.to(torch.int64),
             "pair_kappa": torch.rand(n_pairs, generator=g) * 0.5 + 0.4,
             "pair_dec_cos": torch.rand(n_pairs, generator=g) * 0.6,
-            "pair_first": torch.randint(0, max(s, 1), (n_pairs,), generator=g).to(torch.int64),
-            "pair_last": torch.full((n_pairs,), s, dtype=torch.int64),
+            # every eighth pair has never crossed tau: the tracker writes -1 for its steps
+            "pair_first": torch.randint(0, max(s, 1), (n_pairs,), generator=g).to(torch.int64).index_fill(
+                0, torch.arange(0, n_pairs, 8), -1),
+            "pair_last": torch.full((n_pairs,), s, dtype=torch.int64).index_fill(0, torch.arange(0, n_pairs, 8), -1),
         }, metadata={"step": str(s)})
 
 

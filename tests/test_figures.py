@@ -110,6 +110,10 @@ def test_traces_skip_a_corrupt_snapshot_and_subset_features(root):
 def test_pairs_sorted_and_events(run):
     pairs, step = run_files.load_pairs(run)
     assert step == 100 and len(pairs) == 64 and pairs["kappa"].is_monotonic_decreasing
+    raw = run_files.latest_snapshots(run, run_files.PAIR_KEYS, None)
+    first_raw = next(iter(raw))[1]["pair_first"]
+    never = int((first_raw < 0).sum())  # the tracker's -1: never crossed tau
+    assert never > 0 and int(pairs["first"].isna().sum()) == never and (pairs["first"].dropna() >= 0).all()
     ev = run_files.load_events(root_bad := run.parent / "broken-corrupt-files")
     assert len(ev) == 30  # the torn line is skipped
     assert len(F.events_figure(ev).data) >= 2

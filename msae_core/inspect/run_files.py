@@ -223,12 +223,15 @@ def top_pressure_features(run_dir: str | os.PathLike, n: int = 10) -> list[int]:
 
 def load_pairs(run_dir: str | os.PathLike, step: int | None = None) -> tuple[pd.DataFrame, int | None]:
     """The competing-pair table of the snapshot at `step` (the last readable one when None), sorted
-    by kappa: columns i, j, kappa, dec_cos, first, last. Returns (table, snapshot step)."""
+    by kappa: columns i, j, kappa, dec_cos, first, last (the first and last steps kappa crossed tau;
+    empty (NA) for a pair that never did: the tracker writes -1). Returns (table, snapshot step)."""
     for s, t in latest_snapshots(run_dir, PAIR_KEYS, step):
         cols = pair_columns(t)
         if cols is None:
             continue  # pair table columns differ in length (or are not columns): try an older one
         df = pd.DataFrame({c: cols[c].astype(np.float32 if c in ("kappa", "dec_cos") else np.int64)
                            for c in PAIR_COLUMNS})
+        for c in ("first", "last"):
+            df[c] = df[c].astype("Int64").mask(df[c] < 0)
         return df.sort_values("kappa", ascending=False, kind="stable").reset_index(drop=True), s
     return pd.DataFrame(columns=PAIR_COLUMNS), None
