@@ -10,7 +10,8 @@ from msae_core.inspect import runs_table as rt
 
 st.title("Reconstruction vs absorption")
 df = ui.runs_table()
-c0, c1, c2, c3, c4 = st.columns([2, 2, 2, 1, 1])
+c0, c1, c2 = st.columns([3, 3, 2])  # the labels are long: checkboxes get their own row
+c3, c4, _ = st.columns([1, 1, 2])
 x = c0.selectbox("Absorption", list(F.ABSORPTION_LABELS), key="t_x",
                  format_func=lambda k: F.ABSORPTION_LABELS.get(k, k),
                  help="SAEBench's first-letter scores on a language model, or the exact score against a "

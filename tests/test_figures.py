@@ -266,6 +266,15 @@ def test_figure_export_and_writeup_bundle(root):
     assert "| name |" in readme and "figures/tradeoff-explained-variance.png" in readme
     assert f"## Comparison with {pair[1]}" in readme and f"| {pair[1]} (baseline) |" in readme
     assert (out / "runs.csv").is_file()
+    runs_md = (out / "runs.md").read_text().splitlines()[0]
+    assert all(f" {c} |" in runs_md for c in ("data", "explained_variance", "absorption", "l0", "dead_fraction"))
+    # a placeholder ("no chosen run has logged ...") is left out and named
+    empty = F.curves_figure({}, "loss")
+    assert F.is_empty(empty) and not F.is_empty(fig)
+    out2 = X.write_bundle(root, figures={"curves-nothing": empty}, formats=("svg",), name="t2",
+                          include_standard=False)
+    assert not any((out2 / "figures").iterdir())
+    assert "Left out, nothing to draw yet: curves-nothing" in (out2 / "README.md").read_text()
 
 
 def test_pair_score_against_a_direct_computation_and_without_its_top_tokens(run):

@@ -28,9 +28,13 @@ FORMATS = ("png", "svg", "pdf")
 MIME = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf", "csv": "text/csv"}
 DEFAULT_BROWSERS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
-RUN_TABLE_COLUMNS = ["name", "state", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae",
+RUN_TABLE_COLUMNS = ["name", "state", "data", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae",
                      "lr", "steps", "batch_size", "tokens", "explained_variance", "ce_loss_score",
-                     "kl_div_score", "absorption", "l0", "sae_top1_acc"]
+                     "kl_div_score", "absorption", "absorption_ci_low", "absorption_ci_high", "l0",
+                     "dead_fraction", "sae_probe_acc", "sae_top1_acc", "synth_explained_variance", "synth_absorption",
+                     "synth_absorption_ci_low", "synth_absorption_ci_high", "synth_f1", "synth_mcc", "synth_l0"]
+# the scores among them: a bundle of runs none of which has one says so (evaluate them first)
+SCORE_COLUMNS = RUN_TABLE_COLUMNS[RUN_TABLE_COLUMNS.index("explained_variance"):]
 
 
 # the figure exporter's loggers: each PNG logs ~25 INFO lines about its browser and temp files
@@ -140,11 +144,13 @@ def write_bundle(root: str | os.PathLike | None = None, figures: Mapping[str, An
     (out / EXPORT_FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     figs = dict(standard_figures(root, df) if include_standard else {})
     figs.update(figures or {})
+    skipped = sorted(k for k, f in figs.items() if F.is_empty(f))  # "nothing to draw" placeholders
+    figs = {k: f for k, f in figs.items() if k not in skipped}
     written: list[str] = []
     configure_browser()
     import plotly.io as pio
 
-    for fmt in formats:
+    for fmt in formats if figs else ():
         items = list(figs.items())
         paths = [out / EXPORT_FIGURES_DIR / f"{safe_file_stem(k)}.{fmt}" for k, _ in items]
         try:  # one Chromium session for all figures of this format
@@ -161,6 +167,11 @@ def write_bundle(root: str | os.PathLike | None = None, figures: Mapping[str, An
               f"`{results_root(root)}` ({len(df)} runs).", "", "## Runs and scores", "", table,
               "## Settings", "", runs_markdown(df, settings_cols), "## Figures", ""]
     readme += [f"- [{w}]({w})" for w in written]
+    if skipped:
+        readme += ["", "Left out, nothing to draw yet: " + ", ".join(skipped)]
+    if not any(c in df.columns and df[c].notna().any() for c in SCORE_COLUMNS):
+        readme[readme.index("## Runs and scores") + 1:readme.index("## Runs and scores") + 1] = [
+            "", "_No run has eval results yet: `msae eval RUN` scores one._"]
     if compare is not None:
         from msae_core.inspect.compare import comparison, to_markdown, wide_table, write_comparison
 

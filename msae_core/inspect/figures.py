@@ -30,8 +30,16 @@ ABSORPTION_LABELS = {"absorption": "mean absorption fraction (SAEBench)",
                      "synth_absorption": "absorption, exact (synthetic ground truth)"}
 
 
+EMPTY_META = "msae-empty"  # layout.meta of a figure that only says there is nothing to draw
+
+
+def is_empty(fig: go.Figure) -> bool:
+    """Whether `fig` is a placeholder saying there is nothing to draw (a write-up leaves it out)."""
+    return getattr(fig.layout, "meta", None) == EMPTY_META
+
+
 def _empty(note: str, title: str = "") -> go.Figure:
-    fig = go.Figure()
+    fig = go.Figure(layout={"meta": EMPTY_META})
     fig.add_annotation(text=note, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                        font={"size": 14})
     fig.update_layout(template=TEMPLATE, title=title, xaxis={"visible": False},
