@@ -102,37 +102,87 @@ def _batches(x, mag, lat, x_hat):
     return [(x, mag, lat, x_hat)]
 
 
-def test_exact_absorption_is_0_for_the_oracle_and_1_for_an_absorbing_sae():
-    cfg = _one_level()
-    feats = S.make_features(cfg)
-    x, mag = S.sample_rows(cfg, feats, 8000, chunk=0, split="eval")
+def _absorber(feats, mag, leak: float = 0.0):
+    """An absorbing SAE: each child latent holds child + parent, the parent latent is silent when a
+    child fires (or leaks `leak` of its magnitude then). (decoder rows unit, latents in input units)."""
     D = feats.directions_FD
-    ecfg = EvalConfig(min_parent_rows=5)
-    metrics, details = score(D, feats, _batches(x, mag, mag, mag @ D), ecfg)
-    assert metrics["absorption"]["mean_absorption"] == 0.0
-    assert metrics["recovery"]["mcc"] == pytest.approx(1.0)
-    assert metrics["classification"]["f1"] == pytest.approx(1.0)
-    assert metrics["absorption"]["n_parents"] == 4
-
-    # absorbing SAE: each child latent is child + parent; the parent latent fires only alone
     kids = feats.children()
-    W = D.clone()
-    lat = mag.clone()
+    W, lat = D.clone(), mag.clone()
     for p, cs in kids.items():
         for c in cs:
             W[c] = D[c] + D[p]
             lat[:, c] = mag[:, c] * W[c].norm()  # in input units: activation times decoder norm
-        lat[mag[:, cs].gt(0).any(1), p] = 0.0
-    W_unit = W / W.norm(dim=1, keepdim=True)
-    metrics, details = score(W_unit, feats, _batches(x, mag, lat, lat @ W_unit), ecfg)
-    assert metrics["absorption"]["mean_absorption"] == 1.0
-    assert metrics["absorption"]["mean_parent_silent"] == 1.0
-    parents = [d for d in details if d["absorption"] is not None]
-    assert {d["feature"] for d in parents} == set(kids)
-    # the same SAE with the parent latent firing beside its children absorbs nothing
+        with_child = mag[:, cs].gt(0).any(1)
+        lat[with_child, p] = leak * mag[with_child, p]
+    return W / W.norm(dim=1, keepdim=True), lat
+
+
+def test_constructed_saes_score_as_they_should_and_cannot_game_absorption():
+    """Oracle: nothing absorbed, all kept. Full absorber: all absorbed. Dead copies of the true
+    directions beside an absorber: matched to nothing (they never fire), so they neither hide the
+    absorption nor lift MCC. A parent leaking 1 % of its magnitude: still silent, still absorbed.
+    A dropped parent (its latent gone, no child carrying it): lost, not "not absorbed"."""
+    cfg = _one_level()
+    feats = S.make_features(cfg)
+    x, mag = S.sample_rows(cfg, feats, 8000, chunk=0, split="eval")
+    D = feats.directions_FD
+    kids = feats.children()
+    ecfg = EvalConfig(min_parent_rows=5)
+    a = lambda m: m["absorption"]  # noqa: E731
+
+    oracle, details = score(D, feats, _batches(x, mag, mag, mag @ D), ecfg)
+    assert (a(oracle)["mean_absorption"], a(oracle)["mean_lost"], a(oracle)["mean_kept"]) == (0.0, 0.0, 1.0)
+    assert oracle["recovery"]["mcc"] == pytest.approx(1.0) and oracle["recovery"]["n_unmatched"] == 0
+    assert oracle["classification"]["f1"] == pytest.approx(1.0)
+    assert a(oracle)["n_parents"] == 4 and a(oracle)["by_level"]["0"]["n_parents"] == 4
+
+    W, lat = _absorber(feats, mag)
+    full, details = score(W, feats, _batches(x, mag, lat, lat @ W), ecfg)
+    assert (a(full)["mean_absorption"], a(full)["mean_kept"]) == (1.0, 0.0)
+    assert {d["feature"] for d in details if d["absorption"] is not None} == set(kids)
+
+    # dead copies: the true directions again as extra latents that never fire
+    W_dead = torch.cat([W, D])
+    lat_dead = torch.cat([lat, torch.zeros(len(x), D.shape[0])], dim=1)
+    dead, _ = score(W_dead, feats, _batches(x, mag, lat_dead, lat_dead @ W_dead), ecfg)
+    assert a(dead)["mean_absorption"] == 1.0  # decoder cosine alone matched the copies: 0
+    assert dead["recovery"]["n_matched_dead_if_all"] > 0
+    assert dead["recovery"]["mcc"] == pytest.approx(full["recovery"]["mcc"])  # the copies lift nothing
+
+    # a parent latent leaking 1 % of its magnitude when a child fires is silent all the same
+    W, lat = _absorber(feats, mag, leak=0.01)
+    leaking, _ = score(W, feats, _batches(x, mag, lat, lat @ W), ecfg)
+    assert a(leaking)["mean_absorption"] == 1.0
+
+    # dropped parents: their latents removed, their children plain: every parent firing is lost
+    keep = [g for g in range(D.shape[0]) if g not in kids]
+    lat_drop = mag[:, keep]
+    dropped, _ = score(D[keep], feats, _batches(x, mag, lat_drop, lat_drop @ D[keep]), ecfg)
+    assert (a(dropped)["mean_absorption"], a(dropped)["mean_lost"], a(dropped)["mean_kept"]) == (0.0, 1.0, 0.0)
+    assert dropped["recovery"]["n_unmatched"] == len(kids)
+
+    # the parent latent firing beside its children: kept, nothing absorbed
+    W, lat = _absorber(feats, mag)
     lat[:, list(kids)] = mag[:, list(kids)]
-    metrics, _ = score(W_unit, feats, _batches(x, mag, lat, lat @ W_unit), ecfg)
-    assert metrics["absorption"]["mean_absorption"] == 0.0
+    beside, _ = score(W, feats, _batches(x, mag, lat, lat @ W), ecfg)
+    assert (a(beside)["mean_absorption"], a(beside)["mean_kept"]) == (0.0, 1.0)
+
+
+def test_a_match_needs_the_stated_cosine():
+    """A latent whose decoder row is mostly another direction matches no feature."""
+    cfg = _one_level()
+    feats = S.make_features(cfg)
+    x, mag = S.sample_rows(cfg, feats, 4000, chunk=0, split="eval")
+    D = feats.directions_FD.clone()
+    g = torch.Generator().manual_seed(0)
+    W = D.clone()
+    W[0] = D[0] + 3.0 * torch.randn(D.shape[1], generator=g) / D.shape[1] ** 0.5  # cos with d_0 about 0.3
+    W = W / W.norm(dim=1, keepdim=True)
+    m, details = score(W, feats, _batches(x, mag, mag, mag @ D), EvalConfig(min_parent_rows=5))
+    assert details[0]["matched_latent"] == -1 and 0 < details[0]["matched_cosine"] < 0.5
+    assert m["recovery"]["n_unmatched"] == 1
+    m, details = score(W, feats, _batches(x, mag, mag, mag @ D), EvalConfig(min_parent_rows=5, match_cosine=0.1))
+    assert details[0]["matched_latent"] == 0
 
 
 def test_synthetic_eval_on_a_trained_run_and_the_lm_evals_refused(tmp_path):

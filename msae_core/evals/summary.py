@@ -40,6 +40,8 @@ PATHS: dict[str, tuple[str, str, str]] = {
     "synth_absorption": ("synthetic", "absorption", "mean_absorption"),
     "synth_absorption_ci_low": ("synthetic", "absorption", "mean_absorption_ci_low"),
     "synth_absorption_ci_high": ("synthetic", "absorption", "mean_absorption_ci_high"),
+    "synth_lost": ("synthetic", "absorption", "mean_lost"),
+    "synth_kept": ("synthetic", "absorption", "mean_kept"),
     "synth_f1": ("synthetic", "classification", "f1"),
     "synth_mcc": ("synthetic", "recovery", "mcc"),
     "synth_explained_variance": ("synthetic", "reconstruction", "explained_variance"),

@@ -39,6 +39,7 @@ METRICS: list[tuple[str, str, str | None]] = [
     ("synth_l0", "L0 (synthetic rows)", None),
     ("synth_explained_variance", "explained variance (synthetic)", "higher"),
     ("synth_absorption", "absorption, exact (synthetic)", "lower"),
+    ("synth_lost", "parent firings lost (synthetic)", "lower"),
     ("synth_f1", "F1 (synthetic)", "higher"),
     ("synth_mcc", "MCC (synthetic)", "higher"),
 ]

@@ -27,7 +27,8 @@ RECONSTRUCTION_LABELS = {"explained_variance": "explained variance", "ce_loss_sc
 # the trade-off's x axis: the absorption scores (lower is better)
 ABSORPTION_LABELS = {"absorption": "mean absorption fraction (SAEBench)",
                      "absorption_full": "mean full absorption (SAEBench)",
-                     "synth_absorption": "absorption, exact (synthetic ground truth)"}
+                     "synth_absorption": "absorption, exact (synthetic ground truth)",
+                     "synth_lost": "parent firings lost (synthetic ground truth)"}
 
 
 EMPTY_META = "msae-empty"  # layout.meta of a figure that only says there is nothing to draw

@@ -37,7 +37,7 @@ CONFIG_COLUMNS = ["arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae"
                   "steps", "batch_size", "tokens"]
 METRIC_COLUMNS = ["explained_variance", "absorption", "l0", "kl_div_score", "ce_loss_score", "mse",
                   "cossim", "l1", "dead_fraction", "dead_window_tokens", "absorption_full", "n_split_features",
-                  "llm_probe_acc", "sae_probe_acc", "sae_top1_acc", "synth_absorption", "synth_f1",
+                  "llm_probe_acc", "sae_probe_acc", "sae_top1_acc", "synth_absorption", "synth_lost", "synth_kept", "synth_f1",
                   "synth_mcc", "synth_explained_variance", "synth_l0"]
 METRIC_COLUMNS += [c for pair in INTERVALS.values() for c in pair] + ["absorption_seeds"]
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "train_dead_fraction", "train_dead_window",
