@@ -142,7 +142,7 @@ class _Progress:
             with self._lock:
                 self.record["eta_s"] = left
                 self._write_locked()
-            if time.time() - said >= say_s:
+            if time.time() - max(said, cur[1]) >= say_s:  # a minute into the phase, then each minute
                 said = time.time()
                 log.info("demo [%d/%d] %s: %s in this phase, about %s left", cur[0] + 1, len(self.phases),
                          self.phases[cur[0]].label, _fmt_s(time.time() - cur[1]), _fmt_s(left))
