@@ -3,12 +3,14 @@
 While a demo or a run is in progress the table and the demo's phases refresh every few seconds
 (a fragment), so runs appear with their live status and their scores as each eval lands."""
 
+import pandas as pd
 import streamlit as st
 
 import ui
 from msae_core import demo
 from msae_core.artifacts import DEMO_LOG
 from msae_core.inspect import runs_table as rt
+from msae_core.inspect.groups import format_interval, groups_table
 from msae_core.paths import runs_root
 
 LIVE_STATES = ("queued", "running")
@@ -50,6 +52,25 @@ def _live() -> bool:
     prog = demo.demo_progress(root)
     return (prog is not None and prog.get("state") == "running") or \
         (not df.empty and df["state"].isin(LIVE_STATES).any())
+
+
+def _groups_section(view) -> None:
+    """Runs that differ only in their training seed, as one row each: the mean over the seeds with
+    the 95 % t interval over them (n said)."""
+    groups = groups_table(rt.with_synthetic_scores(view[view["state"] == "done"]))
+    groups = groups[groups["n_seeds"] > 1] if not groups.empty else groups
+    if groups.empty:
+        return
+    st.markdown(f"**Training seeds as replicates**: {len(groups)} group(s) of runs that differ only in their "
+                "seed, each score the mean over the seeds [95 % t interval over them].")
+    shown = {"explained_variance": "expl. var", "absorption": "absorption", "synth_absorption": "synth absorption",
+             "l0": "L0", "kl_div_score": "KL score"}
+    table = {"group": groups["name"], "n": groups["n_seeds"], "seeds": groups["seeds"]}
+    for key, label in shown.items():
+        if groups[key].notna().any():
+            table[label] = [format_interval(m, lo, hi) for m, lo, hi in
+                            zip(groups[key], groups[f"{key}_ci_low"], groups[f"{key}_ci_high"])]
+    st.dataframe(pd.DataFrame(table), hide_index=True, key="groups_table", width="stretch")
 
 
 @st.fragment(run_every=3 if _live() else None)
@@ -113,6 +134,7 @@ def runs_section() -> None:
                      "flags": st.column_config.TextColumn("suspicious", help="values a researcher should "
                                                           "check before trusting the run (msae_core.evals.flags)"),
                  })
+    _groups_section(view)
     bad = df[df["problem"].fillna("") != ""]
     ui.problems_box([f"{r.name}: {r.problem}" for r in bad.itertuples()], "in run folders")
     flagged = view[view["flags"].fillna("") != ""]

@@ -176,8 +176,11 @@ if st.button("Launch run", type="primary", key="launch", disabled=bool(problems)
         st.error(str(exc))
 
 with st.expander("Sweep grid (same settings, one run per point)"):
-    grid_text = st.text_area("One line per setting: name=v1,v2 (e.g. beta=0.9,0.95 or train.lr=1e-4,3e-4)",
-                             "beta=0.9,0.95\nlam=0.1,0.3", key="grid")
+    grid_text = st.text_area("One line per setting: name=v1,v2 (e.g. beta=0.9,0.95 or train.lr=1e-4,3e-4); "
+                             "seeds=0,1,2 trains each point with those training seeds, as replicates",
+                             "beta=0.9,0.95\nlam=0.1,0.3\nseeds=0,1,2", key="grid",
+                             help="runs that differ only in their seed are one group on Home and the "
+                                  "Trade-off page: their mean with an interval over the seeds")
     sweep_name = st.text_input("Sweep name", "sweep", key="sweep_name")
     points = []
     try:

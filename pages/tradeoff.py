@@ -7,11 +7,12 @@ from msae_core.evals.reference import reference_points
 from msae_core.inspect import compare as C
 from msae_core.inspect import figures as F
 from msae_core.inspect import runs_table as rt
+from msae_core.inspect.groups import groups_table
 
 st.title("Reconstruction vs absorption")
 df = ui.runs_table()
 c0, c1, c2 = st.columns([3, 3, 2])  # the labels are long: checkboxes get their own row
-c3, c4, _ = st.columns([1, 1, 2])
+c3, c4, c5 = st.columns([1, 1, 2])
 x = c0.selectbox("Absorption", list(F.ABSORPTION_LABELS), key="t_x",
                  format_func=lambda k: F.ABSORPTION_LABELS.get(k, k),
                  help="SAEBench's first-letter scores on a language model, or the exact score against a "
@@ -23,11 +24,18 @@ colour = c2.selectbox("Colour by", colour_opts, key="t_colour")
 frontier = c3.checkbox("Pareto frontier", True, key="t_front")
 show_ref = c4.checkbox("Research log points", False, key="t_ref",
                        help="the points the research log reported (gemma-2-2b, layer 12, F=16384)")
+each_seed = c5.checkbox("Each seed", False, key="t_seeds",
+                        help="one point per run; unticked, runs that differ only in their training seed are "
+                             "one point: their mean, with the 95 % t interval over the seeds as error bars")
+runs_df = df
+if not each_seed and not df.empty:
+    df = groups_table(df)
 ref = reference_points() if show_ref else None
 if ref is not None and any(c not in ref or ref[c].isna().all() for c in (x, y)):
     st.caption(f"The research log reported no {F.RECONSTRUCTION_LABELS.get(y, y)} against "
                f"{F.ABSORPTION_LABELS.get(x, x)}: its points are not drawn.")
-fig = F.tradeoff_figure(df, y=y, x=x, color=colour, reference=ref, frontier=frontier)
+fig = F.tradeoff_figure(df, y=y, x=x, color=colour, reference=ref, frontier=frontier,
+                        hover=() if each_seed else ("n_seeds", "seeds"))
 event = ui.show_figure(fig, "tradeoff", stem=f"tradeoff-{y}-vs-{x}", on_select="rerun", selection_mode=("points",), width="stretch")
 
 have = df[df[x].notna() & df[y].notna()] if not df.empty else df
@@ -51,27 +59,35 @@ try:
 except AttributeError:
     picked = None
 names = have["name"].tolist() if not have.empty else []
+members = dict(zip(have["name"], have["member"])) if "member" in have else {n: n for n in names}
 if names:
+    run_names = runs_df[runs_df["name"].isin(
+        [m for r in (have["runs"] if "runs" in have else have["name"]) for m in str(r).split(",")])]["name"].tolist()
+    picked = members.get(picked, picked)  # a group's point opens its first seed
+    names = run_names or names
     if picked in names and picked != st.session_state.get("_t_picked"):
         st.session_state["t_open"] = picked  # a clicked point selects its run (once per click)
     elif st.session_state.get("t_open") not in names:
         st.session_state["t_open"] = names[0]
     st.session_state["_t_picked"] = picked
     name = st.selectbox("Open run", names, key="t_open")
-    row = have[have["name"] == name].iloc[0]
+    row = runs_df[runs_df["name"] == name].iloc[0]
     st.session_state["selected_run"] = name
     st.dataframe(row.dropna().astype(str).rename("value").to_frame(), width="stretch")
     ui.page_links(["traces", "pairs", "explorer"])
-if len(names) > 1:
+labels = list(dict.fromkeys(runs_df[runs_df["name"].isin(names)]["group_label"])) if names else []
+if len(labels) > 1:
     st.subheader("Compare runs")
-    st.caption("Each metric with its 95 % interval where the eval gives one, and the difference to the "
-               "baseline: resolved when the two intervals do not overlap. Compare runs at matched L0. "
-               "The Export page's bundle includes this comparison.")
-    chosen = st.multiselect("Runs", names, default=names[:4], key="t_cmp_runs")
+    st.caption("Runs that differ only in their training seed are one row: the mean over the seeds with its "
+               "95 % t interval (n seeds). The difference to the baseline is paired by seed: resolved when "
+               "the interval of the same-seed differences excludes zero; with one seed, not a comparison. "
+               "Compare runs at matched L0. The Export page's bundle includes this comparison.")
+    chosen = st.multiselect("Runs (groups of seeds)", labels, default=labels[:4], key="t_cmp_runs")
     if len(chosen) > 1:
         baseline = st.selectbox("Baseline", chosen, key="t_cmp_base")
-        st.session_state["comparison"] = (list(chosen), baseline)  # the Export page's bundle includes it
-        long = C.comparison(have[have["name"].isin(chosen)], baseline)
+        picked_runs = runs_df[runs_df["group_label"].isin(chosen)]
+        st.session_state["comparison"] = (picked_runs["name"].tolist(), baseline)  # the Export page's bundle
+        long = C.comparison(picked_runs, baseline)
         wide = C.wide_table(long, baseline)
         st.dataframe(wide, hide_index=True, width="stretch")
         d1, d2 = st.columns(2)

@@ -146,6 +146,7 @@ def make_run(root: Path, name: str, store: str, arch: str = "momentum", d_sae: i
     run = Path(root) / "runs" / name
     run.mkdir(parents=True, exist_ok=True)
     cfg = _config(arch, d_sae, store, steps, **sae_kw)
+    cfg["train"]["seed"] = seed  # runs of one config with different seeds are replicates
     atomic_write_json(run / RUN_CONFIG, cfg)
     now = time.time()
     step = steps if state == "done" else steps // 2

@@ -227,11 +227,45 @@ def test_tradeoff_frontier_reference_and_open_run(full_root, monkeypatch):
     base = at.selectbox(key="t_cmp_base").value
     (table,) = [d.value for d in at.dataframe if "L0 matched" in d.value.columns]
     assert table["run"].tolist()[0] == f"{base} (baseline)" and len(table) == 3
-    assert table.iloc[1]["mean absorption fraction (↓)"].endswith("no interval)")  # fixtures have none
+    assert table.iloc[1]["mean absorption fraction (↓)"].endswith("one seed: not a comparison)")  # one seed each
     at.selectbox(key="t_x").set_value("synth_absorption").run()  # no run trained on a synthetic store
     assert_clean(at)
     assert "exact" in charts(at)[0]["layout"]["title"]["text"]
     assert "run(s) have no ce_loss_score or synth_absorption yet" in texts(at)
+
+
+def test_tradeoff_draws_a_group_of_seeds_as_its_mean_with_seed_error_bars(tmp_path, monkeypatch):
+    """Three seeds of one config are one point (their mean, the t interval over the seeds as error
+    bars, n in the hover); "Each seed" draws them one by one; the comparison pairs them by seed."""
+    from fixtures_runs import make_run, make_store
+
+    root = tmp_path / "results"
+    store = make_store(root / "stores" / "s")
+    for s_, (ev, ab) in enumerate([(0.80, 0.30), (0.82, 0.32), (0.78, 0.28)]):
+        make_run(root, f"topk-seed{s_}", str(store), arch="topk", ev=ev, absorption=ab, seed=s_, umap=False)
+        make_run(root, f"wide-seed{s_}", str(store), arch="topk", ev=ev + 0.05, absorption=ab - 0.1, seed=s_,
+                 d_sae=512, umap=False)
+    at = open_page(root, "tradeoff", monkeypatch)
+    assert_clean(at)
+    pts = [t for t in charts(at)[0]["data"] if t.get("legendgroup") == "runs"]
+    assert sum(len(arr(t["x"])) for t in pts) == 2
+    xs = sorted(x for t in pts for x in arr(t["x"]))
+    assert xs == pytest.approx([0.20, 0.30])  # the means over the seeds
+    bars = [t["error_x"] for t in pts if t.get("error_x")]
+    assert bars and all(min(arr(b["array"])) > 0.02 for b in bars)  # the t interval of 3 seeds, +-0.05
+    at.checkbox(key="t_seeds").check().run()
+    assert_clean(at)
+    pts = [t for t in charts(at)[0]["data"] if t.get("legendgroup") == "runs"]
+    assert sum(len(arr(t["x"])) for t in pts) == 6
+    assert set(at.multiselect(key="t_cmp_runs").options) == {"topk", "wide"}
+    (table,) = [d.value for d in at.dataframe if "L0 matched" in d.value.columns]
+    assert "n=3" in table.iloc[0]["mean absorption fraction (↓)"]
+    assert table.iloc[1]["mean absorption fraction (↓)"].endswith("resolved)")  # -0.1 at each seed
+    home = open_page(root, "home", monkeypatch)
+    assert_clean(home)
+    groups = next(d.value for d in home.dataframe if "seeds" in d.value.columns)
+    assert sorted(groups["group"]) == ["topk", "wide"] and (groups["n"] == 3).all()
+    assert groups.set_index("group").loc["topk", "absorption"].startswith("0.3000 [")
 
 
 def test_traces_page_shows_traces_heatmap_and_events(full_root, monkeypatch):

@@ -51,6 +51,14 @@ def test_expand_grid_types_names_and_refusals(store):
     assert parse_grid(["beta=0.9,0.95", "lam=0"]) == {"beta": ["0.9", "0.95"], "lam": ["0"]}
     with pytest.raises(MsaeError, match="sae.seed or train.seed"):
         expand_grid(base, {"seed": [1, 2]})
+    reps = expand_grid(base, {"lam": "0.1", "seeds": "0,1,2"}, "r")  # the replicate axis sets both seeds
+    assert [p.name for p in reps] == ["r-lam0.1-seed0", "r-lam0.1-seed1", "r-lam0.1-seed2"]
+    assert [(p.config.sae.seed, p.config.train.seed) for p in reps] == [(0, 0), (1, 1), (2, 2)]
+    assert reps[1].values == {"sae.lam": 0.1, "seeds": 1}
+    from msae_core.inspect.groups import group_key
+
+    keys = {group_key(p.config.to_dict(), "same-data") for p in reps}
+    assert len(keys) == 1 and group_key(expand_grid(base, {"lam": "0.3"}, "r")[0].config.to_dict(), "same-data") not in keys
     with pytest.raises(MsaeError, match="not a field"):
         expand_grid(base, {"betta": [1]})
     with pytest.raises(MsaeError, match="not a valid"):

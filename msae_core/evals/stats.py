@@ -100,3 +100,36 @@ def intervals_overlap(a: tuple[float, float] | None, b: tuple[float, float] | No
     if a is None or b is None or None in a or None in b:
         return None
     return not (a[1] < b[0] or b[1] < a[0])
+
+
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], *, n_boot: int = DEFAULT_BOOTSTRAP,
+                        conf: float = DEFAULT_CONFIDENCE, seed: int = 0) -> tuple[float, float]:
+    """(low, high) of the percentile bootstrap of mean(a - b) over items both were scored on
+    (a[i], b[i]: the same item, e.g. a parent feature or a letter, under two SAEs): the items are
+    resampled together, so what the items share cancels."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2:
+        raise ValueError("a paired bootstrap needs two or more shared items")
+    rng = np.random.default_rng(seed)
+    reps = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.quantile(reps, [(1 - conf) / 2, (1 + conf) / 2])
+    return float(lo), float(hi)
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float], conf: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """(low, high) of the Welch t interval of mean(a) - mean(b), two independent samples of two
+    or more values each (replicates without a shared seed to pair them)."""
+    from scipy.stats import t
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError("a Welch interval needs two or more values on each side")
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = float(np.sqrt(vx + vy))
+    if se == 0:
+        d = float(x.mean() - y.mean())
+        return d, d
+    dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    half = float(t.ppf((1 + conf) / 2, dof)) * se
+    d = float(x.mean() - y.mean())
+    return d - half, d + half

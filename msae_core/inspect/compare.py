@@ -1,13 +1,14 @@
-"""`msae compare RUN ... [--baseline RUN]`: runs side by side as in a paper's table: every metric
-with its interval where the eval gives one, the difference to a baseline, and whether the
-difference is resolved by the noise (the two intervals do not overlap). Also the Trade-off page's
-comparison section, and markdown + CSV for the write-up bundle.
+"""`msae compare RUN ... [--baseline RUN]`: runs side by side as in a paper's table, training seeds
+as replicates. The runs given are gathered into groups that differ only in their training seed
+(inspect.groups); each group's metric is its mean over seeds with a Student t interval (n
+seeds said), and each group's difference to the baseline's group is paired by seed: with two or
+more same-seed pairs, the t interval of the pairs' differences, "resolved" when it excludes zero,
+"within noise" when not; with one seed, "one seed: not a comparison", with the paired bootstrap
+over the eval items both runs share beside it (parents, letters) for what it is worth. Also the
+Trade-off page's comparison section, and markdown + CSV for the write-up bundle.
 
-A difference is "resolved" only when both runs have an interval for that metric and the intervals
-are disjoint; "not resolved" when they overlap; "no interval" when either has none (explained
-variance, L0: single numbers from one eval sample). Runs are compared at matched L0: a run whose L0
-differs from the baseline's by more than `l0_tolerance` (10 %) is marked, since reconstruction and
-absorption both move with L0.
+Runs are compared at matched L0: a group whose mean L0 differs from the baseline's by more than
+`l0_tolerance` (10 %) is marked, since reconstruction and absorption both move with L0.
 """
 
 from __future__ import annotations
@@ -104,39 +105,69 @@ def _l0(row: dict) -> float | None:
 
 
 def comparison(df: pd.DataFrame, baseline: str, l0_tolerance: float = L0_TOLERANCE) -> pd.DataFrame:
-    """Long table, one row per (run, metric) with a value: run, metric, label, value, ci_low,
-    ci_high, diff (to the baseline's value), resolved (True, False, or None: no interval), better
-    (True when the difference goes the metric's good way, None for no direction or no difference),
-    l0_matched (the run's L0 within l0_tolerance of the baseline's; None without L0)."""
+    """Long table, one row per (group, metric) with a value: run (the group's label), metric,
+    label, direction, value (mean over seeds), ci_low, ci_high, n_seeds, runs, diff (to the
+    baseline group, paired by seed), diff_ci_low, diff_ci_high, n_pairs, pairing, verdict
+    (inspect.groups), resolved (True / False, None without a seed-level interval), item_ci_low,
+    item_ci_high (one seed: the paired bootstrap over shared eval items), better, l0_matched.
+    `baseline`: a run's name or a group's label."""
+    from msae_core.inspect.groups import item_scores, label_groups, group_score, paired_difference
+
     if df.empty:
         raise MsaeError("no runs to compare")
-    if baseline not in set(df["name"]):
+    df = df.copy()
+    if "group" not in df:
+        df["group"] = df["name"]
+    df = label_groups(df)
+    if baseline in set(df["name"]):
+        base_group = df[df["name"] == baseline]["group"].iloc[0]
+    elif baseline in set(df["group_label"]):
+        base_group = df[df["group_label"] == baseline]["group"].iloc[0]
+    else:
         raise MsaeError(f"baseline {baseline!r} is not among the runs ({', '.join(df['name'])})")
-    rows = {r["name"]: r for r in df.to_dict("records")}
-    base = rows[baseline]
-    base_l0 = _l0(base)
+    groups = {g: sub for g, sub in df.groupby("group", sort=False)}
+    order = [base_group] + [g for g in groups if g != base_group]
+
+    def score(g: str, key: str) -> dict:
+        lo_key, hi_key = INTERVALS.get(key, (None, None))
+        return group_score(groups[g], key, (lo_key, hi_key) if lo_key else None)
+
+    def l0(g: str) -> float | None:
+        return next((v for k in ("l0", "synth_l0") if (v := score(g, k)["mean"]) is not None), None)
+
+    base_l0 = l0(base_group)
     out = []
-    for name, r in rows.items():
-        l0 = _l0(r)
-        matched = None if l0 is None or base_l0 is None else abs(l0 - base_l0) <= l0_tolerance * max(abs(base_l0), 1e-9)
+    for g in order:
+        sub = groups[g]
+        g_l0 = l0(g)
+        matched = None if g_l0 is None or base_l0 is None else abs(g_l0 - base_l0) <= l0_tolerance * max(abs(base_l0), 1e-9)
         for key, label, direction in METRICS:
-            v = _num(r.get(key))
-            if v is None:
+            a = score(g, key)
+            if a["mean"] is None:
                 continue
-            lo_key, hi_key = INTERVALS.get(key, (None, None))
-            lo, hi = (_num(r.get(lo_key)), _num(r.get(hi_key))) if lo_key else (None, None)
-            bv = _num(base.get(key))
-            diff = None if bv is None or name == baseline else v - bv
-            resolved = better = None
-            if diff is not None:
-                blo, bhi = (_num(base.get(lo_key)), _num(base.get(hi_key))) if lo_key else (None, None)
-                overlap = intervals_overlap((lo, hi), (blo, bhi))
-                resolved = None if overlap is None else not overlap
-                if direction and diff != 0:
-                    better = (diff > 0) == (direction == "higher")
-            out.append({"run": name, "metric": key, "label": label, "direction": direction, "value": v,
-                        "ci_low": lo, "ci_high": hi, "diff": diff, "resolved": resolved, "better": better,
-                        "l0_matched": matched})
+            row = {"run": sub["group_label"].iloc[0], "metric": key, "label": label, "direction": direction,
+                   "value": a["mean"], "ci_low": a["ci_low"], "ci_high": a["ci_high"], "n_seeds": a["n"],
+                   "runs": ",".join(sorted(sub["name"])), "l0_matched": matched}
+            diff = {"diff": None, "diff_ci_low": None, "diff_ci_high": None, "n_pairs": None, "pairing": "",
+                    "verdict": "", "item_ci_low": None, "item_ci_high": None}
+            if g != base_group:
+                b = score(base_group, key)
+                items_a = items_b = None
+                shared = sorted(set(a["by_seed"]) & set(b["by_seed"]))
+                if len(shared) == 1 and "path" in sub:
+                    seed = shared[0]
+                    pa = sub[sub["seed"] == seed]["path"] if "seed" in sub else sub["path"]
+                    pb = groups[base_group]
+                    pb = pb[pb["seed"] == seed]["path"] if "seed" in pb else pb["path"]
+                    if len(pa) and len(pb):
+                        items_a, items_b = item_scores(pa.iloc[0], key), item_scores(pb.iloc[0], key)
+                diff.update({k: v for k, v in paired_difference(a, b, items_a, items_b).items() if k in diff})
+            d = diff["diff"]
+            better = None
+            if d is not None and direction and d != 0:
+                better = (d > 0) == (direction == "higher")
+            resolved = {"resolved": True, "within noise": False}.get(diff["verdict"])
+            out.append({**row, **diff, "resolved": resolved, "better": better})
     return pd.DataFrame(out)
 
 
@@ -147,21 +178,32 @@ def _fmt(v: float | None) -> str:
 
 
 def cell(r: dict, baseline: str) -> str:
-    """One cell of the wide table: value [interval], and for a run other than the baseline its
-    difference with the verdict: "resolved" (intervals disjoint), "within noise", "no interval"."""
+    """One cell of the wide table: mean [interval] (n seeds), and for a group other than the
+    baseline its paired difference, its interval and the verdict."""
     text = _fmt(_num(r["value"]))
     lo, hi = _num(r["ci_low"]), _num(r["ci_high"])  # a long table read back holds NaN for "none"
     if lo is not None and hi is not None:
         text += f" [{_fmt(lo)}, {_fmt(hi)}]"
-    if r["run"] != baseline and _num(r["diff"]) is not None:
-        verdict = {True: "resolved", False: "within noise", None: "no interval"}[r["resolved"]]
-        text += f" ({'+' if r['diff'] >= 0 else ''}{_fmt(r['diff'])}, {verdict})"
+    n = _num(r.get("n_seeds"))
+    if n is not None:
+        text += f" n={int(n)}"
+    d = _num(r.get("diff"))
+    if r["run"] != baseline and d is not None:
+        dlo, dhi = _num(r.get("diff_ci_low")), _num(r.get("diff_ci_high"))
+        ilo, ihi = _num(r.get("item_ci_low")), _num(r.get("item_ci_high"))
+        sign = lambda v: ("+" if v >= 0 else "") + _fmt(v)  # noqa: E731
+        interval = f" [{sign(dlo)}, {sign(dhi)}]" if dlo is not None and dhi is not None else ""
+        items = f"; items {sign(ilo)}..{sign(ihi)}" if ilo is not None and ihi is not None else ""
+        text += f" ({sign(d)}{interval}, {r.get('verdict') or 'no interval'}{items})"
     return text
 
 
 def wide_table(long: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Runs as rows (baseline first), metrics as columns (their labels, with the good direction),
-    cells as `cell` writes them; an `L0 matched` column when the runs have an L0."""
+    cells as `cell` writes them; an `L0 matched` column when the runs have an L0. `baseline`: its
+    group's label, or a member's name (the long table's first group is the baseline's)."""
+    if baseline not in set(long["run"]):
+        baseline = long["run"].iloc[0]
     runs = [baseline] + [r for r in dict.fromkeys(long["run"]) if r != baseline]
     labels = {key: f"{label} ({'↑' if d == 'higher' else '↓'})" if d else label
               for key, label, d in METRICS}
@@ -183,8 +225,12 @@ def to_markdown(wide: pd.DataFrame, baseline: str, note: str = "") -> str:
     cols = list(wide.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in wide.itertuples(index=False)]
-    notes = [f"Differences are to {baseline}. resolved: the two 95 % intervals do not overlap; within noise: "
-             "they overlap; no interval: the eval gives none for that metric (one sample). "
+    notes = [f"Rows are groups of runs that differ only in their training seed: mean [95 % t interval over "
+             f"the seeds] n=seeds (one seed: that run's own eval interval, if any). Differences are to "
+             f"{baseline}, paired by seed: resolved when the 95 % t interval of the same-seed differences "
+             "excludes zero, within noise when it does not; one seed: not a comparison (items: the paired "
+             "bootstrap over the eval items both runs share, which carries no seed-to-seed variance); "
+             "unpaired: Welch's interval where no seed is shared. "
              f"L0 matched: within {L0_TOLERANCE:.0%} of the baseline's L0; reconstruction and absorption "
              "both move with L0, so compare matched runs."]
     return "\n".join(([note, ""] if note else []) + lines + [""] + notes) + "\n"
@@ -208,6 +254,7 @@ def _run(args: argparse.Namespace) -> int:
     by_path = {str(Path(p).resolve()): n for p, n in zip(df["path"], df["name"])}
     baseline = by_path[str(Path(args.baseline).resolve())] if args.baseline else df["name"].iloc[0]
     long = comparison(df, baseline)
+    baseline = long["run"].iloc[0]  # the baseline's group
     wide = wide_table(long, baseline)
     note = data_note(df)
     print(to_markdown(wide, baseline, note), end="")
@@ -219,9 +266,11 @@ def _run(args: argparse.Namespace) -> int:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "compare", help="runs side by side: metrics with intervals, differences to a baseline",
-        description="Print evaluated runs as a paper's table: each metric with its 95 % interval where "
-                    "the eval gives one, the difference to the baseline and whether the intervals "
-                    "resolve it; L0 matching is checked.")
+        description="Print evaluated runs as a paper's table. Runs that differ only in their training "
+                    "seed are one group: each metric is the group's mean with a 95 % t interval over its "
+                    "seeds, and each group's difference to the baseline's is paired by seed (resolved "
+                    "when the interval of the same-seed differences excludes zero; one seed: not a "
+                    "comparison). L0 matching is checked.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders with eval results")
     p.add_argument("--baseline", default="", help="the run the others are compared to (default: the first)")
     p.add_argument("--out", default="", help="also write compare.md and compare.csv into this folder")

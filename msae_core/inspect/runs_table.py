@@ -43,7 +43,7 @@ METRIC_COLUMNS += [c for pair in INTERVALS.values() for c in pair] + ["absorptio
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "train_dead_fraction", "train_dead_window",
                  "competing_pairs"]
 TABLE_COLUMNS = (["name", "state", "eval_phase", "step", "total_steps", "problem", "flags", "data", "model",
-                  "layer", "store", "synthetic", "data_key", "not_numbers"] + CONFIG_COLUMNS
+                  "layer", "store", "synthetic", "data_key", "not_numbers", "group", "group_label", "seed"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
 
 
@@ -131,6 +131,9 @@ def run_row(info: Any, manifests: dict[str, Any] | None = None) -> dict:
     }
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     row.update(_data_fields(data, {} if manifests is None else manifests))
+    from msae_core.inspect.groups import group_key, seed_of
+
+    row["group"], row["seed"] = group_key(cfg, row["data_key"]), seed_of(cfg)
     if arch == "momentum":
         row.update(beta=_num(sae.get("beta")), tau=_num(sae.get("tau")), lam=_num(sae.get("lam")))
     knob = _sparsity_knob(base)
@@ -171,8 +174,10 @@ def runs_table(root: str | os.PathLike | None = None) -> pd.DataFrame:
         except Exception as exc:  # noqa: BLE001 - one odd folder must not hide the others
             rows.append({"name": info.name, "state": "unknown", "problem": f"unreadable: {exc}",
                          "path": str(info.path)})
-    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    for c in ["step", "total_steps"] + CONFIG_COLUMNS[2:] + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s"]:
+    from msae_core.inspect.groups import label_groups
+
+    df = label_groups(pd.DataFrame(rows, columns=TABLE_COLUMNS))
+    for c in ["step", "total_steps", "seed"] + CONFIG_COLUMNS[2:] + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s"]:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     df["flags"] = _flags_column(df)
     return df

@@ -4,7 +4,7 @@
         --root results/runs --name NAME [--parallel 2]
 
 A grid key is a field of the run config, dotted (`sae.beta`, `train.lr`) or bare (`beta`) when the
-bare name is in one section only. Each point is its own run folder `ROOT/NAME-beta0.9-tau0.3-lam0`,
+bare name is in one section only; `seeds=0,1,2` is the replicate axis (training seeds). Each point is its own run folder `ROOT/NAME-beta0.9-tau0.3-lam0`,
 trained by its own `msae train` process (`--parallel N` at a time). Running the same sweep again
 skips the points that are done and resumes the others from their checkpoints.
 `ROOT/_sweeps/NAME/sweep.json` lists the points, their values, run folders and states.
@@ -124,21 +124,30 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+SEEDS_KEY = "seeds"  # the replicate axis: a training seed, set as the SAE's init seed and the batch order's
+
+
 def expand_grid(base: RunConfig | dict, grid: dict[str, Any], name: str = "sweep") -> list[SweepPoint]:
     """Every point of `grid` (key -> list of values, or a 'v1,v2' string) applied to `base`, in
-    the order of the keys (the last key varies fastest). Each point's config is validated for its
-    own fields only (the store is checked when a run starts). Raises MsaeError listing problems."""
+    the order of the keys (the last key varies fastest). `seeds=0,1,2` is the replicate axis: each
+    value sets sae.seed and train.seed, so the runs differing only there form a group of training
+    seeds (inspect.groups). Each point's config is validated for its own fields only (the store is
+    checked when a run starts). Raises MsaeError listing problems."""
     base = RunConfig.from_dict(base) if isinstance(base, dict) else base
     keys, value_lists = [], []
     for key, vals in grid.items():
-        section, field_name = resolve_key(base, key)
-        hints = typing.get_type_hints(type(getattr(base, section)))
         if isinstance(vals, str):
             vals = [v for v in (s.strip() for s in vals.split(",")) if v]
         if not isinstance(vals, (list, tuple)):
             vals = [vals]
         if not vals:
             raise MsaeError(f"grid key {key!r} has no values")
+        if key.strip() == SEEDS_KEY:
+            keys.append((SEEDS_KEY, "seed"))
+            value_lists.append([_coerce(v, int, SEEDS_KEY) for v in vals])
+            continue
+        section, field_name = resolve_key(base, key)
+        hints = typing.get_type_hints(type(getattr(base, section)))
         typed = [_coerce(v, hints[field_name], f"{section}.{field_name}") for v in vals]
         keys.append((section, field_name))
         value_lists.append(typed)
@@ -148,11 +157,13 @@ def expand_grid(base: RunConfig | dict, grid: dict[str, Any], name: str = "sweep
         sections = {s: getattr(base, s) for s in _SECTIONS}
         values = {}
         for (section, field_name), v in zip(keys, combo):
-            try:
-                sections[section] = dataclasses.replace(sections[section], **{field_name: v})
-            except (TypeError, ValueError) as exc:
-                raise MsaeError(f"{section}.{field_name}={v!r}: {exc}") from None
-            values[f"{section}.{field_name}"] = v
+            targets = [("sae", "seed"), ("train", "seed")] if section == SEEDS_KEY else [(section, field_name)]
+            for sec, fn in targets:
+                try:
+                    sections[sec] = dataclasses.replace(sections[sec], **{fn: v})
+                except (TypeError, ValueError) as exc:
+                    raise MsaeError(f"{sec}.{fn}={v!r}: {exc}") from None
+            values[SEEDS_KEY if section == SEEDS_KEY else f"{section}.{field_name}"] = v
         cfg = RunConfig(**sections)
         label = "-".join(f"{fn}{_fmt(v)}" for (_, fn), v in zip(keys, combo))
         pname = safe_run_name(f"{name}-{label}" if label else name)
