@@ -75,6 +75,25 @@ if names:
     st.session_state["selected_run"] = name
     st.dataframe(row.dropna().astype(str).rename("value").to_frame(), width="stretch")
     ui.page_links(["traces", "pairs", "explorer"])
+def _match_l0_button(long, runs) -> None:
+    """Evaluate the thresholded runs whose L0 is off at the baseline's L0 (each its own process)."""
+    from msae_core.evals.calibrate import THRESHOLDED
+    from msae_core.training.jobs import start_eval
+
+    l0 = long[long["metric"].isin(["l0", "synth_l0"])]
+    off = set(l0[l0["l0_matched"] == False]["run"])  # noqa: E712
+    sparsity = runs["base"].where(runs["base"].notna(), runs["arch"])
+    todo = runs[runs["group_label"].isin(off) & sparsity.isin(THRESHOLDED)]
+    if todo.empty:
+        return
+    target = float(l0["value"].iloc[0])
+    if st.button(f"Evaluate {len(todo)} thresholded run(s) at L0 {target:.2f}", key="t_match_l0"):
+        for r in todo.itertuples():
+            evals = ["synthetic"] if str(r.data).startswith("synthetic") else ["core", "absorption"]
+            start_eval(r.path, evals, target)
+        st.success(f"Started: {', '.join(todo['name'])}; their evals land in the table as each finishes.")
+
+
 labels = list(dict.fromkeys(runs_df[runs_df["name"].isin(names)]["group_label"])) if names else []
 if len(labels) > 1:
     st.subheader("Compare runs")
@@ -88,6 +107,10 @@ if len(labels) > 1:
         picked_runs = runs_df[runs_df["group_label"].isin(chosen)]
         st.session_state["comparison"] = (picked_runs["name"].tolist(), baseline)  # the Export page's bundle
         long = C.comparison(picked_runs, baseline)
+        hint = C.l0_hint(long, picked_runs)
+        if hint:
+            st.warning(hint)
+            _match_l0_button(long, picked_runs)
         wide = C.wide_table(long, baseline)
         st.dataframe(wide, hide_index=True, width="stretch")
         d1, d2 = st.columns(2)

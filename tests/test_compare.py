@@ -11,6 +11,7 @@ from msae_core import cli
 from msae_core.artifacts import RUN_EVAL, atomic_write_json
 from msae_core.errors import MsaeError
 from msae_core.inspect import compare as C
+from msae_core.inspect.groups import label_groups
 
 
 def _run(root, name, ev, absorption, ci, l0=8.0, seed=0, k=8, letters=None):
@@ -57,6 +58,8 @@ def test_seeds_are_replicates_and_differences_are_paired_by_seed(runs):
     wide = C.wide_table(C.comparison(df, "near-seed1"), "near-seed1")
     assert wide["run"].tolist() == ["near (baseline)", "base", "far", "sparser"]
     assert wide["L0 matched"].tolist() == ["yes", "yes", "yes", "NO"]
+    hint = C.l0_hint(C.comparison(df, "near-seed1"), label_groups(df))
+    assert hint.startswith("L0 not matched: sparser") and "--target-l0" not in hint  # a topk: no threshold
     col = "mean absorption fraction (↓)"
     assert "n=3" in wide.loc[2, col] and wide.loc[2, col].endswith("resolved)")
 
@@ -80,7 +83,7 @@ def test_cli_prints_and_writes_markdown_and_csv(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| near (baseline) |" in printed and "resolved" in printed and "n=3" in printed
     md = (out / "compare.md").read_text()
-    assert md.startswith("| run |") and "Differences are to near" in md
+    assert md.startswith("L0 not matched: sparser") and "\n| run |" in md and "Differences are to near" in md
     csv = pd.read_csv(out / "compare.csv")
     assert set(csv["run"]) == {"near", "base", "far", "sparser"} and "diff_ci_low" in csv.columns
 

@@ -84,3 +84,54 @@ def test_lm_evals_on_a_synthetic_run_are_refused_before_the_status_changes(synth
     assert cli.main(["eval", str(synth_run), "--evals", "core,absorption"]) == 2
     assert "no language model for core, absorption" in capsys.readouterr().err
     assert json.loads((synth_run / "status.json").read_text())["eval"] == "done"
+
+
+def test_calibrating_a_thresholded_sae_to_a_target_l0(tmp_path):
+    """BatchTopK's and JumpReLU's inference threshold set for a mean L0 on rows: the L0 reached is
+    the target; TopK has no threshold and is refused in one line."""
+    import torch
+
+    from msae_core.errors import MsaeError
+    from msae_core.evals.calibrate import calibrate_l0_
+    from msae_core.sae import build_sae
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 32, generator=g)
+    for arch in ("batchtopk", "jumprelu", "matryoshka"):
+        sae = build_sae(SAEConfig(arch=arch, d_in=32, d_sae=128, k=8))
+        sae.fit_input_scale_(x)
+        if arch != "jumprelu":
+            sae.threshold.fill_(0.05)
+        info = calibrate_l0_(sae, x, 6.0)
+        l0 = float((sae.encode(x) > 0).sum(1).float().mean())
+        assert l0 == pytest.approx(6.0, abs=0.05) and info["achieved_l0"] == pytest.approx(l0), arch
+        assert info["l0_before"] != pytest.approx(6.0, abs=0.5)
+    with pytest.raises(MsaeError, match="no inference threshold"):
+        calibrate_l0_(build_sae(SAEConfig(arch="topk", d_in=32, d_sae=128, k=8)), x, 6.0)
+
+
+def test_eval_at_a_matched_l0_says_so_in_eval_json(tmp_path, capsys):
+    """`msae eval RUN --target-l0 L` on a BatchTopK run: its synthetic eval's L0 is L, and
+    eval.json says the threshold was set; --match-l0 takes another run's L0."""
+    store = S.synth(SMALL, tmp_path / "store", progress=False)
+    run = tmp_path / "btk"
+    cfg = RunConfig(sae=SAEConfig(arch="batchtopk", d_in=24, d_sae=64, k=4),
+                    train=TrainConfig(steps=40, batch_size=128, lr=3e-3, warmup_steps=2, seed=0, device="cpu",
+                                      log_every=20, checkpoint_every=1000),
+                    data=DataConfig(acts=str(store.path)))
+    train(cfg, run, progress=False)
+    assert cli.main(["eval", str(run), "--evals", "synthetic", "--target-l0", "6", "--no-progress"] + FAST) == 0
+    ev = json.loads((run / "eval.json").read_text())["synthetic"]
+    cal = ev["eval_result_metrics"]["l0_calibration"]
+    assert ev["eval_config"]["target_l0"] == 6.0 and cal["rows"] > 1000
+    assert ev["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(6.0, rel=0.1)  # fresh rows, same L0
+    topk = tmp_path / "topk"
+    train(RunConfig(sae=SAEConfig(arch="topk", d_in=24, d_sae=64, k=5), train=cfg.train, data=cfg.data), topk,
+          progress=False)
+    assert cli.main(["eval", str(topk), "--evals", "synthetic", "--no-progress"] + FAST) == 0
+    assert cli.main(["eval", str(run), "--evals", "synthetic", "--match-l0", str(topk), "--no-progress"] + FAST) == 0
+    ev = json.loads((run / "eval.json").read_text())["synthetic"]
+    assert ev["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(5.0, rel=0.1)
+    capsys.readouterr()
+    assert cli.main(["eval", str(topk), "--evals", "synthetic", "--target-l0", "3"] + FAST) == 2
+    assert "no inference threshold" in capsys.readouterr().err

@@ -261,10 +261,24 @@ def test_tradeoff_draws_a_group_of_seeds_as_its_mean_with_seed_error_bars(tmp_pa
     (table,) = [d.value for d in at.dataframe if "L0 matched" in d.value.columns]
     assert "n=3" in table.iloc[0]["mean absorption fraction (↓)"]
     assert table.iloc[1]["mean absorption fraction (↓)"].endswith("resolved)")  # -0.1 at each seed
+    for s_ in range(2):  # a BatchTopK pair at another L0: the page offers its eval at the baseline's
+        make_run(root, f"btk-seed{s_}", str(store), arch="batchtopk", ev=0.8, absorption=0.2, l0=6.0, seed=s_,
+                 umap=False)
+    from msae_core.training import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_eval", lambda run, evals, target: started.append((Path(run).name, target)))
+    at = open_page(root, "tradeoff", monkeypatch)
+    at.multiselect(key="t_cmp_runs").set_value(["topk", "btk"]).run()
+    at.selectbox(key="t_cmp_base").set_value("topk").run()
+    assert any("L0 not matched: btk" in w.value and "--target-l0 8.00" in w.value for w in at.warning)
+    at.button(key="t_match_l0").click().run()
+    assert_clean(at)
+    assert sorted(started) == [("btk-seed0", 8.0), ("btk-seed1", 8.0)]
     home = open_page(root, "home", monkeypatch)
     assert_clean(home)
     groups = next(d.value for d in home.dataframe if "seeds" in d.value.columns)
-    assert sorted(groups["group"]) == ["topk", "wide"] and (groups["n"] == 3).all()
+    assert sorted(groups["group"]) == ["btk", "topk", "wide"] and groups["n"].tolist().count(3) == 2
     assert groups.set_index("group").loc["topk", "absorption"].startswith("0.3000 [")
 
 

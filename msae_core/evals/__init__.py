@@ -63,11 +63,13 @@ def _eval_phase(run_dir: Path, text: str) -> None:
 
 def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: bool = True,
               skip_done: bool = False, device: str | None = None,
-              overrides: dict[str, dict] | None = None) -> dict:
+              overrides: dict[str, dict] | None = None, target_l0: float | None = None) -> dict:
     """Run `evals` on the run in `run_dir` and merge each result into its eval.json.
 
     `overrides` maps an eval name to Config field overrides. With `skip_done`, evals already in
-    eval.json are not run again. Returns the whole eval.json content.
+    eval.json are not run again. `target_l0`: evaluate a thresholded SAE (BatchTopK, Matryoshka,
+    JumpReLU) with its inference threshold set to that mean L0 on held-out rows (evals.calibrate;
+    each result says so under `l0_calibration`). Returns the whole eval.json content.
     """
     from msae_core.configutil import from_dict
     from msae_core.evals.schema import read_eval_json
@@ -90,7 +92,7 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
         except (TypeError, ValueError) as exc:
             raise MsaeError(f"{n}: bad eval setting: {exc}") from exc
     with _eval_lock(run_dir):
-        return _run_locked(run_dir, todo, modules, configs, device, progress, skip_done)
+        return _run_locked(run_dir, todo, modules, configs, device, progress, skip_done, target_l0)
 
 
 @contextlib.contextmanager
@@ -114,7 +116,7 @@ def _eval_lock(run_dir: Path) -> Iterator[None]:
 
 
 def _run_locked(run_dir: Path, todo: list[str], modules: dict, configs: dict, device: str | None,
-                progress: bool, skip_done: bool) -> dict:
+                progress: bool, skip_done: bool, target_l0: float | None = None) -> dict:
     """run_evals' work under the eval lock (evals another process finished meanwhile are skipped
     with skip_done)."""
     from msae_core.evals.flags import run_flags
@@ -134,11 +136,22 @@ def _run_locked(run_dir: Path, todo: list[str], modules: dict, configs: dict, de
             "trained on synthetic activations (msae synth): there is no language model for "
             f"{', '.join(wrong)}; score it with --evals synthetic" if synthetic else
             "trained on a language model's activations: the synthetic eval needs a run on a msae synth store"))
+    calibration = None
+    if target_l0 is not None:
+        from msae_core.evals.calibrate import calibrate_l0_, check_calibratable, heldout_rows
+
+        check_calibratable(ctx.sae, target_l0)  # refused before held-out rows are computed
+        calibration = calibrate_l0_(ctx.sae, heldout_rows(ctx), target_l0)
+        log.info("%s: inference threshold set for L0 %.2f on %d held-out rows (L0 %.2f before)", run_dir.name,
+                 calibration["achieved_l0"], calibration["rows"], calibration["l0_before"])
     for i, n in enumerate(todo, 1):
         log.info("eval %d/%d: %s on %s", i, len(todo), n, run_dir.name)
         _eval_phase(run_dir, f"running {n} ({i} of {len(todo)})")  # Home and Launch show it
         try:
             result = modules[n].run(ctx, configs[n])
+            if calibration is not None:  # the threshold these numbers were taken at, said beside them
+                result["eval_config"] = {**result.get("eval_config", {}), "target_l0": calibration["target_l0"]}
+                result["eval_result_metrics"]["l0_calibration"] = calibration
             existing = write_eval_result(run_dir, n, result)  # a full disk fails here: said too
         except BaseException as exc:
             _eval_phase(run_dir, f"failed in {n}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")

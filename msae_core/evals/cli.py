@@ -36,10 +36,28 @@ def run_cli(args: argparse.Namespace) -> int:
     unknown = sorted(set(overrides) - set(evals))
     if unknown:
         raise MsaeError(f"--set names eval(s) not chosen: {', '.join(unknown)}")
+    target = _target_l0(args)
     for run in args.runs:
         run_evals(Path(run), evals, progress=not args.no_progress, skip_done=args.skip_done,
-                  device=args.device, overrides=overrides)
+                  device=args.device, overrides=overrides, target_l0=target)
     return 0
+
+
+def _target_l0(args: argparse.Namespace) -> float | None:
+    """--target-l0 L, or --match-l0 RUN (that run's L0 from its eval.json), or None."""
+    if args.target_l0 is not None and args.match_l0:
+        raise MsaeError("give --target-l0 or --match-l0, not both")
+    if args.match_l0:
+        from msae_core.evals.schema import read_eval_json
+        from msae_core.evals.summary import summarize
+
+        m = summarize(read_eval_json(Path(args.match_l0)))
+        l0 = m.get("l0", m.get("synth_l0"))
+        if l0 is None:
+            raise MsaeError(f"{args.match_l0} has no L0 in its eval.json: run `msae eval {args.match_l0} "
+                            "--evals core` (or synthetic) first")
+        return float(l0)
+    return args.target_l0
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -53,5 +71,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-done", action="store_true", help="skip evals already in eval.json")
     p.add_argument("--set", action="append", metavar="EVAL.FIELD=VALUE",
                    help="an eval setting, e.g. core.n_eval_reconstruction_batches=4 (repeatable)")
+    p.add_argument("--target-l0", type=float, default=None, metavar="L",
+                   help="evaluate a thresholded SAE (batchtopk, matryoshka, jumprelu) with its inference "
+                        "threshold set to mean L0 L on held-out rows (said in eval.json as l0_calibration)")
+    p.add_argument("--match-l0", default="", metavar="RUN",
+                   help="the same, at the L0 in RUN's eval.json: compare architectures at matched L0")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_cli)

@@ -145,9 +145,10 @@ def comparison(df: pd.DataFrame, baseline: str, l0_tolerance: float = L0_TOLERAN
             a = score(g, key)
             if a["mean"] is None:
                 continue
+            calibrated = "l0_target" in sub and sub["l0_target"].notna().any()
             row = {"run": sub["group_label"].iloc[0], "metric": key, "label": label, "direction": direction,
                    "value": a["mean"], "ci_low": a["ci_low"], "ci_high": a["ci_high"], "n_seeds": a["n"],
-                   "runs": ",".join(sorted(sub["name"])), "l0_matched": matched}
+                   "runs": ",".join(sorted(sub["name"])), "l0_matched": matched, "l0_calibrated": calibrated}
             diff = {"diff": None, "diff_ci_low": None, "diff_ci_high": None, "n_pairs": None, "pairing": "",
                     "verdict": "", "item_ci_low": None, "item_ci_high": None}
             if g != base_group:
@@ -214,10 +215,34 @@ def wide_table(long: pd.DataFrame, baseline: str) -> pd.DataFrame:
         row: dict[str, str] = {"run": run + (" (baseline)" if run == baseline else "")}
         for k in keys:
             row[labels[k]] = cell(sub[k], baseline) if k in sub else "-"
-        matched = next(iter(sub.values()))["l0_matched"] if sub else None
-        row["L0 matched"] = "-" if matched is None else ("yes" if matched else "NO")
+        first = next(iter(sub.values())) if sub else {}
+        matched = first.get("l0_matched")
+        row["L0 matched"] = "-" if matched is None else ("yes" if matched else "NO") + (
+            " (threshold set)" if first.get("l0_calibrated") is True else "")
         table.append(row)
     return pd.DataFrame(table)
+
+
+def l0_hint(long: pd.DataFrame, df: pd.DataFrame) -> str:
+    """'' when every group's L0 matches the baseline's; else one line naming the unmatched groups
+    and how to evaluate the thresholded ones at the baseline's L0."""
+    if long.empty or "l0_matched" not in long:
+        return ""
+    off = long[(long["l0_matched"] == False) & long["metric"].isin(["l0", "synth_l0"])]  # noqa: E712
+    if off.empty:
+        return ""
+    base = long[long["metric"].isin(["l0", "synth_l0"])].iloc[0]
+    archs = dict(zip(df.get("group_label", df["name"]), df["arch"])) if "arch" in df else {}
+    bases = dict(zip(df.get("group_label", df["name"]), df.get("base", df["arch"]))) if "arch" in df else {}
+    from msae_core.evals.calibrate import THRESHOLDED
+
+    threshold = [r for r in off["run"] if bases.get(r, archs.get(r)) in THRESHOLDED]
+    line = (f"L0 not matched: {', '.join(off['run'])} (the baseline's L0 is {base['value']:.2f}); their "
+            "differences mix the method with the sparsity.")
+    if threshold:
+        line += (f" The thresholded ones ({', '.join(threshold)}) can be evaluated at it: msae eval RUN "
+                 f"--target-l0 {base['value']:.2f}.")
+    return line
 
 
 def to_markdown(wide: pd.DataFrame, baseline: str, note: str = "") -> str:
@@ -256,7 +281,9 @@ def _run(args: argparse.Namespace) -> int:
     long = comparison(df, baseline)
     baseline = long["run"].iloc[0]  # the baseline's group
     wide = wide_table(long, baseline)
-    note = data_note(df)
+    from msae_core.inspect.groups import label_groups
+
+    note = "\n\n".join(n for n in (data_note(df), l0_hint(long, label_groups(df))) if n)
     print(to_markdown(wide, baseline, note), end="")
     if args.out:
         print(f"written: {write_comparison(long, wide, baseline, args.out, note)}")

@@ -43,7 +43,7 @@ METRIC_COLUMNS += [c for pair in INTERVALS.values() for c in pair] + ["absorptio
 TRAIN_COLUMNS = ["train_loss", "train_explained_variance", "train_l0", "train_dead_fraction", "train_dead_window",
                  "competing_pairs"]
 TABLE_COLUMNS = (["name", "state", "eval_phase", "step", "total_steps", "problem", "flags", "data", "model",
-                  "layer", "store", "synthetic", "data_key", "not_numbers", "group", "group_label", "seed"] + CONFIG_COLUMNS
+                  "layer", "store", "synthetic", "data_key", "not_numbers", "group", "group_label", "seed", "l0_target"] + CONFIG_COLUMNS
                  + METRIC_COLUMNS + TRAIN_COLUMNS + ["eta_s", "path"])
 
 
@@ -159,6 +159,10 @@ def run_row(info: Any, manifests: dict[str, Any] | None = None) -> dict:
 
             row.update(summarize_eval(ev))
             row["not_numbers"] = ",".join(not_numbers(ev))
+            # an eval taken at a calibrated inference threshold (msae eval --target-l0 / --match-l0)
+            row["l0_target"] = next((_num(e.get("eval_config", {}).get("target_l0")) for e in ev.values()
+                                     if isinstance(e, dict) and isinstance(e.get("eval_config"), dict)
+                                     and _num(e["eval_config"].get("target_l0")) is not None), None)
     return row
 
 

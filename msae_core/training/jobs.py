@@ -151,3 +151,15 @@ def start_harvest(root: str | os.PathLike | None, name: str, model: str = "embed
                        "--tokens", int(tokens), "--out", out, "--no-progress"),
           log=out.parent / HARVEST_LOG.format(name=name))
     return out
+
+
+def start_eval(run_dir: str | os.PathLike, evals: list[str], target_l0: float | None = None) -> Any:
+    """Start `msae eval RUN --evals ...` (at `target_l0`: msae eval --target-l0) in its own process,
+    its output appended to the run's train.log; the run's status says which eval runs."""
+    from msae_core.artifacts import RUN_LOG
+
+    run_dir = Path(run_dir)
+    cmd = ["eval", run_dir, "--evals", ",".join(evals), "--no-progress"]
+    if target_l0 is not None:
+        cmd += ["--target-l0", f"{target_l0:.6g}"]
+    return spawn(msae_command(*cmd), log=run_dir / RUN_LOG)
