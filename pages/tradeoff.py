@@ -39,9 +39,18 @@ fig = F.tradeoff_figure(df, y=y, x=x, color=colour, reference=ref, frontier=fron
 event = ui.show_figure(fig, "tradeoff", stem=f"tradeoff-{y}-vs-{x}", on_select="rerun", selection_mode=("points",), width="stretch")
 
 have = df[df[x].notna() & df[y].notna()] if not df.empty else df
-missing = len(df) - len(have)
-if missing:
-    st.caption(f"{missing} run(s) have no {y} or {x} yet (not evaluated, or unfinished).")
+missing = df[~df.index.isin(have.index)] if not df.empty else df
+if len(missing):
+    synth = missing["synthetic"].fillna(False).astype(bool) if "synthetic" in missing else missing["name"].map(lambda n: False)
+    parts = []
+    if (~synth).any():
+        parts.append(f"{int((~synth).sum())} not evaluated for it, or unfinished")
+    if synth.any() and not x.startswith("synth"):
+        parts.append(f"{int(synth.sum())} trained on a synthetic store ({', '.join(missing[synth]['name'][:3])}): "
+                     "choose the synthetic absorption to see them")
+    elif synth.any():
+        parts.append(f"{int(synth.sum())} synthetic without a synthetic eval")
+    st.caption(f"{len(missing)} run(s) have no {y} or {x}: " + "; ".join(parts) + ".")
 flagged = have[have["flags"].fillna("") != ""] if not have.empty else have
 if not flagged.empty:
     st.warning("Points to read with care:\n\n" + "\n".join(f"- **{r.name}**: {r.flags}"

@@ -404,3 +404,17 @@ def test_dead_latents_logged_equal_a_direct_count_on_the_same_window(tmp_path, m
         assert r["dead_features"] == int((~recent).sum()), done
         checked += int(r["dead_features"] > 0)
     assert checked > 0  # the window was short enough for some latents to count as dead
+
+
+def test_a_relative_store_path_is_recorded_absolute_and_resumes(tmp_path, monkeypatch):
+    """`msae train --acts results/stores/x` from one folder: the run's config names the store
+    absolutely (the workbench, served from another folder, found nothing), and the same relative
+    command resumes it."""
+    make_store(tmp_path / "stores" / "s")
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config("stores/s", steps=20)
+    assert train(cfg, tmp_path / "run", progress=False).state == "done"
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["acts"]
+    assert saved == str(tmp_path / "stores" / "s")
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=30))
+    assert train(more, tmp_path / "run", progress=False).state == "done"  # the same store, said relatively

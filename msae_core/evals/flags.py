@@ -76,6 +76,26 @@ def interval_flags(runs: dict[str, dict]) -> dict[str, list[str]]:
     return out
 
 
+def interval_notes(runs: dict[str, dict]) -> list[str]:
+    """interval_flags said once per score: which runs' intervals are wider than the spread of the
+    score over these runs, and what would tell them apart."""
+    from msae_core.evals.summary import INTERVALS
+
+    per_run = interval_flags(runs)
+    out = []
+    for key in INTERVALS:
+        names = [n for n, lines in per_run.items() if any(line.startswith(f"{key}'s interval") for line in lines)]
+        if not names:
+            continue
+        vals = [v for m in runs.values() if (v := _num(m.get(key))) is not None]
+        spread = max(vals) - min(vals)
+        who = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        out.append(f"{key}: the intervals of {who} are wider than its spread over {len(vals)} runs "
+                   f"({spread:.3g}); the eval cannot tell these runs apart: train seeds (seeds=0,1,2) and "
+                   "compare the groups")
+    return out
+
+
 def shared_value_flags(runs: dict[str, dict]) -> dict[str, list[str]]:
     """Per run name, a line for each metric equal to another run's to 4 significant digits."""
     out: dict[str, list[str]] = {name: [] for name in runs}

@@ -214,16 +214,13 @@ def cross_run_notes(df: pd.DataFrame) -> list[str]:
     """What the runs in `df` show together (evals.flags): a metric two runs share to 4 digits, a
     score whose interval is wider than its spread over these runs. Pages show these once, above
     the runs they are about; they change with the runs chosen."""
-    from msae_core.evals.flags import interval_flags, shared_value_flags
+    from msae_core.evals.flags import interval_notes, shared_value_flags
 
     if df.empty:
         return []
     by_name = {r["name"]: r for r in df.to_dict("records")}
-    out = []
-    for flags in (shared_value_flags(by_name), interval_flags(by_name)):
-        for name, lines in flags.items():
-            out += [f"{name}: {line}" for line in lines]
-    return out
+    out = [f"{name}: {line}" for name, lines in shared_value_flags(by_name).items() for line in lines]
+    return out + interval_notes(by_name)
 
 
 def filter_runs(df: pd.DataFrame, states: list[str] | None = None, archs: list[str] | None = None,

@@ -331,7 +331,7 @@ def config_mismatch(old: dict, new: dict) -> str:
             if section == "train" and key in _RESUMABLE_CHANGES:
                 continue
             va, vb = a.get(key), b.get(key)
-            if section == "data" and key == "acts" and va and vb:
+            if section == "data" and key in ("acts", "cache") and va and vb:
                 va, vb = str(Path(va).resolve()), str(Path(vb).resolve())
             if section == "sae" and key == "d_in" and (not va or not vb):
                 continue  # filled from the store

@@ -116,6 +116,14 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
         raise
 
 
+def _absolute_paths(config: RunConfig) -> RunConfig:
+    """`config` with its store and cache folders absolute (a relative one means the folder the
+    command ran in, which a page served from elsewhere would not find)."""
+    d = config.data
+    fix = {k: str(Path(v).expanduser().resolve()) for k, v in (("acts", d.acts), ("cache", d.cache)) if v}
+    return dataclasses.replace(config, data=dataclasses.replace(d, **fix)) if fix else config
+
+
 def _lead(config: RunConfig, out_dir: Path, progress: bool, stop: StopFlag, store: Any, gate: dict) -> RunResult:
     """train() under the folder lock: the folder's checks, then the run. Rank 0 of a data-parallel
     run opens `gate` (and tells the other ranks to go on) once the folder is accepted."""
@@ -137,6 +145,7 @@ def _lead(config: RunConfig, out_dir: Path, progress: bool, stop: StopFlag, stor
         prev = read_status(out_dir)
     except MsaeError:
         prev = {}
+    config = _absolute_paths(config)  # readers of the run (the workbench, evals) start from other folders
     config.save(existing_cfg)
     write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
                  total_steps=config.train.steps, started=prev.get("started") or time.time())
