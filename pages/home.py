@@ -96,9 +96,10 @@ def runs_section() -> None:
     view = rt.filter_runs(df, states, archs, text, only_eval)
 
     view = rt.with_synthetic_scores(view)
-    cols = ["name", "state", "eval_phase", "data", "arch", "base", "beta", "tau", "lam", "k", "l1_coeff", "d_sae",
-            "tokens", "explained_variance", "absorption", "synth_absorption", "synth_f1", "l0", "kl_div_score",
-            "ce_loss_score", "dead_fraction", "step", "total_steps", "train_explained_variance", "train_l0",
+    # the scores first (the table scrolls sideways), then the settings, then training's own numbers
+    cols = ["name", "state", "eval_phase", "data", "arch", "explained_variance", "absorption", "synth_absorption",
+            "synth_f1", "l0", "kl_div_score", "ce_loss_score", "dead_fraction", "base", "beta", "tau", "lam", "k",
+            "l1_coeff", "d_sae", "tokens", "step", "total_steps", "train_explained_variance", "train_l0",
             "train_dead_fraction", "flags", "problem"]
     st.caption(f"{len(view)} of {len(df)} runs")
     st.dataframe(view[cols], hide_index=True, key="runs_table", width="stretch",

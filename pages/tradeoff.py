@@ -112,7 +112,10 @@ if len(labels) > 1:
                "Compare runs at matched L0. The Export page's bundle includes this comparison.")
     chosen = st.multiselect("Runs (groups of seeds)", labels, default=labels[:4], key="t_cmp_runs")
     if len(chosen) > 1:
-        baseline = st.selectbox("Baseline", chosen, key="t_cmp_base")
+        arch_of = dict(zip(runs_df["group_label"], runs_df["arch"]))
+        first_base = next((i for i, g in enumerate(chosen) if arch_of.get(g) != "momentum"), 0)
+        baseline = st.selectbox("Baseline", chosen, index=first_base, key="t_cmp_base",
+                                help="the first chosen group that is not a momentum SAE, unless you choose")
         picked_runs = runs_df[runs_df["group_label"].isin(chosen)]
         st.session_state["comparison"] = (picked_runs["name"].tolist(), baseline)  # the Export page's bundle
         long = C.comparison(picked_runs, baseline)
