@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "msae_core.inspect.compare",
     "msae_core.inspect.dashboard",
     "msae_core.demo",
+    "msae_core.study",
 )
 
 
