@@ -41,10 +41,11 @@ class DemoPlan:
     evals: tuple[str, ...] = ("core", "absorption", "sparse_probing")
 
 
-# name -> SAE settings over the shared ones; momentum values are the research log's run 5
+# name -> SAE settings over the shared ones; the momentum run takes the defaults (beta 0.95, tau
+# 0.4, lam 0.3: the research log's run 5)
 DEMO_RUNS: dict[str, dict] = {
     "demo-topk": {"arch": "topk"},
-    "demo-momentum": {"arch": "momentum", "base": "topk", "beta": 0.95, "tau": 0.4, "lam": 0.3},
+    "demo-momentum": {"arch": "momentum", "base": "topk"},
 }
 
 # rough seconds on 2 CPU cores (`msae demo` in a fresh clone, 2026-11-25), scaled at run time by the

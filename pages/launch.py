@@ -9,6 +9,8 @@ from msae_core.artifacts import EVAL_NAMES
 from msae_core.evals.cli import DEFAULT_EVALS
 from msae_core.errors import MsaeError
 from msae_core.inspect.launch import config_problems, problem_field
+from msae_core.sae import SAEConfig, momentum_bases, registered_archs
+from msae_core.training.config import TrainConfig
 from msae_core.paths import runs_root
 from msae_core.inspect.runs_table import list_stores
 from msae_core.training.jobs import start_harvest
@@ -16,6 +18,7 @@ from msae_core.training.jobs import cancel_run, launch_run
 from msae_core.paths import safe_run_name
 from msae_core.training.run_folder import list_runs
 
+SAE_DEFAULTS, TRAIN_DEFAULTS = SAEConfig(), TrainConfig()  # every default from the configs, as msae train has them
 LM_EVALS = DEFAULT_EVALS.split(",")  # what `msae eval` runs by default on a language model's run
 
 st.title("Launch runs")
@@ -81,45 +84,51 @@ with c2:
 st.subheader("SAE and training")
 a1, a2, a3 = st.columns(3)
 with a1:
-    arch = st.radio("Architecture", ["momentum", "topk", "batchtopk", "matryoshka", "jumprelu", "relu"],
-                    horizontal=True, key="arch")
-    base = st.radio("Base architecture", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"], horizontal=True,
+    archs = ["momentum"] + [a for a in registered_archs() if a != "momentum"]  # ours first, then the registry's
+    arch = st.radio("Architecture", archs, horizontal=True, key="arch")
+    bases = momentum_bases()
+    base = st.radio("Base architecture", bases, index=bases.index(SAE_DEFAULTS.base), horizontal=True,
                     key="base",
                     disabled=arch != "momentum", help="the SAE the momentum machinery wraps")
     sparsity = base if arch == "momentum" else arch
     l0c = 1.0
     if sparsity == "jumprelu":
-        l0c = st.number_input("L0 coefficient", 0.0, 1000.0, 1.0, step=0.1, format="%.4f", key="l0c")
+        l0c = st.number_input("L0 coefficient", 0.0, 1000.0, SAE_DEFAULTS.l0_coeff, step=0.1, format="%.4f",
+                              key="l0c")
         slots["l0_coeff"] = st.empty()
-        k, l1 = 32, 0.04
+        k, l1 = SAE_DEFAULTS.k, SAE_DEFAULTS.l1_coeff
     elif sparsity != "relu":
         k = st.number_input("k (active features per token" + (", on average" if sparsity != "topk" else "") + ")",
-                            1, 65536, 32, key="k")
+                            1, 65536, SAE_DEFAULTS.k, key="k")
         slots["k"] = st.empty()
-        l1 = 0.04
+        l1 = SAE_DEFAULTS.l1_coeff
     else:
-        l1 = st.number_input("L1 coefficient", 0.0, 100.0, 0.04, step=0.01, format="%.4f", key="l1")
+        l1 = st.number_input("L1 coefficient", 0.0, 100.0, SAE_DEFAULTS.l1_coeff, step=0.01, format="%.4f", key="l1")
         slots["l1_coeff"] = st.empty()
-        k = 32
-    d_sae = st.number_input("d_sae (dictionary size)", 1, 1 << 20, 2048, step=256, key="d_sae")
+        k = SAE_DEFAULTS.k
+    d_sae = st.number_input("d_sae (dictionary size)", 1, 1 << 20, SAE_DEFAULTS.d_sae, step=256, key="d_sae")
     slots["d_sae"] = st.empty()
 with a2:
     on = arch == "momentum"
-    beta = st.slider("beta (momentum rate)", 0.0, 0.999, 0.95, 0.001, format="%.3f", key="beta", disabled=not on)
+    beta = st.slider("beta (momentum rate)", 0.0, 0.999, SAE_DEFAULTS.beta, 0.001, format="%.3f", key="beta",
+                     disabled=not on)
     slots["beta"] = st.empty()
-    tau = st.slider("tau (competition threshold)", 0.0, 1.0, 0.4, 0.01, key="tau", disabled=not on)
+    tau = st.slider("tau (competition threshold)", 0.0, 1.0, SAE_DEFAULTS.tau, 0.01, key="tau", disabled=not on)
     slots["tau"] = st.empty()
-    lam = st.number_input("lambda (competition penalty)", 0.0, 100.0, 0.1, step=0.05, format="%.3f", key="lam",
-                          disabled=not on)
+    lam = st.number_input("lambda (competition penalty)", 0.0, 100.0, SAE_DEFAULTS.lam, step=0.05, format="%.3f",
+                          key="lam", disabled=not on)
     slots["lam"] = st.empty()
 with a3:
-    lr = st.number_input("Learning rate", 1e-7, 1.0, 3e-4, step=1e-4, format="%.2e", key="lr")
+    lr = st.number_input("Learning rate", 1e-7, 1.0, TRAIN_DEFAULTS.lr, step=1e-4, format="%.2e", key="lr")
     slots["lr"] = st.empty()
-    steps = st.number_input("Steps", 1, 10_000_000, 1500, step=100, key="steps")
+    steps = st.number_input("Steps", 1, 10_000_000, TRAIN_DEFAULTS.steps, step=100, key="steps")
     slots["steps"] = st.empty()
-    batch = st.number_input("Batch size (tokens per step)", 1, 1 << 20, 1024, step=256, key="batch")
+    batch = st.number_input("Batch size (tokens per step)", 1, 1 << 20, TRAIN_DEFAULTS.batch_size, step=256,
+                            key="batch")
     slots["batch_size"] = st.empty()
-    st.caption(f"= {int(steps) * int(batch):,} training tokens")
+    rows = (chosen_store or {}).get("n_rows")
+    st.caption(f"= {int(steps) * int(batch):,} training tokens" + (
+        f", {int(steps) * int(batch) / rows:,.1f} passes over the store's {rows:,} rows" if rows else ""))
     synthetic = bool(chosen_store and chosen_store.get("synthetic"))
     evals = st.multiselect("Evals when done", list(EVAL_NAMES), key="evals_synthetic" if synthetic else "evals",
                            default=["synthetic"] if synthetic else list(LM_EVALS),
@@ -130,10 +139,7 @@ with a3:
 sae = {"arch": arch, "d_in": 0, "d_sae": int(d_sae), "k": int(k), "l1_coeff": float(l1), "l0_coeff": float(l0c)}
 if arch == "momentum":
     sae.update(base=base, beta=float(beta), tau=float(tau), lam=float(lam))
-cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch), "lr": float(lr),
-                                  "warmup_steps": min(1000, int(steps) // 5), "snapshot_every":
-                                  -1 if arch == "momentum" else 0,  # -1: about 100 snapshots a run
-                                  "log_every": max(1, min(50, int(steps) // 20))},
+cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch), "lr": float(lr)},  # the rest: defaults
             "data": {**(stream or {"acts": acts or ""}), "outliers": outliers}}
 cfg, problems = config_problems(cfg_dict)
 general = []

@@ -131,9 +131,13 @@ def test_home_lists_runs_with_scores_and_filters(full_root, monkeypatch):
 def test_launch_explains_invalid_settings_beside_widgets(full_root, monkeypatch):
     at = open_page(full_root, "launch", monkeypatch)
     assert_clean(at)
+    # the defaults are the configs' (batch 4096): more than the fixture store's rows, said beside it
+    assert any("exceeds the store's" in e.value for e in at.error) and at.button(key="launch").disabled
+    at.number_input(key="batch").set_value(256).run()
     assert not at.button(key="launch").disabled, [e.value for e in at.error]
     assert any(c.value.startswith("Row norms: ") for c in at.caption)  # the chosen store's outliers
-    at.number_input(key="k").set_value(4096).run()  # k > d_sae (2048)
+    assert any("passes over the store's" in c.value for c in at.caption)
+    at.number_input(key="k").set_value(8192).run()  # k > d_sae (4096)
     assert_clean(at)
     assert any("k must" in e.value or "k " in e.value for e in at.error), [e.value for e in at.error]
     assert at.button(key="launch").disabled
@@ -148,7 +152,10 @@ def test_launch_run_name_follows_the_settings_until_edited(full_root, monkeypatc
     """The suggested name tracks architecture and d_sae (a TopK run is never named momentum-...);
     once the user types a name, setting changes leave it alone."""
     at = open_page(full_root, "launch", monkeypatch)
-    assert at.text_input(key="run_name").value == "momentum-F2048-b0.95-t0.4-l0.1"
+    from msae_core.sae import SAEConfig
+
+    d = SAEConfig()  # the page's defaults are the config's
+    assert at.text_input(key="run_name").value == f"momentum-F{d.d_sae}-b{d.beta:g}-t{d.tau:g}-l{d.lam:g}"
     at.radio(key="arch").set_value("topk").run()
     at.number_input(key="d_sae").set_value(4096).run()
     assert_clean(at)

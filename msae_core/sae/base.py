@@ -94,7 +94,8 @@ class SAEConfig:
         "help": "base of a momentum SAE"})
     beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})
     tau: float = field(default=0.4, metadata={"help": "competition threshold on the pair score kappa"})
-    lam: float = field(default=0.0, metadata={"help": "competition penalty coefficient lambda"})
+    lam: float = field(default=0.3, metadata={
+        "help": "competition penalty coefficient lambda (0: the momentum machinery tracks, no penalty)"})
     n_candidates: int = field(default=16, metadata={"help": "candidate pairs kept per feature (C)"})
     cofire_top: int = field(default=8, metadata={
         "help": "per token, the strongest active latents whose co-firing is tracked (momentum)"})
