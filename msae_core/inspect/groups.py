@@ -164,12 +164,12 @@ def item_scores(run_path: str | Path, key: str) -> dict | None:
     return out or None
 
 
-# the runs table's scores a group averages over its seeds (runs_table.METRIC_COLUMNS without the
-# intervals, which a group computes anew)
 def _score_columns(df: pd.DataFrame) -> list[str]:
-    from msae_core.inspect.runs_table import METRIC_COLUMNS
+    """The eval scores in `df` a group averages over its seeds (evals.summary's keys without the
+    intervals, which a group computes anew)."""
+    from msae_core.evals.summary import PATHS
 
-    return [c for c in METRIC_COLUMNS if c in df and not c.endswith(("_ci_low", "_ci_high"))]
+    return [c for c in PATHS if c in df and not c.endswith(("_ci_low", "_ci_high"))]
 
 
 def groups_table(df: pd.DataFrame) -> pd.DataFrame:
