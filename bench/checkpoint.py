@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=65536)
     args = ap.parse_args()
     from msae_core.sae import SAEConfig, build_sae
-    from msae_core.training.checkpoint import cpu_copy, write_checkpoint
+    from msae_core.runs.checkpoint import cpu_copy, write_checkpoint
 
     sae = build_sae(SAEConfig(arch="topk", d_in=args.d_in, d_sae=args.d_sae, k=64))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)

@@ -43,7 +43,7 @@ def make_store(path: Path, rows: int, d: int) -> None:
 
 
 def step_time(run: Path) -> float:
-    from msae_core.training.run_folder import metrics_rows
+    from msae_core.runs.folder import metrics_rows
 
     m = metrics_rows(run)
     return (m[-1]["time"] - m[0]["time"]) / (m[-1]["step"] - m[0]["step"])
@@ -51,7 +51,7 @@ def step_time(run: Path) -> float:
 
 def main() -> None:
     from msae_core.sae import SAEConfig
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 
     D, F, B, steps = 640, 4096, 2048, 24
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,7 +44,7 @@ def _sets(items: list[str]) -> dict:
 def make_run(root: Path, args: argparse.Namespace, lm) -> tuple[Path, dict]:
     """Harvest a small store and train a small TopK run under `root`; returns (run, timings)."""
     from msae_core.data.harvest import harvest
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
     from msae_core.sae import SAEConfig
     from msae_core.data.store import StoreSettings
     from msae_core.training.trainer import train

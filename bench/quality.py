@@ -108,7 +108,7 @@ def run_msae(train_path: str, held: torch.Tensor, d_sae: int, k: int, batch: int
              warmup: int | None, device: str, tmp: str, sae_set: dict | None = None, keep: str = "") -> dict:
     from msae_core.sae import SAEConfig
     from msae_core.sae_io import load_sae
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
     from msae_core.training.trainer import train
 
     tc = TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=0, device=device, log_every=max(steps // 20, 1),

@@ -52,7 +52,7 @@ def main() -> None:
     from msae_core.data.text import context_windows, load_corpus
     from msae_core.devices import resolve_device
     from msae_core.sae import SAEConfig
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
     from msae_core.training.trainer import train
 
     dev = resolve_device("auto")
@@ -99,7 +99,7 @@ def main() -> None:
         stream_rows = args.steps * args.batch
         # steady state: between the first and the last metrics line (the buffer's first fill, which
         # holds the input-scale sample, comes before the first)
-        from msae_core.training.run_folder import metrics_rows
+        from msae_core.runs.folder import metrics_rows
 
         m = metrics_rows(Path(tmp) / "stream")
         steady_tps = (m[-1]["step"] - m[0]["step"]) * args.batch / (m[-1]["time"] - m[0]["time"])

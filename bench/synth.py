@@ -80,7 +80,7 @@ def run_store(name: str, store: Path, tmp: Path, args: argparse.Namespace) -> No
     from msae_core.evals.summary import summarize
     from msae_core.inspect.groups import group_score, paired_difference
     from msae_core.sae import SAEConfig
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
     from msae_core.training.trainer import train
 
     feats = S.load_features(store)

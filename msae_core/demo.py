@@ -195,8 +195,8 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
     from msae_core.procs import StopFlag
     from msae_core.data.harvest import harvest
     from msae_core.data.lm import embedded_is_cached
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
-    from msae_core.training.run_folder import read_status
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.folder import read_status
     from msae_core.sae import SAEConfig
     from msae_core.data.store import StoreSettings
     from msae_core.training.trainer import train
@@ -283,7 +283,7 @@ def demo_progress(root: Path | None = None) -> dict | None:
 
 def demo_state(root: Path | None = None) -> dict:
     """The demo runs' states, for the Home page: name -> state, or "absent"."""
-    from msae_core.training.run_folder import read_run
+    from msae_core.runs.folder import read_run
 
     root = Path(root or results_root())
     return {name: (read_run(root / RESULTS_RUNS / name).state if (root / RESULTS_RUNS / name).is_dir()

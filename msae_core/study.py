@@ -114,7 +114,7 @@ def run_study(base: "RunConfig", root: Path, out: Path, seeds: list[int], evals:
     """Train and evaluate every setting and seed (skipping what is done), then write the table."""
     from msae_core.evals import run_evals
     from msae_core.evals.summary import summarize
-    from msae_core.training.run_folder import read_status
+    from msae_core.runs.folder import read_status
     from msae_core.training.trainer import train
 
     store = base.check()  # once: every point reads the same store
@@ -142,7 +142,7 @@ def _cli(args: argparse.Namespace) -> int:
     from msae_core.evals.cli import _overrides
     from msae_core.paths import runs_root, stores_root
     from msae_core.sae import SAEConfig
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

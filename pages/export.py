@@ -8,7 +8,7 @@ from msae_core.errors import MsaeError
 from msae_core.evals.reference import reference_points
 from msae_core.inspect import export as X
 from msae_core.paths import exports_root
-from msae_core.training.imports import export_run
+from msae_core.runs.saelens import export_run
 
 st.title("Export")
 root = ui.root()

@@ -8,15 +8,15 @@ import ui
 from msae_core.artifacts import EVAL_NAMES
 from msae_core.evals.cli import DEFAULT_EVALS
 from msae_core.errors import MsaeError
-from msae_core.inspect.launch import config_problems, problem_field
+from msae_core.runs.launch import config_problems, problem_field
 from msae_core.sae import SAEConfig, momentum_bases, registered_archs
-from msae_core.training.config import TrainConfig
+from msae_core.runs.config import TrainConfig
 from msae_core.paths import runs_root
 from msae_core.inspect.runs_table import list_stores
-from msae_core.training.jobs import start_harvest
-from msae_core.training.jobs import cancel_run, launch_run
+from msae_core.runs.jobs import start_harvest
+from msae_core.runs.jobs import cancel_run, launch_run
 from msae_core.paths import safe_run_name
-from msae_core.training.run_folder import list_runs
+from msae_core.runs.folder import list_runs
 
 SAE_DEFAULTS, TRAIN_DEFAULTS = SAEConfig(), TrainConfig()  # every default from the configs, as msae train has them
 LM_EVALS = DEFAULT_EVALS.split(",")  # what `msae eval` runs by default on a language model's run
@@ -190,7 +190,7 @@ with st.expander("Sweep grid (same settings, one run per point)"):
     sweep_name = st.text_input("Sweep name", "sweep", key="sweep_name")
     points = []
     try:
-        from msae_core.training.sweep import expand_grid, parse_grid
+        from msae_core.runs.sweep import expand_grid, parse_grid
 
         if cfg is None:
             raise MsaeError("fix the settings above first")
@@ -200,7 +200,7 @@ with st.expander("Sweep grid (same settings, one run per point)"):
     except MsaeError as exc:
         st.error(str(exc))
     if st.button(f"Launch sweep ({len(points)} runs)", key="sweep_go", disabled=not points or bool(problems)):
-        from msae_core.training.sweep import launch_sweep
+        from msae_core.runs.sweep import launch_sweep
 
         try:  # the same path as `msae sweep`: a sweep record, every point through the run queue
             record = launch_sweep(cfg, grid, runs_dir, safe_run_name(sweep_name), int(parallel), evals)

@@ -87,7 +87,7 @@ if names:
 def _match_l0_button(long, runs) -> None:
     """Evaluate the thresholded runs whose L0 is off at the baseline's L0 (each its own process)."""
     from msae_core.evals.calibrate import THRESHOLDED
-    from msae_core.training.jobs import start_eval
+    from msae_core.runs.jobs import start_eval
 
     l0 = long[long["metric"].isin(["l0", "synth_l0"])]
     off = set(l0[l0["l0_matched"] == False]["run"])  # noqa: E712

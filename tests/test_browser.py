@@ -92,8 +92,8 @@ def server(results, tmp_path_factory):
 
 def _stop_run(run_dir: Path) -> None:
     """Cancel the launched training process if the test stopped before it finished."""
-    from msae_core.training.jobs import cancel_run
-    from msae_core.training.run_folder import read_run
+    from msae_core.runs.jobs import cancel_run
+    from msae_core.runs.folder import read_run
 
     if run_dir.is_dir() and read_run(run_dir).state in ("queued", "running"):
         cancel_run(run_dir)

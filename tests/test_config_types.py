@@ -14,7 +14,7 @@ from msae_core.cli import main
 from msae_core.configutil import collect_problems, from_dict
 from msae_core.errors import MsaeError
 from msae_core.evals import EVALS, eval_module
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 from msae_core.sae import SAEConfig
 
 # for each kind of annotation: values of the wrong type, as json would bring them

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from msae_core.training.run_folder import metrics_rows, read_status
+from msae_core.runs.folder import metrics_rows, read_status
 from msae_core.training.trainer import train
 from test_train import REPO, make_config, make_store
 
@@ -84,7 +84,7 @@ def test_two_ranks_stream_and_resume(tmp_path):
     uninterrupted two-rank run (each rank's mixing buffer is in the checkpoint); a --cache is
     refused in one line on every rank."""
     from msae_core.sae import SAEConfig
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
     from test_harvest import tiny_setup
 
     setup = tiny_setup(tmp_path / "tiny", n_docs=400)

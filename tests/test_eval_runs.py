@@ -17,7 +17,7 @@ from msae_core.artifacts import EVAL_LOCK
 from msae_core.data import synth as S
 from msae_core.evals import run_evals
 from msae_core.sae import SAEConfig
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 from msae_core.training.trainer import train
 
 SMALL = S.SynthConfig(n_features=64, d_model=24, n_trees=3, depth=2, branching=3, n_correlated=6,

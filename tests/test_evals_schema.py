@@ -72,7 +72,7 @@ def core_result(tmp_path_factory):
     from msae_core.evals.context import EvalContext
     from msae_core.data.harvest import harvest
     from msae_core.data.lm import load_lm, save_tiny_model
-    from msae_core.training.config import DataConfig, RunConfig
+    from msae_core.runs.config import DataConfig, RunConfig
     from msae_core.sae import SAEConfig, build_sae
     from msae_core.data.store import StoreSettings
 

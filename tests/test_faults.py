@@ -20,7 +20,7 @@ from msae_core import cli
 from msae_core.artifacts import (RUN_CHECKPOINT_DIR, RUN_METRICS, RUN_STATUS, TRAINER_STATE,
                                  atomic_write_json, read_jsonl)
 from msae_core.errors import MsaeError
-from msae_core.training.run_folder import read_status
+from msae_core.runs.folder import read_status
 from msae_core.data.loader import BatchLoader
 from msae_core.training.trainer import train
 from test_train import REPO, make_config, make_store, strip_times

@@ -13,7 +13,7 @@ from msae_core.errors import MsaeError
 from msae_core.evals import open_run, run_evals
 from msae_core.sae import SAEConfig, build_sae
 from msae_core.sae_io import export_saelens, import_saelens, load_sae
-from msae_core.training.imports import import_run
+from msae_core.runs.saelens import import_run
 
 
 def _trained(arch: str, d: int = 16, seed: int = 0):

@@ -11,7 +11,7 @@ from msae_core.artifacts import RUN_METRICS, STORE_MANIFEST
 from msae_core.data.loader import limit_outliers
 from msae_core.data.store import ActivationStore, StoreSettings, StoreWriter, norm_outliers, outlier_line
 from msae_core.sae import SAEConfig
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 from msae_core.training.trainer import train
 
 D = 16

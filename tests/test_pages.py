@@ -171,7 +171,7 @@ def test_launch_streams_from_a_model(full_root, monkeypatch, tmp_path):
     """Source "stream from the model": model, layer and corpus instead of a store, checked against
     the model's config (no weights loaded in the page), launched as a `--source stream` run."""
     from msae_core.data.lm import save_tiny_model
-    from msae_core.training import jobs
+    from msae_core.runs import jobs
 
     model = save_tiny_model(tmp_path / "tiny", "llama", n_layers=2, seed=0)
     launched = {}
@@ -272,7 +272,7 @@ def test_tradeoff_draws_a_group_of_seeds_as_its_mean_with_seed_error_bars(tmp_pa
     for s_ in range(2):  # a BatchTopK pair at another L0: the page offers its eval at the baseline's
         make_run(root, f"btk-seed{s_}", str(store), arch="batchtopk", ev=0.8, absorption=0.2, l0=6.0, seed=s_,
                  umap=False)
-    from msae_core.training import jobs
+    from msae_core.runs import jobs
 
     started = []
     monkeypatch.setattr(jobs, "start_eval", lambda run, evals, target: started.append((Path(run).name, target)))
@@ -454,10 +454,10 @@ def test_sweep_from_the_launch_page_leaves_the_cli_sweep_record(tmp_path, monkey
     every point queued through the run queue."""
     import json
 
-    from msae_core.training.jobs import cancel_run
+    from msae_core.runs.jobs import cancel_run
 
-    from msae_core.training.run_folder import read_status
-    from msae_core.training.sweep import sweep_dir
+    from msae_core.runs.folder import read_status
+    from msae_core.runs.sweep import sweep_dir
 
     root = make_results(tmp_path / "results", n_runs=1)
     at = open_page(root, "launch", monkeypatch)
@@ -481,7 +481,7 @@ def test_sweep_from_the_launch_page_leaves_the_cli_sweep_record(tmp_path, monkey
 
 def test_a_run_being_evaluated_shows_its_eval_on_home_and_launch(tmp_path, monkeypatch):
     """Done training, evals running: not a silent `done` with blank scores."""
-    from msae_core.training.run_folder import write_status
+    from msae_core.runs.folder import write_status
 
     root = make_results(tmp_path / "results", n_runs=2)
     run = sorted((root / "runs").iterdir())[0]

@@ -12,9 +12,9 @@ import torch
 from msae_core.artifacts import RUN_CHECKPOINT_DIR, RUN_CONFIG, RUN_STATUS, SAE_WEIGHTS, TRAINER_STATE
 from msae_core.errors import MsaeError
 from msae_core.paths import safe_run_name
-from msae_core.training.run_folder import STATUS_VERSION, list_runs, read_status, write_status
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig
-from msae_core.training.jobs import cancel_run, launch_run
+from msae_core.runs.folder import STATUS_VERSION, list_runs, read_status, write_status
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
+from msae_core.runs.jobs import cancel_run, launch_run
 from msae_core.sae import SAEConfig
 from msae_core.data.store import StoreSettings, StoreWriter
 
@@ -183,7 +183,7 @@ def test_launch_cancel_and_relaunch(store, tmp_path):
 def test_queue_waits_for_a_free_slot(tmp_path):
     import threading
 
-    from msae_core.training.jobs import wait_for_slot
+    from msae_core.runs.jobs import wait_for_slot
 
     root = tmp_path / "runs"
     busy, mine = root / "busy", root / "mine"
@@ -212,7 +212,7 @@ def test_run_folder_owns_the_logs_round_trip(tmp_path):
     import numpy as np
     import torch
 
-    from msae_core.training.run_folder import (append_events, append_metrics, event_rows, metrics_rows,
+    from msae_core.runs.folder import (append_events, append_metrics, event_rows, metrics_rows,
                                                pair_columns, read_trace, trace_files, truncate_logs,
                                                write_trace)
 

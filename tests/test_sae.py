@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from msae_core import sae_io
 from msae_core.sae import SAEConfig, build_sae, registered_archs, sae_class
-from msae_core.training.config import TrainConfig
+from msae_core.runs.config import TrainConfig
 
 GRAD_CLIP = TrainConfig().grad_clip
 
@@ -541,7 +541,7 @@ def test_dead_window_follows_the_run_length():
     """0 = from the run: a twentieth of its tokens, 100,000 to 10M; resolved (and so recorded in the
     run's config) when a run config is checked; an SAE built outside a trainer uses the floor."""
     from msae_core.sae.base import auto_dead_tokens, dead_window
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 
     assert auto_dead_tokens(2000 * 1024) == 102_400  # the CPU benchmark's 2M-token runs
     assert auto_dead_tokens(500 * 1024) == 100_000 and auto_dead_tokens(10 ** 12) == 10_000_000

@@ -156,7 +156,7 @@ def test_a_bad_manifest_is_named_not_a_traceback(tmp_path, edit, field):
     with pytest.raises(MsaeError, match="not a valid activation store"):
         StoreWriter(tmp_path / "s", StoreSettings(model="tiny", layer=1, target_tokens=1000,
                                                   dtype="float32", context_size=T), {"d_model": D})
-    from msae_core.training.config import DataConfig, RunConfig
+    from msae_core.runs.config import DataConfig, RunConfig
     from msae_core.sae import SAEConfig
 
     problems = RunConfig(sae=SAEConfig(d_in=D, d_sae=32), data=DataConfig(acts=str(tmp_path / "s"))).problem_list()
@@ -218,7 +218,7 @@ assert len(st._mapped) <= MAX_MAPPED_SHARDS
 idx = st.batch_indices(3, 2048, seed=1)
 torch.save((idx, st.batch(3, 2048, seed=1)), {str(tmp_path / "b.pt")!r})
 from msae_core.sae import SAEConfig
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 from msae_core.training.trainer import train
 cfg = RunConfig(sae=SAEConfig(arch="topk", d_sae=32, k=4),
                 train=TrainConfig(steps=12, batch_size=1024, device="cpu", log_every=4, checkpoint_every=6),

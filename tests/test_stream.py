@@ -17,8 +17,8 @@ from msae_core.data.store import StoreSettings
 from msae_core.data.stream import ActivationStream, StreamSettings
 from msae_core.errors import MsaeError
 from msae_core.sae import SAEConfig
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig
-from msae_core.training.run_folder import read_status
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
+from msae_core.runs.folder import read_status
 from msae_core.training.trainer import train
 from test_harvest import tiny_setup
 

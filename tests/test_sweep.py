@@ -9,11 +9,11 @@ import torch
 from msae_core import cli
 from msae_core.artifacts import SAE_WEIGHTS
 from msae_core.errors import MsaeError
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig
-from msae_core.training.run_folder import list_runs, read_status, write_status
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
+from msae_core.runs.folder import list_runs, read_status, write_status
 from msae_core.sae import SAEConfig
 from msae_core.data.store import StoreSettings, StoreWriter
-from msae_core.training.sweep import expand_grid, parse_grid, sweep_dir
+from msae_core.runs.sweep import expand_grid, parse_grid, sweep_dir
 
 D = 64
 
@@ -68,7 +68,7 @@ def test_expand_grid_types_names_and_refusals(store):
     assert "beta" in str(exc.value) and "tau" in str(exc.value)
     with pytest.raises(MsaeError, match="name=v1,v2"):
         parse_grid(["beta"])
-    from msae_core.training.sweep import default_name  # the README's example gives no --name
+    from msae_core.runs.sweep import default_name  # the README's example gives no --name
 
     assert default_name(parse_grid(["lam=0,0.1,0.3", "sae.tau=0.3,0.5"])) == "sweep-lam-tau"
 
@@ -104,7 +104,7 @@ def test_points_spread_over_the_gpus():
     """On a machine with several GPUs the points on `auto` go round-robin over them (the runs a
     sweep has going at once then train on different GPUs); a device set by hand is kept; one GPU
     or none changes nothing."""
-    from msae_core.training.sweep import spread_over_gpus
+    from msae_core.runs.sweep import spread_over_gpus
 
     cfgs = [RunConfig(train=TrainConfig(device=d)) for d in ("auto", "auto", "cpu", "auto", "auto")]
     got = [c.train.device for c in spread_over_gpus(cfgs, 2)]

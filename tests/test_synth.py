@@ -17,7 +17,7 @@ from msae_core.errors import MsaeError
 from msae_core.evals import run_evals
 from msae_core.evals.synthetic import Config as EvalConfig, score
 from msae_core.sae import SAEConfig
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 from msae_core.training.trainer import train
 
 SMALL = S.SynthConfig(n_features=96, d_model=32, n_trees=4, depth=2, branching=3, n_correlated=8,

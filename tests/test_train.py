@@ -19,8 +19,8 @@ from msae_core import cli
 from msae_core.artifacts import (RUN_CHECKPOINT_DIR, RUN_EVENTS, RUN_METRICS, RUN_TRACES_DIR,
                                  SAE_CONFIG, SAE_WEIGHTS, TRAINER_STATE, read_jsonl)
 from msae_core.errors import MsaeError
-from msae_core.training.config import RunConfig, TrainConfig, DataConfig
-from msae_core.training.run_folder import read_status
+from msae_core.runs.config import RunConfig, TrainConfig, DataConfig
+from msae_core.runs.folder import read_status
 from msae_core.sae import SAEConfig
 from msae_core.data.loader import BatchLoader
 from msae_core.data.store import StoreSettings, StoreWriter

@@ -19,7 +19,7 @@ checkpoint; each rank restores its own.
 Batch s is a deterministic function of (settings, seed, s, part). Resume: `state(step)` is the buffer as
 it stood before batch `step` (the rows kept and the rows handed out but not yet taken, as tensors,
 plus the corpus position and the round), which the trainer writes into the checkpoint
-(training.checkpoint); `restore` puts it back, the corpus is re-read from the recorded window on,
+(runs.checkpoint); `restore` puts it back, the corpus is re-read from the recorded window on,
 and the resumed run takes exactly the batches an uninterrupted one would.
 
 Cache (`--cache DIR`): every window the model runs over is also written into DIR as an activation

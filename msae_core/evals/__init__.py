@@ -53,7 +53,7 @@ def parse_evals(text: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def _eval_phase(run_dir: Path, text: str) -> None:
     """The run's status.json `eval`: which eval runs now, or how the evals ended."""
-    from msae_core.training.run_folder import write_status
+    from msae_core.runs.folder import write_status
 
     try:
         write_status(run_dir, eval=text)

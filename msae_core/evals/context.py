@@ -29,7 +29,7 @@ class EvalContext:
 
     run_dir: Path
     sae: Any                       # msae_core.sae.SAE, eval mode, on `device`
-    config: Any                    # msae_core.training.config.RunConfig
+    config: Any                    # msae_core.runs.config.RunConfig
     manifest: dict                 # the activation store's manifest.json
     device: torch.device
     progress: bool = True
@@ -110,8 +110,8 @@ class EvalContext:
 def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
              progress: bool = True) -> EvalContext:
     """Check that `run_dir` holds a finished run with weights, and load it. Refusals are one line."""
-    from msae_core.training.config import RunConfig
-    from msae_core.training.run_folder import read_status
+    from msae_core.runs.config import RunConfig
+    from msae_core.runs.folder import read_status
     from msae_core.sae_io import load_sae
 
     run_dir = Path(run_dir)

@@ -59,7 +59,7 @@ def read_runs(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     """The runs-table rows (inspect.runs_table.run_row) of the run folders `paths`; a folder that
     is not a run, or a run with no eval yet, is refused in one line."""
     from msae_core.inspect.runs_table import run_row
-    from msae_core.training.run_folder import read_run
+    from msae_core.runs.folder import read_run
 
     rows, seen = [], {}
     for p in paths:

@@ -1,7 +1,7 @@
 """Readers of one run folder for the pages: its config, metrics, competition events, trace snapshots
 (per-feature traces and the competing-pair table) and final weights as tables and arrays, and
 fingerprints that change when they do. The files themselves are read through
-msae_core.training.run_folder, their one owner.
+msae_core.runs.folder, their one owner.
 
 Every reader here except `load_run_sae` follows the package's no-raise convention (see
 msae_core.inspect)."""
@@ -20,7 +20,7 @@ import pandas as pd
 
 from msae_core.artifacts import RUN_CONFIG, RUN_EVENTS, RUN_METRICS, SAE_CONFIG, SAE_WEIGHTS
 from msae_core.errors import MsaeError
-from msae_core.training.run_folder import (PAIR_KEYS, event_rows, metrics_rows, pair_columns, read_trace,
+from msae_core.runs.folder import (PAIR_KEYS, event_rows, metrics_rows, pair_columns, read_trace,
                                            trace_files)
 
 log = logging.getLogger(__name__)

@@ -169,7 +169,7 @@ def run_row(info: Any, manifests: dict[str, Any] | None = None) -> dict:
 def runs_table(root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Every run under results/runs as a dataframe with TABLE_COLUMNS (missing values are NaN).
     A broken folder gives a row whose `problem` column says what is wrong."""
-    from msae_core.training.run_folder import list_runs
+    from msae_core.runs.folder import list_runs
 
     rows, manifests = [], {}
     for info in list_runs(runs_root(root), metrics_tail=1):

@@ -18,8 +18,8 @@ Faults:
 - a NaN/inf loss: state `diverged`, the last good checkpoint kept, no step taken with it;
 - SIGTERM (or SIGINT): the current step finishes, a checkpoint is written, state `cancelled`;
 - any other exception: state `failed` with its text.
-A checkpoint is always whole (msae_core.training.checkpoint); the run's logs are written through
-msae_core.training.run_folder, their one owner.
+A checkpoint is always whole (msae_core.runs.checkpoint); the run's logs are written through
+msae_core.runs.folder, their one owner.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
 from msae_core.sae import SAE, SAEConfig, SAEOutput, build_sae
-from msae_core.training.checkpoint import (checkpoint_step, cpu_copy, find_checkpoint, load_checkpoint,
+from msae_core.runs.checkpoint import (checkpoint_step, cpu_copy, find_checkpoint, load_checkpoint,
                                            promote_checkpoint, remove_temporaries, rng_state, set_rng_state,
                                            write_checkpoint)
-from msae_core.training.config import DataConfig, RunConfig, TrainConfig, config_mismatch
-from msae_core.training.run_folder import (append_events, append_metrics, read_status, refuse_foreign_out,
+from msae_core.runs.config import DataConfig, RunConfig, TrainConfig, config_mismatch
+from msae_core.runs.folder import (append_events, append_metrics, read_status, refuse_foreign_out,
                                            truncate_logs, write_status, write_trace)
 
 log = logging.getLogger(__name__)
@@ -523,7 +523,7 @@ def run_evals(out_dir: Path, evals: list[str]) -> int:
     write_status(out_dir, eval="starting")  # the child writes which eval it runs (evals.run_evals)
     rc = spawn(msae_command("eval", out_dir, "--evals", ",".join(evals)), detach=False).wait()
     if rc != 0:
-        from msae_core.training.run_folder import read_status
+        from msae_core.runs.folder import read_status
 
         said = str(read_status(out_dir).get("eval") or "")
         write_status(out_dir, eval=said if said.startswith("failed") else f"failed (exit {rc}, see train.log)")
@@ -581,7 +581,7 @@ def run_cli(args: argparse.Namespace) -> int:
             cfg = config_from_args(args)
             store = cfg.check()
         if args.max_parallel:
-            from msae_core.training.jobs import wait_for_slot
+            from msae_core.runs.jobs import wait_for_slot
 
             root = Path(args.queue_root) if args.queue_root else out.resolve().parent
             if not wait_for_slot(out, root, args.max_parallel, stop=stop):

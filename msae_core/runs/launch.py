@@ -1,5 +1,5 @@
 """What the Launch page checks before it starts a run: every problem of the settings from its
-widgets (msae_core.training.config.RunConfig), and the field each problem is about, to show it beside that
+widgets (msae_core.runs.config.RunConfig), and the field each problem is about, to show it beside that
 widget."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def problem_field(problem: str) -> str:
 
 def config_problems(config_dict: dict) -> tuple[Any, list[str]]:
     """(RunConfig or None, every problem) for settings from widgets; never raises."""
-    from msae_core.training.config import RunConfig
+    from msae_core.runs.config import RunConfig
 
     try:
         cfg = RunConfig.from_dict(config_dict)

@@ -59,7 +59,7 @@ from msae_core.artifacts import (
 from msae_core.configutil import type_problem
 from msae_core.errors import MsaeError
 from msae_core.procs import pid_alive
-from msae_core.training.config import RunConfig
+from msae_core.runs.config import RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from msae_core.artifacts import SWEEP_RECORD, SWEEPS_DIR, atomic_write_json
 from msae_core.errors import MsaeError
 from msae_core.paths import safe_run_name
 from msae_core.procs import StopFlag
-from msae_core.training.config import RunConfig
-from msae_core.training.run_folder import read_run
+from msae_core.runs.config import RunConfig
+from msae_core.runs.folder import read_run
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def expand_grid(base: RunConfig | dict, grid: dict[str, Any], name: str = "sweep
 def _own_problems(cfg: RunConfig) -> list[str]:
     """The config's problems without opening the store (checked once per sweep, not per point)."""
     from msae_core.configutil import collect_problems
-    from msae_core.training.config import DataConfig
+    from msae_core.runs.config import DataConfig
 
     bare = dataclasses.replace(cfg, data=DataConfig(acts=""))
     return [p for p in collect_problems(bare) if not p.startswith("data.")]
@@ -208,7 +208,7 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
     train` process, queued until fewer than `parallel` runs under ROOT are running). The Launch
     page and `msae sweep` both start sweeps here. On a machine with several GPUs the points whose
     device is `auto` are spread over them (spread_over_gpus). Returns the record."""
-    from msae_core.training.jobs import launch_run
+    from msae_core.runs.jobs import launch_run
 
     if parallel < 1:
         raise MsaeError(f"--parallel must be >= 1 (got {parallel})")
@@ -258,8 +258,8 @@ def wait_sweep(root: str | os.PathLike, name: str, poll_s: float = 0.5, stop: An
     """Follow a launched sweep until every point has ended, keeping its record's states current.
     When `stop` (a procs.StopFlag) is raised, every point still queued or running is cancelled
     (each checkpoints and ends `cancelled`)."""
-    from msae_core.training.jobs import cancel_run
-    from msae_core.training.run_folder import FINAL_STATES
+    from msae_core.runs.jobs import cancel_run
+    from msae_core.runs.folder import FINAL_STATES
 
     sdir = sweep_dir(root, name)
     record = json.loads((sdir / SWEEP_RECORD).read_text())

@@ -74,8 +74,8 @@ def import_run(folder: str | Path, out: str | Path, *, model: str = "", layer: i
     from msae_core.artifacts import RUN_CONFIG, check_can_create
     from msae_core.data.store import ActivationStore
     from msae_core.sae_io import import_saelens, save_sae
-    from msae_core.training.config import DataConfig, RunConfig, TrainConfig
-    from msae_core.training.run_folder import write_status
+    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
+    from msae_core.runs.folder import write_status
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -117,8 +117,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "saelens") -> Pa
     from msae_core.artifacts import RUN_CONFIG, SAE_CONFIG, SAE_WEIGHTS, check_can_create
     from msae_core.data.store import read_manifest
     from msae_core.sae_io import export_saelens, load_sae
-    from msae_core.training.config import RunConfig
-    from msae_core.training.run_folder import read_status
+    from msae_core.runs.config import RunConfig
+    from msae_core.runs.folder import read_status
 
     if fmt not in EXPORT_FORMATS:
         raise MsaeError(f"unknown export format {fmt!r}: use {', '.join(EXPORT_FORMATS)}")
@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"imported into {out}: evaluate it with `msae eval {out}`")
     from msae_core.artifacts import RUN_CONFIG
     from msae_core.data.lm import EMBEDDED_SOURCE
-    from msae_core.training.config import RunConfig
+    from msae_core.runs.config import RunConfig
 
     if not args.model and RunConfig.load(out / RUN_CONFIG).data.model == EMBEDDED_SOURCE:
         print(f"its model {EMBEDDED_SOURCE} is the one msae embeds a 4-bit copy of: without the hub, "

@@ -24,9 +24,9 @@ from msae_core.artifacts import (
 from msae_core.errors import MsaeError
 from msae_core.paths import safe_run_name, stores_root
 from msae_core.procs import StopFlag, msae_command, pid_alive, spawn
-from msae_core.training.config import RunConfig, config_mismatch
-from msae_core.training.checkpoint import checkpoint_step
-from msae_core.training.run_folder import list_runs, read_run, read_status, write_status
+from msae_core.runs.config import RunConfig, config_mismatch
+from msae_core.runs.checkpoint import checkpoint_step
+from msae_core.runs.folder import list_runs, read_run, read_status, write_status
 
 log = logging.getLogger(__name__)
 
