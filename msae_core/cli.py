@@ -14,7 +14,7 @@ from msae_core.errors import MsaeError
 SUBCOMMAND_MODULES = (
     "msae_core.data.harvest",
     "msae_core.data.synth",
-    "msae_core.training.trainer",
+    "msae_core.training.cli",
     "msae_core.runs.sweep",
     "msae_core.runs.saelens",
     "msae_core.evals.cli",

@@ -24,7 +24,8 @@ from msae_core.runs.folder import read_status
 from msae_core.sae import SAEConfig
 from msae_core.data.loader import BatchLoader
 from msae_core.data.store import StoreSettings, StoreWriter
-from msae_core.training.trainer import config_from_args, train
+from msae_core.training.cli import config_from_args
+from msae_core.training.trainer import train
 
 D, F, STEPS = 64, 128, 40
 REPO = Path(__file__).resolve().parent.parent
@@ -281,7 +282,7 @@ def test_steps_between_logs_never_read_the_device(store, tmp_path, monkeypatch):
     """A bad loss is flagged on the device and read at log, snapshot and checkpoint steps only: the
     trainer's reads of tensor values (host syncs on a GPU) do not grow with the steps between them.
     (The loss check used to read `bool(isfinite(loss))` at every step.)"""
-    from msae_core.training import trainer as T
+    from msae_core.training import loop as T  # the loop's own reads
 
     reads = {"n": 0}
     for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
@@ -313,7 +314,7 @@ def test_checkpoints_are_written_beside_training(store, reference, tmp_path, mon
     import threading
     import time as _time
 
-    from msae_core.training import trainer as T
+    from msae_core.training import loop as T
 
     real = T.write_checkpoint
     writes, taken = [], []
