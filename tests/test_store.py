@@ -286,8 +286,8 @@ def test_prefetching_loader_yields_the_synchronous_batches(tmp_path):
         for s in range(3, 9):
             assert torch.equal(loader.next(s), st.batch(s, 24, seed=4))
 
-    class Broken:
-        d_in, torch_dtype = 2, torch.float16
+    class Broken:  # an ActivationSource (data.source) whose second batch fails
+        d_in, torch_dtype, streamed = 2, torch.float16, False
 
         def batch_raw(self, step, batch_size, seed, out=None, part=(0, 1)):
             if step == 1:

@@ -334,3 +334,15 @@ def test_ranks_stream_their_own_windows(setup, tmp_path):
         _stream(setup).restore(fields, tensors)
     with pytest.raises(MsaeError, match="not supported under torchrun"):
         _stream(setup, cache="/tmp/x", part=(0, 2))
+
+
+def test_a_store_and_a_stream_are_activation_sources(setup, tmp_path):
+    """Both satisfy data.source.ActivationSource; only the stream the streamed sub-protocol, and
+    `streamed` says which, for the code that must tell them apart."""
+    from msae_core.data.source import ActivationSource, StreamedSource
+    from msae_core.data.store import ActivationStore
+
+    st = _stream(setup)
+    store = ActivationStore(_harvested(setup, tmp_path / "h", 256).path)
+    assert isinstance(st, ActivationSource) and isinstance(st, StreamedSource) and st.streamed
+    assert isinstance(store, ActivationSource) and not isinstance(store, StreamedSource) and not store.streamed

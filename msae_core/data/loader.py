@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from msae_core.data.source import ActivationSource
+    from msae_core.data.store import ActivationStore
 
 RESIDENT_FRACTION = 0.4
 
 
-def fits_on_device(store: Any, device: torch.device) -> bool:
+def fits_on_device(store: "ActivationStore", device: torch.device) -> bool:
     """Whether the store's rows, in its dtype, take at most RESIDENT_FRACTION of the GPU's free
     memory (False on the CPU, where the page cache already keeps a store that fits in memory)."""
     if device.type != "cuda":
@@ -47,7 +51,7 @@ def fits_on_device(store: Any, device: torch.device) -> bool:
 
 
 class BatchLoader:
-    def __init__(self, store: Any, batch_size: int, seed: int, start_step: int = 0,
+    def __init__(self, store: "ActivationSource", batch_size: int, seed: int, start_step: int = 0,
                  device: torch.device | str = "cpu", depth: int = 2, resident: bool | None = None,
                  part: tuple[int, int] = (0, 1)):
         self.store, self.batch_size, self.seed = store, batch_size, seed
@@ -59,7 +63,7 @@ class BatchLoader:
         self.resident = fits_on_device(store, self.device) if resident is None else resident
         self._rows_ND: torch.Tensor | None = None
         self._thread: threading.Thread | None = None
-        self._in_order = bool(getattr(store, "streamed", False))
+        self._in_order = store.streamed
         if self._in_order:  # a stream (data.stream) runs the model: served here, on the device
             return
         if self.resident:

@@ -367,7 +367,10 @@ class ActivationStore:
     resumed training run reads exactly the batches an uninterrupted one would.
 
     Shards are mapped when first read and unmapped least-recently-used past MAX_MAPPED_SHARDS, so
-    the open files and mappings stay bounded whatever the shard count."""
+    the open files and mappings stay bounded whatever the shard count. An ActivationSource
+    (data.source)."""
+
+    streamed = False  # read in any order, by a loader thread (data.loader)
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

@@ -91,7 +91,8 @@ class _Buffer:
 
 
 class ActivationStream:
-    streamed = True  # data.loader serves it in the training thread (its batches are on the device)
+    streamed = True  # data.loader serves it in the training thread (its batches are on the device); a
+    # StreamedSource (data.source)
 
     def __init__(self, settings: StreamSettings, batch_size: int, seed: int, device: Any = None,
                  lm: Any = None, corpus: Any = None, width: int | None = None, cache: str = "",

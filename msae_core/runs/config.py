@@ -11,11 +11,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from msae_core.artifacts import EVAL_NAMES, atomic_write_json
 from msae_core.configutil import collect_problems, from_dict, to_dict
 from msae_core.errors import MsaeError
+
+if TYPE_CHECKING:
+    from msae_core.data.source import ActivationSource, StreamedSource
 from msae_core.sae import SAEConfig
 from msae_core.sae.base import auto_dead_tokens
 
@@ -149,7 +152,7 @@ class DataConfig:
             out.append(f"buffer_batches must be >= 2 (got {self.buffer_batches})")
         return out
 
-    def open_stream(self, batch_size: int, seed: int, device: str) -> Any:
+    def open_stream(self, batch_size: int, seed: int, device: str) -> "StreamedSource":
         """The ActivationStream these settings describe; its width read from the model's config
         (the weights load when the first batch is asked for), with its cache if it has one.
         MsaeError for a layer past the model's blocks, or a cache folder holding something else."""
@@ -210,7 +213,7 @@ class RunConfig:
         """Problems of the fields alone (no IO); `check` adds the store's."""
         return [] if hasattr(self.sae, "problems") else ["sae." + p for p in _sae_problems(self.sae)]
 
-    def _check(self, store: Any = None) -> tuple[Any, list[str]]:
+    def _check(self, store: "ActivationSource | None" = None) -> tuple["ActivationSource | None", list[str]]:
         """(the opened store or None, every problem): the store is opened once (unless given),
         sae.d_in is filled from it when 0, and the settings are checked against it."""
         from msae_core.data.store import ActivationStore
@@ -244,7 +247,7 @@ class RunConfig:
         if self.sae.d_in != store.d_in:
             out.append(f"sae.d_in {self.sae.d_in} does not match the store's activation width "
                        f"{store.d_in} ({self.data.acts or self.data.model})")
-        if not getattr(store, "streamed", False) and self.train.batch_size > store.n_rows:
+        if not store.streamed and self.train.batch_size > store.n_rows:
             out.append(f"train.batch_size {self.train.batch_size} exceeds the store's {store.n_rows} rows")
         synthetic = isinstance(getattr(store, "manifest", {}).get("synthetic"), dict)
         wrong = [e for e in self.train.evals if (e == "synthetic") != synthetic]
@@ -254,7 +257,7 @@ class RunConfig:
                           "a language model's activations (synthetic needs a store written by msae synth)"))
         return store, out
 
-    def check(self, store: Any = None) -> Any:
+    def check(self, store: "ActivationSource | None" = None) -> "ActivationSource":
         """Validate once, at an entry point: MsaeError listing every problem, else the opened
         activation store (pass it down instead of opening it again)."""
         store, problems = self._check(store)

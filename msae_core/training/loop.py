@@ -31,6 +31,7 @@ from msae_core import metrics as M
 from msae_core import sae_io
 from msae_core.artifacts import SAE_CONFIG, SAE_WEIGHTS
 from msae_core.data.loader import BatchLoader, limit_outliers
+from msae_core.data.source import ActivationSource
 from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import StopFlag
@@ -84,7 +85,8 @@ class _Fit:
     loop `run` over `_step`, `_log`, `_snapshot` and `_checkpoint`. `done` (= s + 1) counts
     completed steps, as the logs and checkpoints do."""
 
-    def __init__(self, config: RunConfig, out_dir: Path, store: Any, stop: StopFlag, ckpt: Path | None):
+    def __init__(self, config: RunConfig, out_dir: Path, store: ActivationSource, stop: StopFlag,
+                 ckpt: Path | None):
         self.config, self.tc, self.out_dir, self.store, self.stop = config, config.train, out_dir, store, stop
         self.device = resolve_device(self.tc.device)
         if self.device.type == "cuda":
@@ -146,7 +148,7 @@ class _Fit:
         sample_ND = self.store.input_sample(max(self.tc.batch_size, 16_384), self.tc.seed)
         if not bool(torch.isfinite(sample_ND).all()):
             raise MsaeError(self.store.nonfinite_problem() or "non-finite activations in the store")
-        if self.world > 1 and getattr(self.store, "streamed", False):  # each rank streamed its own
+        if self.world > 1 and self.store.streamed:  # each rank streamed its own
             # rows: every rank fits the same scale on all of them (as many rows from each)
             n = -int(dist.all_max(-len(sample_ND)))
             sample_ND = dist.gather_rows(sample_ND[:n].contiguous())
@@ -294,7 +296,7 @@ class _Fit:
                  "log_sums": {k: float(v) for k, v in self.sums.items()}, "log_n": self.n_sum,
                  "outlier_norm": self.outlier_norm}
         stream = None
-        if getattr(self.store, "streamed", False):  # data-parallel: every rank's buffer, to rank 0
+        if self.store.streamed:  # data-parallel: every rank's buffer, to rank 0
             ranks = dist.gather_objects(self.store.state(done))
             if ranks is not None:
                 from msae_core.data.stream import merge_rank_states
@@ -352,7 +354,7 @@ class _Fit:
 
     def _finish(self) -> RunResult:
         step = max(self.start, self.tc.steps)
-        streamed = getattr(self.store, "streamed", False)
+        streamed = self.store.streamed
         windows = int(dist.all_max(self.store.windows_used)) if streamed else 0  # on every rank
         if not self.writes:
             return RunResult("done", step, self.out_dir, self.last_row, None, self.start)

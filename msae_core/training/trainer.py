@@ -23,10 +23,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from msae_core import dist
 from msae_core.artifacts import RUN_CONFIG, SAE_WEIGHTS
+from msae_core.data.source import ActivationSource
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag, msae_command, spawn
 from msae_core.runs.checkpoint import checkpoint_step, find_checkpoint
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ train
 def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
-          stop: "StopFlag | None" = None, store: Any = None) -> RunResult:
+          stop: "StopFlag | None" = None, store: "ActivationSource | None" = None) -> RunResult:
     """Train (or resume) the run in `out_dir`. Returns how it ended; writes status.json throughout.
 
     Invalid settings, a folder of another kind (a store, a runs root) and a folder another process
@@ -74,7 +74,7 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, data=dataclasses.replace(d, **fix)) if fix else config
 
 
-def _lead(config: RunConfig, out_dir: Path, progress: bool, stop: StopFlag, store: Any, gate: dict) -> RunResult:
+def _lead(config: RunConfig, out_dir: Path, progress: bool, stop: StopFlag, store: ActivationSource, gate: dict) -> RunResult:
     """train() under the folder lock: the folder's checks, then the run. Rank 0 of a data-parallel
     run opens `gate` (and tells the other ranks to go on) once the folder is accepted."""
     existing_cfg = out_dir / RUN_CONFIG
@@ -114,7 +114,7 @@ def _lead(config: RunConfig, out_dir: Path, progress: bool, stop: StopFlag, stor
         raise
 
 
-def _follow(config: RunConfig, out_dir: Path, progress: bool, stop: "StopFlag | None", store: Any) -> RunResult:
+def _follow(config: RunConfig, out_dir: Path, progress: bool, stop: "StopFlag | None", store: ActivationSource) -> RunResult:
     """A rank other than 0 of a data-parallel run: it waits for rank 0 to accept the run folder,
     then trains its share of every batch and writes nothing."""
     if dist.all_max(0):
