@@ -419,3 +419,28 @@ def test_a_relative_store_path_is_recorded_absolute_and_resumes(tmp_path, monkey
     assert saved == str(tmp_path / "stores" / "s")
     more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=30))
     assert train(more, tmp_path / "run", progress=False).state == "done"  # the same store, said relatively
+
+
+def test_rng_state_written_seeing_eight_gpus_restores_seeing_one(monkeypatch):
+    """A checkpoint's CUDA generator states are restored per visible device (derived from torch's
+    set_rng_state_all, which indexes one device per saved state): 8 saved, 1 visible, no error."""
+    from msae_core.runs import checkpoint as C
+
+    restored = []
+
+    def set_one(state, device=0):
+        if device >= 1:  # what torch does for a device that does not exist
+            raise RuntimeError(f"Invalid device index {device}")
+        restored.append((device, state.numel()))
+
+    def set_all(states):  # torch's own: one device per saved state
+        for i, st in enumerate(states):
+            set_one(st, i)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_one)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    state = {"torch": C._b64(torch.get_rng_state()), "cuda": [C._b64(torch.zeros(16, dtype=torch.uint8))] * 8}
+    C.set_rng_state(state)
+    assert restored == [(0, 16)]

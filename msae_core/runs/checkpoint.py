@@ -56,10 +56,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what rng_state saved. CUDA generators are restored one per device this process
+    sees, as far as both go: a checkpoint written seeing 8 GPUs resumes seeing 1 (set_rng_state_all
+    indexes a device per saved state and failed there), and one written on a CPU resumes on a GPU."""
     if "torch" in state:
         torch.set_rng_state(_unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(_unb64(s), i)
 
 
 def _b64(t: torch.Tensor) -> str:
