@@ -467,6 +467,20 @@ def test_refusals_are_one_line_and_exit_2(tiny, state, weights, message, capsys)
     assert not (run / "eval.json").exists()
 
 
+def test_the_eval_loads_the_model_in_the_dtype_asked(tiny):
+    """msae eval --model-dtype: the model of the eval in bfloat16 (auto on CUDA, as SAEBench
+    evaluates and as msae harvests there); it was always float32. The eval says which."""
+    from msae_core.evals import run_evals
+    from msae_core.evals.context import open_run
+
+    run = _run_folder(tiny, "bf16")
+    out = run_evals(run, ["core"], progress=False, device="cpu", overrides={"core": SMALL}, model_dtype="bfloat16")
+    assert out["core"]["eval_config"]["llm_dtype"] == "bfloat16"
+    assert open_run(run, device="cpu").lm.dtype == torch.float32  # auto on the CPU
+    with pytest.raises(MsaeError, match="model dtype must be one of"):
+        open_run(run, device="cpu", model_dtype="fp8")
+
+
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_an_eval_killed_midway_leaves_eval_json_untouched(tiny, monkeypatch, exc):
     from msae_core.evals import run_evals

@@ -444,3 +444,20 @@ def test_rng_state_written_seeing_eight_gpus_restores_seeing_one(monkeypatch):
     state = {"torch": C._b64(torch.get_rng_state()), "cuda": [C._b64(torch.zeros(16, dtype=torch.uint8))] * 8}
     C.set_rng_state(state)
     assert restored == [(0, 16)]
+
+
+def test_the_eval_after_training_runs_on_the_runs_device_and_dtype(monkeypatch, tmp_path):
+    """A run trained on cuda:1 is evaluated there (it was spawned without --device: cuda:0), and a
+    streamed run's model in the dtype its activations came in."""
+    from msae_core import devices
+    from msae_core.training.trainer import eval_command
+
+    monkeypatch.setattr(devices, "resolve_device", lambda d: torch.device("cuda:1") if d == "cuda:1" else torch.device("cpu"))
+    cfg = make_config(tmp_path / "s")
+    gpu = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cuda:1"),
+                              data=DataConfig(source="stream", model="embedded", model_dtype="bfloat16"))
+    cmd = eval_command(tmp_path / "run", ["core", "absorption"], gpu)
+    assert cmd[cmd.index("--device") + 1] == "cuda:1" and cmd[cmd.index("--model-dtype") + 1] == "bfloat16"
+    assert cmd[cmd.index("--evals") + 1] == "core,absorption"
+    cmd = eval_command(tmp_path / "run", ["core"], cfg)  # from a store: the eval's auto (bf16 on CUDA)
+    assert cmd[cmd.index("--device") + 1] == "cpu" and cmd[cmd.index("--model-dtype") + 1] == "auto"

@@ -63,13 +63,15 @@ def _eval_phase(run_dir: Path, text: str) -> None:
 
 def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: bool = True,
               skip_done: bool = False, device: str | None = None,
-              overrides: dict[str, dict] | None = None, target_l0: float | None = None) -> dict:
+              overrides: dict[str, dict] | None = None, target_l0: float | None = None,
+              model_dtype: str = "auto") -> dict:
     """Run `evals` on the run in `run_dir` and merge each result into its eval.json.
 
     `overrides` maps an eval name to Config field overrides. With `skip_done`, evals already in
     eval.json are not run again. `target_l0`: evaluate a thresholded SAE (BatchTopK, Matryoshka,
     JumpReLU) with its inference threshold set to that mean L0 on held-out rows (evals.calibrate;
-    each result says so under `l0_calibration`). Returns the whole eval.json content.
+    each result says so under `l0_calibration`). `model_dtype`: the language model's (auto:
+    bfloat16 on CUDA, float32 on the CPU). Returns the whole eval.json content.
     """
     from msae_core.configutil import from_dict
     from msae_core.evals.schema import read_eval_json
@@ -92,7 +94,7 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
         except (TypeError, ValueError) as exc:
             raise MsaeError(f"{n}: bad eval setting: {exc}") from exc
     with _eval_lock(run_dir):
-        return _run_locked(run_dir, todo, modules, configs, device, progress, skip_done, target_l0)
+        return _run_locked(run_dir, todo, modules, configs, device, progress, skip_done, target_l0, model_dtype)
 
 
 @contextlib.contextmanager
@@ -116,7 +118,7 @@ def _eval_lock(run_dir: Path) -> Iterator[None]:
 
 
 def _run_locked(run_dir: Path, todo: list[str], modules: dict, configs: dict, device: str | None,
-                progress: bool, skip_done: bool, target_l0: float | None = None) -> dict:
+                progress: bool, skip_done: bool, target_l0: float | None = None, model_dtype: str = "auto") -> dict:
     """run_evals' work under the eval lock (evals another process finished meanwhile are skipped
     with skip_done)."""
     from msae_core.evals.flags import run_flags
@@ -128,7 +130,7 @@ def _run_locked(run_dir: Path, todo: list[str], modules: dict, configs: dict, de
         todo = [n for n in todo if n not in existing]
         if not todo:
             return existing
-    ctx = open_run(run_dir, device=device, progress=progress)
+    ctx = open_run(run_dir, device=device, progress=progress, model_dtype=model_dtype)
     synthetic = isinstance(ctx.manifest.get("synthetic"), dict)
     wrong = [n for n in todo if (n == "synthetic") != synthetic]
     if wrong:  # refused before any phase is written: the run's status keeps what its evals said

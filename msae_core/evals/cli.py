@@ -39,7 +39,7 @@ def run_cli(args: argparse.Namespace) -> int:
     target = _target_l0(args)
     for run in args.runs:
         run_evals(Path(run), evals, progress=not args.no_progress, skip_done=args.skip_done,
-                  device=args.device, overrides=overrides, target_l0=target)
+                  device=args.device, overrides=overrides, target_l0=target, model_dtype=args.model_dtype)
     return 0
 
 
@@ -68,6 +68,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="comma list of core, absorption, sparse_probing, synthetic (a run on a `msae synth` "
                         "store) (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--model-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the language model's dtype: auto = bfloat16 on CUDA (as SAEBench evaluates and msae "
+                        "harvests and streams there), float32 on the CPU (default: %(default)s)")
     p.add_argument("--skip-done", action="store_true", help="skip evals already in eval.json")
     p.add_argument("--set", action="append", metavar="EVAL.FIELD=VALUE",
                    help="an eval setting, e.g. core.n_eval_reconstruction_batches=4 (repeatable)")

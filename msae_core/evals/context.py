@@ -33,6 +33,7 @@ class EvalContext:
     manifest: dict                 # the activation store's manifest.json
     device: torch.device
     progress: bool = True
+    model_dtype: str = "auto"  # the language model's: auto = bfloat16 on CUDA (as SAEBench and training), float32 on CPU
     _lm: Any = field(default=None, repr=False)
 
     @property
@@ -70,7 +71,12 @@ class EvalContext:
                 raise MsaeError(f"run {self.run_dir.name} trained on synthetic activations (msae synth): "
                                 "there is no language model to run; score it with --evals synthetic")
 
-            self._lm = load_lm(self.model_name, device=self.device)
+            from msae_core.data.lm import model_dtype
+
+            if self.device.type == "cuda":  # TF32 matmuls, as in training
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            self._lm = load_lm(self.model_name, device=self.device, dtype=model_dtype(self.model_dtype, self.device))
         return self._lm
 
     @lm.setter
@@ -108,7 +114,7 @@ class EvalContext:
 
 
 def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
-             progress: bool = True) -> EvalContext:
+             progress: bool = True, model_dtype: str = "auto") -> EvalContext:
     """Check that `run_dir` holds a finished run with weights, and load it. Refusals are one line."""
     from msae_core.runs.config import RunConfig
     from msae_core.runs.folder import read_status
@@ -145,5 +151,9 @@ def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
                         f"(needed for the model, layer and corpus)")
     dev = resolve_device(device)
     sae = load_sae(run_dir, device=dev).eval()
+    from msae_core.data.lm import MODEL_DTYPES
+
+    if model_dtype not in MODEL_DTYPES:
+        raise MsaeError(f"model dtype must be one of {', '.join(MODEL_DTYPES)} (got {model_dtype!r})")
     return EvalContext(run_dir=run_dir, sae=sae, config=config, manifest=manifest, device=dev,
-                       progress=progress)
+                       progress=progress, model_dtype=model_dtype)

@@ -108,5 +108,5 @@ def run_cli(args: argparse.Namespace) -> int:
         if ended_early(result):
             return 130
         if cfg.train.evals:  # still under the lock: no trainer rewrites the weights being evaluated
-            return run_evals(out, list(cfg.train.evals))
+            return run_evals(out, list(cfg.train.evals), cfg)
     return 0

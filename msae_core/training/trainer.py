@@ -135,10 +135,21 @@ def _os_error_text(exc: OSError, out_dir: Path) -> str:
     return f"cannot write {where} ({exc.strerror or exc}): {kept}; run the same command again to resume"
 
 
-def run_evals(out_dir: Path, evals: list[str]) -> int:
-    """`msae eval RUN --evals a,b` in a child process; its outcome goes into status.json `eval`."""
+def eval_command(out_dir: Path, evals: list[str], config: RunConfig) -> list[str]:
+    """`msae eval` of a run just trained, on the device it trained on (a sweep spread over GPUs
+    evaluates each point on its own) with the model in the dtype its activations came in."""
+    from msae_core.devices import resolve_device
+
+    dtype = config.data.model_dtype if config.data.source == "stream" else "auto"
+    return msae_command("eval", out_dir, "--evals", ",".join(evals),
+                        "--device", str(resolve_device(config.train.device)), "--model-dtype", dtype)
+
+
+def run_evals(out_dir: Path, evals: list[str], config: RunConfig) -> int:
+    """`msae eval RUN --evals a,b` in a child process (eval_command); its outcome goes into
+    status.json `eval`."""
     write_status(out_dir, eval="starting")  # the child writes which eval it runs (evals.run_evals)
-    rc = spawn(msae_command("eval", out_dir, "--evals", ",".join(evals)), detach=False).wait()
+    rc = spawn(eval_command(out_dir, evals, config), detach=False).wait()
     if rc != 0:
         from msae_core.runs.folder import read_status
 
@@ -172,7 +183,7 @@ def train_data_parallel(cfg: RunConfig, out: Path, progress: bool) -> int:
             return 130
         dist.barrier()
         if cfg.train.evals and dist.is_main():
-            return run_evals(out, list(cfg.train.evals))
+            return run_evals(out, list(cfg.train.evals), cfg)
         return 0
     finally:
         dist.close()
