@@ -127,6 +127,20 @@ def cpu_copy(obj: Any) -> Any:
     return obj
 
 
+class SAESnapshot:
+    """An SAE's config and its state dict copied to the CPU, tensor by tensor: what a checkpoint
+    written beside training saves (sae_io.save_sae reads `cfg` and `state_dict()`). A deep copy of
+    the module on its device first would hold a second copy of the weights there (1.2 GB at
+    F 65,536, D 2,304)."""
+
+    def __init__(self, sae: Any):
+        self.cfg = sae.cfg
+        self._state = cpu_copy(sae.state_dict())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
 def write_checkpoint(run_dir: Path, sae: Any, opt_state: dict, state: dict,
                      stream: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint/ atomically: fill a temporary folder, then swap it in by renames.

@@ -14,7 +14,6 @@ Loop, step s = 0 .. steps-1 ("completed" = s + 1 is what the logs call `step`):
 
 from __future__ import annotations
 
-import copy
 import logging
 import signal
 import threading
@@ -35,7 +34,7 @@ from msae_core.data.source import ActivationSource
 from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import StopFlag
-from msae_core.runs.checkpoint import (cpu_copy, find_checkpoint, load_checkpoint, promote_checkpoint,
+from msae_core.runs.checkpoint import (SAESnapshot, cpu_copy, find_checkpoint, load_checkpoint, promote_checkpoint,
                                       remove_temporaries, rng_state, set_rng_state, write_checkpoint)
 from msae_core.runs.config import RunConfig, TrainConfig
 from msae_core.runs.folder import append_events, append_metrics, truncate_logs, write_status, write_trace
@@ -307,13 +306,13 @@ class _Fit:
             self.last_ckpt = done
             return
         self._join_checkpoint()  # one write at a time; a failed one raises here
-        sae_cpu = copy.deepcopy(self.sae).to("cpu")  # copies: training goes on while they are written
+        sae_cpu = SAESnapshot(self.sae)  # CPU copies, no second one on the device: training goes on meanwhile
         opt_cpu = cpu_copy(self.opt.state_dict())
         self._ckpt_thread = threading.Thread(target=self._write_checkpoint, name="msae-checkpoint",
                                              args=(sae_cpu, opt_cpu, state, stream, done))
         self._ckpt_thread.start()
 
-    def _write_checkpoint(self, sae_cpu: SAE, opt_cpu: dict, state: dict, stream: Any, done: int) -> None:
+    def _write_checkpoint(self, sae_cpu: SAESnapshot, opt_cpu: dict, state: dict, stream: Any, done: int) -> None:
         try:
             write_checkpoint(self.out_dir, sae_cpu, opt_cpu, state, stream)
             self.last_ckpt = done
