@@ -555,7 +555,7 @@ def test_dead_window_follows_the_run_length():
     assert _cfg(dead_tokens_threshold=-1).problems()
 
     class Store:  # what RunConfig's check reads of an activation store
-        d_in, n_rows, manifest = 4, 10 ** 9, {}
+        d_in, n_rows, manifest, streamed = 4, 10 ** 9, {}, False
 
     cfg = RunConfig(sae=_cfg(d_in=4, d_sae=8, k=2), train=TrainConfig(steps=25_000, batch_size=4096), data=DataConfig(acts="a-store"))
     cfg.check(Store())
@@ -564,3 +564,19 @@ def test_dead_window_follows_the_run_length():
                       train=TrainConfig(steps=25_000, batch_size=4096), data=DataConfig(acts="a-store"))
     fixed.check(Store())
     assert fixed.sae.dead_tokens_threshold == 300
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu", "momentum"])
+def test_bf16_autocast_keeps_the_batch_by_latent_tensors_in_bf16(arch):
+    """Under bf16 autocast (--bf16 on CUDA; the CPU's autocast here) the (B, F) pre-activations and
+    latents of every architecture come out bf16: an fp32 bias added to the bf16 product made them
+    fp32, so --bf16 saved no activation memory."""
+    torch.manual_seed(0)
+    kw = {"k": 8} if arch in ("topk", "batchtopk", "matryoshka", "momentum") else {}
+    sae = build_sae(SAEConfig(arch=arch, d_in=32, d_sae=128, **kw))
+    x = torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step = sae.loss_terms(x, 0)
+    assert step.out.pre_acts.dtype == torch.bfloat16 and step.out.f.dtype == torch.bfloat16, \
+        (step.out.pre_acts.dtype, step.out.f.dtype)
+    assert torch.isfinite(step.losses["loss"]).all()

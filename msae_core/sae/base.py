@@ -209,13 +209,17 @@ class SAE(nn.Module):
 
     # -- the math --------------------------------------------------------------------------------
     def pre_activation(self, x_n_BD: torch.Tensor) -> torch.Tensor:
-        return (x_n_BD - self.b_dec) @ self.W_enc + self.b_enc
+        # the bias in the product's dtype: under bf16 autocast the (B, F) pre-activation stays
+        # bf16 (an fp32 b_enc promoted it, and every later (B, F) tensor, to fp32)
+        h_BF = (x_n_BD - self.b_dec) @ self.W_enc
+        return h_BF + self.b_enc.to(h_BF.dtype)
 
     def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _decode_n(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return f_BF @ self.W_dec + self.b_dec
+        x_BD = f_BF @ self.W_dec
+        return x_BD + self.b_dec.to(x_BD.dtype)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.activation(self.pre_activation(x_BD * self.input_scale))
