@@ -302,7 +302,16 @@ def _ctx(tiny, sae):
 # density_tokens=1: densities over the sparsity/variance batches only (SAEBench's window), not the
 # run's dead window (test_densities_are_counted_over_the_trainers_dead_window)
 SMALL = dict(batch_size_prompts=3, n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=3,
-             density_tokens=1)
+             density_tokens=1, context_size=0)  # the tiny store's context (16), not SAEBench's 128
+
+
+def test_the_core_eval_uses_saebenchs_context_unless_told(tiny):
+    """SAEBench's core eval runs 128-token windows whatever the store's context (a store
+    harvested at 1,024 made 8x the logits per window); context_size 0 takes the store's."""
+    assert core.Config().context_size == 128
+    res = core.run(_ctx(tiny, _identity_sae(32)), core.Config(**{**SMALL, "context_size": 128}))
+    assert res["eval_result_unstructured"]["windows"]["context_size"] == 128
+    assert res["eval_result_metrics"]["token_stats"]["total_tokens_eval_reconstruction"] == 2 * 3 * 128
 
 
 def test_identity_sae_is_perfect_and_zero_sae_is_ablation(tiny):
