@@ -105,7 +105,7 @@ class MomentumSAE(SAE):
                 comp = self.tracker.competition_loss(out.f, cofiring)
             losses = {**losses, "comp": comp}
         if dist.world_size() > 1:  # the statistics take the whole batch in, every rank's rows
-            f_all = dist.gather_rows(out.f.detach())
+            f_all = dist.gather_sparse_rows(out.f.detach())  # the k active entries a row, not (B, F)
             self.tracker.update_(f_all, self.tracker.cofiring(f_all), step, self.base.W_dec)
         else:
             self.tracker.update_(out.f.detach(), cofiring, step, self.base.W_dec)

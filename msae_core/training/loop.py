@@ -188,6 +188,7 @@ class _Fit:
                 if due.snapshot:
                     self._snapshot(done)
                 bar.update(1)
+                del x_BD, out  # the step's (B, F) tensors go before the next step makes its own
                 if due.checkpoint:
                     self._checkpoint(done)
                 if due.stop and done < tc.steps:
@@ -250,7 +251,9 @@ class _Fit:
             self.bad_data = self.bad_data | (first & ~torch.isfinite(x_BD).all())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        dist.average_gradients_(self.sae.parameters())
+        # rows differ by rank when outliers are excluded: weigh each rank by its rows
+        dist.average_gradients_(self.sae.parameters(),
+                                x_BD.shape[0] if self.config.data.outliers == "exclude" else None)
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.tc.grad_clip)
         self.opt.step()
