@@ -170,3 +170,28 @@ def gather_objects(obj: object) -> list | None:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+class RankCollectives:
+    """The ranks' collectives an SAE's statistics use under torchrun (the four methods of
+    msae_core.sae.base.OneProcess; the trainer installs them with SAE.set_collectives)."""
+
+    def any_fired(self, fired_F: torch.Tensor) -> torch.Tensor:
+        return any_fired(fired_F)
+
+    def global_rows(self, n: int) -> torch.Tensor:
+        """The global batch's rows, summed on the device (no host sync; the ranks' rows differ
+        when outliers are excluded)."""
+        t = torch.tensor(n, dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return t
+
+    def all_min_(self, t: torch.Tensor) -> torch.Tensor:
+        return all_min_(t)
+
+    def gather_rows(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return gather_sparse_rows(f_BF)
+
+    @property
+    def world(self) -> int:
+        return world_size()

@@ -16,7 +16,6 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import nn
 
-from msae_core import dist
 
 _REGISTRY: dict[str, type["SAE"]] = {}
 
@@ -63,6 +62,35 @@ def sae_class(name: str) -> type["SAE"]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown SAE architecture {name!r}; known: {', '.join(registered_archs())}")
     return _REGISTRY[name]
+
+
+class OneProcess:
+    """How an SAE's statistics see the other data-parallel ranks: here, one process, itself alone.
+    The trainer gives a data-parallel SAE the ranks' collectives instead (`SAE.set_collectives`;
+    msae_core.dist.RankCollectives has the same four methods), so that sae/ stays pure math."""
+
+    def any_fired(self, fired_F: torch.Tensor) -> torch.Tensor:
+        """Per latent, whether it fired on any rank."""
+        return fired_F
+
+    def global_rows(self, n: int) -> int | torch.Tensor:
+        """The rows of the global batch, given this rank's `n`."""
+        return n
+
+    def all_min_(self, t: torch.Tensor) -> torch.Tensor:
+        """The ranks' smallest `t`, in place."""
+        return t
+
+    def gather_rows(self, f_BF: torch.Tensor) -> torch.Tensor:
+        """The global batch's (sparse) activation rows, every rank's in rank order."""
+        return f_BF
+
+    @property
+    def world(self) -> int:
+        return 1
+
+
+ONE_PROCESS = OneProcess()
 
 
 @dataclass
@@ -206,6 +234,11 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(D))
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("tokens_since_fired", torch.zeros(F, dtype=torch.long))
+        self.collectives: OneProcess = ONE_PROCESS  # the ranks' under torchrun (set_collectives)
+
+    def set_collectives(self, collectives: OneProcess) -> None:
+        """Statistics over every data-parallel rank's rows from now on (the trainer's call)."""
+        self.collectives = collectives
 
     # -- the math --------------------------------------------------------------------------------
     def pre_activation(self, x_n_BD: torch.Tensor) -> torch.Tensor:
@@ -248,9 +281,9 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _track_firing_(self, f_BF: torch.Tensor) -> None:
         """Tokens since each latent last fired, over the whole batch (every rank's rows when
-        training data-parallel: msae_core.dist)."""
-        fired = dist.any_fired((f_BF > 0).any(dim=0))
-        self.tokens_since_fired += f_BF.shape[0] * dist.world_size()
+        training data-parallel: `collectives`)."""
+        fired = self.collectives.any_fired((f_BF > 0).any(dim=0))
+        self.tokens_since_fired += self.collectives.global_rows(f_BF.shape[0])
         self.tokens_since_fired[fired] = 0
 
     @property

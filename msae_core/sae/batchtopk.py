@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from msae_core import dist
 from msae_core.sae.base import SAE, SAEConfig, StepOutput, register_sae
 from msae_core.sae.topk import TopKSAE
 
@@ -87,7 +86,7 @@ class BatchTopKSAE(TopKSAE):
     def _update_threshold_(self, vals_N: torch.Tensor) -> None:
         """The EMA of the smallest positive kept activation (on the device: no host sync)."""
         m = torch.where(vals_N > 0, vals_N, torch.full_like(vals_N, float("inf"))).min().float()
-        m = dist.all_min_(m)
+        m = self.collectives.all_min_(m)
         ok = torch.isfinite(m)  # nothing kept was positive: no update
         self.threshold_updates += ok.long()
         n = self.threshold_updates.clamp_min(1).float()

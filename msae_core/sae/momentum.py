@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from msae_core import dist
 from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, momentum_bases, register_sae, sae_class
 from msae_core.sae.tracker import MomentumTracker
 
@@ -41,6 +40,7 @@ class MomentumSAE(SAE):
         self.base: SAE = sae_class(cfg.base_arch)(cfg)
         self.tracker = MomentumTracker(cfg)
         self._module_key = {_disk_key(k): k for k in self._module_keys()}  # disk name -> module path
+        self.collectives = self.base.collectives
         self.register_state_dict_post_hook(_to_disk_keys)
         self.register_load_state_dict_pre_hook(_to_module_keys)
 
@@ -104,12 +104,16 @@ class MomentumSAE(SAE):
             with torch.no_grad():
                 comp = self.tracker.competition_loss(out.f, cofiring)
             losses = {**losses, "comp": comp}
-        if dist.world_size() > 1:  # the statistics take the whole batch in, every rank's rows
-            f_all = dist.gather_sparse_rows(out.f.detach())  # the k active entries a row, not (B, F)
+        if self.collectives.world > 1:  # the statistics take the whole batch in, every rank's rows
+            f_all = self.collectives.gather_rows(out.f.detach())
             self.tracker.update_(f_all, self.tracker.cofiring(f_all), step, self.base.W_dec)
         else:
             self.tracker.update_(out.f.detach(), cofiring, step, self.base.W_dec)
         return StepOutput(losses, out)
+
+    def set_collectives(self, collectives: Any) -> None:
+        self.collectives = collectives
+        self.base.set_collectives(collectives)
 
     @torch.no_grad()
     def unit_norm_decoder_(self) -> None:

@@ -120,6 +120,8 @@ class _Fit:
                 for name in (SAE_WEIGHTS, SAE_CONFIG):
                     (out_dir / name).unlink(missing_ok=True)
         self.sae: SAE = sae
+        if self.world > 1:  # its statistics over every rank's rows: the ranks' collectives
+            self.sae.set_collectives(dist.RankCollectives())
         self.sae.train()
         if self.writes:
             truncate_logs(out_dir, self.start)
