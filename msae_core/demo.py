@@ -225,9 +225,12 @@ def run_demo(root: Path, plan: DemoPlan = DemoPlan(), progress: bool = True) -> 
                 if read_status(run_dir).get("state") != "done":
                     stop = StopFlag()  # the trainer takes Ctrl-C and SIGTERM at its safe points
                     result = train(cfg, run_dir, progress=progress, stop=stop)
-                    if result.state == "cancelled" or stop.signum is not None:  # also a signal after its last step
-                        raise KeyboardInterrupt(f"stopped: {ph.run} {result.state} at step {result.step} "
+                    if result.state == "cancelled":
+                        raise KeyboardInterrupt(f"stopped: {ph.run} cancelled at step {result.step} "
                                                 "(checkpoint written); run the same command to continue")
+                    if stop.signum is not None:  # the signal came after its last step: it is trained
+                        raise KeyboardInterrupt(f"stopped after training {ph.run} (done, step {result.step}); "
+                                                "run the same command to continue with its evals")
                     if result.state != "done":
                         raise MsaeError(f"{ph.run} ended {result.state}: {result.error}")
             else:  # one eval failing does not cost the others

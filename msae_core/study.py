@@ -21,10 +21,14 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from msae_core.errors import MsaeError
+
+if TYPE_CHECKING:
+    from msae_core.runs.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,8 @@ def run_study(base: "RunConfig", root: Path, out: Path, seeds: list[int], evals:
         log.info("study [%d/%d] %s", i, len(points), name)
         if read_status(run).get("state") != "done":
             result = train(cfg, run, progress=progress, store=store)
+            if result.state == "cancelled":  # Ctrl-C or SIGTERM: stopped as msae train stops (exit 130)
+                raise KeyboardInterrupt(f"{name} cancelled at step {result.step}; run the same command to continue")
             if result.state != "done":
                 raise MsaeError(f"{name} ended {result.state}: {result.error}; run the same command to continue")
         ev = run_evals(run, evals, progress=progress, skip_done=True, overrides=overrides)

@@ -124,3 +124,21 @@ def test_a_long_table_read_back_prints_no_nan_interval(runs):
     back = pd.read_csv(pd.io.common.StringIO(long.to_csv(index=False)))  # None -> NaN
     text = C.cell(back[back["metric"] == "explained_variance"].iloc[1].to_dict(), "base")
     assert "nan" not in text and "[" not in text.split("(")[0]
+
+
+def test_the_same_config_and_seed_twice_are_not_replicates(tmp_path):
+    """A config trained twice with one seed (or two imported SAEs of one shape) is not a group of
+    replicates: each stays its own row (the second silently replaced the first's value)."""
+    a = _run(tmp_path, "again-a", 0.80, 0.30, (0.27, 0.33), seed=0)
+    b = _run(tmp_path, "again-b", 0.70, 0.20, (0.17, 0.23), seed=0)
+    c = _run(tmp_path, "again-c", 0.75, 0.25, (0.22, 0.28), seed=1)
+    long = C.comparison(C.read_runs([a, b, c]), "again-a")
+    runs = list(dict.fromkeys(long["run"]))
+    assert len(runs) == 3 and (long[long["metric"] == "absorption"]["n_seeds"] == 1).all()
+
+
+def test_imported_saes_of_one_shape_are_not_replicates(tmp_path):
+    from msae_core.inspect.groups import group_key
+
+    cfg = {"sae": {"arch": "jumprelu", "d_sae": 16}, "train": {"steps": 1, "seed": 0}, "data": {}}
+    assert group_key(cfg, "d", "gemma-scope / layer_3") != group_key(cfg, "d", "gemma-scope / layer_4")

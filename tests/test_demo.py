@@ -199,7 +199,7 @@ def test_a_signal_after_the_last_step_still_stops_the_demo(tmp_path, monkeypatch
 
     monkeypatch.setattr(trainer, "train", done_but_signalled)
     prog = _interrupted_demo(tmp_path)
-    assert prog["state"] == "failed" and "demo-topk done at step 5" in prog["error"]
+    assert prog["state"] == "failed" and "stopped after training demo-topk (done, step 5)" in prog["error"]
     assert [p["state"] for p in prog["phases"]][:2] == ["done", "running"]  # not on into the eval
 
 

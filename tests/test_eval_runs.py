@@ -135,3 +135,8 @@ def test_eval_at_a_matched_l0_says_so_in_eval_json(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["eval", str(topk), "--evals", "synthetic", "--target-l0", "3"] + FAST) == 2
     assert "no inference threshold" in capsys.readouterr().err
+
+
+def test_skip_done_is_refused_with_a_target_l0(synth_run, capsys):
+    assert cli.main(["eval", str(synth_run), "--evals", "synthetic", "--skip-done", "--target-l0", "3"] + FAST) == 2
+    assert "--skip-done would keep" in capsys.readouterr().err

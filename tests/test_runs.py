@@ -294,3 +294,15 @@ def test_runs_table_and_eval_json_carry_the_flags(tmp_path):
     assert "clean: kl_div_score 0.9 equals negative, twin-a, twin-b's to 4 digits: the same result twice?" in notes
     assert not [n for n in cross_run_notes(table[table["name"].isin(["clean", "negative"])]) if "twin" in n]
     assert (df["data"] == "s-tiny-model L0 · s").all() and (df["layer"] == 0).all()  # what each run trained on
+
+
+def test_a_run_without_an_eval_has_no_flag(tmp_path):
+    """A run not evaluated yet holds no eval numbers: it is not flagged as holding NaN."""
+    from fixtures_runs import make_run, make_store
+    from msae_core.inspect.runs_table import runs_table
+
+    store = make_store(tmp_path / "stores" / "s")
+    make_run(tmp_path, "pending", str(store), arch="topk", ev=None, umap=False)
+    make_run(tmp_path, "scored", str(store), arch="topk", ev=0.8, absorption=0.1, umap=False)
+    df = runs_table(tmp_path).set_index("name")
+    assert df.loc["pending", "flags"] == "" and df.loc["scored", "flags"] == ""

@@ -168,6 +168,17 @@ def test_constructed_saes_score_as_they_should_and_cannot_game_absorption():
     assert (a(beside)["mean_absorption"], a(beside)["mean_kept"]) == (0.0, 1.0)
 
 
+def test_score_takes_a_generator_of_batches_too():
+    cfg = _one_level()
+    feats = S.make_features(cfg)
+    x, mag = S.sample_rows(cfg, feats, 2000, chunk=0, split="eval")
+    D = feats.directions_FD
+    ecfg = EvalConfig(min_parent_rows=5)
+    listed, _ = score(D, feats, _batches(x, mag, mag, mag @ D), ecfg)
+    gen, _ = score(D, feats, (b for b in _batches(x, mag, mag, mag @ D)), ecfg)  # one pass only
+    assert gen == listed
+
+
 def test_a_match_needs_the_stated_cosine():
     """A latent whose decoder row is mostly another direction matches no feature."""
     cfg = _one_level()

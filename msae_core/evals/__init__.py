@@ -70,13 +70,17 @@ def run_evals(run_dir: str | os.PathLike, evals: list[str] | str, *, progress: b
     `overrides` maps an eval name to Config field overrides. With `skip_done`, evals already in
     eval.json are not run again. `target_l0`: evaluate a thresholded SAE (BatchTopK, Matryoshka,
     JumpReLU) with its inference threshold set to that mean L0 on held-out rows (evals.calibrate;
-    each result says so under `l0_calibration`). `model_dtype`: the language model's (auto:
+    each result says so under `l0_calibration` and replaces that eval's result at the run's own
+    threshold; evaluating again without it brings that back). `model_dtype`: the language model's (auto:
     bfloat16 on CUDA, float32 on the CPU). Returns the whole eval.json content.
     """
     from msae_core.configutil import from_dict
     from msae_core.evals.schema import read_eval_json
 
     names = parse_evals(evals)
+    if skip_done and target_l0 is not None:
+        raise MsaeError("--skip-done would keep the evals taken at the run's own threshold: drop it to "
+                        "evaluate at a target L0")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MsaeError(f"{run_dir} is not a run folder" + (" (it is a file)" if run_dir.exists() else

@@ -9,9 +9,10 @@ threshold gave L0 about 8 where a TopK of the same k sits at 10).
     JumpReLU:              theta_F' = theta_F exp(s), the one s (bisection) at which the mean
                            number of pre_F > theta_F' per row is the target
 
-Held-out rows: fresh rows of a synthetic store's generator (its eval split, a stream of its own);
-for a language model, windows of the corpus after those the activation store holds (the core
-eval's held-out windows, another seed), run up to the layer, special tokens left out. A TopK or
+Held-out rows: fresh rows of a synthetic store's generator (its eval split, a chunk of its own);
+for a language model, windows of the corpus after those the activation store holds, run up to
+the layer, special tokens left out: held out from training, drawn from the same pool as the core
+eval's windows with another seed (so the two may share a few windows). A TopK or
 ReLU SAE has no inference threshold: calibrating one is refused in one line.
 """
 

@@ -76,7 +76,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="an eval setting, e.g. core.n_eval_reconstruction_batches=4 (repeatable)")
     p.add_argument("--target-l0", type=float, default=None, metavar="L",
                    help="evaluate a thresholded SAE (batchtopk, matryoshka, jumprelu) with its inference "
-                        "threshold set to mean L0 L on held-out rows (said in eval.json as l0_calibration)")
+                        "threshold set to mean L0 L on held-out rows; the results replace those at its own "
+                        "threshold in eval.json and say so (l0_calibration)")
     p.add_argument("--match-l0", default="", metavar="RUN",
                    help="the same, at the L0 in RUN's eval.json: compare architectures at matched L0")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -54,13 +54,19 @@ INTERVALS: dict[str, tuple[str, str]] = {
     key: (f"{key}_ci_low", f"{key}_ci_high") for key in PATHS if f"{key}_ci_low" in PATHS}
 
 
+# the core eval's numbers that are always computed when present: null there means NaN (json has
+# none); elsewhere null can be legitimate (no parent with enough rows, an interval of one seed)
+ALWAYS_NUMBERS = ("explained_variance", "mse", "cossim", "l0", "l1", "synth_explained_variance")
+
+
 def not_numbers(eval_json: Any) -> list[str]:
-    """The workbench keys an eval in `eval_json` reported as null, NaN or infinite (json has no
-    NaN: an eval writes null for it), e.g. a SAE whose weights hold NaN."""
+    """The workbench keys of ALWAYS_NUMBERS that an eval in `eval_json` reported as null, NaN or
+    infinite (json has no NaN: an eval writes null for it), e.g. a SAE whose weights hold NaN."""
     out = []
     if not isinstance(eval_json, dict):
         return out
-    for key, (section, group, name) in PATHS.items():
+    for key in ALWAYS_NUMBERS:
+        section, group, name = PATHS[key]
         try:
             v = eval_json[section]["eval_result_metrics"][group][name]
         except (KeyError, TypeError):

@@ -246,9 +246,10 @@ class GroundTruthScorer:
                 "recovery": float(self.recovery_G[g]), "matched_latent": int(self.match_G[g]),
                 "matched_cosine": float(self.match_cos_G[g]), "precision": float(mprec[g]),
                 "recall": float(mrec[g]), "f1": float(mf1[g]),
-                "absorption": None if j is None else float(absorption_P[j]),
-                "lost": None if j is None else float(lost_P[j]),
-                "kept": None if j is None else float(kept_frac_P[j]),
+                # the per-parent scores the means are taken over (None below min_parent_rows)
+                "absorption": None if j is None or not kept[j] else float(absorption_P[j]),
+                "lost": None if j is None or not kept[j] else float(lost_P[j]),
+                "kept": None if j is None or not kept[j] else float(kept_frac_P[j]),
                 "parent_rows": None if j is None else int(self.rows_P[j]),
                 "parent_absorbed_rows": None if j is None else int(self.absorbed_P[j]),
             })
@@ -267,6 +268,8 @@ def score(W_dec_FD: torch.Tensor, feats: Any, batches: Any, cfg: Config) -> tupl
     """The metrics of an SAE given its decoder rows (input units) and batches of (x, true
     magnitudes, latents in input units, x_hat): a list, or a callable giving the same batches each
     time it is called (two passes: which latents fire, then the metrics)."""
+    if not callable(batches):  # an iterable: held, so that both passes see the same batches
+        batches = list(batches)
     make = batches if callable(batches) else (lambda: batches)
     scorer = GroundTruthScorer(W_dec_FD, feats, cfg, alive_latents(make(), W_dec_FD.shape[0]))
     for x_ND, mag_NG, lat_NF, x_hat_ND in make():

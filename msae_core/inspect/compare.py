@@ -23,7 +23,6 @@ import pandas as pd
 
 from msae_core.artifacts import EXPORT_COMPARE_CSV, EXPORT_COMPARE_MD, atomic_write_text
 from msae_core.errors import MsaeError
-from msae_core.evals.stats import intervals_overlap
 from msae_core.evals.summary import INTERVALS
 
 # (key, label, direction): the metrics of the table, in order; direction "higher" / "lower" / None
@@ -118,7 +117,8 @@ def comparison(df: pd.DataFrame, baseline: str, l0_tolerance: float = L0_TOLERAN
     df = df.copy()
     if "group" not in df:
         df["group"] = df["name"]
-    df = label_groups(df)
+    if "group_label" not in df or df["group_label"].isna().any():  # the caller's labels are kept
+        df = label_groups(df)
     if baseline in set(df["name"]):
         base_group = df[df["name"] == baseline]["group"].iloc[0]
     elif baseline in set(df["group_label"]):

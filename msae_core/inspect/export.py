@@ -173,12 +173,14 @@ def write_bundle(root: str | os.PathLike | None = None, figures: Mapping[str, An
         readme[readme.index("## Runs and scores") + 1:readme.index("## Runs and scores") + 1] = [
             "", "_No run has eval results yet: `msae eval RUN` scores one._"]
     if compare is not None:
-        from msae_core.inspect.compare import comparison, to_markdown, wide_table, write_comparison
+        from msae_core.inspect.compare import comparison, data_note, l0_hint, to_markdown, wide_table, write_comparison
 
         runs_, baseline = compare
-        long = comparison(df[df["name"].isin(runs_)], baseline)
+        chosen = df[df["name"].isin(runs_)]
+        long = comparison(chosen, baseline)
         wide = wide_table(long, baseline)
-        write_comparison(long, wide, baseline, out)
-        readme += ["", f"## Comparison with {baseline}", "", to_markdown(wide, baseline)]
+        note = "\n\n".join(n for n in (data_note(chosen), l0_hint(long, chosen)) if n)  # as msae compare says
+        write_comparison(long, wide, baseline, out, note)
+        readme += ["", f"## Comparison with {baseline}", "", to_markdown(wide, baseline, note)]
     (out / EXPORT_README).write_text("\n".join(readme) + "\n")
     return out

@@ -11,7 +11,8 @@ of replicates; their data must be the same store or the same stream.
   interval excludes zero. With one shared seed there is no seed-level interval: the verdict is
   "one seed: not a comparison", and the paired bootstrap over the eval items both runs were
   scored on (parents of the synthetic eval, letters of the absorption eval) is given beside it.
-  Groups with no seed in common but two or more seeds each get Welch's unpaired interval.
+  Groups with fewer than two seeds in common but two or more seeds each get Welch's unpaired
+  interval.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ _SEED_TOKEN = re.compile(r"(^|[-_])seeds?\d+(?=$|[-_])")
 RESOLVED, WITHIN_NOISE, ONE_SEED, NO_INTERVAL = "resolved", "within noise", "one seed: not a comparison", "no interval"
 
 
-def group_key(config: dict, data_key: str) -> str:
-    """A short hash of what the run is, its training seed left out: equal for replicates."""
-    parts = {"data_key": data_key}
+def group_key(config: dict, data_key: str, origin: str = "") -> str:
+    """A short hash of what the run is, its training seed left out: equal for replicates.
+    `origin`: where an imported SAE came from (two imported SAEs of one shape are not replicates)."""
+    parts = {"data_key": data_key, "origin": origin}
     for section, drop in _NOT_THE_EXPERIMENT.items():
         sec = config.get(section) if isinstance(config.get(section), dict) else {}
         parts[section] = {k: v for k, v in sorted(sec.items()) if k not in drop}
@@ -56,11 +58,16 @@ def seed_of(config: dict) -> int | None:
 def label_groups(df: pd.DataFrame) -> pd.DataFrame:
     """`df` (rows with name, group) with `group_label`: the members' name without its seed
     (`sweep-lam0.3-seed1` -> `sweep-lam0.3`), the first member's when they differ; unique per
-    group (a clash gets the group's hash)."""
+    group (a clash gets the group's hash). Runs of one group with the same seed (the same config
+    trained twice) are split into groups of their own first: they are not replicates."""
     out = df.copy()
     if out.empty or "group" not in out:
         out["group_label"] = out.get("name", pd.Series(dtype=object))
         return out
+    if "seed" in out:  # one seed twice in a group (a rerun of one config): not replicates, each alone
+        seeds = out["seed"].astype(object).where(out["seed"].notna(), None)
+        twice = out.assign(_s=seeds).duplicated(["group", "_s"], keep=False)
+        out.loc[twice, "group"] = out.loc[twice, "group"] + ":" + out.loc[twice, "name"].astype(str)
     labels: dict[str, str] = {}
     for g, sub in out.groupby("group", sort=False):
         names = sorted(sub["name"].astype(str))
@@ -115,11 +122,11 @@ def paired_difference(a: dict, b: dict, items_a: dict | None = None, items_b: di
         out["diff"] = float(sum(d) / len(d))
         out["diff_ci_low"], out["diff_ci_high"] = t_interval(d)
         out["pairing"] = f"{len(shared)} same-seed pairs"
-    elif not shared and a["n"] >= 2 and b["n"] >= 2:
+    elif a["n"] >= 2 and b["n"] >= 2:  # fewer than two shared seeds, two or more each: unpaired
         av, bv = list(a["by_seed"].values()), list(b["by_seed"].values())
         out["diff"] = a["mean"] - b["mean"]
         out["diff_ci_low"], out["diff_ci_high"] = welch_interval(av, bv)
-        out["pairing"] = f"unpaired (no shared seed; {a['n']} and {b['n']} seeds)"
+        out["pairing"] = f"unpaired ({len(shared)} shared seed(s); {a['n']} and {b['n']} seeds)"
     else:
         out["diff"] = a["mean"] - b["mean"]
         if len(shared) == 1:

@@ -133,7 +133,8 @@ def run_row(info: Any, manifests: dict[str, Any] | None = None) -> dict:
     row.update(_data_fields(data, {} if manifests is None else manifests))
     from msae_core.inspect.groups import group_key, seed_of
 
-    row["group"], row["seed"] = group_key(cfg, row["data_key"]), seed_of(cfg)
+    row["group"] = group_key(cfg, row["data_key"], _text(status.get("imported_from")) or "")
+    row["seed"] = seed_of(cfg)
     if arch == "momentum":
         row.update(beta=_num(sae.get("beta")), tau=_num(sae.get("tau")), lam=_num(sae.get("lam")))
     knob = _sparsity_knob(base)
@@ -195,8 +196,10 @@ def _flags_column(df: pd.DataFrame) -> list[str]:
 
     if df.empty:
         return []
-    return ["; ".join(run_flags(r, r.get("d_sae"), [k for k in str(r.get("not_numbers") or "").split(",") if k]))
-            for r in df.to_dict("records")]
+    def keys(v: Any) -> list[str]:  # a run without an eval holds NaN there, not text
+        return [k for k in v.split(",") if k] if isinstance(v, str) else []
+
+    return ["; ".join(run_flags(r, r.get("d_sae"), keys(r.get("not_numbers")))) for r in df.to_dict("records")]
 
 
 def with_synthetic_scores(df: pd.DataFrame) -> pd.DataFrame:
