@@ -3,7 +3,6 @@ refused while the first holds the run's eval lock), a full disk while eval.json 
 path named, the status says failed, eval.json as it was), and the LM evals refused on a synthetic
 run before anything is written."""
 
-import dataclasses
 import errno
 import json
 import os
@@ -25,17 +24,20 @@ SMALL = S.SynthConfig(n_features=64, d_model=24, n_trees=3, depth=2, branching=3
 FAST = ["--set", "synthetic.n_eval_rows=1000"]
 
 
-@pytest.fixture(scope="module")
-def synth_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalruns")
-    store = S.synth(SMALL, root / "store", progress=False)
-    run = root / "run"
-    cfg = RunConfig(sae=SAEConfig(arch="topk", d_in=24, d_sae=64, k=4),
+def _trained(store, run, arch: str = "topk", k: int = 4):
+    """A 40-step run of `arch` on the synthetic `store`."""
+    cfg = RunConfig(sae=SAEConfig(arch=arch, d_in=24, d_sae=64, k=k),
                     train=TrainConfig(steps=40, batch_size=128, lr=3e-3, warmup_steps=2, seed=0, device="cpu",
                                       log_every=20, checkpoint_every=1000),
                     data=DataConfig(acts=str(store.path)))
     train(cfg, run, progress=False)
     return run
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalruns")
+    return _trained(S.synth(SMALL, root / "store", progress=False), root / "run")
 
 
 def test_a_second_eval_of_one_run_is_refused_while_the_first_runs(synth_run, capsys):
@@ -114,20 +116,13 @@ def test_eval_at_a_matched_l0_says_so_in_eval_json(tmp_path, capsys):
     """`msae eval RUN --target-l0 L` on a BatchTopK run: its synthetic eval's L0 is L, and
     eval.json says the threshold was set; --match-l0 takes another run's L0."""
     store = S.synth(SMALL, tmp_path / "store", progress=False)
-    run = tmp_path / "btk"
-    cfg = RunConfig(sae=SAEConfig(arch="batchtopk", d_in=24, d_sae=64, k=4),
-                    train=TrainConfig(steps=40, batch_size=128, lr=3e-3, warmup_steps=2, seed=0, device="cpu",
-                                      log_every=20, checkpoint_every=1000),
-                    data=DataConfig(acts=str(store.path)))
-    train(cfg, run, progress=False)
+    run = _trained(store, tmp_path / "btk", "batchtopk")
     assert cli.main(["eval", str(run), "--evals", "synthetic", "--target-l0", "6", "--no-progress"] + FAST) == 0
     ev = json.loads((run / "eval.json").read_text())["synthetic"]
     cal = ev["eval_result_metrics"]["l0_calibration"]
     assert ev["eval_config"]["target_l0"] == 6.0 and cal["rows"] > 1000
     assert ev["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(6.0, rel=0.1)  # fresh rows, same L0
-    topk = tmp_path / "topk"
-    train(RunConfig(sae=SAEConfig(arch="topk", d_in=24, d_sae=64, k=5), train=cfg.train, data=cfg.data), topk,
-          progress=False)
+    topk = _trained(store, tmp_path / "topk", "topk", k=5)
     assert cli.main(["eval", str(topk), "--evals", "synthetic", "--no-progress"] + FAST) == 0
     assert cli.main(["eval", str(run), "--evals", "synthetic", "--match-l0", str(topk), "--no-progress"] + FAST) == 0
     ev = json.loads((run / "eval.json").read_text())["synthetic"]

@@ -14,16 +14,16 @@ Runs are compared at matched L0: a group whose mean L0 differs from the baseline
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 
 from msae_core.artifacts import EXPORT_COMPARE_CSV, EXPORT_COMPARE_MD, atomic_write_text
 from msae_core.errors import MsaeError
 from msae_core.evals.summary import INTERVALS
+from msae_core.inspect.groups import finite_or_none as _num
 
 # (key, label, direction): the metrics of the table, in order; direction "higher" / "lower" / None
 METRICS: list[tuple[str, str, str | None]] = [
@@ -46,12 +46,6 @@ METRICS: list[tuple[str, str, str | None]] = [
 L0_TOLERANCE = 0.1
 
 
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def read_runs(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:

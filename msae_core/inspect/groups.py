@@ -80,7 +80,8 @@ def label_groups(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _num(v: Any) -> float | None:
+def finite_or_none(v: Any) -> float | None:
+    """`v` as a finite float, or None (missing, not a number, NaN or infinite)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -91,9 +92,9 @@ def _num(v: Any) -> float | None:
 def group_score(rows: pd.DataFrame, key: str, ci_keys: tuple[str, str] | None = None) -> dict:
     """One group's `key`: mean over its seeds, interval (t over seeds; one run's own eval interval
     when n = 1), n, and the seeds' values by seed."""
-    by_seed = {int(s) if _num(s) is not None else i: v for i, (s, v) in
+    by_seed = {int(s) if finite_or_none(s) is not None else i: v for i, (s, v) in
                enumerate(zip(rows.get("seed", pd.Series([None] * len(rows))), rows[key]))
-               if _num(v) is not None} if key in rows else {}
+               if finite_or_none(v) is not None} if key in rows else {}
     vals = list(by_seed.values())
     out = {"n": len(vals), "mean": None, "ci_low": None, "ci_high": None, "by_seed": by_seed}
     if not vals:
@@ -102,8 +103,8 @@ def group_score(rows: pd.DataFrame, key: str, ci_keys: tuple[str, str] | None = 
     if len(vals) >= 2:
         out["ci_low"], out["ci_high"] = t_interval(vals)
     elif ci_keys is not None:
-        one = rows[rows[key].map(lambda v: _num(v) is not None)].iloc[0]
-        out["ci_low"], out["ci_high"] = _num(one.get(ci_keys[0])), _num(one.get(ci_keys[1]))
+        one = rows[rows[key].map(lambda v: finite_or_none(v) is not None)].iloc[0]
+        out["ci_low"], out["ci_high"] = finite_or_none(one.get(ci_keys[0])), finite_or_none(one.get(ci_keys[1]))
     return out
 
 
@@ -166,7 +167,7 @@ def item_scores(run_path: str | Path, key: str) -> dict | None:
         return None
     out = {}
     for d in details:
-        if isinstance(d, dict) and _num(d.get(spec[2])) is not None and d.get(spec[1]) is not None:
+        if isinstance(d, dict) and finite_or_none(d.get(spec[2])) is not None and d.get(spec[1]) is not None:
             out[d[spec[1]]] = float(d[spec[2]])
     return out or None
 
@@ -206,7 +207,7 @@ def groups_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def format_interval(mean: Any, lo: Any, hi: Any) -> str:
     """'0.8123 [0.8011, 0.8235]', or the mean alone, or '-'."""
-    m, a, b = _num(mean), _num(lo), _num(hi)
+    m, a, b = finite_or_none(mean), finite_or_none(lo), finite_or_none(hi)
     if m is None:
         return "-"
     return f"{m:.4f}" + (f" [{a:.4f}, {b:.4f}]" if a is not None and b is not None else "")
