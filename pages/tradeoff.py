@@ -7,7 +7,6 @@ from msae_core.evals.reference import reference_points
 from msae_core.inspect import compare as C
 from msae_core.inspect import figures as F
 from msae_core.inspect import runs_table as rt
-from msae_core.inspect.groups import groups_table
 
 st.title("Reconstruction vs absorption")
 df = ui.runs_table()
@@ -29,7 +28,7 @@ each_seed = c5.checkbox("Each seed", False, key="t_seeds",
                              "one point: their mean, with the 95 % t interval over the seeds as error bars")
 runs_df = df
 if not each_seed and not df.empty:
-    df = groups_table(df)
+    df = ui.groups()
 ref = reference_points() if show_ref else None
 if ref is not None and any(c not in ref or ref[c].isna().all() for c in (x, y)):
     st.caption(f"The research log reported no {F.RECONSTRUCTION_LABELS.get(y, y)} against "

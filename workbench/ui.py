@@ -27,6 +27,20 @@ def runs_table() -> pd.DataFrame:
     return _runs_table(str(r), rt.runs_fingerprint(r))
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _groups(root_str: str, fingerprint: tuple) -> pd.DataFrame:
+    from msae_core.inspect.groups import groups_table
+
+    return groups_table(_runs_table(root_str, fingerprint))
+
+
+def groups() -> pd.DataFrame:
+    """The runs table's groups of training seeds (inspect.groups.groups_table), computed once per
+    version of the runs."""
+    r = root()
+    return _groups(str(r), rt.runs_fingerprint(r))
+
+
 def _run_key(run_dir: Path) -> tuple:
     """Changes when a run's weights, traces, events or metrics change."""
     return (str(run_dir), *run_files.run_fingerprint(run_dir))
