@@ -6,7 +6,8 @@
 
 Every figure is a ratio measured in this one run: variants are timed in interleaved rounds on the
 same activations (the median over rounds of each variant's mean step time), so machine load hits
-all of them alike. A step is what the trainer does: forward, loss, backward, Adam step, post-step
+all of them alike; the momentum / base ratio is the median of the ratios within each round, with
+its quartiles over the rounds (a 2-core machine's speed drifts by several percent within a run). A step is what the trainer does: forward, loss, backward, Adam step, post-step
 (decoder renormalisation; for momentum the tracker update, which happens inside the loss call).
 
 Steady state: the momentum step's cost grows while its candidate pair table fills (the first ~20
@@ -147,7 +148,9 @@ def warm_until_full(sae, step, batches: list[torch.Tensor], patience: int, max_s
 
 
 def time_rounds(steppers: dict, batches: list[torch.Tensor], rounds: int, steps: int, warmup: int,
-                device: torch.device) -> dict[str, float]:
+                device: torch.device, per_round: dict | None = None) -> dict[str, float]:
+    """Each variant's median over rounds of its mean step time; `per_round` (when given) receives
+    every round's times, for ratios paired within a round."""
     for name, step in steppers.items():
         for x in batches[:warmup]:
             step(x)
@@ -161,7 +164,38 @@ def time_rounds(steppers: dict, batches: list[torch.Tensor], rounds: int, steps:
                 steppers[name](batches[(r * steps + i) % len(batches)])
             _sync(device)
             per[name].append((time.perf_counter() - t0) / steps)
+    if per_round is not None:
+        per_round.update(per)
     return {n: statistics.median(v) for n, v in per.items()}
+
+
+def paired_ratio(per: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """The median over rounds of num / den within each round, and the lower and upper quartiles:
+    rounds run back to back, so a drift of the machine's speed hits both sides of a round alike."""
+    r = sorted(a / b for a, b in zip(per[num], per[den]))
+    q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0], r[0], r[0]]
+    return statistics.median(r), q[0], q[2]
+
+
+# the operations whose count the tracker's cost follows; each host sync waits on a GPU for the work queued
+# before it (a boolean mask's selection is a nonzero; bool() and .tolist() read a value back)
+COUNTED_OPS = {"sort": ("aten::sort",), "unique": ("aten::_unique2", "aten::unique_dim", "aten::_unique"),
+               "topk": ("aten::topk",), "searchsorted": ("aten::searchsorted",),
+               "host sync": ("aten::nonzero", "aten::_local_scalar_dense", "aten::tolist")}
+
+
+def op_counts(step, x: torch.Tensor) -> dict[str, int]:
+    """How many of COUNTED_OPS one step runs (profiled: the step's own calls, nested ones included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x)
+    counts = {k: 0 for k in COUNTED_OPS}
+    for ev in prof.events():
+        for k, names in COUNTED_OPS.items():
+            if ev.name in names:
+                counts[k] += 1
+    return counts
 
 
 def peak_step_bytes(step, x: torch.Tensor, device: torch.device) -> int | None:
@@ -195,8 +229,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="cpu (default on CPU) or research (default on CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=5, help="steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps of the base variants (and of "
                     "the momentum ones at least)")
     ap.add_argument("--patience", type=int, default=20,
@@ -245,23 +279,31 @@ def main() -> None:
         print(f"# warm-up, momentum over {base}: table {'full' if warm['full'] else 'NOT full'} after "
               f"{warm['steps']} steps ({warm['seconds']:.1f} s): {warm['fill'] * 100:.1f}% of the F x C "
               f"slots occupied, {warm['competing']} competing pairs", flush=True)
+        per: dict[str, list[float]] = {}
         times = time_rounds({n: b[2] for n, b in built.items()}, batches, args.rounds, args.steps,
-                            args.warmup, device)
+                            args.warmup, device, per)
+        times["ratio"] = paired_ratio(per, "momentum", "base")
         mem = {n: _state_bytes(b[0], b[1]) for n, b in built.items()}
         weights = sum(p.numel() * p.element_size() for p in built["base"][0].parameters())
         peak = {n: peak_step_bytes(b[2], batches[0], device) for n, b in built.items()}
-        rows.append((base, times, mem, peak, weights))
+        ops = {n: op_counts(b[2], batches[1]) for n, b in built.items()}
+        rows.append((base, times, mem, peak, weights, ops))
         del built
-    print(f"{'base':6} {'base ms':>9} {'momentum ms':>12} {'time ratio':>11} {'weights MB':>10} "
+    print(f"{'base':9} {'base ms':>9} {'momentum ms':>12} {'time ratio (quartiles)':>24} {'weights MB':>10} "
           f"{'extra/weights':>14} {'extra/train state':>18} {'peak ratio':>11}")
-    for base, times, mem, peak, weights in rows:
+    for base, times, mem, peak, weights, _ in rows:
         pr = f"{peak['momentum'] / peak['base']:.3f}x" if peak["base"] else "n/a (CPU)"
-        print(f"{base:6} {times['base'] * 1e3:9.1f} {times['momentum'] * 1e3:12.1f} "
-              f"{times['momentum'] / times['base']:10.3f}x {weights / 2**20:10.1f} "
+        ratio, lo, hi = times["ratio"]
+        print(f"{base:9} {times['base'] * 1e3:9.1f} {times['momentum'] * 1e3:12.1f} "
+              f"{ratio:8.3f}x ({lo:.3f}-{hi:.3f}) {weights / 2**20:10.1f} "
               f"{(mem['momentum'] - mem['base']) / weights * 100:13.2f}% "
               f"{(mem['momentum'] / mem['base'] - 1) * 100:17.2f}% {pr:>11}")
     print("goal (design note, at the research shape): time ratio <= 1.25x (issue: 1.10x), extra state <= 5% "
           "of the weights; momentum timed after its table filled (warm-up lines above)")
+    print("operations per step, base -> momentum (profiled, one steady-state step; 'host sync' counts "
+          "nonzero, item and tolist, each a wait for the device on a GPU):")
+    for base, *_, ops in rows:
+        print(f"  {base:9} " + ", ".join(f"{k} {ops['base'][k]} -> {ops['momentum'][k]}" for k in COUNTED_OPS))
 
     if args.no_peer:
         return

@@ -25,12 +25,38 @@ from msae_core.sae import SAE, SAEConfig, build_sae, sae_class
 
 SAE_FORMAT = "msae-sae/1"
 
+# A momentum SAE's state dict has module paths (base.W_enc, tracker.rate); on disk it keeps the first
+# format's flat names: the base's own (W_enc, ...), the tracker's, and its table under these names.
+_TRACKER_DISK_NAMES = {"partner_FC": "cand_j", "kappa_FC": "cand_kappa", "first_step_FC": "cand_first",
+                       "last_step_FC": "cand_last"}
+
+
+def disk_name(module_key: str) -> str:
+    """"base.W_enc" -> "W_enc", "tracker.partner_FC" -> "cand_j"; a plain SAE's keys unchanged."""
+    owner, _, name = module_key.partition(".")
+    if owner == "base" and name:
+        return name
+    if owner == "tracker" and name:
+        return _TRACKER_DISK_NAMES.get(name, name)
+    return module_key
+
+
+def disk_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with the on-disk names (order kept)."""
+    return {disk_name(k): v for k, v in state.items()}
+
+
+def module_state(sae: SAE, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict read from disk with `sae`'s module paths (module paths pass through)."""
+    to_module = {disk_name(k): k for k in sae.state_dict()}
+    return {to_module.get(k, k): v for k, v in state.items()}
+
 
 def save_sae(sae: SAE, folder: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write `sae.safetensors` (parameters and buffers) and `sae_config.json`."""
+    """Write `sae.safetensors` (parameters and buffers, under their disk names) and `sae_config.json`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
+    state = disk_state({k: v.detach().cpu() for k, v in sae.state_dict().items()})
     atomic_save_safetensors(folder / SAE_WEIGHTS, state, metadata={"format": SAE_FORMAT})
     atomic_write_json(folder / SAE_CONFIG, {"format": SAE_FORMAT, "msae_version": __version__,
                                            "config": dataclasses.asdict(sae.cfg), **(extra or {})})
@@ -60,7 +86,7 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
     except Exception as exc:  # safetensors raises its own error types on a torn file
         raise MsaeError(f"{path} is unreadable: {exc}") from exc
     sae = build_sae(cfg).to(device)
-    missing, unexpected = sae.load_state_dict(state, strict=False)
+    missing, unexpected = sae.load_state_dict(module_state(sae, state), strict=False)
     if missing or unexpected:
         raise MsaeError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return sae

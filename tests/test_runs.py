@@ -215,12 +215,13 @@ def test_run_folder_owns_the_logs_round_trip(tmp_path):
     from msae_core.runs.folder import (append_events, append_metrics, event_rows, metrics_rows,
                                                pair_columns, read_trace, trace_files, truncate_logs,
                                                write_trace)
+    from msae_core.sae.competition import CompetitionEvent
 
     run = tmp_path / "r"
     run.mkdir()
     for step in (10, 20, 30):
         append_metrics(run, {"step": step, "loss": 1.0 / step})
-        append_events(run, [{"step": step - 1, "i": torch.tensor(3), "j": 5, "kappa": torch.tensor(0.5)}])
+        append_events(run, [CompetitionEvent(step - 1, 3, 5, 0.5, "up")])
         write_trace(run, step, {"rate": torch.full((4,), float(step))})
     with open(run / "events.jsonl", "a") as fh:
         fh.write('{"step": 31, "i"')  # torn by a kill

@@ -147,11 +147,81 @@ def test_momentum_buffers_match_a_naive_ema_reference():
     assert torch.allclose(sae.tracker.rate_hat(), rate / bias, atol=1e-6)
     assert torch.allclose(sae.tracker.mag_hat(), mag / bias, atol=1e-5)
     table = torch.zeros(F, F)
-    for i, j, k in zip(*(sae.observables()[n] for n in ("pair_i", "pair_j", "pair_kappa"))):
+    obs = sae.observables()
+    for i, j, k in zip(obs.pair_i, obs.pair_j, obs.pair_kappa):
         table[int(i), int(j)] = float(k)
     assert torch.allclose(table, kappa, atol=1e-5)
-    got = sorted((e["step"], e["i"], e["j"], e["direction"]) for e in sae.drain_events())
+    got = sorted((e.step, e.i, e.j, e.direction) for e in sae.drain_events())
     assert got == sorted(events) and len(events) > 0
+
+
+def _naive_table_step(table, f, W_dec, t, cfg, prev):
+    """One update of the candidate table by its definition (tracker.py's docstring), in plain Python:
+    returns (new table {(i, j): [kappa, first, last]}, events)."""
+    F, C, M, beta, tau = f.shape[1], cfg.n_candidates, cfg.cofire_top, cfg.beta, cfg.tau
+    q = f.pow(2).sum(0)
+    s = {}
+    for b in range(f.shape[0]):
+        top = sorted(range(F), key=lambda i: -float(f[b, i]))[:M]
+        for x in top:
+            for y in top:
+                if x < y and f[b, x] > 0 and f[b, y] > 0:
+                    s[(x, y)] = s.get((x, y), 0.0) + float(f[b, x] * f[b, y] / (q[x] * q[y]).sqrt())
+    s = {p: min(v, 1.0) for p, v in s.items()}
+    cand = {p: (beta * v[0] + (1 - beta) * s.get(p, 0.0), v[1], v[2], 0) for p, v in table.items()}
+    for p, v in s.items():
+        if p not in cand and v >= cfg.admit_frac * tau:
+            cand[p] = ((1 - beta) * v, -1, -1, 1)
+    if cfg.refresh_every and t % cfg.refresh_every == 0:
+        W = torch.nn.functional.normalize(W_dec.double(), dim=1)
+        cos = W @ W.T
+        for i in range(F):
+            near = sorted((j for j in range(F) if j != i), key=lambda j: -float(cos[i, j]))[:C // 2]
+            for j in near:
+                p = (min(i, j), max(i, j))
+                if cos[i, j] > 0 and p not in cand:
+                    cand[p] = (0.0, -1, -1, 2)
+    events = []
+    for p, (k, first, last, group) in list(cand.items()):
+        was, now = prev >= 0 and last == prev, k >= tau
+        if now != was:
+            events.append((t, p[0], p[1], "up" if now else "down"))
+        cand[p] = (k, t if now and first < 0 else first, t if now else last, group)
+    kept = set()
+    for r in range(F):
+        mine = sorted((p for p in cand if r in p), key=lambda p: (-cand[p][0], cand[p][3], p))
+        kept |= {(r, p) for p in mine[:C]}
+    return {p: list(v[:3]) for p, v in cand.items() if (p[0], p) in kept and (p[1], p) in kept}, events
+
+
+@pytest.mark.parametrize("admit_frac", [0.0, 0.5])
+def test_candidate_table_matches_a_naive_reference_with_eviction(admit_frac):
+    """Rows of C = 2 slots among 10 features: most steps evict. The table (pairs, kappa, first and
+    last competing step) and the events equal the definition's, step by step, with the batch's
+    admission screen and the decoder-neighbour refresh."""
+    F = 10
+    cfg = _cfg(arch="momentum", base="relu", d_in=6, d_sae=F, beta=0.7, tau=0.25, cofire_top=4,
+               n_candidates=2, refresh_every=3, admit_frac=admit_frac)
+    sae = build_sae(cfg)
+    g = torch.Generator().manual_seed(5)
+    table, events, evicted = {}, [], 0
+    for t in range(10):
+        x = torch.randn(16, 6, generator=g)
+        with torch.no_grad():
+            f = sae.forward(x).f.double()
+        sae.training_loss(x, t)  # no optimizer step: f is what the tracker saw
+        before = set(table)
+        table, ev = _naive_table_step(table, f, sae.W_dec.detach(), t, sae.cfg, t - 1)
+        events += ev
+        got = sae.tracker.table()
+        got_pairs = {(int(k) // F, int(k) % F): (float(kap), int(a), int(b))
+                     for k, kap, a, b in zip(got.key, got.kappa, got.first, got.last)}
+        assert set(got_pairs) == set(table), t
+        for p, (kap, first, last) in table.items():
+            assert abs(got_pairs[p][0] - kap) < 1e-5 and got_pairs[p][1:] == (first, last), (t, p)
+        evicted += len(before - set(table))
+    assert evicted > 0 and any(e[3] == "up" for e in events)  # the cap bound and pairs competed
+    assert sorted((e.step, e.i, e.j, e.direction) for e in sae.drain_events()) == sorted(events)
 
 
 def test_candidate_table_never_exceeds_C_pairs_and_stays_symmetric():
@@ -161,7 +231,7 @@ def test_candidate_table_never_exceeds_C_pairs_and_stays_symmetric():
     g = torch.Generator().manual_seed(4)
     _train(sae, [torch.randn(64, 8, generator=g) for _ in range(15)], lr=1e-2)
     obs = sae.observables()
-    pairs = list(zip(obs["pair_i"].tolist(), obs["pair_j"].tolist()))
+    pairs = list(zip(obs.pair_i.tolist(), obs.pair_j.tolist()))
     assert len(pairs) > 24  # the table is busy: many features have partners
     degree = torch.zeros(24, dtype=torch.long)
     for i, j in pairs:
@@ -197,7 +267,7 @@ def _duplicate_run(lam: float, steps: int = 200):
         opt.step()
         sae.post_step_(t)
         for e in sae.drain_events():
-            if {e["i"], e["j"]} == {0, 1} and e["direction"] == "up" and first_up is None:
+            if {e.i, e.j} == {0, 1} and e.direction == "up" and first_up is None:
                 first_up = t
         row = sae.tracker.kappa_FC[0][sae.tracker.partner_FC[0] == 1]
         kappa_max = max(kappa_max, float(row.max()) if len(row) else 0.0)
@@ -289,18 +359,25 @@ def test_a_momentum_sae_saved_by_the_first_format_loads_with_identical_outputs(t
     saved = load_file(str(LEGACY_DIR / "sae.safetensors"))
     want = load_file(str(LEGACY_DIR / "expected.safetensors"))
     sae = sae_io.load_sae(LEGACY_DIR)
-    state = sae.state_dict()
-    assert sorted(state) == sorted(saved)  # the module's state keeps the file's names
+    state = sae_io.disk_state(sae.state_dict())
+    assert sorted(state) == sorted(saved)  # the module's state has the file's names on disk
     for name, t in saved.items():
         assert torch.equal(state[name], t), name
     with torch.no_grad():
         out = sae.forward(want["x"])
     torch.testing.assert_close(out.x_hat, want["x_hat"], rtol=1e-6, atol=1e-6)
     assert torch.equal(out.f != 0, want["f"] != 0)
-    obs = sae.observables()
+    obs = sae.observables()._asdict()
     assert sorted(obs) == sorted(k.removeprefix("obs_") for k in want if k.startswith("obs_"))
+    # the pair table is a set: compared in key order (the first format listed a row's pairs by kappa)
+    F = sae.cfg.d_sae
+    order_now = (obs["pair_i"] * F + obs["pair_j"]).argsort()
+    order_then = (want["obs_pair_i"].long() * F + want["obs_pair_j"].long()).argsort()
     for k, v in obs.items():
-        torch.testing.assert_close(v.to(want["obs_" + k].dtype), want["obs_" + k], rtol=1e-6, atol=1e-6)
+        w = want["obs_" + k]
+        if k.startswith("pair_"):
+            v, w = v[order_now], w[order_then]
+        torch.testing.assert_close(v.to(w.dtype), w, rtol=1e-6, atol=1e-6)
     g = torch.Generator().manual_seed(12)
     # the losses were recorded with an unclipped loop (before the trainer clipped gradients)
     losses = _train(sae, [torch.randn(32, 16, generator=g) for _ in range(3)], start=10, clip=0)
@@ -377,10 +454,56 @@ def test_saebench_wrapper_has_the_custom_sae_interface(base):
         assert w.cfg.activation_fn_str == {"relu": "relu", "topk": "topk"}.get(base, "jumprelu")
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+def test_the_tracker_reads_a_bases_entries_as_it_reads_the_dense_latents(ragged):
+    """TopK hands the tracker its k entries per token, BatchTopK a varying number: the firing sums,
+    each token's co-firing pairs and the penalty's gradient equal those of the dense (B, F) tensor."""
+    from msae_core.sae.base import ActiveLatents
+    from msae_core.sae.competition import Table, cofiring, competition_loss, firing_sums, occurrence_scores
+
+    g = torch.Generator().manual_seed(9)
+    B, F, K, M = 12, 30, 6, 4
+    pre = torch.rand(B, F, generator=g)
+    idx_BK = pre.topk(K, dim=1).indices
+    val_BK = torch.rand(B, K, generator=g) * (torch.rand(B, K, generator=g) > 0.2)  # some entries 0
+    if ragged:  # drop some entries: tokens keep 2 to K
+        keep = torch.arange(K)[None, :] < torch.randint(2, K + 1, (B, 1), generator=g)
+        tok, slot = keep.nonzero(as_tuple=True)
+        entries = (val_BK[tok, slot], tok, idx_BK[tok, slot], 0)
+        val_BK = val_BK * keep
+    else:
+        entries = (val_BK.reshape(-1), torch.arange(B).repeat_interleave(K), idx_BK.reshape(-1), K)
+    val_e = entries[0].clone().requires_grad_(True)
+    f_dense = torch.zeros(B, F).scatter(1, idx_BK, val_BK).requires_grad_(True)
+    f_from_e = torch.zeros(B, F).index_put((entries[1], entries[2]), val_e)
+    active = ActiveLatents(val_e, entries[1], entries[2], entries[3])
+    for a, b in zip(firing_sums(f_dense, None), firing_sums(f_from_e, active)):
+        torch.testing.assert_close(a, b)
+    dense, sparse = cofiring(f_dense, None, M), cofiring(f_from_e, active, M)
+
+    def occurrences(cof):
+        q = firing_sums(f_dense, None)[2]
+        c = occurrence_scores(cof, q, F)
+        tok = torch.arange(B).repeat_interleave(len(cof.slot_a_S))
+        return sorted((int(t), int(k), round(float(x), 6)) for t, k, x, a in zip(tok, cof.key_P, c, cof.active_P) if a)
+
+    assert occurrences(dense) == occurrences(sparse) and len(occurrences(dense)) > B
+    keys = torch.unique(dense.key_P[dense.active_P])[:8]
+    table = Table(keys, torch.full((len(keys),), 0.9), torch.zeros(len(keys), dtype=torch.int32),
+                  torch.zeros(len(keys), dtype=torch.int32))
+    mag = torch.rand(F, generator=g) + 0.1
+    loss_d, loss_s = competition_loss(dense, table, mag, 0.4, B), competition_loss(sparse, table, mag, 0.4, B)
+    torch.testing.assert_close(loss_d, loss_s)
+    assert float(loss_d.detach()) > 0
+    loss_d.backward()
+    loss_s.backward()
+    torch.testing.assert_close(f_dense.grad[entries[1], entries[2]], val_e.grad)
+
+
 @pytest.mark.parametrize("F", [40, 5000])  # 5000^2 keys exceed the hash table: collisions happen
 def test_admission_screen_equals_exact_grouping(F):
     """batch_scores keeps exactly the table pairs plus the new pairs whose summed s >= admit."""
-    from msae_core.sae.tracker import MomentumTracker
+    from msae_core.sae.competition import batch_scores
 
     g = torch.Generator().manual_seed(8)
     n_pairs = 3000 if F > 100 else 300
@@ -389,8 +512,12 @@ def test_admission_screen_equals_exact_grouping(F):
     pair_keys = torch.unique(lo * F + hi)
     k_occ = pair_keys[torch.randint(0, len(pair_keys), (20 * len(pair_keys),), generator=g)]
     c = torch.rand(len(k_occ), generator=g) * 0.02
-    o_key = pair_keys[torch.randperm(len(pair_keys), generator=g)[:50]]
-    keys, s = MomentumTracker.batch_scores(k_occ, c, o_key, 0.2, F)
+    o_key = pair_keys[torch.randperm(len(pair_keys), generator=g)[:50]].sort().values  # the table's, ascending
+    active = torch.rand(len(k_occ), generator=g) < 0.9  # inactive occurrences (c = 0) count nowhere
+    c = c * active
+    s_old, new_keys, s_new = batch_scores(k_occ, c, active, o_key, 0.2, F)
+    keys, s = torch.cat([o_key, new_keys]), torch.cat([s_old, s_new])
+    assert not bool(torch.isin(new_keys, o_key).any())  # new pairs are new
     u, inv = torch.unique(k_occ, return_inverse=True)
     exact = torch.zeros(len(u)).index_add_(0, inv, c)
     want = {int(k): float(v) for k, v in zip(u, exact.clamp(0, 1)) if v >= 0.2 or bool((o_key == k).any())}

@@ -162,7 +162,7 @@ def write_status(run_dir: str | os.PathLike, **fields: Any) -> dict:
 
 
 # ------------------------------------------------------------------------- metrics, events, traces
-# a snapshot's competing-pair table: one column per key, all of one length (tracker.observables)
+# a snapshot's competing-pair table: one column per key, all of one length (competition.Observables)
 PAIR_KEYS = ("pair_i", "pair_j", "pair_kappa", "pair_dec_cos", "pair_first", "pair_last")
 
 
@@ -171,13 +171,12 @@ def append_metrics(run_dir: str | os.PathLike, row: dict) -> None:
     append_jsonl(Path(run_dir) / RUN_METRICS, row)
 
 
-def append_events(run_dir: str | os.PathLike, events: list[dict]) -> None:
-    """Competition events (their "step" is the 0-based index of the step that raised them); 0-d
-    tensors in them are written as numbers."""
+def append_events(run_dir: str | os.PathLike, events: list) -> None:
+    """Competition events, NamedTuples of step, i, j, kappa, direction (msae_core.sae.competition.
+    CompetitionEvent; "step" is the 0-based index of the step that raised them), one json line each."""
     if not events:
         return
-    lines = "".join(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in ev.items()}) + "\n"
-                    for ev in events)
+    lines = "".join(json.dumps(ev._asdict()) + "\n" for ev in events)
     with open(Path(run_dir) / RUN_EVENTS, "a") as fh:
         fh.write(lines)
         fh.flush()

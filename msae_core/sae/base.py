@@ -184,10 +184,22 @@ class SAEConfig:
         return out
 
 
+class ActiveLatents(NamedTuple):
+    """A batch's latents as entries (token, latent, value), ordered by token: every latent not
+    among them is 0 for that token (an entry's value may be 0 too). `per_token` = K when every token
+    has exactly K entries (TopK: val_N.view(B, K)), 0 when the count varies (BatchTopK)."""
+
+    val_N: torch.Tensor  # (N,) activations, with grad
+    tok_N: torch.Tensor  # (N,) long token of each, ascending
+    lat_N: torch.Tensor  # (N,) long latent of each, distinct within a token
+    per_token: int
+
+
 class SAEOutput(NamedTuple):
     x_hat: torch.Tensor  # (B, D) reconstruction, input units
     f: torch.Tensor  # (B, F) latent activations
     pre_acts: torch.Tensor  # (B, F) encoder pre-activations
+    active: ActiveLatents | None = None  # the same latents as entries, where the base has them
 
 
 class StepOutput(NamedTuple):
@@ -214,7 +226,7 @@ class SAE(nn.Module):
         post_step_(step)           after the optimizer step
         drain_events()             competition events raised since the last call ([] here)
         step_counts()              counters logged with each metrics line
-        observables()              tensors of a trace snapshot ({} here: no snapshot is written)
+        observables()              a trace snapshot's tensors, a NamedTuple (None here: no snapshot)
     """
 
     arch_name = "base"
@@ -319,11 +331,11 @@ class SAE(nn.Module):
     def step_counts(self) -> dict[str, float]:
         return {"dead_features": float(self.dead_mask.sum())}
 
-    def drain_events(self) -> list[dict]:
+    def drain_events(self) -> list:
         return []
 
-    def observables(self) -> dict[str, torch.Tensor]:
-        return {}
+    def observables(self) -> NamedTuple | None:
+        return None
 
 
 def mse_loss(x_n_BD: torch.Tensor, x_hat_n_BD: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from msae_core.sae.base import SAE, SAEConfig, StepOutput, register_sae
+from msae_core.sae.base import SAE, ActiveLatents, SAEConfig, StepOutput, register_sae
 from msae_core.sae.topk import TopKSAE
 
 
@@ -64,7 +64,7 @@ class BatchTopKSAE(TopKSAE):
         f, vals_N, tok_N, lat_N = self.batch_topk(pre)
         x_hat_n = self._decode_kept_n(vals_N, tok_N, lat_N, pre.shape[0])
         self._update_threshold_(vals_N.detach())
-        losses, out = self._topk_step(x_n, x_hat_n, f, pre)
+        losses, out = self._topk_step(x_n, x_hat_n, f, pre, ActiveLatents(vals_N, tok_N, lat_N, 0))
         extra = self._extra_losses(x_n, vals_N, tok_N, lat_N)
         if extra:
             losses = {**losses, **extra, "loss": losses["loss"] + sum(extra.values())}

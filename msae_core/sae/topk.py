@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from msae_core.sae.base import SAE, SAEOutput, StepOutput, mse_loss, register_sae
+from msae_core.sae.base import SAE, ActiveLatents, SAEOutput, StepOutput, mse_loss, register_sae
 
 
 @register_sae("topk")
@@ -56,15 +56,19 @@ class TopKSAE(SAE):
         vals_BK = torch.relu(vals_BK)
         f = torch.zeros_like(pre).scatter_(-1, idx_BK, vals_BK)
         x_hat_n = self._decode_rows_n(vals_BK, idx_BK) + self.b_dec
-        return self._topk_step(x_n, x_hat_n, f, pre)
+        B, K = idx_BK.shape
+        tok_N = torch.arange(B, device=idx_BK.device).repeat_interleave(K)
+        return self._topk_step(x_n, x_hat_n, f, pre, ActiveLatents(vals_BK.reshape(-1), tok_N, idx_BK.reshape(-1), K))
 
-    def _topk_step(self, x_n: torch.Tensor, x_hat_n: torch.Tensor, f: torch.Tensor, pre: torch.Tensor) -> StepOutput:
-        """MSE plus AuxK of a step whose latents `f` reconstruct `x_hat_n` (shared with BatchTopK)."""
+    def _topk_step(self, x_n: torch.Tensor, x_hat_n: torch.Tensor, f: torch.Tensor, pre: torch.Tensor,
+                   active: ActiveLatents | None = None) -> StepOutput:
+        """MSE plus AuxK of a step whose latents `f` (also as entries, `active`) reconstruct
+        `x_hat_n` (shared with BatchTopK)."""
         mse = mse_loss(x_n, x_hat_n)
         auxk = self._auxk_loss(x_n, x_hat_n, pre)
         self._track_firing_(f.detach())
         losses = {"loss": mse + self.cfg.auxk_coeff * auxk, "mse": mse, "auxk": auxk}
-        return StepOutput(losses, SAEOutput(x_hat_n / self.input_scale, f, pre))
+        return StepOutput(losses, SAEOutput(x_hat_n / self.input_scale, f, pre, active))
 
     def _auxk_loss(self, x_n: torch.Tensor, x_hat_n: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         """AuxK: the k_aux strongest dead latents reconstruct the residual (0 with no dead latent)."""

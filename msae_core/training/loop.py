@@ -292,8 +292,8 @@ class _Fit:
 
     def _snapshot(self, done: int) -> None:
         obs = self.sae.observables()
-        if obs and self.writes:
-            write_trace(self.out_dir, done, {k: torch.as_tensor(v).detach().cpu() for k, v in obs.items()})
+        if obs is not None and self.writes:
+            write_trace(self.out_dir, done, {k: v.detach().cpu() for k, v in obs._asdict().items()})
 
     def _checkpoint(self, done: int) -> None:
         state = {"step": done, "rng": rng_state(), "time": time.time(), "config": self.config.to_dict(),
@@ -341,7 +341,7 @@ class _Fit:
         s = int(dist.all_max(int(self.bad_at)))
         self._join_checkpoint()  # "last good checkpoint": the last one written
         if self.writes:
-            append_events(self.out_dir, [e for e in self.sae.drain_events() if e["step"] < s])
+            append_events(self.out_dir, [e for e in self.sae.drain_events() if e.step < s])
         if bool(self.bad_data):
             return self._end("failed", s, self.store.nonfinite_problem() or f"non-finite activations at step {s + 1}")
         kept = (f"last good checkpoint at step {self.last_ckpt} kept" if self.last_ckpt is not None
