@@ -10,19 +10,24 @@ import sys
 from msae_core import __version__
 from msae_core.errors import MsaeError
 
-# each module exposes add_cli(subparsers); order is the order of `msae --help`
-SUBCOMMAND_MODULES = (
-    "msae_core.data.harvest",
-    "msae_core.data.synth",
-    "msae_core.training.cli",
-    "msae_core.runs.sweep",
-    "msae_core.runs.saelens",
-    "msae_core.evals.cli",
-    "msae_core.inspect.compare",
-    "msae_core.inspect.dashboard",
-    "msae_core.demo",
-    "msae_core.study",
-)
+# command -> the module whose add_cli(subparsers) adds it; the order is `msae --help`'s. A command
+# line naming one command imports that module alone: training and evaluating need only torch,
+# transformers, safetensors, numpy and tqdm (what a bare GPU machine holds), never the workbench's
+# pandas or plotly that `compare` and `dashboard` import.
+SUBCOMMANDS = {
+    "harvest": "msae_core.data.harvest",
+    "synth": "msae_core.data.synth",
+    "train": "msae_core.training.cli",
+    "sweep": "msae_core.runs.sweep",
+    "import": "msae_core.runs.saelens",
+    "export": "msae_core.runs.saelens",
+    "eval": "msae_core.evals.cli",
+    "compare": "msae_core.inspect.compare",
+    "dashboard": "msae_core.inspect.dashboard",
+    "demo": "msae_core.demo",
+    "study": "msae_core.study",
+}
+SUBCOMMAND_MODULES = tuple(dict.fromkeys(SUBCOMMANDS.values()))
 
 
 def os_error_line(exc: OSError) -> str:
@@ -32,13 +37,14 @@ def os_error_line(exc: OSError) -> str:
     return f"cannot use {where}: {cause}" if where else cause
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `msae` parser: every subcommand, or where `command` names one, that one alone."""
     parser = argparse.ArgumentParser(
         prog="msae", description="Harvest activations, train and evaluate sparse autoencoders.")
     parser.add_argument("--version", action="version", version=f"msae {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    for name in ((SUBCOMMANDS[command],) if command in SUBCOMMANDS else SUBCOMMAND_MODULES):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:  # a subcommand still being built must not break the rest
@@ -50,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
