@@ -1,7 +1,9 @@
 """Dataclass configs: field metadata "help" becomes the CLI help, validation lists every problem.
 
 A config dataclass declares fields as `x: int = field(default=1, metadata={"help": "..."})` and
-a `problems() -> list[str]` method; `validate(cfg)` raises one MsaeError listing them all.
+a `problems() -> list[Problem]` method; `validate(cfg)` raises one InvalidSettings listing them all.
+A `Problem` is the line a user reads and the field it is about, so that a form marks the widget
+from the field, never by parsing the text.
 
 Types are checked here, once, for every field of every config, against its annotation: `from_dict`
 refuses json of the wrong type (a string for an int, 64.5 for an int, null for a float, a number
@@ -21,23 +23,47 @@ from typing import Any, Literal, get_args, get_origin
 from msae_core.errors import MsaeError
 
 
+class Problem(str):
+    """One problem of a config: the line a user reads (the str itself) and the field it is about
+    (`field`, dotted from the outermost config: "sae.k"; "" when it is about no one field)."""
+
+    field: str
+
+    def __new__(cls, field: str, text: str) -> "Problem":
+        p = super().__new__(cls, text)
+        p.field = field
+        return p
+
+    def under(self, prefix: str) -> "Problem":
+        """The same problem seen from the config that holds this one at `prefix` ("sae.")."""
+        return Problem(prefix + self.field if self.field else "", prefix + self)
+
+
+class InvalidSettings(MsaeError):
+    """Settings with problems: the one-line message lists them all; `problems` keeps each with its field."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("invalid settings: " + "; ".join(problems))
+        self.problems = list(problems)
+
+
 def validate(cfg: Any) -> None:
-    """Raise one MsaeError naming every problem that `cfg.problems()` reports (and nested configs')."""
+    """Raise one InvalidSettings naming every problem that `cfg.problems()` reports (and nested configs')."""
     problems = collect_problems(cfg)
     if problems:
-        raise MsaeError("invalid settings: " + "; ".join(problems))
+        raise InvalidSettings(problems)
 
 
-def collect_problems(cfg: Any, prefix: str = "") -> list[str]:
+def collect_problems(cfg: Any, prefix: str = "") -> list[Problem]:
     hints = typing.get_type_hints(type(cfg))
-    typed = [p for f in dataclasses.fields(cfg)
+    typed = [Problem(prefix + f.name, p) for f in dataclasses.fields(cfg)
              if not dataclasses.is_dataclass(hints[f.name])
              for p in [type_problem(getattr(cfg, f.name), hints[f.name], prefix + f.name)] if p]
     if typed:
         return typed
-    out: list[str] = []
+    out: list[Problem] = []
     if hasattr(cfg, "problems"):
-        out += [prefix + p for p in cfg.problems()]
+        out += [(p if isinstance(p, Problem) else Problem("", p)).under(prefix) for p in cfg.problems()]
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v) and not isinstance(v, type):

@@ -121,7 +121,7 @@ def run_study(base: "RunConfig", root: Path, out: Path, seeds: list[int], evals:
     from msae_core.runs.folder import read_status
     from msae_core.training.trainer import train
 
-    store = base.check()  # once: every point reads the same store
+    _, store = base.check()  # once: every point reads the same store (train resolves each point)
     points = study_configs(base, seeds, only)
     rows = []
     for i, (name, setting, cfg) in enumerate(points, 1):

@@ -8,7 +8,7 @@ import ui
 from msae_core.artifacts import EVAL_NAMES
 from msae_core.evals.cli import DEFAULT_EVALS
 from msae_core.errors import MsaeError
-from msae_core.runs.launch import config_problems, problem_field
+from msae_core.runs.launch import config_problems, problem_widget
 from msae_core.sae import SAEConfig, momentum_bases, registered_archs
 from msae_core.runs.config import TrainConfig
 from msae_core.paths import runs_root
@@ -25,6 +25,24 @@ st.title("Launch runs")
 root = ui.root()
 runs_dir = runs_root(root)
 slots: dict[str, object] = {}
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _open_store(path: str, stamp: float):
+    from msae_core.data.store import ActivationStore
+
+    return ActivationStore(path)
+
+
+def _opened_store(path: str):
+    """The store at `path`, opened once per version of its manifest (not on every rerun); None when
+    it cannot be opened (the settings check then says why, beside the store picker)."""
+    import os
+
+    try:
+        return _open_store(os.path.abspath(path), os.path.getmtime(os.path.join(path, "manifest.json")))
+    except (OSError, MsaeError):
+        return None
 
 # ------------------------------------------------------------------ activations
 st.subheader("Activations")
@@ -141,13 +159,12 @@ if arch == "momentum":
     sae.update(base=base, beta=float(beta), tau=float(tau), lam=float(lam))
 cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch), "lr": float(lr)},  # the rest: defaults
             "data": {**(stream or {"acts": acts or ""}), "outliers": outliers}}
-cfg, problems = config_problems(cfg_dict)
+cfg, problems = config_problems(cfg_dict, source=_opened_store(acts) if acts else None)
 general = []
 for p in problems:
-    field = problem_field(p)
-    field = "acts" if field in ("data", "acts") or p.startswith("data.") else field
-    if field in slots:
-        slots[field].error(p)
+    widget = problem_widget(p)
+    if widget in slots:
+        slots[widget].error(p)
     else:
         general.append(p)
 

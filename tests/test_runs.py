@@ -44,21 +44,27 @@ def test_validation_lists_every_problem_at_once(tmp_path):
                     train=TrainConfig(lr=0.0, steps=10),
                     data=DataConfig(acts=str(tmp_path / "nowhere")))
     with pytest.raises(MsaeError) as exc:
-        cfg.validate()
+        cfg.check()
     msg = str(exc.value)
     assert "\n" not in msg
     for needle in ("beta", "tau", "lam", "d_sae", " k ", "lr", "nowhere"):
         assert needle in msg.replace("k must", " k must").replace("(k", "( k "), (needle, msg)
+    # each problem says its field: a form marks the widget from it, not from the text
+    assert sorted(p.field for p in exc.value.problems) == sorted(
+        ["sae.beta", "sae.tau", "sae.lam", "sae.d_sae", "sae.k", "train.lr", "data.acts"])
+    assert cfg.sae.d_in == D  # checking changed nothing
 
 
 def test_store_width_must_match_and_d_in_comes_from_store(store):
     bad = RunConfig(sae=SAEConfig(arch="topk", d_in=32, d_sae=128, k=8), train=TrainConfig(steps=5),
                     data=DataConfig(acts=str(store)))
     with pytest.raises(MsaeError, match="32.*64|64.*32"):
-        bad.validate()
-    filled = RunConfig(sae=SAEConfig(arch="topk", d_in=0, d_sae=128, k=8),
-                       train=TrainConfig(steps=5, batch_size=64), data=DataConfig(acts=str(store))).validate()
-    assert filled.sae.d_in == D
+        bad.check()
+    given = RunConfig(sae=SAEConfig(arch="topk", d_in=0, d_sae=128, k=8),
+                      train=TrainConfig(steps=5, batch_size=64), data=DataConfig(acts=str(store)))
+    filled, opened = given.check()
+    assert filled.sae.d_in == D and opened.d_in == D
+    assert given.sae.d_in == 0  # a value: the check returned a resolved copy
     again = RunConfig.from_dict(json.loads(json.dumps(filled.to_dict())))
     assert again == filled
     with pytest.raises(MsaeError, match="unknown"):

@@ -685,12 +685,11 @@ def test_dead_window_follows_the_run_length():
         d_in, n_rows, manifest, streamed = 4, 10 ** 9, {}, False
 
     cfg = RunConfig(sae=_cfg(d_in=4, d_sae=8, k=2), train=TrainConfig(steps=25_000, batch_size=4096), data=DataConfig(acts="a-store"))
-    cfg.check(Store())
-    assert cfg.sae.dead_tokens_threshold == 5_120_000
+    assert cfg.check(Store())[0].sae.dead_tokens_threshold == 5_120_000
+    assert cfg.sae.dead_tokens_threshold == 0  # the config itself is a value
     fixed = RunConfig(sae=_cfg(d_in=4, d_sae=8, k=2, dead_tokens_threshold=300),
                       train=TrainConfig(steps=25_000, batch_size=4096), data=DataConfig(acts="a-store"))
-    fixed.check(Store())
-    assert fixed.sae.dead_tokens_threshold == 300
+    assert fixed.check(Store())[0].sae.dead_tokens_threshold == 300
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu", "momentum"])

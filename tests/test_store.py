@@ -159,8 +159,12 @@ def test_a_bad_manifest_is_named_not_a_traceback(tmp_path, edit, field):
     from msae_core.runs.config import DataConfig, RunConfig
     from msae_core.sae import SAEConfig
 
-    problems = RunConfig(sae=SAEConfig(d_in=D, d_sae=32), data=DataConfig(acts=str(tmp_path / "s"))).problem_list()
-    assert any("not a valid activation store" in p and field in p for p in problems)
+    from msae_core.configutil import InvalidSettings
+
+    with pytest.raises(InvalidSettings) as exc:
+        RunConfig(sae=SAEConfig(d_in=D, d_sae=32), data=DataConfig(acts=str(tmp_path / "s"))).check()
+    assert any("not a valid activation store" in p and field in p and p.field == "data.acts"
+               for p in exc.value.problems)
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "{not json", "\x00\x01binary"])

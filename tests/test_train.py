@@ -484,3 +484,37 @@ def test_a_checkpoint_copies_the_sae_to_the_host_only(store, tmp_path, monkeypat
     run = tmp_path / "run"
     ck = load_checkpoint(run, find_checkpoint(run), torch.device("cpu"))  # whole and readable
     assert ck is not None
+
+
+def test_msae_train_validates_its_settings_once_and_opens_the_store_once(store, tmp_path, monkeypatch):
+    """From the command line to the loss: one validation (configutil.collect_problems over the run
+    config) and one opening of the store per process, for a fresh run and for a resumed one."""
+    from msae_core import configutil
+    from msae_core.data import store as store_module
+    from msae_core.runs import config as config_module
+
+    calls = {"validations": 0, "opens": 0}
+    real_collect, real_init = configutil.collect_problems, store_module.ActivationStore.__init__
+
+    def counting_collect(cfg, prefix=""):
+        if prefix == "" and isinstance(cfg, RunConfig):
+            calls["validations"] += 1
+        return real_collect(cfg, prefix)
+
+    def counting_init(self, *a, **kw):
+        calls["opens"] += 1
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(config_module, "collect_problems", counting_collect)
+    monkeypatch.setattr(store_module.ActivationStore, "__init__", counting_init)
+    out = tmp_path / "run"
+    argv = ["train", "--acts", str(store), "--out", str(out), "--arch", "momentum", "--d-sae", str(F),
+            "--k", "8", "--lam", "0.2", "--steps", "6", "--batch-size", "128", "--device", "cpu",
+            "--log-every", "3", "--checkpoint-every", "3", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert calls == {"validations": 1, "opens": 1}
+    calls.update(validations=0, opens=0)
+    resume = [a if a != "6" else "9" for a in argv]  # the same run resumed for more steps
+    assert cli.main(resume) == 0
+    assert calls == {"validations": 1, "opens": 1}
+    assert read_status(out)["step"] == 9

@@ -1,6 +1,9 @@
 """The activation store: residual-stream activations on disk, written in resumable shards and read
 memory-mapped in shuffled batches.
 
+The store's format has one owner, this module (about 660 lines): the manifest's fields and checks,
+the writer, the shard layout and the reader must change together, so they stay together.
+
 A store is a folder with `manifest.json` and shards `shard_00000.safetensors`, ... Each shard holds
 whole context windows, so every activation row traces back to its window and position:
 

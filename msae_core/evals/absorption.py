@@ -3,6 +3,11 @@
 Follows sae_bench/evals/absorption (sae-bench 0.6.0: main.py, eval_config.py, vocab.py, prompting.py,
 probing.py, k_sparse_probing.py, feature_absorption.py, feature_absorption_calculator.py):
 
+One module of about 750 lines on purpose: it is one definition, read against SAEBench's eight
+files step by step (the numbered steps below are its sections, in order), and splitting it would
+scatter the comparison a reviewer makes; the probe training it shares with sparse probing lives in
+probe_data.py.
+
 1. Words: the model's own vocabulary, tokens whose text is ASCII letters with at most one leading
    space (`get_alpha_tokens`; a SentencePiece "▁" counts as that space).
 2. Prompts: `{word} has the first letter:` after `max_icl_examples` (10) in-context examples

@@ -2,6 +2,9 @@
 
 Follows sae_bench/evals/core (main.py, eval_config.py, eval_output.py) of sae-bench 0.6.0:
 
+One module of about 650 lines on purpose: the config, the metric definitions and the run that
+accumulates them are one definition read against SAEBench's core eval, section by section.
+
 1. Text: context windows of `context_size` tokens (BOS + context_size - 1 tokens of the EOS-joined
    documents), the same windowing as the harvest (msae_core.data.text.context_windows).
 2. Reconstruction batches (`n_eval_reconstruction_batches` x `batch_size_prompts` windows): three

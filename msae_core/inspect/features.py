@@ -6,7 +6,10 @@ direction promotes through the unembedding, and per-feature values to colour the
 The sample is cached in `<run>/workbench/feature_sample.safetensors` (msae_core.artifacts names):
 stored sparse and sorted by feature (CSC: feat_ptr, nz_row, nz_val) with the sample's rows, windows,
 positions and token ids, written atomically and keyed by the weights' fingerprint, the sample size
-and seed and the store, so a retrained run recomputes it."""
+and seed and the store, so a retrained run recomputes it.
+
+About 580 lines in one module: the sample's cache is a format (one owner), and every query here
+reads that sample's sparse layout, so they change with it."""
 
 from __future__ import annotations
 

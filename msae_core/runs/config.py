@@ -1,6 +1,8 @@
 """Run configs: what a training run is (the SAE, how to train it, on which activations), checked
-once per entry point against its activation store (`RunConfig.check`), and which settings may
-change when a run is resumed (`config_mismatch`). Pure dataclasses; the store is the only IO."""
+once per entry point against its activation source (`RunConfig.check`, which opens the source once
+and returns the config resolved against it), and which settings may change when a run is resumed
+(`config_mismatch`). Configs are values: checking changes none. Problems are structured (field and
+line: configutil.Problem), so a form marks the widget from the field."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msae_core.artifacts import EVAL_NAMES, atomic_write_json
-from msae_core.configutil import collect_problems, from_dict, to_dict
+from msae_core.configutil import InvalidSettings, Problem, collect_problems, from_dict, to_dict
 from msae_core.errors import MsaeError
 
 if TYPE_CHECKING:
@@ -63,31 +65,31 @@ class TrainConfig:
             return max(1, self.steps // self.SNAPSHOTS_PER_RUN)
         return self.snapshot_every
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         out = []
         if self.steps < 1:
-            out.append(f"steps must be >= 1 (got {self.steps})")
+            out.append(Problem("steps", f"steps must be >= 1 (got {self.steps})"))
         if self.batch_size < 1:
-            out.append(f"batch_size must be >= 1 (got {self.batch_size})")
+            out.append(Problem("batch_size", f"batch_size must be >= 1 (got {self.batch_size})"))
         if not self.lr > 0:
-            out.append(f"lr must be > 0 (got {self.lr})")
+            out.append(Problem("lr", f"lr must be > 0 (got {self.lr})"))
         if not self.grad_clip >= 0:
-            out.append(f"grad_clip must be >= 0 (got {self.grad_clip})")
+            out.append(Problem("grad_clip", f"grad_clip must be >= 0 (got {self.grad_clip})"))
         if self.warmup_steps < 0:
-            out.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+            out.append(Problem("warmup_steps", f"warmup_steps must be >= 0 (got {self.warmup_steps})"))
         for name in ("log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+                out.append(Problem(name, f"{name} must be >= 1 (got {getattr(self, name)})"))
         if not self.checkpoint_minutes >= 0:
-            out.append(f"checkpoint_minutes must be >= 0 (got {self.checkpoint_minutes})")
+            out.append(Problem("checkpoint_minutes", f"checkpoint_minutes must be >= 0 (got {self.checkpoint_minutes})"))
         if self.snapshot_every < -1:
-            out.append(f"snapshot_every must be -1 (about 100 per run), 0 (none) or a step count "
-                       f"(got {self.snapshot_every})")
+            out.append(Problem("snapshot_every", f"snapshot_every must be -1 (about 100 per run), 0 (none) or a step count "
+                       f"(got {self.snapshot_every})"))
         unknown = [e for e in self.evals if e not in EVAL_NAMES]
         if unknown:
-            out.append(f"evals: unknown eval(s) {', '.join(map(str, unknown))} (known: {', '.join(EVAL_NAMES)})")
+            out.append(Problem("evals", f"evals: unknown eval(s) {', '.join(map(str, unknown))} (known: {', '.join(EVAL_NAMES)})"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
-            out.append(f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+            out.append(Problem("device", f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})"))
         return out
 
 
@@ -121,36 +123,55 @@ class DataConfig:
                 "to that norm)"})
     outlier_factor: float = field(default=5.0, metadata={"help": "the outlier threshold, in medians of the row norm"})
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         out_rows = []
         if self.outliers not in OUTLIER_MODES:
-            out_rows.append(f"outliers must be one of {', '.join(OUTLIER_MODES)} (got {self.outliers!r})")
+            out_rows.append(Problem("outliers", f"outliers must be one of {', '.join(OUTLIER_MODES)} (got {self.outliers!r})"))
         if not self.outlier_factor > 1:
-            out_rows.append(f"outlier_factor must be > 1 (got {self.outlier_factor})")
+            out_rows.append(Problem("outlier_factor", f"outlier_factor must be > 1 (got {self.outlier_factor})"))
         return out_rows + self._source_problems()
 
-    def _source_problems(self) -> list[str]:
+    def _source_problems(self) -> list[Problem]:
         if self.source == "store":
-            out = [] if self.acts else ["acts: no activation store given (--acts DIR, or --source stream)"]
-            return out + (["cache: only a streamed run writes a cache (--source stream)"] if self.cache else [])
+            out = [] if self.acts else [Problem("acts", "acts: no activation store given (--acts DIR, or --source stream)")]
+            return out + ([Problem("cache", "cache: only a streamed run writes a cache (--source stream)")]
+                          if self.cache else [])
         if self.source != "stream":
-            return [f"source must be store or stream (got {self.source!r})"]
+            return [Problem("source", f"source must be store or stream (got {self.source!r})")]
         from msae_core.data.lm import MODEL_DTYPES
 
         out = []
         if self.cache_dtype not in ("float16", "float32"):
-            out.append(f"cache_dtype must be float16 or float32 (got {self.cache_dtype!r})")
+            out.append(Problem("cache_dtype", f"cache_dtype must be float16 or float32 (got {self.cache_dtype!r})"))
         if self.layer < 0:
-            out.append(f"layer must be >= 0 (got {self.layer})")
+            out.append(Problem("layer", f"layer must be >= 0 (got {self.layer})"))
         if self.context_size < 2:
-            out.append(f"context_size must be >= 2 (got {self.context_size})")
+            out.append(Problem("context_size", f"context_size must be >= 2 (got {self.context_size})"))
         if self.model_dtype not in MODEL_DTYPES:
-            out.append(f"model_dtype must be one of {', '.join(MODEL_DTYPES)} (got {self.model_dtype!r})")
+            out.append(Problem("model_dtype", f"model_dtype must be one of {', '.join(MODEL_DTYPES)} (got {self.model_dtype!r})"))
         if self.lm_batch < 1:
-            out.append(f"lm_batch must be >= 1 (got {self.lm_batch})")
+            out.append(Problem("lm_batch", f"lm_batch must be >= 1 (got {self.lm_batch})"))
         if self.buffer_batches < 2:
-            out.append(f"buffer_batches must be >= 2 (got {self.buffer_batches})")
+            out.append(Problem("buffer_batches", f"buffer_batches must be >= 2 (got {self.buffer_batches})"))
         return out
+
+    def open_source(self, batch_size: int, seed: int, device: str) -> "ActivationSource":
+        """The activation source these settings name, opened: the store at `acts`, or the stream
+        (`open_stream`). InvalidSettings naming the field (acts, layer, cache or model) when it
+        cannot be opened."""
+        from msae_core.data.store import ActivationStore
+
+        if self.source == "stream":
+            try:
+                return self.open_stream(batch_size, seed, device)
+            except MsaeError as exc:
+                where = ("layer" if str(exc).startswith("layer ") else
+                         "cache" if self.cache and "cache" in str(exc) else "model")
+                raise InvalidSettings([Problem(where, f"{where}: {exc}")]) from None
+        try:
+            return ActivationStore(self.acts)
+        except MsaeError as exc:
+            raise InvalidSettings([Problem("acts", f"acts: {exc}")]) from None
 
     def open_stream(self, batch_size: int, seed: int, device: str) -> "StreamedSource":
         """The ActivationStream these settings describe; its width read from the model's config
@@ -177,26 +198,26 @@ class DataConfig:
         return self.acts if self.source == "store" else self.cache
 
 
-def _sae_problems(cfg: Any) -> list[str]:
+def _sae_problems(cfg: Any) -> list[Problem]:
     """The knob checks of the issue, for an SAEConfig that does not check them itself."""
     out = []
     g = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731
     d_sae, k = g("d_sae"), g("k")
     if d_sae is None or d_sae < 1:
-        out.append(f"d_sae must be >= 1 (got {d_sae})")
+        out.append(Problem("d_sae", f"d_sae must be >= 1 (got {d_sae})"))
     from msae_core.sae import registered_archs, sae_class
 
     sparse_arch = g("base") if g("arch") == "momentum" else g("arch")
     if sparse_arch in registered_archs() and sae_class(sparse_arch).sparsity == "k":
         if k is None or k < 1 or (d_sae is not None and k > d_sae):
-            out.append(f"k must be in [1, d_sae={d_sae}] (got {k})")
+            out.append(Problem("k", f"k must be in [1, d_sae={d_sae}] (got {k})"))
     beta, tau, lam = g("beta"), g("tau"), g("lam")
     if beta is not None and not 0 <= beta < 1:
-        out.append(f"beta must be in [0, 1) (got {beta})")
+        out.append(Problem("beta", f"beta must be in [0, 1) (got {beta})"))
     if tau is not None and not 0 <= tau <= 1:
-        out.append(f"tau must be in [0, 1] (got {tau})")
+        out.append(Problem("tau", f"tau must be in [0, 1] (got {tau})"))
     if lam is not None and not lam >= 0:
-        out.append(f"lam must be >= 0 (got {lam})")
+        out.append(Problem("lam", f"lam must be >= 0 (got {lam})"))
     return out
 
 
@@ -209,69 +230,61 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training settings"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "activations"})
 
-    def problems(self) -> list[str]:
-        """Problems of the fields alone (no IO); `check` adds the store's."""
-        return [] if hasattr(self.sae, "problems") else ["sae." + p for p in _sae_problems(self.sae)]
+    def problems(self) -> list[Problem]:
+        """Problems of the fields alone (no IO; collect_problems adds the nested configs'); `check`
+        adds the source's."""
+        return [] if hasattr(self.sae, "problems") else [p.under("sae.") for p in _sae_problems(self.sae)]
 
-    def _check(self, store: "ActivationSource | None" = None) -> tuple["ActivationSource | None", list[str]]:
-        """(the opened store or None, every problem): the store is opened once (unless given),
-        sae.d_in is filled from it when 0, and the settings are checked against it."""
-        from msae_core.data.store import ActivationStore
-
+    def check(self, source: "ActivationSource | None" = None) -> tuple["RunConfig", "ActivationSource"]:
+        """Validate once, at an entry point: InvalidSettings (an MsaeError) listing every problem, each
+        with its field; else (this config resolved against its source, the source). The source is
+        opened here unless given (once per entry point: pass both down). The config itself is a
+        value: nothing in it changes."""
         problems = collect_problems(self)  # d_in 0 ("fill from the store") is not a problem
         typed = [p for p in problems if ": expected " in p]
         if typed:  # wrong types first: nothing else can be checked on them
-            return None, typed
-        if store is None and self.data.source == "stream":
-            if any(p.startswith("data.") for p in problems):
-                return None, problems
+            raise InvalidSettings(typed)
+        if source is None and not any(p.field.startswith("data.") for p in problems):
             try:
-                store = self.data.open_stream(self.train.batch_size, self.train.seed, self.train.device)
-            except MsaeError as exc:
-                where = ("data.layer" if str(exc).startswith("layer ") else
-                         "data.cache" if self.data.cache and "cache" in str(exc) else "data.model")
-                return None, problems + [f"{where}: {exc}"]
-        elif store is None and self.data.acts:
-            try:
-                store = ActivationStore(self.data.acts)
-            except MsaeError as exc:
-                return None, problems + [f"data.acts: {exc}"]
-        if store is None:
-            return None, problems
-        if not self.sae.d_in:
-            self.sae = dataclasses.replace(self.sae, d_in=store.d_in)
-        if not self.sae.dead_tokens_threshold:  # 0: from the run's length (msae_core.sae.base)
-            self.sae = dataclasses.replace(self.sae, dead_tokens_threshold=auto_dead_tokens(
+                source = self.data.open_source(self.train.batch_size, self.train.seed, self.train.device)
+            except InvalidSettings as exc:
+                problems += [p.under("data.") for p in exc.problems]
+        if source is None:
+            raise InvalidSettings(problems)
+        resolved = self.resolved(source)
+        problems += resolved.source_problems(source)
+        if problems:
+            raise InvalidSettings(problems)
+        return resolved, source
+
+    def resolved(self, source: "ActivationSource") -> "RunConfig":
+        """A copy with what the source and the run's length decide: sae.d_in when 0 (the source's
+        width) and sae.dead_tokens_threshold when 0 (from the run's tokens, msae_core.sae.base)."""
+        sae = self.sae
+        if not sae.d_in:
+            sae = dataclasses.replace(sae, d_in=source.d_in)
+        if not sae.dead_tokens_threshold:
+            sae = dataclasses.replace(sae, dead_tokens_threshold=auto_dead_tokens(
                 max(self.train.steps, 1) * max(self.train.batch_size, 1)))
-        out = list(problems)
-        if self.sae.d_in != store.d_in:
-            out.append(f"sae.d_in {self.sae.d_in} does not match the store's activation width "
-                       f"{store.d_in} ({self.data.acts or self.data.model})")
-        if not store.streamed and self.train.batch_size > store.n_rows:
-            out.append(f"train.batch_size {self.train.batch_size} exceeds the store's {store.n_rows} rows")
-        synthetic = isinstance(getattr(store, "manifest", {}).get("synthetic"), dict)
+        return self if sae is self.sae else dataclasses.replace(self, sae=sae)
+
+    def source_problems(self, source: "ActivationSource") -> list[Problem]:
+        """What does not fit the opened source: the width, a batch larger than the store, evals that
+        cannot score its kind of activations."""
+        out = []
+        if self.sae.d_in != source.d_in:
+            out.append(Problem("sae.d_in", f"sae.d_in {self.sae.d_in} does not match the store's activation width "
+                               f"{source.d_in} ({self.data.acts or self.data.model})"))
+        if not source.streamed and self.train.batch_size > source.n_rows:
+            out.append(Problem("train.batch_size", f"train.batch_size {self.train.batch_size} exceeds the "
+                                                   f"store's {source.n_rows} rows"))
+        synthetic = isinstance(getattr(source, "manifest", {}).get("synthetic"), dict)
         wrong = [e for e in self.train.evals if (e == "synthetic") != synthetic]
         if wrong:
-            out.append(f"train.evals: {', '.join(wrong)} cannot score a run on "
-                       + ("a synthetic store (no language model; use synthetic)" if synthetic else
-                          "a language model's activations (synthetic needs a store written by msae synth)"))
-        return store, out
-
-    def check(self, store: "ActivationSource | None" = None) -> "ActivationSource":
-        """Validate once, at an entry point: MsaeError listing every problem, else the opened
-        activation store (pass it down instead of opening it again)."""
-        store, problems = self._check(store)
-        if problems:
-            raise MsaeError("invalid settings: " + "; ".join(problems))
-        return store
-
-    def validate(self) -> "RunConfig":
-        self.check()
-        return self
-
-    def problem_list(self) -> list[str]:
-        """Every problem, the store's included; never raises for bad settings (the Launch page)."""
-        return self._check()[1]
+            out.append(Problem("train.evals", f"train.evals: {', '.join(wrong)} cannot score a run on "
+                               + ("a synthetic store (no language model; use synthetic)" if synthetic else
+                                  "a language model's activations (synthetic needs a store written by msae synth)")))
+        return out
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -50,9 +50,14 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
     run_dir = Path(root) / name
     if evals:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, evals=list(evals)))
-    config.check(store)  # `store`: the caller's opened store for config.data.acts, if it has one
-    if run_dir.exists() and any(run_dir.iterdir()):
-        info = read_run(run_dir)
+    info = read_run(run_dir) if run_dir.exists() and any(run_dir.iterdir()) else None
+    old_window = ((info.config or {}).get("sae") or {}).get("dead_tokens_threshold") if info else None
+    if old_window and not config.sae.dead_tokens_threshold:
+        # a relaunch keeps the dead window its run started with (0 means "from the run's length",
+        # which a relaunch with other steps would change under the checkpoint)
+        config = dataclasses.replace(config, sae=dataclasses.replace(config.sae, dead_tokens_threshold=int(old_window)))
+    config, _ = config.check(store)  # `store`: the caller's opened store for config.data.acts, if it has one
+    if info is not None:
         if info.state == "running" and info.problem is None:
             raise MsaeError(f"run {name} is already running (pid {info.status.get('pid')})")
         if info.state == "done":

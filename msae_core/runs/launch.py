@@ -1,31 +1,36 @@
 """What the Launch page checks before it starts a run: every problem of the settings from its
-widgets (msae_core.runs.config.RunConfig), and the field each problem is about, to show it beside that
-widget."""
+widgets (msae_core.runs.config.RunConfig.check), each with the field it is about
+(configutil.Problem), to show it beside that field's widget."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from msae_core.configutil import InvalidSettings, Problem
 from msae_core.errors import MsaeError
 
 
-def problem_field(problem: str) -> str:
-    """The config field a validation problem is about: 'sae.k must be ...' -> 'k'."""
-    text = re.sub(r"^(sae|train|data)\.", "", problem.strip())
-    m = re.match(r"([A-Za-z_][A-Za-z0-9_]*)", text)
-    return m.group(1) if m else ""
-
-
-def config_problems(config_dict: dict) -> tuple[Any, list[str]]:
-    """(RunConfig or None, every problem) for settings from widgets; never raises."""
+def config_problems(config_dict: dict, source: Any = None) -> tuple[Any, list[Problem]]:
+    """(RunConfig or None, every problem) for settings from widgets; never raises. Without problems
+    the config is resolved against its source (d_in, the dead window), as it will run. `source`: the
+    activation store the settings name, already opened (the page keeps it between reruns)."""
     from msae_core.runs.config import RunConfig
 
     try:
         cfg = RunConfig.from_dict(config_dict)
     except (MsaeError, ValueError, TypeError) as exc:
-        return None, [str(exc)]
+        return None, [Problem("", str(exc))]
     try:
-        return cfg, list(cfg.problem_list())
+        return cfg.check(source)[0], []
+    except InvalidSettings as exc:
+        return cfg, exc.problems
     except (MsaeError, ValueError, TypeError) as exc:
-        return cfg, [str(exc)]
+        return cfg, [Problem("", str(exc))]
+
+
+def problem_widget(problem: Problem) -> str:
+    """The widget a problem goes beside: its field's last part ("sae.k" -> "k"); every data field
+    is the store picker's ("acts")."""
+    if problem.field.startswith("data."):
+        return "acts"
+    return problem.field.rsplit(".", 1)[-1]

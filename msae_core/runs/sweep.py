@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from msae_core.artifacts import SWEEP_RECORD, SWEEPS_DIR, atomic_write_json
+from msae_core.configutil import InvalidSettings
 from msae_core.errors import MsaeError
 from msae_core.paths import safe_run_name
 from msae_core.procs import StopFlag
@@ -213,17 +214,19 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
     if parallel < 1:
         raise MsaeError(f"--parallel must be >= 1 (got {parallel})")
     name = safe_run_name(name)
-    store = base.check()  # the store, once
+    _, store = base.check()  # the store, once; each point is resolved (d_in, dead window) when launched
     points = expand_grid(base, grid, name)
     import torch
 
     for p, c in zip(points, spread_over_gpus([p.config for p in points], torch.cuda.device_count())):
         p.config = c
     for acts in sorted({p.config.data.acts for p in points} - {base.data.acts}):
-        store_problems = [q for q in dataclasses.replace(base, data=dataclasses.replace(
-            base.data, acts=acts)).problem_list() if q.startswith("data.")]
-        if store_problems:  # a store named by the grid: refused before any point is queued
-            raise MsaeError("invalid sweep points: " + "; ".join(store_problems))
+        try:  # a store named by the grid: refused before any point is queued
+            dataclasses.replace(base, data=dataclasses.replace(base.data, acts=acts)).check()
+        except InvalidSettings as exc:
+            store_problems = [q for q in exc.problems if q.field.startswith("data.")]
+            if store_problems:
+                raise MsaeError("invalid sweep points: " + "; ".join(store_problems)) from None
     root = Path(root)
     sdir = sweep_dir(root, name)
     sdir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from torch import nn
 
+from msae_core.configutil import Problem
+
 
 _REGISTRY: dict[str, type["SAE"]] = {}
 
@@ -139,48 +141,48 @@ class SAEConfig:
         momentum SAE, else `arch`."""
         return self.base if self.arch == "momentum" else self.arch
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         out = []
         if self.arch not in _REGISTRY:
-            out.append(f"arch must be one of {', '.join(registered_archs())} (got {self.arch!r})")
+            out.append(Problem("arch", f"arch must be one of {', '.join(registered_archs())} (got {self.arch!r})"))
         if self.d_in < 0:
-            out.append(f"d_in must be >= 1 (got {self.d_in})")
+            out.append(Problem("d_in", f"d_in must be >= 1 (got {self.d_in})"))
         if self.d_sae < 1:
-            out.append(f"d_sae must be >= 1 (got {self.d_sae})")
+            out.append(Problem("d_sae", f"d_sae must be >= 1 (got {self.d_sae})"))
         if self.base_arch in _REGISTRY and _REGISTRY[self.base_arch].sparsity == "k" \
                 and not 1 <= self.k <= max(self.d_sae, 1):
-            out.append(f"k must be in [1, d_sae={self.d_sae}] (got {self.k})")
+            out.append(Problem("k", f"k must be in [1, d_sae={self.d_sae}] (got {self.k})"))
         if self.l1_coeff < 0:
-            out.append(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+            out.append(Problem("l1_coeff", f"l1_coeff must be >= 0 (got {self.l1_coeff})"))
         if self.dead_tokens_threshold < 0:
-            out.append(f"dead_tokens_threshold must be >= 0 (0: from the run's length) (got {self.dead_tokens_threshold})")
+            out.append(Problem("dead_tokens_threshold", f"dead_tokens_threshold must be >= 0 (0: from the run's length) (got {self.dead_tokens_threshold})"))
         if self.auxk_coeff < 0:
-            out.append(f"auxk_coeff must be >= 0 (got {self.auxk_coeff})")
+            out.append(Problem("auxk_coeff", f"auxk_coeff must be >= 0 (got {self.auxk_coeff})"))
         if self.arch == "momentum" and self.base not in momentum_bases():
-            out.append(f"base must be one of {', '.join(momentum_bases())} (got {self.base!r})")
+            out.append(Problem("base", f"base must be one of {', '.join(momentum_bases())} (got {self.base!r})"))
         if self.l0_coeff < 0 or self.target_l0 < 0:
-            out.append(f"l0_coeff and target_l0 must be >= 0 (got {self.l0_coeff}, {self.target_l0})")
+            out.append(Problem("l0_coeff", f"l0_coeff and target_l0 must be >= 0 (got {self.l0_coeff}, {self.target_l0})"))
         if not self.jumprelu_bandwidth > 0 or not self.jumprelu_init_threshold > 0:
-            out.append(f"jumprelu_bandwidth and jumprelu_init_threshold must be > 0 (got "
-                       f"{self.jumprelu_bandwidth}, {self.jumprelu_init_threshold})")
+            out.append(Problem("jumprelu_bandwidth", f"jumprelu_bandwidth and jumprelu_init_threshold must be > 0 (got "
+                       f"{self.jumprelu_bandwidth}, {self.jumprelu_init_threshold})"))
         if self.base_arch in _REGISTRY and self.d_sae >= 1:
             out += _REGISTRY[self.base_arch].config_problems(self)
         if not 0 <= self.threshold_beta < 1:
-            out.append(f"threshold_beta must be in [0, 1) (got {self.threshold_beta})")
+            out.append(Problem("threshold_beta", f"threshold_beta must be in [0, 1) (got {self.threshold_beta})"))
         if not 0 <= self.beta < 1:
-            out.append(f"beta must be in [0, 1) (got {self.beta})")
+            out.append(Problem("beta", f"beta must be in [0, 1) (got {self.beta})"))
         if not 0 <= self.tau <= 1:
-            out.append(f"tau must be in [0, 1] (got {self.tau})")
+            out.append(Problem("tau", f"tau must be in [0, 1] (got {self.tau})"))
         if not self.lam >= 0:
-            out.append(f"lam must be >= 0 (got {self.lam})")
+            out.append(Problem("lam", f"lam must be >= 0 (got {self.lam})"))
         if self.n_candidates < 1:
-            out.append(f"n_candidates must be >= 1 (got {self.n_candidates})")
+            out.append(Problem("n_candidates", f"n_candidates must be >= 1 (got {self.n_candidates})"))
         if self.cofire_top < 2:
-            out.append(f"cofire_top must be >= 2 (got {self.cofire_top})")
+            out.append(Problem("cofire_top", f"cofire_top must be >= 2 (got {self.cofire_top})"))
         if not 0 <= self.admit_frac <= 1:
-            out.append(f"admit_frac must be in [0, 1] (got {self.admit_frac})")
+            out.append(Problem("admit_frac", f"admit_frac must be in [0, 1] (got {self.admit_frac})"))
         if self.refresh_every < 0:
-            out.append(f"refresh_every must be >= 0 (got {self.refresh_every})")
+            out.append(Problem("refresh_every", f"refresh_every must be >= 0 (got {self.refresh_every})"))
         return out
 
 
@@ -319,7 +321,7 @@ class SAE(nn.Module):
         self.b_dec.copy_((x_BD.float() * scale).mean(0))
 
     @classmethod
-    def config_problems(cls, cfg: SAEConfig) -> list[str]:
+    def config_problems(cls, cfg: SAEConfig) -> list[Problem]:
         """Problems of the fields only this architecture reads (SAEConfig.problems asks)."""
         return []
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from msae_core.configutil import Problem
 from msae_core.sae.base import SAEConfig, mse_loss, register_sae
 from msae_core.sae.batchtopk import BatchTopKSAE
 
@@ -32,13 +33,13 @@ def matryoshka_levels(cfg: SAEConfig) -> list[int]:
     return widths if widths and widths[-1] == cfg.d_sae else widths + [cfg.d_sae]
 
 
-def matryoshka_problems(cfg: SAEConfig) -> list[str]:
+def matryoshka_problems(cfg: SAEConfig) -> list[Problem]:
     levels = matryoshka_levels(cfg)
     out = []
     if any(b <= a for a, b in zip(levels, levels[1:])) or levels[-1] > cfg.d_sae:
-        out.append(f"matryoshka_widths must increase strictly up to d_sae={cfg.d_sae} (got {list(cfg.matryoshka_widths)})")
+        out.append(Problem("matryoshka_widths", f"matryoshka_widths must increase strictly up to d_sae={cfg.d_sae} (got {list(cfg.matryoshka_widths)})"))
     if levels[0] < cfg.k:
-        out.append(f"matryoshka_widths: the smallest width ({levels[0]}) must be >= k ({cfg.k})")
+        out.append(Problem("matryoshka_widths", f"matryoshka_widths: the smallest width ({levels[0]}) must be >= k ({cfg.k})"))
     return out
 
 
@@ -52,7 +53,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.levels = matryoshka_levels(cfg)
 
     @classmethod
-    def config_problems(cls, cfg: SAEConfig) -> list[str]:
+    def config_problems(cls, cfg: SAEConfig) -> list[Problem]:
         return matryoshka_problems(cfg)
 
     def _extra_losses(self, x_n: torch.Tensor, vals_N: torch.Tensor, tok_N: torch.Tensor,

@@ -35,7 +35,7 @@ class MomentumSAE(nn.Module):
     saelens_architecture = ""
 
     @classmethod
-    def config_problems(cls, cfg: SAEConfig) -> list[str]:
+    def config_problems(cls, cfg: SAEConfig) -> list["Problem"]:
         return []
 
     def __init__(self, cfg: SAEConfig):

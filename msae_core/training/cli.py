@@ -90,14 +90,12 @@ def run_cli(args: argparse.Namespace) -> int:
     refuse_foreign_out(out)
     cfg = store = None
     if args.config or not out.exists():  # settings from outside the folder: checked before creating it
-        cfg = config_from_args(args)
-        store = cfg.check()
+        cfg, store = config_from_args(args).check()
     out.mkdir(parents=True, exist_ok=True)
     # the folder lock and the signal handler first: one trainer per folder, cancellable at once
     with FolderLock(out, what="training"), StopFlag() as stop:
         if cfg is None:  # resuming from the folder's own config.json, read under the lock
-            cfg = config_from_args(args)
-            store = cfg.check()
+            cfg, store = config_from_args(args).check()
         if args.max_parallel:
             from msae_core.runs.jobs import wait_for_slot
 

@@ -48,9 +48,10 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
     runs (procs.FolderLock); SIGTERM/SIGINT are caught before the status says `running`, so a
     cancel at any moment ends the run `cancelled`. A NaN loss returns `diverged`, a full disk
     `failed` with the last whole checkpoint kept; an unexpected exception is recorded as `failed`
-    and re-raised. `store`: the activation store an entry point already opened with
-    `config.check()` (else it is checked and opened here)."""
-    store = config.check(store)
+    and re-raised. `store`: the activation source an entry point opened with `config.check()`,
+    which validated the settings then: they are not validated again, only resolved against it
+    (sae.d_in, the dead window); without one they are checked and the source opened here."""
+    config, store = config.check() if store is None else (config.resolved(store), store)
     out_dir = Path(out_dir)
     if dist.world_size() > 1 and not dist.is_main():
         return _follow(config, out_dir, progress, stop, store)
@@ -176,7 +177,7 @@ def train_data_parallel(cfg: RunConfig, out: Path, progress: bool) -> int:
         if cfg.train.batch_size % n:
             raise MsaeError(f"batch_size {cfg.train.batch_size} must divide evenly over the {n} ranks")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
-        store = cfg.check()
+        cfg, store = cfg.check()
         with StopFlag() as stop:
             result = train(cfg, out, progress=progress and dist.is_main(), stop=stop, store=store)
         if ended_early(result):
