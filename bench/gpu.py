@@ -77,6 +77,7 @@ class Shape:
     train_steps: int  # the torchrun run
     resume_steps: int  # the run killed and resumed: long enough to be killed between checkpoints
     checkpoint_every: int
+    buffer_rows: int = 0  # the stream's mixing buffer (0: SAELens's 20 x 32 windows)
 
 
 RESEARCH = Shape(GEMMA2_2B, layer=12, context=1024, lm_batch=8, d_sae=(16384, 65536), batch=4096, k=64,
@@ -85,7 +86,7 @@ TINY = Shape(dict(GEMMA2_2B, vocab_size=300, hidden_size=64, intermediate_size=1
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                   sliding_window=16, max_position_embeddings=512),
              layer=2, context=32, lm_batch=8, d_sae=(256, 512), batch=128, k=8, stream_steps=24, train_steps=12,
-             resume_steps=1500, checkpoint_every=100)
+             resume_steps=1500, checkpoint_every=100, buffer_rows=1024)
 
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
 
@@ -258,7 +259,10 @@ def lm_paths(table: Table, shape: Shape, root: Path, device: torch.device, args:
 
     model_dir, corpus_path = root / "model", root / "corpus.txt"
     build_s, n_params = build_model(shape, model_dir, device)
-    tokens_needed = (shape.stream_steps + 40) * shape.batch
+    from msae_core.data.stream import StreamSettings as _S
+
+    capacity = _S(context_size=shape.context, buffer_rows=shape.buffer_rows).buffer_capacity(shape.batch)
+    tokens_needed = capacity + (shape.stream_steps + 40) * shape.batch
     write_corpus(corpus_path, words=int(tokens_needed * 1.2))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     t0 = time.perf_counter()
@@ -291,10 +295,12 @@ def lm_paths(table: Table, shape: Shape, root: Path, device: torch.device, args:
                          bf16=device.type == "cuda", log_every=max(1, shape.stream_steps // 6),
                          checkpoint_every=10 ** 9, snapshot_every=0)
         data = DataConfig(source="stream", model=str(model_dir), corpus=str(corpus_path), layer=shape.layer,
-                          context_size=shape.context, lm_batch=shape.lm_batch, cache=str(root / "cache"))
+                          context_size=shape.context, lm_batch=shape.lm_batch, buffer_rows=shape.buffer_rows,
+                          cache=str(root / "cache"))
         cfg = RunConfig(sae=sae, train=tc, data=data)
         st = ActivationStream(StreamSettings(model=str(model_dir), layer=shape.layer, corpus=str(corpus_path),
-                                             context_size=shape.context, lm_batch=shape.lm_batch),
+                                             context_size=shape.context, lm_batch=shape.lm_batch,
+                                             buffer_rows=shape.buffer_rows),
                               shape.batch, 0, device=device, lm=lm, corpus=corpus, cache=str(root / "cache"))
         res = train(cfg, run, progress=False, store=st)
         if res.state != "done":
@@ -412,7 +418,7 @@ def resume_row(table: Table, store_dir: Path, root: Path, device: torch.device, 
     want = list(range(every // 10, total + 1, every // 10))
     resumed = [line for line in (out.stderr or "").splitlines() if "resuming" in line]
     ok = out.returncode == 0 and _status(run).get("state") == "done" and steps == want and bool(resumed)
-    table.add("resume", ok, f"killed (SIGKILL) at step {killed_at} of {total}, run again: "
+    table.add("resume", ok, f"killed (SIGKILL) at step {killed_at} of {total}, run again: resumed from "
                             f"{resumed[-1].split('resuming', 1)[1].split(' from ')[-1] if resumed else '?'}, "
                             f"done in {time.perf_counter() - t:.1f} s, metrics steps {steps[0]}..{steps[-1]} "
                             f"each once" if ok else

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 
 import pytest
 import torch
@@ -264,3 +265,50 @@ def test_non_finite_activations_are_never_written(setup, tmp_path, monkeypatch):
         _run(setup, tmp_path / "nan")
     store = ActivationStore(tmp_path / "nan")
     assert store.n_rows > 0 and store.nonfinite_rows() == (0, [])
+
+
+def test_documents_are_joined_by_bos_and_a_store_from_before_the_setting_stays_eos(setup, tmp_path):
+    """New harvests join documents with BOS (SAELens's default) and say so in the manifest; a store
+    harvested before the setting (no separator in its manifest, documents joined by EOS) keeps its
+    settings hash, so it is resumed or extended as an EOS harvest and refused as a BOS one."""
+    import json
+
+    from msae_core.data.harvest import check_store_folder
+
+    store = _run(setup, tmp_path / "new")
+    assert store.manifest["separator"] == "bos"
+    old = _run(setup, tmp_path / "old", separator="eos")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del manifest["separator"]  # as a harvest before the setting wrote it
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    # the hash an EOS harvest gets is the one harvests got before the setting existed
+    import dataclasses
+    import hashlib
+
+    later = ("separator", "corpus_config", "corpus_split", "text_column")  # settings added since, at their old values
+    before = {k: v for k, v in dataclasses.asdict(_settings(setup, separator="eos")).items() if k not in later}
+    assert old.manifest["settings_hash"] == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert check_store_folder(tmp_path / "old", _settings(setup, separator="eos")) is not None
+    with pytest.raises(MsaeError, match="different harvest"):
+        check_store_folder(tmp_path / "old", _settings(setup))
+    # the two packings differ from the first document boundary on
+    n = min(store.n_rows, old.n_rows)
+    assert not torch.equal(store.rows(torch.arange(n)), old.rows(torch.arange(n)))
+    assert store.manifest["settings_hash"] != old.manifest["settings_hash"]
+
+
+def test_a_datasets_corpus_with_its_own_text_column_is_harvested_and_read_back(setup, tmp_path):
+    """--text-column (and --split, --dataset-config) reach the dataset, the manifest records them,
+    and the evals read the run's corpus back the same way; a missing column is one line."""
+    import json
+
+    from msae_core.data.text import corpus_of
+
+    words = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(60)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "body": w}) + "\n" for i, w in enumerate(words)))
+    store = _run({**setup, "corpus": str(data)}, tmp_path / "st", text_column="body")
+    assert store.manifest["text_column"] == "body" and store.manifest["corpus_split"] == "train"
+    assert [d.text for d in itertools.islice(corpus_of(store.manifest).documents(), 3)] == words[:3]
+    with pytest.raises(MsaeError, match="no text column 'text'"):
+        _run({**setup, "corpus": str(data)}, tmp_path / "st2")

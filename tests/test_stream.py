@@ -77,19 +77,33 @@ def test_stream_state_resumes_the_same_batches(setup):
         st2.batch_raw(3, 32, 0)
 
 
-def test_input_sample_starts_the_first_round(setup):
-    """The SAE's input-scale sample is read once: the buffer's first round is made of it, so the
-    model runs over no window twice."""
+def test_input_sample_is_drawn_from_the_first_fill_and_read_once(setup):
+    """The SAE's input-scale sample is drawn at random from the buffer's first fill (many windows,
+    not the corpus's first rows), and read once: the first round is that fill, so the model runs
+    over no window twice."""
     st = _stream(setup)
-    sample = st.input_sample(200)
-    head, head_windows = st._sample  # the sample's whole windows: 200 rows and the rest of the last
-    assert torch.equal(sample, head[:200])
+    sample = st.input_sample(200)  # the first fill: 200 rows (more than the 128-row buffer)
+    windows_read = st.windows_used
+    pool = torch.cat([st._buf.ready, st._buf.kept])
+    assert len(sample) == 200 and len(pool) >= 200
+    nearest = torch.cdist(sample, pool).argmin(dim=1)
+    assert torch.equal(sample, pool[nearest])  # every sample row is a row of the first fill
+    first_rows = _stream(setup)._rows(200, _stream(setup)._window_iter(0), 0)[0][:200]
+    assert not torch.equal(sample, first_rows)  # not the corpus's first 200 rows in order
     first = st.batch_raw(0, 32, 0)
-    assert st.windows_used == head_windows > 0  # round 0 (128 rows wanted) is the sample, no more
-    nearest = torch.cdist(first, head).argmin(dim=1)
-    assert torch.equal(first, head[nearest])  # every row of the first batch is a sample row
+    assert st.windows_used == windows_read > 0  # the first batch read no window more
+    assert torch.equal(first, pool[torch.cdist(first, pool).argmin(dim=1)])
     with pytest.raises(ValueError, match="before the stream's first batch"):
         st.input_sample(10)
+
+
+def test_the_mixing_buffer_is_counted_in_rows_with_saelens_default():
+    """buffer_rows, else buffer_batches batches, else SAELens's 20 x 32 context windows."""
+    assert StreamSettings(context_size=1024).buffer_capacity(4096) == 655_360
+    assert StreamSettings(context_size=128).buffer_capacity(4096) == 81_920
+    assert StreamSettings(buffer_batches=16).buffer_capacity(4096) == 65_536
+    assert StreamSettings(buffer_rows=1000, buffer_batches=16).buffer_capacity(4096) == 1000
+    assert "buffer_rows must be >= 0" in "; ".join(DataConfig(source="stream", buffer_rows=-1).problems())
 
 
 def test_stream_refuses_a_corpus_that_runs_out(setup, tmp_path):
@@ -155,7 +169,7 @@ def test_cli_streams_from_flags_and_checks_them(setup, tmp_path, capsys):
     rc = cli.main(["train", "--source", "stream", "--model", setup["model"], "--model-dtype", "float8",
                    "--buffer-batches", "1", "--out", str(tmp_path / "bad"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and "model_dtype must be one of" in err and "buffer_batches must be >= 2" in err
+    assert rc == 2 and "model_dtype must be one of" in err and "buffer_batches must be 0 (buffer_rows) or >= 2" in err
     assert not (tmp_path / "bad").exists()
 
 

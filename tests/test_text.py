@@ -96,22 +96,29 @@ def _corpus(texts):
     return Corpus("mem", {}, lambda: iter(docs), docs)
 
 
-def test_packed_windows_follow_saebench(tok):
+@pytest.mark.parametrize("separator", ["bos", "eos", "none"])
+def test_packed_windows_follow_saebench(tok, separator):
+    """Windows of BOS + the packed stream: documents joined by BOS (SAELens's default sequence
+    separator, which SAEBench's evals read through), by EOS (stores harvested before the setting)
+    or by nothing."""
     texts = [f"Document number {i} says: to be or not to be." * (1 + i % 3) for i in range(40)]
-    wins = list(context_windows(_corpus(texts), tok, context_size=16))
+    kw = {} if separator == "bos" else {"separator": separator}  # bos is the default
+    wins = list(context_windows(_corpus(texts), tok, context_size=16, **kw))
     assert len(wins) > 10
     assert all(len(w) == 16 and w[0] == tok.bos_token_id for _, w in wins)
-    assert all(tok.bos_token_id not in w[1:] for _, w in wins)
-    # the window bodies are the EOS-joined token stream, in order, with the last partial dropped
+    sep = {"bos": [tok.bos_token_id], "eos": [tok.eos_token_id], "none": []}[separator]
+    if separator != "bos":
+        assert all(tok.bos_token_id not in w[1:] for _, w in wins)
+    # the window bodies are the joined token stream, in order, with the last partial dropped
     stream = []
     for t in texts:
-        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        stream += tok(t, add_special_tokens=False)["input_ids"] + sep
     bodies = [t for _, w in wins for t in w[1:]]
     assert bodies == stream[:len(bodies)] and len(stream) - len(bodies) < 15
     # doc_id is the document of each window's first token
     owner = []
     for i, t in enumerate(texts):
-        n = len(tok(t, add_special_tokens=False)["input_ids"]) + 1
+        n = len(tok(t, add_special_tokens=False)["input_ids"]) + len(sep)
         owner += [i] * n
     assert [d for d, _ in wins] == [owner[k * 15] for k in range(len(wins))]
 

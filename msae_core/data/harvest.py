@@ -203,7 +203,7 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
     Resumes a killed harvest of the same settings; returns at once when `out` is complete.
     `lm` / `corpus` may be passed already loaded (they must be the ones the settings name)."""
     from msae_core.data.lm import load_lm
-    from msae_core.data.text import context_windows, load_corpus
+    from msae_core.data.text import context_windows, corpus_of
 
     validate(settings)
     if settings.hook != "resid_post":
@@ -216,7 +216,7 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
         log.info("%s already holds this harvest (%d rows)", out, existing.get("n_rows", 0))
         return ActivationStore(out)
 
-    corpus = corpus if corpus is not None else load_corpus(settings.corpus)
+    corpus = corpus if corpus is not None else corpus_of(settings)
     if lm is None:
         from msae_core.data.lm import model_dtype as resolve_model_dtype
         from msae_core.devices import resolve_device
@@ -233,7 +233,8 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
         return ActivationStore(out)
 
     special = torch.tensor(sorted(lm.special_ids), dtype=torch.long)
-    windows = context_windows(corpus, lm.tokenizer, settings.context_size, settings.prepend_bos)
+    windows = context_windows(corpus, lm.tokenizer, settings.context_size, settings.prepend_bos,
+                              separator=settings.separator)
     windows = itertools.islice(windows, writer.n_windows_done, None)  # resume after the last shard
     sink = ShardSink(writer, shard_tokens)
     win_next = writer.n_windows_done
@@ -273,8 +274,9 @@ def harvest(settings: StoreSettings, out: str | os.PathLike, *, batch_size: int 
 
 def _run(args: argparse.Namespace) -> int:
     settings = StoreSettings(model=args.model, layer=args.layer, corpus=args.corpus,
+                             corpus_config=args.dataset_config, corpus_split=args.split, text_column=args.text_column,
                              target_tokens=args.tokens, context_size=args.context_size,
-                             dtype=args.dtype, exclude_special=args.exclude_special)
+                             dtype=args.dtype, exclude_special=args.exclude_special, separator=args.separator)
     store = harvest(settings, args.out, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
                     device=args.device, progress=not args.no_progress, model_dtype=args.model_dtype)
     log.info("activation store %s: %d rows of width %d (%s), %d shards", args.out, store.n_rows,
@@ -297,6 +299,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="store folder (created; resumed if it holds this harvest)")
     p.add_argument("--corpus", default=d.corpus, help="'embedded' (Debian English fortunes), "
                    "'fortunes-de|es|it', a Hugging Face dataset or a local .txt file (default: %(default)s)")
+    p.add_argument("--dataset-config", default=d.corpus_config,
+                   help="a Hugging Face dataset's config name (default: none)")
+    p.add_argument("--split", default=d.corpus_split, help="a Hugging Face dataset's split (default: %(default)s)")
+    p.add_argument("--text-column", default=d.text_column,
+                   help="a Hugging Face dataset's text column (default: %(default)s)")
+    p.add_argument("--separator", choices=["bos", "eos", "none"], default=d.separator,
+                   help="token between packed documents: bos (SAELens's default sequence separator), eos "
+                        "(stores harvested before this option), none (default: %(default)s)")
     p.add_argument("--dtype", choices=["float16", "float32"], default=d.dtype,
                    help="on-disk dtype (default: %(default)s)")
     p.add_argument("--context-size", type=int, default=d.context_size,

@@ -70,12 +70,17 @@ class StoreSettings:
     model: str = field(default="embedded", metadata={"help": "language model name or path"})
     layer: int = field(default=6, metadata={"help": "block whose output (resid_post) is read"})
     corpus: str = field(default="embedded", metadata={"help": "text corpus name"})
+    corpus_config: str = field(default="", metadata={"help": "a Hugging Face dataset's config name"})
+    corpus_split: str = field(default="train", metadata={"help": "a Hugging Face dataset's split"})
+    text_column: str = field(default="text", metadata={"help": "a Hugging Face dataset's text column"})
     target_tokens: int = field(default=200_000, metadata={"help": "activation rows to harvest"})
     context_size: int = field(default=128, metadata={"help": "tokens per context window"})
     dtype: str = field(default="float16", metadata={"help": "float16 or float32 on disk"})
     prepend_bos: bool = field(default=True, metadata={"help": "BOS at the start of each window"})
     exclude_special: bool = field(default=True, metadata={"help": "drop BOS/EOS/PAD rows"})
     hook: str = field(default="resid_post", metadata={"help": "which activation"})
+    separator: str = field(default="bos", metadata={
+        "help": "token between packed documents: bos (SAELens's default), eos or none"})
 
     def problems(self) -> list[str]:
         out = []
@@ -87,10 +92,24 @@ class StoreSettings:
             out.append(f"context size must be >= 2 (got {self.context_size})")
         if self.dtype not in ("float16", "float32"):
             out.append(f"dtype must be float16 or float32 (got {self.dtype!r})")
+        from msae_core.data.text import SEPARATORS
+
+        if self.separator not in SEPARATORS:
+            out.append(f"separator must be one of {', '.join(SEPARATORS)} (got {self.separator!r})")
         return out
 
     def settings_hash(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        """A hash of the settings; a store harvested before a setting existed keeps its hash (the
+        separator, EOS then; the dataset's config, split and text column, the defaults then)."""
+        from msae_core.data.text import LEGACY_SEPARATOR
+
+        fields = dataclasses.asdict(self)
+        # settings added later hash as before at the value every earlier harvest had
+        for name, before in (("separator", LEGACY_SEPARATOR), ("corpus_config", ""), ("corpus_split", "train"),
+                             ("text_column", "text")):
+            if fields[name] == before:
+                del fields[name]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

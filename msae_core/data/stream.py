@@ -5,10 +5,17 @@
 Windows come from `text.context_windows` in the corpus's fixed order, `lm_batch` at a time through
 the model with early stop after block `layer` (`harvest.window_rows`, the same rows a harvest
 stores: special tokens dropped). The rows go into a mixing buffer, after SAELens's: it holds
-`buffer_batches` batches; each round it takes in half a buffer of new rows, shuffles all it holds
-with a generator seeded by (seed, round) and hands out half, keeping the other half for the next
-round, so a batch mixes rows of many windows and rounds. The model runs in bfloat16 on CUDA and
-float32 on the CPU unless `model_dtype` says otherwise; the buffer lives on the model's device.
+`StreamSettings.buffer_capacity` rows (by default SAELens's, 20 x 32 context windows: 655,360
+rows at context 1,024, 81,920 at 128; `buffer_rows` or `buffer_batches` set it); each round it
+takes in half a buffer of new rows, shuffles all it holds with a generator seeded by (seed, round)
+and hands out half, keeping the other half for the next round, so a batch mixes rows of many
+windows and rounds. The buffer is float32 on the model's device (655,360 rows of gemma-2-2b's 2,304
+are 6.0 GB). The model runs in bfloat16 on CUDA and float32 on the CPU unless `model_dtype` says
+otherwise.
+
+The SAE's input scale is fitted on a sample drawn at random from the buffer's first fill (its
+whole capacity, read anyway before the first batch), so it sees hundreds of windows, not the
+corpus's first few (SAELens estimates it over many batches).
 
 Data-parallel (`part` = (rank, ranks), under torchrun): the windows are dealt out in chunks of
 `lm_batch`, chunk c to rank c mod ranks, so each rank runs the model over its own windows only;
@@ -53,6 +60,7 @@ from msae_core.errors import MsaeError
 log = logging.getLogger(__name__)
 
 _OPEN_TARGET = 1 << 62  # an unfinished cache's target_tokens: it takes every window the stream reads
+SAELENS_BUFFER_WINDOWS = 20 * 32  # SAELens's n_batches_in_buffer x store_batch_size_prompts
 
 
 @dataclass(frozen=True)
@@ -62,20 +70,36 @@ class StreamSettings:
     model: str = "embedded"
     layer: int = 6
     corpus: str = "embedded"
+    corpus_config: str = ""           # a Hugging Face dataset's config, split and text column
+    corpus_split: str = "train"
+    text_column: str = "text"
     context_size: int = 128
     prepend_bos: bool = True
     exclude_special: bool = True
     model_dtype: str = "auto"
+    separator: str = "bos"            # token between packed documents (text.context_windows)
     lm_batch: int = 8                 # windows per model forward
-    buffer_batches: int = 16          # batches the mixing buffer holds
+    buffer_rows: int = 0              # rows the mixing buffer holds (0: buffer_batches, else SAELens's)
+    buffer_batches: int = 0           # ... or this many batches of the run (0: buffer_rows)
+
+    def buffer_capacity(self, batch_size: int) -> int:
+        """Rows the mixing buffer holds: buffer_rows, else buffer_batches batches, else SAELens's
+        default of 20 x 32 context windows (its n_batches_in_buffer x store_batch_size_prompts)."""
+        if self.buffer_rows:
+            return self.buffer_rows
+        if self.buffer_batches:
+            return self.buffer_batches * batch_size
+        return SAELENS_BUFFER_WINDOWS * self.context_size
 
     def store_settings(self, rows: int, dtype: str = "float16") -> Any:
         """The StoreSettings of a harvest of `rows` rows of the same windows."""
         from msae_core.data.store import StoreSettings
 
         return StoreSettings(model=self.model, layer=self.layer, corpus=self.corpus, target_tokens=rows,
+                             corpus_config=self.corpus_config, corpus_split=self.corpus_split,
+                             text_column=self.text_column,
                              context_size=self.context_size, dtype=dtype, prepend_bos=self.prepend_bos,
-                             exclude_special=self.exclude_special)
+                             exclude_special=self.exclude_special, separator=self.separator)
 
 
 @dataclass
@@ -121,7 +145,7 @@ class ActivationStream:
                                  "tokens": {}}
         self._windows: Iterator | None = None
         self._next_step = 0
-        self._sample: tuple[torch.Tensor, int] | None = None
+        self._first_fill = 0  # rows the first round takes in at least (input_sample)
 
     # -- the model and the corpus, loaded on first use -----------------------------------------------
     @property
@@ -137,9 +161,9 @@ class ActivationStream:
     @property
     def corpus(self) -> Any:
         if self._corpus is None:
-            from msae_core.data.text import load_corpus
+            from msae_core.data.text import corpus_of
 
-            self._corpus = load_corpus(self.settings.corpus)
+            self._corpus = corpus_of(self.settings)
         return self._corpus
 
     @property
@@ -163,7 +187,7 @@ class ActivationStream:
         from msae_core.data.text import context_windows
 
         windows = context_windows(self.corpus, self.lm.tokenizer, self.settings.context_size,
-                                  self.settings.prepend_bos)
+                                  self.settings.prepend_bos, separator=self.settings.separator)
         rank, ranks = self.part
         chunk = self.settings.lm_batch
         for g, (doc_id, ids) in enumerate(itertools.islice(windows, start, None), start):
@@ -283,18 +307,13 @@ class ActivationStream:
     def _refill(self) -> None:
         """One round: take in new rows (a whole buffer the first time, half after), shuffle all that
         is held, hand out half and keep half."""
-        b, half = self._buf, self.settings.buffer_batches * self.local_size // 2
-        need = half if b.kept is not None else 2 * half
-        head, start = None, b.next_window
-        if self._sample is not None and b.round == 0:  # the input-scale sample starts round 0
-            head, start = self._sample
-            need = max(0, need - len(head))
-        self._sample = None
+        b = self._buf
+        half = max(self.settings.buffer_capacity(self.batch_size) // self.part[1] // 2, 1)
+        need = half if b.kept is not None else max(2 * half, self._first_fill)
+        start = b.next_window
         if self._windows is None:
             self._windows = self._window_iter(start)
-        new, nxt, done = self._rows(need, self._windows, start) if need else (head[:0], start, False)
-        if head is not None:
-            new = torch.cat([head, new])
+        new, nxt, done = self._rows(need, self._windows, start)
         pool = new if b.kept is None else torch.cat([b.kept, new])
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + b.round + (self.part[0] << 40))
         pool = pool[torch.randperm(len(pool), generator=g).to(pool.device)]
@@ -325,14 +344,17 @@ class ActivationStream:
         return x_BD
 
     def input_sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        """The first `n` rows of the corpus's windows (unshuffled), for the SAE's input scale. Read
-        once: the buffer's first round starts with them (all of them, however many they are), so
-        the model runs over no window twice. Call it before the first batch, or not at all."""
+        """`n` rows drawn at random from the buffer's first fill (its capacity, or n rows if that is
+        more), for the SAE's input scale: many windows, not the corpus's first few, and read once
+        (the first round is that fill, so the model runs over no window twice). Call it before the
+        first batch, or not at all."""
         if self._buf.round != 0 or self._next_step != 0:
             raise ValueError("input_sample comes before the stream's first batch")
-        rows, nxt, _ = self._rows(n, self._window_iter(0), 0)
-        self._sample = (rows, nxt)
-        return rows[:n]
+        self._first_fill = n
+        self._refill()
+        pool = torch.cat([t for t in (self._buf.ready, self._buf.kept) if t is not None])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 999_983 + (self.part[0] << 40))
+        return pool[torch.randperm(len(pool), generator=g)[:n].to(pool.device)]
 
     @property
     def windows_used(self) -> int:
@@ -374,7 +396,6 @@ class ActivationStream:
                             tensors["ready"].to(self.device) if "ready" in tensors else None,
                             bool(fields.get("done", False)))
         self._windows = None
-        self._sample = None
         if isinstance(fields.get("norms"), dict):
             self.norm_stats = {**fields["norms"], "tokens": dict(fields["norms"].get("tokens") or {})}
         self._next_step = int(fields["step"])

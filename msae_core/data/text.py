@@ -21,7 +21,7 @@ import random
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from msae_core.errors import MsaeError
 
@@ -234,12 +234,36 @@ def load_corpus(name: str = EMBEDDED, split: str = "train", text_column: str = "
     return _hf_corpus(name, split, text_column, config, label_column)
 
 
+def corpus_of(settings: Any) -> Corpus:
+    """The corpus a harvest, a stream or a store's manifest names: `corpus` with its Hugging Face
+    config, split and text column (`corpus_config`, `corpus_split`, `text_column`; a manifest from
+    before they were recorded means the defaults)."""
+    get = settings.get if isinstance(settings, dict) else lambda k, d=None: getattr(settings, k, d)
+    name = get("corpus", EMBEDDED)
+    name = name.get("name", EMBEDDED) if isinstance(name, dict) else str(name)
+    return load_corpus(name, split=str(get("corpus_split", "train") or "train"),
+                       text_column=str(get("text_column", "text") or "text"),
+                       config=str(get("corpus_config", "") or "") or None)
+
+
 # ----------------------------------------------------------------------------------------------
 # context windows
 
 
-def _separator(tokenizer) -> int | None:
-    for attr in ("eos_token_id", "bos_token_id"):
+SEPARATORS = ("bos", "eos", "none")
+# what a store harvested before stores recorded their separator was joined with
+LEGACY_SEPARATOR = "eos"
+
+
+def _separator(tokenizer, which: str = "bos") -> int | None:
+    """The token id between packed documents: BOS (SAELens's default), EOS, or none; a tokenizer
+    without the one asked for gives the other."""
+    if which not in SEPARATORS:
+        raise MsaeError(f"separator must be one of {', '.join(SEPARATORS)} (got {which!r})")
+    if which == "none":
+        return None
+    order = ("bos_token_id", "eos_token_id") if which == "bos" else ("eos_token_id", "bos_token_id")
+    for attr in order:
         v = getattr(tokenizer, attr, None)
         if v is not None:
             return int(v)
@@ -254,18 +278,19 @@ def _bos(tokenizer) -> int | None:
 
 
 def context_windows(corpus: Corpus, tokenizer, context_size: int = 128, prepend_bos: bool = True,
-                    pack: bool = True, batch_docs: int = 64) -> Iterator[tuple[int, list[int]]]:
+                    pack: bool = True, batch_docs: int = 64, separator: str = "bos") -> Iterator[tuple[int, list[int]]]:
     """Yield (doc_id, token ids) windows of exactly `context_size` tokens, deterministically.
 
-    pack=True (SAEBench): documents are joined by EOS and cut into windows; doc_id is the document
-    of the window's first content token. pack=False: each document gives its own windows (the last
+    pack=True (SAEBench, through SAELens's ActivationsStore): documents are joined by `separator`
+    (BOS, SAELens's default sequence separator; "eos"; "none") and cut into windows; doc_id is the
+    document of the window's first content token. pack=False: each document gives its own windows (the last
     one of a document may be shorter), e.g. for per-document probing."""
     if context_size < 2:
         raise MsaeError(f"context size must be >= 2 (got {context_size})")
     bos = _bos(tokenizer) if prepend_bos else None
     if prepend_bos and bos is None:
         raise MsaeError("the tokenizer has no BOS (or EOS) token to prepend")
-    sep = _separator(tokenizer)
+    sep = _separator(tokenizer, separator)
     body = context_size - (1 if prepend_bos else 0)
     head = [bos] if prepend_bos else []
 

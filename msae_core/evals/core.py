@@ -440,13 +440,14 @@ def weight_metrics(W_enc_DF: torch.Tensor, W_dec_FD: torch.Tensor, b_enc_F: torc
 
 
 def eval_windows(corpus: Any, tokenizer: Any, context_size: int, n_windows: int, *, skip_tokens: int = 0,
-                 seed: int = 42, pool_factor: int = POOL_FACTOR,
-                 min_windows: int | None = None) -> tuple[list[list[int]], dict]:
+                 seed: int = 42, pool_factor: int = POOL_FACTOR, min_windows: int | None = None,
+                 separator: str = "bos") -> tuple[list[list[int]], dict]:
     """`n_windows` context windows of `corpus` (int64 arrays), chosen (seeded) from the
     `pool_factor * n_windows` windows (at most POOL_EXTRA_MAX more than asked) that follow the first
     `skip_tokens` tokens of the packed stream; from the stream's beginning when fewer than
     `min_windows` (default `n_windows`) follow, fewer than asked (with a warning) when at least that
-    many do. Returns (windows in stream order, provenance)."""
+    many do. `separator`: the token between packed documents (the store's, for windows held out
+    from it). Returns (windows in stream order, provenance)."""
     from msae_core.data.text import context_windows
 
     body = context_size - 1
@@ -454,7 +455,7 @@ def eval_windows(corpus: Any, tokenizer: Any, context_size: int, n_windows: int,
     want = max(min(n_windows * pool_factor, n_windows + POOL_EXTRA_MAX), n_windows)
 
     def pool_from(start: int) -> list[np.ndarray]:
-        stream = context_windows(corpus, tokenizer, context_size, prepend_bos=True)
+        stream = context_windows(corpus, tokenizer, context_size, prepend_bos=True, separator=separator)
         return [np.asarray(w, dtype=np.int64) for _, w in itertools.islice(stream, start, start + want)]
 
     pool, start = pool_from(skip), skip
@@ -495,7 +496,7 @@ def _log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
 def run(ctx: Any, cfg: Config) -> dict:
     """The core eval on the run in `ctx` (module docstring); SAEBench's result layout."""
     from msae_core.configutil import validate
-    from msae_core.data.text import load_corpus
+    from msae_core.data.text import LEGACY_SEPARATOR, corpus_of, load_corpus
     from msae_core.sae.base import dead_window
 
     validate(cfg)
@@ -511,7 +512,11 @@ def run(ctx: Any, cfg: Config) -> dict:
                         f"gives {lm.d_model}")
     context_size = cfg.context_size or ctx.context_size
     dataset = cfg.dataset or ctx.corpus_name
-    skip = _store_skip_tokens(ctx.manifest) if cfg.held_out and dataset == ctx.corpus_name else 0
+    own_corpus = dataset == ctx.corpus_name
+    skip = _store_skip_tokens(ctx.manifest) if cfg.held_out and own_corpus else 0
+    # the run's own corpus is packed as its store was (stores before the setting: EOS); another, as
+    # SAEBench packs it (BOS)
+    separator = str(ctx.manifest.get("separator", LEGACY_SEPARATOR)) if own_corpus else "bos"
     n_rec = cfg.n_eval_reconstruction_batches if (cfg.compute_kl or cfg.compute_ce_loss) else 0
     n_sv = cfg.n_eval_sparsity_variance_batches if cfg._needs_sv() else 0
     bs = cfg.batch_size_prompts
@@ -519,10 +524,10 @@ def run(ctx: Any, cfg: Config) -> dict:
     # a window keeps at most context_size - 1 tokens (its BOS is left out; 10 % spare for the EOS
     # between documents); the density loop stops once it has counted density_target kept tokens
     n_density = max(n_sv, math.ceil(1.1 * density_target / (max(context_size - 1, 1) * bs)))
-    corpus = load_corpus(dataset)
+    corpus = corpus_of(ctx.manifest) if own_corpus else load_corpus(dataset)
     windows, win_info = eval_windows(corpus, lm.tokenizer, context_size, max(n_rec, n_density) * bs,
                                      skip_tokens=skip, seed=cfg.random_seed,
-                                     min_windows=max(n_rec, n_sv) * bs)
+                                     min_windows=max(n_rec, n_sv) * bs, separator=separator)
     batches = [torch.from_numpy(np.stack(windows[i:i + bs])) for i in range(0, len(windows), bs)]
     ignore = sorted(lm.special_ids)
     layer, device = ctx.layer, lm.device

@@ -107,12 +107,21 @@ class DataConfig:
     model: str = field(default="embedded", metadata={"help": "stream: language model name or path"})
     layer: int = field(default=6, metadata={"help": "stream: block whose output (resid_post) is read"})
     corpus: str = field(default="embedded", metadata={"help": "stream: text corpus name"})
+    corpus_config: str = field(default="", metadata={"help": "stream: a Hugging Face dataset's config name"})
+    corpus_split: str = field(default="train", metadata={"help": "stream: a Hugging Face dataset's split"})
+    text_column: str = field(default="text", metadata={"help": "stream: a Hugging Face dataset's text column"})
     context_size: int = field(default=128, metadata={"help": "stream: tokens per context window"})
     model_dtype: str = field(default="auto", metadata={
         "help": "stream: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"})
+    separator: str = field(default="bos", metadata={
+        "help": "stream: token between packed documents: bos (SAELens's default), eos or none"})
     lm_batch: int = field(default=8, metadata={"help": "stream: context windows per model forward"})
-    buffer_batches: int = field(default=16, metadata={
-        "help": "stream: batches the mixing buffer holds (half are refilled each round)"})
+    buffer_rows: int = field(default=0, metadata={
+        "help": "stream: rows the mixing buffer holds, half refilled each round (0: buffer_batches "
+                "batches, else SAELens's 20 x 32 context windows: 655,360 rows at context 1,024, 6.0 GB "
+                "at width 2,304)"})
+    buffer_batches: int = field(default=0, metadata={
+        "help": "stream: the mixing buffer in batches of the run instead of rows (0: buffer_rows)"})
     cache: str = field(default="", metadata={
         "help": "stream: also write every streamed activation into this folder as an activation store, "
                 "for later runs (--acts) and the workbench's token examples"})
@@ -151,8 +160,11 @@ class DataConfig:
             out.append(Problem("model_dtype", f"model_dtype must be one of {', '.join(MODEL_DTYPES)} (got {self.model_dtype!r})"))
         if self.lm_batch < 1:
             out.append(Problem("lm_batch", f"lm_batch must be >= 1 (got {self.lm_batch})"))
-        if self.buffer_batches < 2:
-            out.append(Problem("buffer_batches", f"buffer_batches must be >= 2 (got {self.buffer_batches})"))
+        if self.buffer_batches < 0 or self.buffer_batches == 1:
+            out.append(Problem("buffer_batches", f"buffer_batches must be 0 (buffer_rows) or >= 2 "
+                                                 f"(got {self.buffer_batches})"))
+        if self.buffer_rows < 0:
+            out.append(Problem("buffer_rows", f"buffer_rows must be >= 0 (got {self.buffer_rows})"))
         return out
 
     def open_source(self, batch_size: int, seed: int, device: str) -> "ActivationSource":
@@ -186,8 +198,12 @@ class DataConfig:
             raise MsaeError(f"layer {self.layer} is past the last block of {self.model} "
                             f"({n_layers} blocks: 0..{n_layers - 1})")
         settings = StreamSettings(model=self.model, layer=self.layer, corpus=self.corpus,
+                                  corpus_config=self.corpus_config, corpus_split=self.corpus_split,
+                                  text_column=self.text_column,
                                   context_size=self.context_size, model_dtype=self.model_dtype,
-                                  lm_batch=self.lm_batch, buffer_batches=self.buffer_batches)
+                                  separator=self.separator,
+                                  lm_batch=self.lm_batch, buffer_rows=self.buffer_rows,
+                                  buffer_batches=self.buffer_batches)
         return ActivationStream(settings, batch_size, seed, device=device, width=width, cache=self.cache,
                                 cache_dtype=self.cache_dtype, part=(dist.rank(), dist.world_size()))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from msae_core.configutil import Problem
 from msae_core.sae.base import SAE, SAEConfig, SAEOutput, StepOutput, momentum_bases, register_sae, sae_class
 from msae_core.sae.competition import CompetitionEvent, Observables, cofiring, competition_loss, firing_sums
 from msae_core.sae.tracker import MomentumTracker
@@ -35,7 +36,7 @@ class MomentumSAE(nn.Module):
     saelens_architecture = ""
 
     @classmethod
-    def config_problems(cls, cfg: SAEConfig) -> list["Problem"]:
+    def config_problems(cls, cfg: SAEConfig) -> list[Problem]:
         return []
 
     def __init__(self, cfg: SAEConfig):
