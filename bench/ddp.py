@@ -8,6 +8,13 @@ for the two ranks); the step time is read from each run's metrics.jsonl (steps a
 metrics line, so start-up and the first batches are left out). On this 2-core CPU the two ranks
 share the cores a single process already uses, so this is a correctness run more than a speed
 figure: it shows what the gradient all-reduce and the tracker's gather cost here.
+
+    .venv/bin/python bench/ddp.py --gather            # the tracker's gather alone, sparse vs dense
+
+The momentum tracker takes in every rank's latents each step. `--gather` times, under torchrun with
+two gloo ranks, the gather the trainer uses (`dist.gather_sparse_rows`: each rank's k active
+entries per row) against the dense all-gather of the (B, F) rows it replaced (`dist.gather_rows`),
+on TopK-sparse latents, after warm-up, in interleaved rounds, and prints bytes sent per rank.
 """
 
 from __future__ import annotations
@@ -80,5 +87,54 @@ def main() -> None:
               f"two / one = {t2 / t1:.2f}x")
 
 
+def gather_worker(B: int, F: int, k: int, rounds: int = 10, reps: int = 5) -> None:
+    """Under torchrun: time the sparse and the dense gather of this rank's (B, F) TopK latents."""
+    import statistics
+    import time
+
+    from msae_core import dist
+
+    dist.init_from_env("cpu")
+    g = torch.Generator().manual_seed(dist.rank())
+    pre = torch.randn(B, F, generator=g)
+    vals, idx = pre.topk(k, dim=1)
+    f = torch.zeros(B, F).scatter_(1, idx, vals.relu())
+    kinds = {"sparse": dist.gather_sparse_rows, "dense": dist.gather_rows}
+    assert torch.equal(kinds["sparse"](f), kinds["dense"](f))  # the same global tensor
+    for fn in kinds.values():  # warm-up
+        fn(f)
+    times: dict[str, list[float]] = {n: [] for n in kinds}
+    for r in range(rounds):
+        for name in (list(kinds) if r % 2 == 0 else list(reversed(kinds))):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                kinds[name](f)
+            times[name].append((time.perf_counter() - t0) / reps)
+    if dist.is_main():
+        nnz = int((f != 0).sum())
+        sent = {"sparse": nnz * (4 + 4 + 4), "dense": B * F * 4}
+        for name, ts in times.items():
+            print(f"  {name:6s} gather: {statistics.median(ts) * 1e3:8.2f} ms, {sent[name] / 2**20:8.2f} MB sent per rank")
+        print(f"  sparse / dense = {statistics.median(times['sparse']) / statistics.median(times['dense']):.3f}x "
+              f"(goal <= 1: the sparse gather no slower)")
+
+
+def gather_main() -> None:
+    B, F, k = 1024, 4096, 32  # each rank's half of the global batch 2048 of the training figure above
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}; gloo, 2 ranks")
+    print(f"the tracker's gather of TopK latents: B {B} rows per rank, F {F}, k {k}, median of 10 rounds of 5:")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+           "--gather-worker", str(B), str(F), str(k)]
+    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    print(out.stdout.rstrip() or out.stderr[-2000:])
+
+
 if __name__ == "__main__":
-    main()
+    if "--gather-worker" in sys.argv:
+        i = sys.argv.index("--gather-worker")
+        gather_worker(*(int(a) for a in sys.argv[i + 1:i + 4]))
+    elif "--gather" in sys.argv:
+        gather_main()
+    else:
+        main()
