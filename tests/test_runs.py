@@ -313,3 +313,17 @@ def test_a_run_without_an_eval_has_no_flag(tmp_path):
     make_run(tmp_path, "scored", str(store), arch="topk", ev=0.8, absorption=0.1, umap=False)
     df = runs_table(tmp_path).set_index("name")
     assert df.loc["pending", "flags"] == "" and df.loc["scored", "flags"] == ""
+
+
+def test_a_run_recorded_before_a_setting_existed_keeps_what_it_had():
+    """A streamed run's config.json from before `separator` existed means EOS-joined documents:
+    read back as a run's record it says eos, and resuming it with today's default is refused as
+    other settings rather than silently packing its remaining windows another way."""
+    from msae_core.runs.config import config_mismatch
+
+    old = RunConfig(data=DataConfig(source="stream")).to_dict()
+    del old["data"]["separator"]
+    assert RunConfig.from_dict(old, recorded=True).data.separator == "eos"
+    assert RunConfig.from_dict(old).data.separator == "bos"  # a config given by hand: today's default
+    assert "separator 'eos' -> 'bos'" in config_mismatch(old, RunConfig(data=DataConfig(source="stream")).to_dict())
+    assert config_mismatch(old, RunConfig(data=DataConfig(source="stream", separator="eos")).to_dict()) == ""

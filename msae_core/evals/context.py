@@ -135,7 +135,7 @@ def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
                         f"({status.get('error') or 'see train.log'})")
     if not (run_dir / SAE_WEIGHTS).exists() or not (run_dir / SAE_CONFIG).exists():
         raise MsaeError(f"run {run_dir.name} has no final weights ({SAE_WEIGHTS} missing)")
-    config = RunConfig.load(run_dir / RUN_CONFIG)
+    config = RunConfig.load(run_dir / RUN_CONFIG, recorded=True)
     manifest = read_manifest(config.data.store_path) if config.data.store_path else None
     if manifest is None and config.data.source == "stream":  # no cache: a manifest's fields, from the run
         d = config.data

@@ -306,10 +306,14 @@ class RunConfig:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
-        """Build from json; a missing section gets its defaults."""
+    def from_dict(cls, data: dict, recorded: bool = False) -> "RunConfig":
+        """Build from json; a missing section gets its defaults. `recorded`: the config a run wrote
+        (its folder's config.json): a setting added since it was written gets the value such runs
+        had (ADDED_SINCE), not today's default."""
         if not isinstance(data, dict):
             raise MsaeError(f"run config must be a json object, got {type(data).__name__}")
+        if recorded:
+            data = with_added_settings(data)
         unknown = sorted(set(data) - {"sae", "train", "data"})
         if unknown:
             raise MsaeError(f"run config: unknown section(s) {', '.join(unknown)} (sae, train, data)")
@@ -333,7 +337,7 @@ class RunConfig:
         return cls(sae=sae, train=train, data=dcfg)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RunConfig":
+    def load(cls, path: str | os.PathLike, recorded: bool = False) -> "RunConfig":
         try:
             with open(path) as fh:
                 data = json.load(fh)
@@ -341,10 +345,24 @@ class RunConfig:
             raise MsaeError(f"no run config at {path}") from None
         except (json.JSONDecodeError, OSError) as exc:
             raise MsaeError(f"run config {path} is not valid json: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(data, recorded=recorded)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict())
+
+
+# settings added after runs had recorded their configs, with the value a record without them
+# means: streamed runs joined documents with EOS before `separator` existed
+ADDED_SINCE = {("data", "separator"): "eos"}
+
+
+def with_added_settings(recorded: dict) -> dict:
+    """A recorded run config (json) with the settings added since filled in as such runs had them."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in recorded.items()}
+    for (section, name), value in ADDED_SINCE.items():
+        if isinstance(out.get(section, {}), dict):
+            out.setdefault(section, {}).setdefault(name, value)
+    return out
 
 
 # settings that may change when a run is resumed (they do not change the trajectory)
@@ -355,6 +373,7 @@ _RESUMABLE_CHANGES = {"steps", "device", "log_every", "checkpoint_every", "check
 def config_mismatch(old: dict, new: dict) -> str:
     """'' when a run with config `old` can be resumed under `new`, else what differs (first few)."""
     diffs = []
+    old = with_added_settings(old)  # `old` is a run's record
     for section, cls in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig)):
         # a field a config was written without (an older msae) has its default
         defaults = to_dict(cls(d_in=0, d_sae=4096) if cls is SAEConfig else cls())

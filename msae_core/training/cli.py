@@ -62,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.config:
         cfg = RunConfig.load(args.config)
     elif args.out and (Path(args.out) / RUN_CONFIG).exists():
-        cfg = RunConfig.load(Path(args.out) / RUN_CONFIG)
+        cfg = RunConfig.load(Path(args.out) / RUN_CONFIG, recorded=True)
     else:
         cfg = RunConfig()
     sae_over = {k: v for k, v in overrides_from_args(args, SAEConfig).items() if k not in _TRAIN_NAMES}
