@@ -259,9 +259,7 @@ def lm_paths(table: Table, shape: Shape, root: Path, device: torch.device, args:
 
     model_dir, corpus_path = root / "model", root / "corpus.txt"
     build_s, n_params = build_model(shape, model_dir, device)
-    from msae_core.data.stream import StreamSettings as _S
-
-    capacity = _S(context_size=shape.context, buffer_rows=shape.buffer_rows).buffer_capacity(shape.batch)
+    capacity = StreamSettings(context_size=shape.context, buffer_rows=shape.buffer_rows).buffer_capacity(shape.batch)
     tokens_needed = capacity + (shape.stream_steps + 40) * shape.batch
     write_corpus(corpus_path, words=int(tokens_needed * 1.2))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
