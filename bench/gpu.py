@@ -56,6 +56,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from ddp import step_time  # noqa: E402
+from train_step import _sync  # noqa: E402
+
+from msae_core.runs.folder import read_status  # noqa: E402
+
 # google/gemma-2-2b's config.json (the fields that define the architecture)
 GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
@@ -378,11 +383,11 @@ def torchrun_row(table: Table, store_dir: Path, root: Path, device: torch.device
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     secs = time.perf_counter() - t
-    status = _status(run)
+    status = read_status(run)
     ok = out.returncode == 0 and status.get("state") == "done"
     backend = "nccl" if device.type == "cuda" else "gloo"
     table.add("torchrun", ok, f"{backend}, momentum/topk, {shape.train_steps} steps: {secs:5.1f} s, "
-                              f"{_step_ms(run):.1f} ms/step" if ok else _tail(out))
+                              f"{step_time(run) * 1e3:.1f} ms/step" if ok else _tail(out))
 
 
 def resume_row(table: Table, store_dir: Path, root: Path, device: torch.device, shape: Shape) -> None:
@@ -399,7 +404,7 @@ def resume_row(table: Table, store_dir: Path, root: Path, device: torch.device, 
     killed_at = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        step = _status(run).get("step") or 0
+        step = read_status(run).get("step") or 0
         if (run / "checkpoint").is_dir() and every < step < total:
             os.kill(proc.pid, signal.SIGKILL)
             killed_at = step
@@ -415,7 +420,7 @@ def resume_row(table: Table, store_dir: Path, root: Path, device: torch.device, 
     steps = [r["step"] for r in metrics_rows(run)]
     want = list(range(every // 10, total + 1, every // 10))
     resumed = [line for line in (out.stderr or "").splitlines() if "resuming" in line]
-    ok = out.returncode == 0 and _status(run).get("state") == "done" and steps == want and bool(resumed)
+    ok = out.returncode == 0 and read_status(run).get("state") == "done" and steps == want and bool(resumed)
     table.add("resume", ok, f"killed (SIGKILL) at step {killed_at} of {total}, run again: resumed from "
                             f"{resumed[-1].split('resuming', 1)[1].split(' from ')[-1] if resumed else '?'}, "
                             f"done in {time.perf_counter() - t:.1f} s, metrics steps {steps[0]}..{steps[-1]} "
@@ -424,26 +429,7 @@ def resume_row(table: Table, store_dir: Path, root: Path, device: torch.device, 
               f"{'resumed' if resumed else 'not resumed'}; {_tail(out)}")
 
 
-def _status(run: Path) -> dict:
-    try:
-        return json.loads((run / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _step_ms(run: Path) -> float:
-    from msae_core.runs.folder import metrics_rows
-
-    m = metrics_rows(run)
-    return (m[-1]["time"] - m[0]["time"]) / max(m[-1]["step"] - m[0]["step"], 1) * 1e3
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
