@@ -98,7 +98,7 @@ def heldout_rows(ctx: Any, n: int = CALIBRATION_ROWS) -> torch.Tensor:
     if synth is not None:
         x, _ = sample_rows(synth, load_features(ctx.store_path), n, chunk=(CALIBRATION_SEED << 24) + 1, split="eval")
         return x
-    from msae_core.data.text import LEGACY_SEPARATOR, corpus_of
+    from msae_core.data.text import corpus_of
     from msae_core.evals.core import _store_skip_tokens, eval_windows, keep_mask
 
     lm = ctx.lm
@@ -106,7 +106,7 @@ def heldout_rows(ctx: Any, n: int = CALIBRATION_ROWS) -> torch.Tensor:
     windows, _ = eval_windows(corpus_of(ctx.manifest), lm.tokenizer, ctx.context_size,
                               math.ceil(1.2 * n / per_window), skip_tokens=_store_skip_tokens(ctx.manifest),
                               seed=CALIBRATION_SEED,
-                              separator=str(ctx.manifest.get("separator", LEGACY_SEPARATOR)))
+                              separator=ctx.separator)
     out, got = [], 0
     for i in range(0, len(windows), 8):
         ids = torch.from_numpy(np.stack(windows[i:i + 8]))

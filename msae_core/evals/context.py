@@ -54,6 +54,14 @@ class EvalContext:
         return int(self.manifest.get("context_size", 128))
 
     @property
+    def separator(self) -> str:
+        """The token the store's windows joined documents with (text.context_windows); a store
+        harvested before the setting joined them with EOS."""
+        from msae_core.data.text import LEGACY_SEPARATOR
+
+        return str(self.manifest.get("separator", LEGACY_SEPARATOR))
+
+    @property
     def corpus_name(self) -> str:
         c = self.manifest.get("corpus", "embedded")
         return str(c.get("name", "embedded")) if isinstance(c, dict) else str(c)

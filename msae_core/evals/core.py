@@ -496,7 +496,7 @@ def _log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
 def run(ctx: Any, cfg: Config) -> dict:
     """The core eval on the run in `ctx` (module docstring); SAEBench's result layout."""
     from msae_core.configutil import validate
-    from msae_core.data.text import LEGACY_SEPARATOR, corpus_of, load_corpus
+    from msae_core.data.text import corpus_of, load_corpus
     from msae_core.sae.base import dead_window
 
     validate(cfg)
@@ -516,7 +516,7 @@ def run(ctx: Any, cfg: Config) -> dict:
     skip = _store_skip_tokens(ctx.manifest) if cfg.held_out and own_corpus else 0
     # the run's own corpus is packed as its store was (stores before the setting: EOS); another, as
     # SAEBench packs it (BOS)
-    separator = str(ctx.manifest.get("separator", LEGACY_SEPARATOR)) if own_corpus else "bos"
+    separator = ctx.separator if own_corpus else "bos"
     n_rec = cfg.n_eval_reconstruction_batches if (cfg.compute_kl or cfg.compute_ce_loss) else 0
     n_sv = cfg.n_eval_sparsity_variance_batches if cfg._needs_sv() else 0
     bs = cfg.batch_size_prompts
