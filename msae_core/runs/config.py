@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from msae_core.artifacts import EVAL_NAMES, atomic_write_json
 from msae_core.configutil import InvalidSettings, Problem, collect_problems, from_dict, to_dict
@@ -214,29 +214,6 @@ class DataConfig:
         return self.acts if self.source == "store" else self.cache
 
 
-def _sae_problems(cfg: Any) -> list[Problem]:
-    """The knob checks of the issue, for an SAEConfig that does not check them itself."""
-    out = []
-    g = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731
-    d_sae, k = g("d_sae"), g("k")
-    if d_sae is None or d_sae < 1:
-        out.append(Problem("d_sae", f"d_sae must be >= 1 (got {d_sae})"))
-    from msae_core.sae import registered_archs, sae_class
-
-    sparse_arch = g("base") if g("arch") == "momentum" else g("arch")
-    if sparse_arch in registered_archs() and sae_class(sparse_arch).sparsity == "k":
-        if k is None or k < 1 or (d_sae is not None and k > d_sae):
-            out.append(Problem("k", f"k must be in [1, d_sae={d_sae}] (got {k})"))
-    beta, tau, lam = g("beta"), g("tau"), g("lam")
-    if beta is not None and not 0 <= beta < 1:
-        out.append(Problem("beta", f"beta must be in [0, 1) (got {beta})"))
-    if tau is not None and not 0 <= tau <= 1:
-        out.append(Problem("tau", f"tau must be in [0, 1] (got {tau})"))
-    if lam is not None and not lam >= 0:
-        out.append(Problem("lam", f"lam must be >= 0 (got {lam})"))
-    return out
-
-
 @dataclass
 class RunConfig:
     """One training run: the SAE to build, how to train it, and on which activations."""
@@ -245,11 +222,6 @@ class RunConfig:
                            metadata={"help": "the SAE (msae_core.sae.SAEConfig)"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training settings"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "activations"})
-
-    def problems(self) -> list[Problem]:
-        """Problems of the fields alone (no IO; collect_problems adds the nested configs'); `check`
-        adds the source's."""
-        return [] if hasattr(self.sae, "problems") else [p.under("sae.") for p in _sae_problems(self.sae)]
 
     def check(self, source: "ActivationSource | None" = None) -> tuple["RunConfig", "ActivationSource"]:
         """Validate once, at an entry point: InvalidSettings (an MsaeError) listing every problem, each
