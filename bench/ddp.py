@@ -57,7 +57,7 @@ def step_time(run: Path) -> float:
 
 
 def main() -> None:
-    from msae_core.sae import SAEConfig
+    from msae_core.sae import MomentumConfig, SAEConfig
     from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 
     D, F, B, steps = 640, 4096, 2048, 24
@@ -66,7 +66,7 @@ def main() -> None:
         make_store(tmp / "store", 65_536, D)
         results = {}
         for arch in ("topk", "momentum"):
-            cfg = RunConfig(sae=SAEConfig(arch=arch, base="topk", d_sae=F, k=32, lam=0.3),
+            cfg = RunConfig(sae=SAEConfig(arch=arch, base="topk", d_sae=F, k=32, momentum=MomentumConfig(lam=0.3)),
                             train=TrainConfig(steps=steps, batch_size=B, seed=0, device="cpu", log_every=6,
                                               checkpoint_every=10 ** 6, snapshot_every=0, warmup_steps=5),
                             data=DataConfig(acts=str(tmp / "store")))

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_name  # noqa: E402
+from msae_core.sae import MomentumConfig  # noqa: E402
 
 # (label, workbench key in the run's summary) of the table's columns
 COLUMNS = [("absorbed", "synth_absorption"), ("lost", "synth_lost"), ("kept", "synth_kept"), ("F1", "synth_f1"),
@@ -51,10 +52,11 @@ def variants(k: int, d_sae: int, l1: float) -> dict[str, dict]:
         "matryoshka": {"arch": "matryoshka", "k": k, "matryoshka_widths": widths},
         "jumprelu": {"arch": "jumprelu", "target_l0": float(k)},
         "relu (L1)": {"arch": "relu", "l1_coeff": l1},
-        "momentum lam 0.1": {**mom, "lam": 0.1},
-        "momentum lam 0.3": {**mom, "lam": 0.3},
-        "momentum lam 1.0": {**mom, "lam": 1.0},
-        "momentum/matryoshka lam 0.3": {"arch": "momentum", "base": "matryoshka", "k": k, "lam": 0.3,
+        "momentum lam 0.1": {**mom, "momentum": MomentumConfig(lam=0.1)},
+        "momentum lam 0.3": {**mom, "momentum": MomentumConfig(lam=0.3)},
+        "momentum lam 1.0": {**mom, "momentum": MomentumConfig(lam=1.0)},
+        "momentum/matryoshka lam 0.3": {"arch": "momentum", "base": "matryoshka", "k": k,
+                                        "momentum": MomentumConfig(lam=0.3),
                                         "matryoshka_widths": widths},
     }
 

@@ -69,9 +69,9 @@ def _acts(n_batches: int, batch: int, d_in: int, seed: int = 0) -> list[torch.Te
 
 # ------------------------------------------------------------------------------------- our variants
 def _ours(arch: str, base: str, d_in: int, d_sae: int, k: int, lam: float, device: torch.device):
-    from msae_core.sae import SAEConfig, build_sae
+    from msae_core.sae import MomentumConfig, SAEConfig, build_sae
 
-    cfg = SAEConfig(arch=arch, base=base, d_in=d_in, d_sae=d_sae, k=k, lam=lam, beta=0.95, tau=0.4)
+    cfg = SAEConfig(arch=arch, base=base, d_in=d_in, d_sae=d_sae, k=k, momentum=MomentumConfig(lam=lam, beta=0.95, tau=0.4))
     sae = build_sae(cfg).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
     state = {"t": 0}
@@ -137,7 +137,7 @@ def warm_until_full(sae, step, batches: list[torch.Tensor], patience: int, max_s
         step(batches[n % len(batches)])
         n += 1
         occupied = int((tracker.partner_FC >= 0).sum())
-        competing = int((tracker.kappa_FC >= sae.cfg.tau).sum()) // 2
+        competing = int((tracker.kappa_FC >= sae.cfg.momentum.tau).sum()) // 2
         grew = occupied > best_occ * 1.01 or competing > best_comp * 1.01 + 1
         best_occ, best_comp = max(best_occ, occupied), max(best_comp, competing)
         since = 0 if grew else since + 1

@@ -6,8 +6,9 @@ trainer use. Outside torchrun every function is the single-process identity.
 
 Each rank takes its 1/N of every global batch; gradients are averaged across ranks after the
 backward (so a step equals the single-process step on the whole batch, up to float rounding); the
-momentum tracker and the dead-latent counter see the whole batch (`gather_rows`, `any_fired`);
-rank 0 alone writes the run folder.
+momentum tracker and the dead-latent counter see the whole batch (the trainer gathers the
+tracker's rows with `gather_sparse_rows`; the counter asks `any_fired`); rank 0 alone writes the
+run folder.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def barrier() -> None:
 
 
 class RankCollectives:
-    """The ranks' collectives an SAE's statistics use under torchrun (the four methods of
+    """The ranks' collectives an SAE's statistics use under torchrun (the three methods and `world` of
     msae_core.sae.base.OneProcess; the trainer installs them with SAE.set_collectives)."""
 
     def any_fired(self, fired_F: torch.Tensor) -> torch.Tensor:
@@ -188,9 +189,6 @@ class RankCollectives:
 
     def all_min_(self, t: torch.Tensor) -> torch.Tensor:
         return all_min_(t)
-
-    def gather_rows(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return gather_sparse_rows(f_BF)
 
     @property
     def world(self) -> int:

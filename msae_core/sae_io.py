@@ -22,6 +22,7 @@ from msae_core.artifacts import (SAE_CONFIG, SAE_WEIGHTS, SAELENS_CONFIG, SAELEN
 from msae_core.configutil import from_dict
 from msae_core.errors import MsaeError
 from msae_core.sae import SAE, SAEConfig, build_sae, sae_class
+from msae_core.sae.base import nest_momentum
 
 SAE_FORMAT = "msae-sae/1"
 
@@ -72,7 +73,8 @@ def read_sae_config(folder: str | os.PathLike) -> SAEConfig:
         raise MsaeError(f"{path} is unreadable: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != SAE_FORMAT:
         raise MsaeError(f"{path} is not an msae SAE config (format {data.get('format') if isinstance(data, dict) else None!r})")
-    return from_dict(SAEConfig, data["config"])
+    config = data["config"]
+    return from_dict(SAEConfig, nest_momentum(config) if isinstance(config, dict) else config)
 
 
 def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:

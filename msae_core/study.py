@@ -56,7 +56,8 @@ def study_configs(base: "RunConfig", seeds: list[int], only: list[str] | None = 
         if only and slug != "baseline" and slug not in only:
             continue
         sae = dataclasses.replace(base.sae, arch="topk") if s["arch"] == "topk" else dataclasses.replace(
-            base.sae, arch="momentum", base="topk", beta=s["beta"], tau=s["tau"], lam=s["lam"])
+            base.sae, arch="momentum", base="topk",
+            momentum=dataclasses.replace(base.sae.momentum, beta=s["beta"], tau=s["tau"], lam=s["lam"]))
         for seed in seeds:
             cfg = dataclasses.replace(base, sae=dataclasses.replace(sae, seed=seed),
                                       train=dataclasses.replace(base.train, seed=seed))

@@ -128,12 +128,12 @@ with a1:
     slots["d_sae"] = st.empty()
 with a2:
     on = arch == "momentum"
-    beta = st.slider("beta (momentum rate)", 0.0, 0.999, SAE_DEFAULTS.beta, 0.001, format="%.3f", key="beta",
+    beta = st.slider("beta (momentum rate)", 0.0, 0.999, SAE_DEFAULTS.momentum.beta, 0.001, format="%.3f", key="beta",
                      disabled=not on)
     slots["beta"] = st.empty()
-    tau = st.slider("tau (competition threshold)", 0.0, 1.0, SAE_DEFAULTS.tau, 0.01, key="tau", disabled=not on)
+    tau = st.slider("tau (competition threshold)", 0.0, 1.0, SAE_DEFAULTS.momentum.tau, 0.01, key="tau", disabled=not on)
     slots["tau"] = st.empty()
-    lam = st.number_input("lambda (competition penalty)", 0.0, 100.0, SAE_DEFAULTS.lam, step=0.05, format="%.3f",
+    lam = st.number_input("lambda (competition penalty)", 0.0, 100.0, SAE_DEFAULTS.momentum.lam, step=0.05, format="%.3f",
                           key="lam", disabled=not on)
     slots["lam"] = st.empty()
 with a3:
@@ -156,7 +156,7 @@ with a3:
 
 sae = {"arch": arch, "d_in": 0, "d_sae": int(d_sae), "k": int(k), "l1_coeff": float(l1), "l0_coeff": float(l0c)}
 if arch == "momentum":
-    sae.update(base=base, beta=float(beta), tau=float(tau), lam=float(lam))
+    sae.update(base=base, momentum={"beta": float(beta), "tau": float(tau), "lam": float(lam)})
 cfg_dict = {"sae": sae, "train": {"steps": int(steps), "batch_size": int(batch), "lr": float(lr)},  # the rest: defaults
             "data": {**(stream or {"acts": acts or ""}), "outliers": outliers}}
 cfg, problems = config_problems(cfg_dict, source=_opened_store(acts) if acts else None)

@@ -15,6 +15,7 @@ import torch
 from msae_core.artifacts import (RUN_CONFIG, RUN_EVAL, RUN_EVENTS, RUN_METRICS, RUN_STATUS,
                                  RUN_TRACE, RUN_TRACES_DIR, SAE_CONFIG, SAE_WEIGHTS,
                                  atomic_save_safetensors, atomic_write_json)
+from msae_core.sae.base import MOMENTUM_FIELDS
 
 D_IN = 64
 TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. Ask not what your "
@@ -58,8 +59,12 @@ def make_store(path: Path, n_windows: int = 96, context: int = 16, d: int = D_IN
 def _config(arch: str, d_sae: int, store: str, steps: int, **sae_kw) -> dict:
     sae = {"arch": arch, "d_in": D_IN, "d_sae": d_sae, "k": 8, "l1_coeff": 0.04}
     if arch == "momentum":
-        sae.update(base="topk", beta=0.95, tau=0.4, lam=0.1)
-    sae.update(sae_kw)
+        sae.update(base="topk", momentum={"beta": 0.95, "tau": 0.4, "lam": 0.1})
+    for k, v in sae_kw.items():  # the momentum knobs go under sae.momentum, as msae writes them
+        if k in MOMENTUM_FIELDS:
+            sae.setdefault("momentum", {})[k] = v
+        else:
+            sae[k] = v
     return {"sae": sae, "train": {"steps": steps, "batch_size": 256, "lr": 3e-4, "warmup_steps": 10,
                                   "seed": 0, "device": "cpu", "log_every": 10, "checkpoint_every": 50,
                                   "snapshot_every": 10, "evals": []},
@@ -95,10 +100,12 @@ def write_weights(run: Path, cfg: dict, seed: int = 0) -> bool:
         from msae_core.sae_io import save_sae
     except ImportError:
         return False
-    fields = {k: v for k, v in cfg["sae"].items()}
-    fields["seed"] = seed
+    from msae_core.configutil import from_dict
+    from msae_core.sae.base import nest_momentum
+
+    fields = {**nest_momentum(cfg["sae"]), "seed": seed}
     torch.manual_seed(seed)
-    sae = build_sae(SAEConfig(**fields))
+    sae = build_sae(from_dict(SAEConfig, fields))
     save_sae(sae, run)
     return True
 
@@ -213,7 +220,8 @@ def make_broken_runs(root: Path, store: str) -> list[Path]:
     p = folder("broken-list-fields")
     make_run(root, p.name, store, weights=False, ev=None)
     cfg = json.loads((p / RUN_CONFIG).read_text())
-    cfg["sae"].update(arch=["momentum"], d_sae=[256, 512], beta=[0.9], lam={"a": 1}, k=None)
+    cfg["sae"].update(arch=["momentum"], d_sae=[256, 512], beta=[0.9], lam={"a": 1}, k=None)  # flat, as before
+    cfg["sae"].pop("momentum", None)                                                          # sae.momentum
     cfg["train"].update(steps=["10"], lr=[3e-4])
     (p / RUN_CONFIG).write_text(json.dumps(cfg))
     st = json.loads((p / RUN_STATUS).read_text())

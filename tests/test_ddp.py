@@ -83,12 +83,12 @@ def test_two_ranks_stream_and_resume(tmp_path):
     ends done, rank 0 records the windows read; stopped at step 8 and resumed to 16 it equals the
     uninterrupted two-rank run (each rank's mixing buffer is in the checkpoint); a --cache is
     refused in one line on every rank."""
-    from msae_core.sae import SAEConfig
+    from msae_core.sae import MomentumConfig, SAEConfig
     from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
     from test_harvest import tiny_setup
 
     setup = tiny_setup(tmp_path / "tiny", n_docs=400)
-    cfg = RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, lam=0.1, tau=0.3),
+    cfg = RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, momentum=MomentumConfig(lam=0.1, tau=0.3)),
                     train=TrainConfig(steps=16, batch_size=32, lr=1e-3, warmup_steps=3, seed=2, device="cpu",
                                       log_every=4, checkpoint_every=8, snapshot_every=8),
                     data=DataConfig(source="stream", model=setup["model"], corpus=setup["corpus"], layer=2,

@@ -53,7 +53,7 @@ def test_demo_harvests_trains_and_evaluates_then_skips_what_is_done(tmp_path, ca
         assert set(ev) == {"core", "msae_flags"} and isinstance(ev["msae_flags"], list)
         assert ev["core"]["eval_result_metrics"]["sparsity"]["l0"] > 0
     cfg = json.loads((root / "runs" / "demo-momentum" / "config.json").read_text())
-    assert cfg["sae"]["arch"] == "momentum" and cfg["sae"]["lam"] == 0.3
+    assert cfg["sae"]["arch"] == "momentum" and cfg["sae"]["momentum"]["lam"] == 0.3
     # the terminal got one line a phase with the time left; demo.json holds every phase, done
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("demo [")
              and "elapsed" in r.getMessage()]  # a phase's first line (a long one says more each minute)

@@ -155,7 +155,7 @@ def test_launch_run_name_follows_the_settings_until_edited(full_root, monkeypatc
     from msae_core.sae import SAEConfig
 
     d = SAEConfig()  # the page's defaults are the config's
-    assert at.text_input(key="run_name").value == f"momentum-F{d.d_sae}-b{d.beta:g}-t{d.tau:g}-l{d.lam:g}"
+    assert at.text_input(key="run_name").value == f"momentum-F{d.d_sae}-b{d.momentum.beta:g}-t{d.momentum.tau:g}-l{d.momentum.lam:g}"
     at.radio(key="arch").set_value("topk").run()
     at.number_input(key="d_sae").set_value(4096).run()
     assert_clean(at)
@@ -471,7 +471,7 @@ def test_sweep_from_the_launch_page_leaves_the_cli_sweep_record(tmp_path, monkey
     try:
         record = json.loads(rec_path.read_text())
         assert [p["name"] for p in record["points"]] == ["uisw-lam0", "uisw-lam0.1"]
-        assert [p["values"] for p in record["points"]] == [{"sae.lam": 0.0}, {"sae.lam": 0.1}]
+        assert [p["values"] for p in record["points"]] == [{"sae.momentum.lam": 0.0}, {"sae.momentum.lam": 0.1}]
         for p in record["points"]:
             assert read_status(p["run"])["state"] in ("queued", "running", "done")
     finally:

@@ -1,6 +1,7 @@
 """Run folders: config validation lists every problem, listing survives broken folders, names are
 safe, and a launched (detached) run can be cancelled and relaunched to completion."""
 
+import dataclasses
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from msae_core.paths import safe_run_name
 from msae_core.runs.folder import STATUS_VERSION, list_runs, read_status, write_status
 from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 from msae_core.runs.jobs import cancel_run, launch_run
-from msae_core.sae import SAEConfig
+from msae_core.sae import MomentumConfig, SAEConfig
 from msae_core.data.store import StoreSettings, StoreWriter
 
 D = 64
@@ -39,8 +40,8 @@ def store(tmp_path_factory):
 
 
 def test_validation_lists_every_problem_at_once(tmp_path):
-    cfg = RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_in=D, d_sae=0, k=0, beta=1.0, tau=1.5,
-                                  lam=-0.1),
+    cfg = RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_in=D, d_sae=0, k=0,
+                                  momentum=MomentumConfig(beta=1.0, tau=1.5, lam=-0.1)),
                     train=TrainConfig(lr=0.0, steps=10),
                     data=DataConfig(acts=str(tmp_path / "nowhere")))
     with pytest.raises(MsaeError) as exc:
@@ -51,7 +52,7 @@ def test_validation_lists_every_problem_at_once(tmp_path):
         assert needle in msg.replace("k must", " k must").replace("(k", "( k "), (needle, msg)
     # each problem says its field: a form marks the widget from it, not from the text
     assert sorted(p.field for p in exc.value.problems) == sorted(
-        ["sae.beta", "sae.tau", "sae.lam", "sae.d_sae", "sae.k", "train.lr", "data.acts"])
+        ["sae.momentum.beta", "sae.momentum.tau", "sae.momentum.lam", "sae.d_sae", "sae.k", "train.lr", "data.acts"])
     assert cfg.sae.d_in == D  # checking changed nothing
 
 
@@ -327,3 +328,27 @@ def test_a_run_recorded_before_a_setting_existed_keeps_what_it_had():
     assert RunConfig.from_dict(old).data.separator == "bos"  # a config given by hand: today's default
     assert "separator 'eos' -> 'bos'" in config_mismatch(old, RunConfig(data=DataConfig(source="stream")).to_dict())
     assert config_mismatch(old, RunConfig(data=DataConfig(source="stream", separator="eos")).to_dict()) == ""
+
+
+def test_a_run_recorded_with_flat_momentum_knobs_resumes_and_reads_as_nested(tmp_path):
+    """Run folders written before sae.momentum hold beta, tau, lam, ... beside arch: the runs table
+    reads their knobs, and resuming one under today's nested config is the same run (a changed knob
+    is named by its nested field)."""
+    from fixtures_runs import make_run, make_store
+    from msae_core.inspect.runs_table import runs_table
+    from msae_core.runs.config import config_mismatch
+
+    store = make_store(tmp_path / "stores" / "s")
+    make_run(tmp_path, "old", str(store), arch="momentum", lam=0.25, umap=False)
+    path = tmp_path / "runs" / "old" / RUN_CONFIG
+    old = json.loads(path.read_text())
+    old["sae"].update(old["sae"].pop("momentum"))  # as an older msae wrote it
+    path.write_text(json.dumps(old))
+    assert "lam" in old["sae"] and "momentum" not in old["sae"]
+    assert runs_table(tmp_path).set_index("name").loc["old", "lam"] == 0.25
+    today = RunConfig.from_dict(old, recorded=True)  # as `msae train --out` reads the folder
+    assert today.sae.momentum.lam == 0.25
+    assert config_mismatch(old, today.to_dict()) == ""
+    changed = dataclasses.replace(today, sae=dataclasses.replace(
+        today.sae, momentum=dataclasses.replace(today.sae.momentum, lam=0.5)))
+    assert config_mismatch(old, changed.to_dict()) == "sae.momentum.lam 0.25 -> 0.5"

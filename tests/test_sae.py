@@ -11,16 +11,19 @@ import torch
 from safetensors.torch import load_file
 
 from msae_core import sae_io
-from msae_core.sae import SAEConfig, build_sae, registered_archs, sae_class
+from msae_core.sae import MomentumConfig, SAEConfig, build_sae, registered_archs, sae_class
+from msae_core.configutil import collect_problems, from_dict
+from msae_core.sae.base import MOMENTUM_FIELDS, nest_momentum
 from msae_core.runs.config import TrainConfig
 
 GRAD_CLIP = TrainConfig().grad_clip
 
 
 def _cfg(**kw) -> SAEConfig:
+    """An SAE config; the momentum knobs (beta, lam, ...) given flat go to its MomentumConfig."""
     base = dict(arch="topk", d_in=16, d_sae=48, k=4, seed=0)
-    base.update(kw)
-    return SAEConfig(**base)
+    base.update({k: v for k, v in kw.items() if k not in MOMENTUM_FIELDS})
+    return SAEConfig(**base, momentum=MomentumConfig(**{k: v for k, v in kw.items() if k in MOMENTUM_FIELDS}))
 
 
 def _sparse_data(n: int, dirs_TD: torch.Tensor, per_row: int, g: torch.Generator) -> torch.Tensor:
@@ -70,10 +73,22 @@ def test_sae_class_looks_up_the_registry_and_base_arch_names_the_sparsity():
 
 
 def test_config_lists_every_problem_at_once():
-    problems = _cfg(arch="momentum", k=0, beta=1.0, tau=1.5, lam=-1, d_sae=0).problems()
+    problems = collect_problems(_cfg(arch="momentum", k=0, beta=1.0, tau=1.5, lam=-1, d_sae=0))
     text = " | ".join(problems)
     for word in ("d_sae", "k must", "beta", "tau", "lam"):
         assert word in text, text
+    # the momentum knobs' problems name their nested field (the Launch page marks the widget from it)
+    assert {p.field for p in problems} == {"d_sae", "k", "momentum.beta", "momentum.tau", "momentum.lam"}
+
+
+def test_momentum_knobs_written_flat_load_nested():
+    """Configs before MomentumConfig wrote beta, tau, lam, ... beside arch: they load as today's."""
+    flat = {"arch": "momentum", "d_in": 8, "d_sae": 16, "k": 2, "beta": 0.8, "lam": 0.2, "refresh_every": 7}
+    nested = nest_momentum(flat)
+    assert nested["momentum"] == {"beta": 0.8, "lam": 0.2, "refresh_every": 7} and "lam" not in nested
+    assert from_dict(SAEConfig, nested) == _cfg(arch="momentum", d_in=8, d_sae=16, k=2, beta=0.8, lam=0.2,
+                                                refresh_every=7)
+    assert nest_momentum(nested) == nested  # today's format is left as it is
 
 
 def test_topk_fires_exactly_k_and_relu_is_nonnegative():
@@ -158,7 +173,7 @@ def test_momentum_buffers_match_a_naive_ema_reference():
 def _naive_table_step(table, f, W_dec, t, cfg, prev):
     """One update of the candidate table by its definition (tracker.py's docstring), in plain Python:
     returns (new table {(i, j): [kappa, first, last]}, events)."""
-    F, C, M, beta, tau = f.shape[1], cfg.n_candidates, cfg.cofire_top, cfg.beta, cfg.tau
+    F, C, M, beta, tau = f.shape[1], cfg.n_candidates, cfg.cofire_top, cfg.beta, cfg.tau  # cfg: MomentumConfig
     q = f.pow(2).sum(0)
     s = {}
     for b in range(f.shape[0]):
@@ -211,7 +226,7 @@ def test_candidate_table_matches_a_naive_reference_with_eviction(admit_frac):
             f = sae.forward(x).f.double()
         sae.training_loss(x, t)  # no optimizer step: f is what the tracker saw
         before = set(table)
-        table, ev = _naive_table_step(table, f, sae.W_dec.detach(), t, sae.cfg, t - 1)
+        table, ev = _naive_table_step(table, f, sae.W_dec.detach(), t, sae.cfg.momentum, t - 1)
         events += ev
         got = sae.tracker.table()
         got_pairs = {(int(k) // F, int(k) % F): (float(kap), int(a), int(b))
@@ -249,9 +264,9 @@ def _duplicate_run(lam: float, steps: int = 200):
     g = torch.Generator().manual_seed(0)
     D, T = 32, 48
     dirs = torch.nn.functional.normalize(torch.randn(T, D, generator=g), dim=1)
-    sae = build_sae(SAEConfig(arch="momentum", base="relu", d_in=D, d_sae=64, l1_coeff=0.01,
-                              beta=0.9, tau=0.3, lam=lam, n_candidates=8, refresh_every=50,
-                              cofire_top=64))  # the toy L1 SAE is dense: count all co-firing
+    sae = build_sae(_cfg(arch="momentum", base="relu", d_in=D, d_sae=64, l1_coeff=0.01,
+                         beta=0.9, tau=0.3, lam=lam, n_candidates=8, refresh_every=50,
+                         cofire_top=64))  # the toy L1 SAE is dense: count all co-firing
     with torch.no_grad():
         sae.W_dec[0] = dirs[0]
         sae.W_enc[:, 0] = dirs[0]
@@ -302,8 +317,7 @@ def test_each_arch_recovers_planted_sparse_directions(arch, extra):
     g = torch.Generator().manual_seed(5)
     D, T = 24, 32
     dirs = torch.nn.functional.normalize(torch.randn(T, D, generator=g), dim=1)
-    sae = build_sae(SAEConfig(arch=arch, d_in=D, d_sae=64, k=3, dead_tokens_threshold=2048,
-                              seed=1, **extra))
+    sae = build_sae(_cfg(arch=arch, d_in=D, d_sae=64, k=3, dead_tokens_threshold=2048, seed=1, **extra))
     data = [_sparse_data(512, dirs, 3, g) for _ in range(1500)]
     sae.fit_input_scale_(data[0])
     _train(sae, data, lr=3e-3)

@@ -16,7 +16,7 @@ from msae_core.data.loader import BatchLoader
 from msae_core.data.store import StoreSettings
 from msae_core.data.stream import ActivationStream, StreamSettings
 from msae_core.errors import MsaeError
-from msae_core.sae import SAEConfig
+from msae_core.sae import MomentumConfig, SAEConfig
 from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 from msae_core.runs.folder import read_status
 from msae_core.training.trainer import train
@@ -115,7 +115,7 @@ def test_stream_refuses_a_corpus_that_runs_out(setup, tmp_path):
 
 
 def _config(setup, steps=30):
-    return RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, lam=0.1, tau=0.3),
+    return RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, momentum=MomentumConfig(lam=0.1, tau=0.3)),
                      train=TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=3, seed=2,
                                        device="cpu", log_every=5, checkpoint_every=10, snapshot_every=10),
                      data=DataConfig(source="stream", model=setup["model"], corpus=setup["corpus"], layer=2,

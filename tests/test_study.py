@@ -22,7 +22,7 @@ def test_study_log_trains_every_setting_and_seed_and_writes_the_table(tmp_path, 
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == [f"study-log-{s}-seed{n}" for s in ("baseline", "run1", "run5") for n in (0, 1)]
     cfg = json.loads((tmp_path / "runs" / "study-log-run5-seed1" / "config.json").read_text())
-    assert (cfg["sae"]["beta"], cfg["sae"]["tau"], cfg["sae"]["lam"], cfg["sae"]["seed"], cfg["train"]["seed"]) == \
+    assert (cfg["sae"]["momentum"]["beta"], cfg["sae"]["momentum"]["tau"], cfg["sae"]["momentum"]["lam"], cfg["sae"]["seed"], cfg["train"]["seed"]) == \
         (0.95, 0.4, 0.3, 1, 1)
     md = (tmp_path / "out" / "study.md").read_text()
     assert "| log baseline | - | - | - | 2 |" in md and "| log run 5 |" in md and "| log run 3 |" not in md

@@ -45,16 +45,16 @@ def test_expand_grid_types_names_and_refusals(store):
     assert len(pts) == 4
     assert [p.name for p in pts] == ["s-beta0.9-tau0.3-lr0.001", "s-beta0.9-tau0.5-lr0.001",
                                      "s-beta0.95-tau0.3-lr0.001", "s-beta0.95-tau0.5-lr0.001"]
-    assert pts[3].config.sae.beta == 0.95 and pts[3].config.sae.tau == 0.5 and pts[3].config.train.lr == 1e-3
-    assert pts[3].values == {"sae.beta": 0.95, "sae.tau": 0.5, "train.lr": 0.001}
-    assert base.sae.beta != 0.95 or base.sae.tau != 0.5  # base untouched
+    assert pts[3].config.sae.momentum.beta == 0.95 and pts[3].config.sae.momentum.tau == 0.5 and pts[3].config.train.lr == 1e-3
+    assert pts[3].values == {"sae.momentum.beta": 0.95, "sae.momentum.tau": 0.5, "train.lr": 0.001}
+    assert base.sae.momentum.beta != 0.95 or base.sae.momentum.tau != 0.5  # base untouched
     assert parse_grid(["beta=0.9,0.95", "lam=0"]) == {"beta": ["0.9", "0.95"], "lam": ["0"]}
     with pytest.raises(MsaeError, match="sae.seed or train.seed"):
         expand_grid(base, {"seed": [1, 2]})
     reps = expand_grid(base, {"lam": "0.1", "seeds": "0,1,2"}, "r")  # the replicate axis sets both seeds
     assert [p.name for p in reps] == ["r-lam0.1-seed0", "r-lam0.1-seed1", "r-lam0.1-seed2"]
     assert [(p.config.sae.seed, p.config.train.seed) for p in reps] == [(0, 0), (1, 1), (2, 2)]
-    assert reps[1].values == {"sae.lam": 0.1, "seeds": 1}
+    assert reps[1].values == {"sae.momentum.lam": 0.1, "seeds": 1}
     from msae_core.inspect.groups import group_key
 
     keys = {group_key(p.config.to_dict(), "same-data") for p in reps}
@@ -84,10 +84,10 @@ def test_sweep_2x2_parallel_then_resume(store, tmp_path, monkeypatch):
     runs = {r.name: r for r in list_runs(tmp_path / "runs")}
     assert sorted(runs) == ["sw-beta0.9-lam0", "sw-beta0.9-lam0.1", "sw-beta0.95-lam0", "sw-beta0.95-lam0.1"]
     assert all(r.state == "done" and r.problem is None and r.has_weights for r in runs.values())
-    assert runs["sw-beta0.95-lam0.1"].config["sae"]["lam"] == 0.1
+    assert runs["sw-beta0.95-lam0.1"].config["sae"]["momentum"]["lam"] == 0.1
     record = json.loads((sweep_dir(tmp_path / "runs", "sw") / "sweep.json").read_text())
     assert [p["state"] for p in record["points"]] == ["done"] * 4
-    assert record["points"][1]["values"] == {"sae.beta": 0.9, "sae.lam": 0.1}
+    assert record["points"][1]["values"] == {"sae.momentum.beta": 0.9, "sae.momentum.lam": 0.1}
 
     # break one point (as if killed after its checkpoint), note the others' weights
     broken = tmp_path / "runs" / "sw-beta0.9-lam0.1"

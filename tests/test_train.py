@@ -21,7 +21,8 @@ from msae_core.artifacts import (RUN_CHECKPOINT_DIR, RUN_EVENTS, RUN_METRICS, RU
 from msae_core.errors import MsaeError
 from msae_core.runs.config import RunConfig, TrainConfig, DataConfig
 from msae_core.runs.folder import read_status
-from msae_core.sae import SAEConfig
+from msae_core.sae import MomentumConfig, SAEConfig
+from msae_core.sae.base import MOMENTUM_FIELDS
 from msae_core.data.loader import BatchLoader
 from msae_core.data.store import StoreSettings, StoreWriter
 from msae_core.training.cli import config_from_args
@@ -49,9 +50,11 @@ def make_store(path, n_rows=2048, d=D, seed=0, nan_rows=()):
 
 
 def make_config(store, steps=STEPS, **sae_kw):
-    sae = dict(arch="momentum", base="topk", d_in=D, d_sae=F, k=8, beta=0.9, tau=0.3, lam=0.1)
-    sae.update(sae_kw)
-    return RunConfig(sae=SAEConfig(**sae),
+    sae = dict(arch="momentum", base="topk", d_in=D, d_sae=F, k=8)
+    momentum = dict(beta=0.9, tau=0.3, lam=0.1)
+    for k, v in sae_kw.items():
+        (momentum if k in MOMENTUM_FIELDS else sae)[k] = v
+    return RunConfig(sae=SAEConfig(**sae, momentum=MomentumConfig(**momentum)),
                      train=TrainConfig(steps=steps, batch_size=128, lr=1e-3, warmup_steps=5, seed=3,
                                        device="cpu", log_every=5, checkpoint_every=10, snapshot_every=10),
                      data=DataConfig(acts=str(store)))
@@ -258,9 +261,9 @@ def test_flags_override_config_file_and_bad_settings_refused(store, reference, t
     args = parser.parse_args(["train", "--config", str(cfg_path), "--out", str(tmp_path / "r"),
                               "--beta", "0.5", "--steps", "7", "--seed", "9", "--evals", "core,absorption"])
     cfg = config_from_args(args)
-    assert cfg.sae.beta == 0.5 and cfg.train.steps == 7 and cfg.train.seed == 9 and cfg.sae.seed == 9
+    assert cfg.sae.momentum.beta == 0.5 and cfg.train.steps == 7 and cfg.train.seed == 9 and cfg.sae.seed == 9
     assert cfg.train.evals == ["core", "absorption"]
-    assert cfg.sae.tau == 0.3 and cfg.train.batch_size == 128  # from the file
+    assert cfg.sae.momentum.tau == 0.3 and cfg.train.batch_size == 128  # from the file
     # the reference run folder refuses other settings rather than mixing two runs
     with pytest.raises(MsaeError, match="other settings"):
         train(make_config(store, beta=0.5), reference, progress=False)

@@ -136,7 +136,8 @@ def run_row(info: Any, manifests: dict[str, Any] | None = None) -> dict:
     row["group"] = group_key(cfg, row["data_key"], _text(status.get("imported_from")) or "")
     row["seed"] = seed_of(cfg)
     if arch == "momentum":
-        row.update(beta=_num(sae.get("beta")), tau=_num(sae.get("tau")), lam=_num(sae.get("lam")))
+        mom = sae.get("momentum") if isinstance(sae.get("momentum"), dict) else {}
+        row.update(beta=_num(mom.get("beta")), tau=_num(mom.get("tau")), lam=_num(mom.get("lam")))
     knob = _sparsity_knob(base)
     if knob:
         row[knob] = _num(sae.get(knob))

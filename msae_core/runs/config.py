@@ -22,7 +22,7 @@ from msae_core.errors import MsaeError
 if TYPE_CHECKING:
     from msae_core.data.source import ActivationSource, StreamedSource
 from msae_core.sae import SAEConfig
-from msae_core.sae.base import auto_dead_tokens
+from msae_core.sae.base import auto_dead_tokens, nest_momentum
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,8 @@ class RunConfig:
         unknown = sorted(set(data) - {"sae", "train", "data"})
         if unknown:
             raise MsaeError(f"run config: unknown section(s) {', '.join(unknown)} (sae, train, data)")
+        if isinstance(data.get("sae"), dict):  # momentum knobs written flat (before sae.momentum)
+            data = {**data, "sae": nest_momentum(data["sae"])}
         try:
             sections = {name: data.get(name, {}) for name in ("sae", "train", "data")}
             for name, v in sections.items():
@@ -348,8 +350,11 @@ def config_mismatch(old: dict, new: dict) -> str:
     old = with_added_settings(old)  # `old` is a run's record
     for section, cls in (("sae", SAEConfig), ("train", TrainConfig), ("data", DataConfig)):
         # a field a config was written without (an older msae) has its default
-        defaults = to_dict(cls(d_in=0, d_sae=4096) if cls is SAEConfig else cls())
-        a, b = {**defaults, **(old.get(section) or {})}, {**defaults, **(new.get(section) or {})}
+        defaults = _flat(to_dict(cls(d_in=0, d_sae=4096) if cls is SAEConfig else cls()))
+        given = [old.get(section) or {}, new.get(section) or {}]
+        if section == "sae":
+            given = [nest_momentum(g) if isinstance(g, dict) else g for g in given]
+        a, b = ({**defaults, **_flat(g)} if isinstance(g, dict) else g for g in given)
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in _RESUMABLE_CHANGES:
                 continue
@@ -363,4 +368,12 @@ def config_mismatch(old: dict, new: dict) -> str:
     return ", ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
 
 
-
+def _flat(section: dict, prefix: str = "") -> dict:
+    """{"momentum": {"lam": 0.3}} -> {"momentum.lam": 0.3}: nested settings compared one by one."""
+    out = {}
+    for k, v in section.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

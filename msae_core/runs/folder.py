@@ -60,6 +60,7 @@ from msae_core.configutil import type_problem
 from msae_core.errors import MsaeError
 from msae_core.procs import pid_alive
 from msae_core.runs.config import RunConfig
+from msae_core.sae.base import nest_momentum
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +326,8 @@ def read_run(path: str | os.PathLike, metrics_tail: int = 20) -> RunInfo:
     try:
         with open(path / RUN_CONFIG) as fh:
             cfg = json.load(fh)
-        if isinstance(cfg, dict):
-            info.config = cfg
+        if isinstance(cfg, dict):  # momentum knobs written flat by an older msae: as today's, nested
+            info.config = {**cfg, "sae": nest_momentum(cfg["sae"])} if isinstance(cfg.get("sae"), dict) else cfg
         else:
             problems.append(f"{RUN_CONFIG} is not a json object")
     except FileNotFoundError:

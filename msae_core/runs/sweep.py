@@ -3,8 +3,8 @@
     msae sweep --base-config run.json --grid beta=0.9,0.95 tau=0.3,0.5 lam=0,0.1 \
         --root results/runs --name NAME [--parallel 2]
 
-A grid key is a field of the run config, dotted (`sae.beta`, `train.lr`) or bare (`beta`) when the
-bare name is in one section only; `seeds=0,1,2` is the replicate axis (training seeds). Each point is its own run folder `ROOT/NAME-beta0.9-tau0.3-lam0`,
+A grid key is a setting of the run config, dotted (`sae.momentum.beta`, `train.lr`) or bare (`beta`)
+when the bare name is in one place only; `seeds=0,1,2` is the replicate axis (training seeds). Each point is its own run folder `ROOT/NAME-beta0.9-tau0.3-lam0`,
 trained by its own `msae train` process (`--parallel N` at a time). Running the same sweep again
 skips the points that are done and resumes the others from their checkpoints.
 `ROOT/_sweeps/NAME/sweep.json` lists the points, their values, run folders and states.
@@ -47,23 +47,46 @@ class SweepPoint:
 
 
 # ------------------------------------------------------------------------------------------ grid
-def resolve_key(config: RunConfig, key: str) -> tuple[str, str]:
-    """(section, field) of a grid key, dotted or bare; MsaeError when unknown or ambiguous."""
+def _leaf_paths(obj: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every setting under a config, nested ones included: path -> its type annotation."""
+    hints = typing.get_type_hints(type(obj))
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out.update(_leaf_paths(v, prefix + (f.name,)))
+        else:
+            out[prefix + (f.name,)] = hints[f.name]
+    return out
+
+
+def resolve_key(config: RunConfig, key: str) -> tuple[str, ...]:
+    """The path of a grid key (("sae", "momentum", "lam")), dotted in full (`sae.momentum.lam`),
+    dotted by section (`sae.lam`, as configs had it before sae.momentum) or bare (`lam`) when the
+    bare name is in one place only; MsaeError when unknown or ambiguous."""
     key = key.strip().replace("-", "_")
+    paths = [p for s in _SECTIONS for p in _leaf_paths(getattr(config, s), (s,))]
     if "." in key:
-        section, name = key.split(".", 1)
-        if section not in _SECTIONS:
-            raise MsaeError(f"grid key {key!r}: unknown section {section!r} (sae, train, data)")
-        if name not in {f.name for f in dataclasses.fields(getattr(config, section))}:
-            raise MsaeError(f"grid key {key!r}: {section} has no field {name!r}")
-        return section, name
-    found = [s for s in _SECTIONS if key in {f.name for f in dataclasses.fields(getattr(config, s))}]
+        parts = tuple(key.split("."))
+        if parts[0] not in _SECTIONS:
+            raise MsaeError(f"grid key {key!r}: unknown section {parts[0]!r} (sae, train, data)")
+        found = [p for p in paths if p == parts or (len(parts) == 2 and p[0] == parts[0] and p[-1] == parts[1])]
+        if len(found) != 1:
+            raise MsaeError(f"grid key {key!r}: {parts[0]} has no field {'.'.join(parts[1:])!r}")
+        return found[0]
+    found = [p for p in paths if p[-1] == key]
     if not found:
         raise MsaeError(f"grid key {key!r} is not a field of the run config")
     if len(found) > 1:
-        raise MsaeError(f"grid key {key!r} is in {' and '.join(found)}: write "
-                        + " or ".join(f"{s}.{key}" for s in found))
-    return found[0], key
+        raise MsaeError(f"grid key {key!r} is in {' and '.join(p[0] for p in found)}: write "
+                        + " or ".join(".".join(p) for p in found))
+    return found[0]
+
+
+def _replaced(obj: Any, path: tuple[str, ...], value: Any) -> Any:
+    """A copy of the config `obj` with the setting at `path` (below it) set to `value`."""
+    head, rest = path[0], path[1:]
+    return dataclasses.replace(obj, **{head: _replaced(getattr(obj, head), rest, value) if rest else value})
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -144,29 +167,26 @@ def expand_grid(base: RunConfig | dict, grid: dict[str, Any], name: str = "sweep
         if not vals:
             raise MsaeError(f"grid key {key!r} has no values")
         if key.strip() == SEEDS_KEY:
-            keys.append((SEEDS_KEY, "seed"))
+            keys.append((SEEDS_KEY,))
             value_lists.append([_coerce(v, int, SEEDS_KEY) for v in vals])
             continue
-        section, field_name = resolve_key(base, key)
-        hints = typing.get_type_hints(type(getattr(base, section)))
-        typed = [_coerce(v, hints[field_name], f"{section}.{field_name}") for v in vals]
-        keys.append((section, field_name))
-        value_lists.append(typed)
+        path = resolve_key(base, key)
+        typ = _leaf_paths(base)[path]
+        keys.append(path)
+        value_lists.append([_coerce(v, typ, ".".join(path)) for v in vals])
     points: list[SweepPoint] = []
     problems: list[str] = []
     for combo in itertools.product(*value_lists):
-        sections = {s: getattr(base, s) for s in _SECTIONS}
-        values = {}
-        for (section, field_name), v in zip(keys, combo):
-            targets = [("sae", "seed"), ("train", "seed")] if section == SEEDS_KEY else [(section, field_name)]
-            for sec, fn in targets:
+        cfg, values = base, {}
+        for path, v in zip(keys, combo):
+            targets = [("sae", "seed"), ("train", "seed")] if path == (SEEDS_KEY,) else [path]
+            for target in targets:
                 try:
-                    sections[sec] = dataclasses.replace(sections[sec], **{fn: v})
+                    cfg = _replaced(cfg, target, v)
                 except (TypeError, ValueError) as exc:
-                    raise MsaeError(f"{sec}.{fn}={v!r}: {exc}") from None
-            values[SEEDS_KEY if section == SEEDS_KEY else f"{section}.{field_name}"] = v
-        cfg = RunConfig(**sections)
-        label = "-".join(f"{fn}{_fmt(v)}" for (_, fn), v in zip(keys, combo))
+                    raise MsaeError(f"{'.'.join(target)}={v!r}: {exc}") from None
+            values[".".join(path)] = v
+        label = "-".join(f"{path[-1] if path != (SEEDS_KEY,) else 'seed'}{_fmt(v)}" for path, v in zip(keys, combo))
         pname = safe_run_name(f"{name}-{label}" if label else name)
         for p in _own_problems(cfg):
             if f"{pname}: {p}" not in problems:
@@ -303,7 +323,7 @@ def add_cli(subparsers: Any) -> None:
                     "skips finished points and resumes unfinished ones.")
     p.add_argument("--base-config", required=True, help="run config json every point starts from")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                   help="field (dotted sae.beta or bare beta) and its values")
+                   help="setting (dotted sae.momentum.beta, or bare beta) and its values")
     p.add_argument("--root", default="results/runs", help="folder of the run folders (default: results/runs)")
     p.add_argument("--name", default="", help="sweep name; run folders are NAME-<values> "
                    "(default: sweep-<the grid's fields>, e.g. sweep-lam-tau)")

@@ -10,8 +10,8 @@ with per-feature momentum tracking, competition detection and the competition pe
 
 from __future__ import annotations
 
-from msae_core.sae.base import (SAE, SAEConfig, SAEOutput, StepOutput, build_sae, momentum_bases, register_sae,
-                                 registered_archs, sae_class)
+from msae_core.sae.base import (SAE, MomentumConfig, SAEConfig, SAEOutput, StepOutput, build_sae, momentum_bases,
+                                 register_sae, registered_archs, sae_class)
 from msae_core.sae import relu as _relu  # noqa: F401  (registers "relu")
 from msae_core.sae import topk as _topk  # noqa: F401  (registers "topk")
 from msae_core.sae import batchtopk as _batchtopk  # noqa: F401  (registers "batchtopk")
@@ -19,5 +19,5 @@ from msae_core.sae import matryoshka as _matryoshka  # noqa: F401  (registers "m
 from msae_core.sae import jumprelu as _jumprelu  # noqa: F401  (registers "jumprelu")
 from msae_core.sae import momentum as _momentum  # noqa: F401  (registers "momentum")
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "StepOutput", "build_sae", "momentum_bases", "register_sae",
-           "registered_archs", "sae_class"]
+__all__ = ["SAE", "MomentumConfig", "SAEConfig", "SAEOutput", "StepOutput", "build_sae", "momentum_bases",
+           "register_sae", "registered_archs", "sae_class"]

@@ -10,6 +10,7 @@ model. `input_scale` is a buffer (saved with the weights); it is 1 until `fit_in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple
 
@@ -69,7 +70,7 @@ def sae_class(name: str) -> type["SAE"]:
 class OneProcess:
     """How an SAE's statistics see the other data-parallel ranks: here, one process, itself alone.
     The trainer gives a data-parallel SAE the ranks' collectives instead (`SAE.set_collectives`;
-    msae_core.dist.RankCollectives has the same four methods), so that sae/ stays pure math."""
+    msae_core.dist.RankCollectives has the same three methods and `world`), so that sae/ stays pure math."""
 
     def any_fired(self, fired_F: torch.Tensor) -> torch.Tensor:
         """Per latent, whether it fired on any rank."""
@@ -83,16 +84,64 @@ class OneProcess:
         """The ranks' smallest `t`, in place."""
         return t
 
-    def gather_rows(self, f_BF: torch.Tensor) -> torch.Tensor:
-        """The global batch's (sparse) activation rows, every rank's in rank order."""
-        return f_BF
-
     @property
     def world(self) -> int:
         return 1
 
 
 ONE_PROCESS = OneProcess()
+
+
+@dataclass
+class MomentumConfig:
+    """The momentum SAE's knobs (msae_core.sae.tracker has the equations): the EMA rate, the
+    competition threshold, the penalty's coefficient and the candidate table's shape. On the command
+    line and as sweep axes they keep their bare names (--lam, lam=0,0.1)."""
+
+    beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})
+    tau: float = field(default=0.4, metadata={"help": "competition threshold on the pair score kappa"})
+    lam: float = field(default=0.3, metadata={
+        "help": "competition penalty coefficient lambda (0: the momentum machinery tracks, no penalty)"})
+    n_candidates: int = field(default=16, metadata={"help": "candidate pairs kept per feature (C)"})
+    cofire_top: int = field(default=8, metadata={
+        "help": "per token, the strongest active latents whose co-firing is tracked (momentum)"})
+    admit_frac: float = field(default=0.5, metadata={
+        "help": "a batch pair enters the candidate table when its co-firing score s_ij >= admit_frac * tau"})
+    refresh_every: int = field(default=250, metadata={
+        "help": "steps between decoder-cosine neighbour refreshes of the candidate table"})
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if not 0 <= self.beta < 1:
+            out.append(Problem("beta", f"beta must be in [0, 1) (got {self.beta})"))
+        if not 0 <= self.tau <= 1:
+            out.append(Problem("tau", f"tau must be in [0, 1] (got {self.tau})"))
+        if not self.lam >= 0:
+            out.append(Problem("lam", f"lam must be >= 0 (got {self.lam})"))
+        if self.n_candidates < 1:
+            out.append(Problem("n_candidates", f"n_candidates must be >= 1 (got {self.n_candidates})"))
+        if self.cofire_top < 2:
+            out.append(Problem("cofire_top", f"cofire_top must be >= 2 (got {self.cofire_top})"))
+        if not 0 <= self.admit_frac <= 1:
+            out.append(Problem("admit_frac", f"admit_frac must be in [0, 1] (got {self.admit_frac})"))
+        if self.refresh_every < 0:
+            out.append(Problem("refresh_every", f"refresh_every must be >= 0 (got {self.refresh_every})"))
+        return out
+
+
+MOMENTUM_FIELDS = tuple(f.name for f in dataclasses.fields(MomentumConfig))
+
+
+def nest_momentum(sae: dict) -> dict:
+    """An SAE config's json with the momentum knobs written flat (`beta`, `lam`, ... beside `arch`:
+    every config before MomentumConfig) moved under `momentum`; a nested one is returned as it is."""
+    flat = {k: sae[k] for k in MOMENTUM_FIELDS if k in sae}
+    if not flat:
+        return sae
+    out = {k: v for k, v in sae.items() if k not in flat}
+    nested = out.get("momentum")
+    out["momentum"] = {**flat, **nested} if isinstance(nested, dict) else (flat if nested is None else nested)
+    return out
 
 
 @dataclass
@@ -122,17 +171,8 @@ class SAEConfig:
                 "0 = from the run's length: a twentieth of its tokens, 100,000 to 10M"})
     base: Literal["topk", "relu", "batchtopk", "matryoshka", "jumprelu"] = field(default="topk", metadata={
         "help": "base of a momentum SAE"})
-    beta: float = field(default=0.95, metadata={"help": "momentum rate of the per-feature and per-pair EMAs"})
-    tau: float = field(default=0.4, metadata={"help": "competition threshold on the pair score kappa"})
-    lam: float = field(default=0.3, metadata={
-        "help": "competition penalty coefficient lambda (0: the momentum machinery tracks, no penalty)"})
-    n_candidates: int = field(default=16, metadata={"help": "candidate pairs kept per feature (C)"})
-    cofire_top: int = field(default=8, metadata={
-        "help": "per token, the strongest active latents whose co-firing is tracked (momentum)"})
-    admit_frac: float = field(default=0.5, metadata={
-        "help": "a batch pair enters the candidate table when its co-firing score s_ij >= admit_frac * tau"})
-    refresh_every: int = field(default=250, metadata={
-        "help": "steps between decoder-cosine neighbour refreshes of the candidate table"})
+    momentum: MomentumConfig = field(default_factory=lambda: MomentumConfig(), metadata={
+        "help": "momentum: the tracker's and the penalty's knobs"})
     seed: int = field(default=0, metadata={"help": "seed of the weight initialisation"})
 
     @property
@@ -169,20 +209,6 @@ class SAEConfig:
             out += _REGISTRY[self.base_arch].config_problems(self)
         if not 0 <= self.threshold_beta < 1:
             out.append(Problem("threshold_beta", f"threshold_beta must be in [0, 1) (got {self.threshold_beta})"))
-        if not 0 <= self.beta < 1:
-            out.append(Problem("beta", f"beta must be in [0, 1) (got {self.beta})"))
-        if not 0 <= self.tau <= 1:
-            out.append(Problem("tau", f"tau must be in [0, 1] (got {self.tau})"))
-        if not self.lam >= 0:
-            out.append(Problem("lam", f"lam must be >= 0 (got {self.lam})"))
-        if self.n_candidates < 1:
-            out.append(Problem("n_candidates", f"n_candidates must be >= 1 (got {self.n_candidates})"))
-        if self.cofire_top < 2:
-            out.append(Problem("cofire_top", f"cofire_top must be >= 2 (got {self.cofire_top})"))
-        if not 0 <= self.admit_frac <= 1:
-            out.append(Problem("admit_frac", f"admit_frac must be in [0, 1] (got {self.admit_frac})"))
-        if self.refresh_every < 0:
-            out.append(Problem("refresh_every", f"refresh_every must be >= 0 (got {self.refresh_every})"))
         return out
 
 
@@ -224,7 +250,10 @@ class SAE(nn.Module):
 
     The trainer's contract, all of it defined here (no probing for optional methods):
         fit_input_scale_(sample)   once, before the first step of a fresh run
-        loss_terms(x, step)        -> StepOutput, once per step; the only place statistics change
+        loss_terms(x, step)        -> StepOutput, once per step; the dead-latent counter changes here
+        take_in_(out, step, whole) right after loss_terms, before the optimizer step: statistics over
+                                   the whole batch (`whole`: every rank's latent rows, which the
+                                   trainer gathers when `takes_whole_batch`; None in one process)
         post_step_(step)           after the optimizer step
         drain_events()             competition events raised since the last call ([] here)
         step_counts()              counters logged with each metrics line
@@ -289,8 +318,17 @@ class SAE(nn.Module):
         """Loss terms (in normalised units; "loss" is the total) and the forward outputs."""
         raise NotImplementedError
 
+    takes_whole_batch = False  # True: take_in_ wants every data-parallel rank's latent rows
+
+    @torch.no_grad()
+    def take_in_(self, out: SAEOutput, step: int, whole_BF: torch.Tensor | None = None) -> None:
+        """Statistics of the whole batch `loss_terms` just scored (none here: the momentum SAE's)."""
+
     def training_loss(self, x_BD: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self.loss_terms(x_BD, step)[0]
+        """One process's step: loss_terms, then take_in_ (tests and benchmarks; the trainer calls both)."""
+        losses, out = self.loss_terms(x_BD, step)
+        self.take_in_(out, step)
+        return losses
 
     @torch.no_grad()
     def _track_firing_(self, f_BF: torch.Tensor) -> None:

@@ -4,9 +4,10 @@
     loss = base loss + lam * L_comp
 
 The base keeps its parameters, initialisation, encode/decode and loss; the tracker adds the
-per-feature momentum, the candidate pair table and the penalty. `loss_terms` is the one place the
-tracker's statistics change: it computes the penalty from the table as it stands, then the tracker
-takes the batch in (`MomentumTracker.update_`), once per call. `post_step_` is the base's (decoder
+per-feature momentum, the candidate pair table and the penalty. `loss_terms` computes the penalty
+from the table as it stands; `take_in_`, which the trainer calls next (with every rank's rows when
+training data-parallel: the trainer gathers them, sae/ calls no collective), is the one place the
+tracker's statistics change (`MomentumTracker.update_`), once per step. `post_step_` is the base's (decoder
 renormalisation) and leaves the statistics alone. With lam = 0 the loss, gradients and weights are
 exactly the base's.
 
@@ -45,7 +46,8 @@ class MomentumSAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.base: SAE = sae_class(cfg.base_arch)(cfg)
-        self.tracker = MomentumTracker(cfg)
+        self.tracker = MomentumTracker(cfg.d_sae, cfg.momentum)
+        self._batch: tuple | None = None  # loss_terms' output, table and co-firing, for take_in_
 
     # -- the base's weights and math ---------------------------------------------------------------
     W_enc = property(lambda self: self.base.W_enc)
@@ -76,10 +78,13 @@ class MomentumSAE(nn.Module):
         return self.base(x_BD)
 
     # -- training ----------------------------------------------------------------------------------
+    takes_whole_batch = True  # data-parallel, take_in_ wants every rank's rows (the trainer gathers them)
+
     def loss_terms(self, x_BD: torch.Tensor, step: int) -> StepOutput:
-        """The base's loss terms plus "comp" (L_comp; added as lam * comp to "loss" when lam > 0).
-        The tracker then takes the batch in: call this once per training step."""
-        cfg, tracker = self.cfg, self.tracker
+        """The base's loss terms plus "comp" (L_comp; added as lam * comp to "loss" when lam > 0),
+        from the table as it stands. The tracker takes the batch in at `take_in_`, which the trainer
+        calls next, before the optimizer step."""
+        cfg, tracker = self.cfg.momentum, self.tracker
         losses, out = self.base.loss_terms(x_BD, step)
         table = tracker.table()  # as it stands before this batch: the penalty's, then the update's
         cof = cofiring(out.f, out.active, cfg.cofire_top)
@@ -89,16 +94,30 @@ class MomentumSAE(nn.Module):
             losses = {**losses, "loss": losses["loss"] + cfg.lam * comp, "comp": comp.detach()}
         else:
             losses = {**losses, "comp": comp.detach()}
-        if self.collectives.world > 1:  # the statistics take the whole batch in, every rank's rows
-            f_all = self.collectives.gather_rows(out.f.detach())
-            tracker.update_(firing_sums(f_all, None), f_all.shape[0], cofiring(f_all, None, cfg.cofire_top),
-                            table, step, self.base.W_dec)
-        else:
-            tracker.update_(firing_sums(out.f, out.active), out.f.shape[0], cof, table, step, self.base.W_dec)
+        self._batch = (out, table, cof)
         return StepOutput(losses, out)
 
+    @torch.no_grad()
+    def take_in_(self, out: SAEOutput, step: int, whole_BF: torch.Tensor | None = None) -> None:
+        """The tracker takes in the batch `loss_terms` just scored (`out`), or, data-parallel,
+        `whole_BF`: every rank's latent rows in rank order, which the trainer gathers. Once per step,
+        after `loss_terms` and before the optimizer step (the decoder neighbours are read from the
+        weights the batch was scored with)."""
+        seen, table, cof = self._batch
+        if seen is not out:
+            raise RuntimeError("take_in_ takes the output of the last loss_terms call")
+        self._batch = None
+        cfg = self.cfg.momentum
+        if whole_BF is not None:
+            self.tracker.update_(firing_sums(whole_BF, None), whole_BF.shape[0],
+                                 cofiring(whole_BF, None, cfg.cofire_top), table, step, self.base.W_dec)
+        else:
+            self.tracker.update_(firing_sums(out.f, out.active), out.f.shape[0], cof, table, step, self.base.W_dec)
+
     def training_loss(self, x_BD: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self.loss_terms(x_BD, step)[0]
+        losses, out = self.loss_terms(x_BD, step)
+        self.take_in_(out, step)
+        return losses
 
     def set_collectives(self, collectives) -> None:
         self.base.set_collectives(collectives)

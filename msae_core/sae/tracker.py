@@ -44,9 +44,9 @@ Deliberate choices where the note leaves room (the three knobs keep their meanin
   B k entries instead of the dense (B, F) tensor, so the tracker's cost follows the base's sparse
   step. ReLU and JumpReLU bases are read densely.
 
-Where the statistics change: only in `update_`, which `MomentumSAE.loss_terms` calls once per call,
-right after the penalty (the trainer calls `loss_terms` once per step, before the optimizer step;
-the decoder-neighbour refresh therefore reads the decoder the loss saw).
+Where the statistics change: only in `update_`, which `MomentumSAE.take_in_` calls once per step,
+right after the penalty's `loss_terms` and before the optimizer step (the trainer calls both), so the
+decoder-neighbour refresh reads the decoder the loss saw.
 
 Work per step, counted by bench/train_step.py: one sort of the table's N keys (`table_of`), one
 `topk` of M per token, two binary searches of the batch's P = B M (M - 1) / 2 occurrences (the
@@ -64,7 +64,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msae_core.sae.base import SAEConfig
+from msae_core.sae.base import MomentumConfig
 from msae_core.sae.competition import (CoFiring, CompetitionEvent, Observables, Slots, Table, batch_scores,
                                        competition_weight, crossings, decoder_neighbour_keys, occurrence_scores,
                                        rank_into_slots, table_of, unit_rows)
@@ -83,10 +83,10 @@ class MomentumTracker(nn.Module):
         last_step_FC      (F, C)  int32, last step the pair was competing, -1 = never
     """
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, d_sae: int, cfg: MomentumConfig):
         super().__init__()
         self.cfg = cfg
-        F, C = cfg.d_sae, min(cfg.n_candidates, max(cfg.d_sae - 1, 1))
+        F, C = d_sae, min(cfg.n_candidates, max(d_sae - 1, 1))
         self.register_buffer("rate", torch.zeros(F))
         self.register_buffer("mag", torch.zeros(F))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))

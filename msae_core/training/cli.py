@@ -21,7 +21,7 @@ from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag
 from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
 from msae_core.runs.folder import refuse_foreign_out
-from msae_core.sae import SAEConfig
+from msae_core.sae import MomentumConfig, SAEConfig
 from msae_core.training.trainer import ended_early, run_evals, train, train_data_parallel
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ def add_cli(subparsers: Any) -> None:
     add_dataclass_args(g, TrainConfig)
     g = p.add_argument_group("SAE")
     add_dataclass_args(g, SAEConfig, skip=tuple(_TRAIN_NAMES))
+    g = p.add_argument_group("momentum SAE (sae.momentum)")
+    add_dataclass_args(g, MomentumConfig)
     p.set_defaults(func=run_cli)
 
 
@@ -66,6 +68,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     else:
         cfg = RunConfig()
     sae_over = {k: v for k, v in overrides_from_args(args, SAEConfig).items() if k not in _TRAIN_NAMES}
+    momentum_over = overrides_from_args(args, MomentumConfig)
+    if momentum_over:
+        sae_over["momentum"] = dataclasses.replace(cfg.sae.momentum, **momentum_over)
     train_over = overrides_from_args(args, TrainConfig)
     data_over = overrides_from_args(args, DataConfig)
     if "evals" in train_over:  # --evals core,absorption or --evals core absorption

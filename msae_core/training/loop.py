@@ -8,7 +8,8 @@ data-parallel ranks, the evals after training) is msae_core.training.trainer's.
 Loop, step s = 0 .. steps-1 ("completed" = s + 1 is what the logs call `step`):
     x = store.batch(s, batch_size, seed)          # deterministic in (seed, s): resume can skip;
                                                   # read ahead by a thread (data.loader)
-    losses, out = sae.loss_terms(x, s); Adam step at the warm-up lr; sae.post_step_(s)
+    losses, out = sae.loss_terms(x, s); sae.take_in_(out, s, every rank's rows when data-parallel)
+    Adam step at the warm-up lr; sae.post_step_(s)
     then, on their schedules, a metrics line, a trace snapshot, a checkpoint (runs.checkpoint)
 """
 
@@ -245,6 +246,10 @@ class _Fit:
             g["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             step_out = self.sae.loss_terms(x_BD, s)
+            # statistics of the whole batch (the momentum tracker): data-parallel, every rank's rows
+            whole = (dist.gather_sparse_rows(step_out.out.f.detach())
+                     if self.world > 1 and self.sae.takes_whole_batch else None)
+            self.sae.take_in_(step_out.out, s, whole)
         loss = step_out.losses["loss"]
         with torch.no_grad():
             first = (self.bad_at < 0) & ~torch.isfinite(loss.detach())
