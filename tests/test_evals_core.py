@@ -253,6 +253,15 @@ def test_eval_windows_are_held_out_and_seeded(tiny):
     assert wins == [stream[i] for i in info["window_indices"]]
     stored = {tuple(w) for w in stream[:n_store]}
     assert not stored & {tuple(w) for w in wins}
+    # a streamed run's status says where its windows ended: the pool starts there, the same windows
+    packed = context_windows(corpus, tiny["lm"].tokenizer, 16)
+    for _ in range(n_store):
+        next(packed)
+    cursor = packed.cursor()._asdict()
+    by_cursor, c_info = core.eval_windows(corpus, tiny["lm"].tokenizer, 16, 6, skip_tokens=skip, seed=1,
+                                          cursor=cursor)
+    assert [w.tolist() for w in by_cursor] == wins and c_info["from_cursor"] and not info["from_cursor"]
+    assert c_info["window_indices"] == info["window_indices"]
     again, _ = core.eval_windows(corpus, tiny["lm"].tokenizer, 16, 6, skip_tokens=skip, seed=1)
     other, _ = core.eval_windows(corpus, tiny["lm"].tokenizer, 16, 6, skip_tokens=skip, seed=2)
     assert [w.tolist() for w in again] == wins and [w.tolist() for w in other] != wins

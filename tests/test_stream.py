@@ -69,10 +69,31 @@ def test_stream_state_resumes_the_same_batches(setup):
     fields, tensors = st1.state(6)
     with pytest.raises(ValueError, match="before batch 6"):
         st1.state(3)
+    # the checkpoint says where the packed stream stands: the resumed one starts there and
+    # tokenises none of the documents read before it (a long run's prefix is not read again)
+    assert fields["cursor"]["docs"] > 0
     st2 = _stream(setup)
     st2.restore(fields, {k: v.clone() for k, v in tensors.items()})
+    given = []
+    tokenizer = st2.lm.tokenizer
+
+    class Counting:
+        bos_token_id, eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+        def __call__(self, texts, **kw):
+            given.extend(texts)
+            return tokenizer(texts, **kw)
+
+    real_lm = st2.lm
+    st2._lm = type("LM", (), {"tokenizer": Counting(), "__getattr__": lambda self, k: getattr(real_lm, k)})()
     for s in range(6, 10):
         assert torch.equal(st2.batch_raw(s, 32, 0), want[s])
+    docs = [d.text for d in st2.corpus.documents()]
+    assert given and given[0] == docs[fields["cursor"]["docs"]]
+    # a checkpoint written before cursors (none in its fields) resumes the same, reading the prefix
+    st3 = _stream(setup)
+    st3.restore({k: v for k, v in fields.items() if k != "cursor"}, {k: v.clone() for k, v in tensors.items()})
+    assert torch.equal(st3.batch_raw(6, 32, 0), want[6])
     with pytest.raises(ValueError, match="in order"):
         st2.batch_raw(3, 32, 0)
 
@@ -144,6 +165,10 @@ def test_streamed_run_killed_and_resumed_equals_uninterrupted(setup, tmp_path, m
     # the norm outliers of what was streamed, counted across the resume as in one go
     assert read_status(run)["stream_outliers"] == read_status(ref)["stream_outliers"]
     assert read_status(run)["stream_outliers"]["rows_seen"] > 0
+    # where the packed stream stood after the run's windows, for the evals' hold-out: the same
+    # after the resume (which started at the checkpoint's cursor) as in one go
+    assert read_status(run)["stream_cursor"] == read_status(ref)["stream_cursor"]
+    assert read_status(ref)["stream_cursor"]["docs"] > 0
     a, b = load_file(run / "sae.safetensors"), load_file(ref / "sae.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

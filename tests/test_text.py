@@ -9,7 +9,7 @@ import pytest
 
 from msae_core.data import lm as lm_mod
 from msae_core.errors import MsaeError
-from msae_core.data.text import Corpus, Document, context_windows, load_corpus, load_fortunes
+from msae_core.data.text import Corpus, Document, WindowCursor, context_windows, load_corpus, load_fortunes
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,53 @@ def test_packed_windows_follow_saebench(tok, separator):
         n = len(tok(t, add_special_tokens=False)["input_ids"]) + len(sep)
         owner += [i] * n
     assert [d for d, _ in wins] == [owner[k * 15] for k in range(len(wins))]
+
+
+@pytest.mark.parametrize("resume_context", [16, 9])
+def test_a_cursor_resumes_the_packed_stream_without_its_prefix(tok, resume_context):
+    """The windows after window n of a stream equal those a new stream started at its cursor gives
+    (the same context size), and the cursor's stream tokenises none of the documents before it; at
+    another context size it continues the same token stream from the same place."""
+    texts = [f"Document {i}: " + "to be or not to be, " * (1 + i % 5) for i in range(60)]
+    corpus = _corpus(texts)
+    whole = context_windows(corpus, tok, context_size=16)
+    first = [next(whole) for _ in range(23)]
+    cursor = whole.cursor()
+    assert WindowCursor.of(json.loads(json.dumps(cursor._asdict()))) == cursor  # json-safe, for checkpoints
+    rest = list(whole)
+    seen = []
+
+    class Counting:  # the tokenizer, counting the documents it is given
+        bos_token_id, eos_token_id = tok.bos_token_id, tok.eos_token_id
+
+        def __call__(self, texts, **kw):
+            seen.extend(texts)
+            return tok(texts, **kw)
+
+    resumed = list(context_windows(corpus, Counting(), context_size=resume_context, start=cursor))
+    assert seen and texts[cursor.docs - 1] not in seen and seen[0] == texts[cursor.docs]
+    if resume_context == 16:
+        assert resumed == rest
+    # the body tokens continue the stream where window 23 ended, at any window size
+    bodies = [t for _, w in first + rest for t in w[1:]]
+    tail = [t for _, w in resumed for t in w[1:]]
+    assert tail == bodies[len(first) * 15:len(first) * 15 + len(tail)] and len(tail) > 100
+
+
+def test_pre_tokenised_documents_are_packed_as_they_are(tok, tmp_path):
+    """A dataset of token ids (an `input_ids` column, read when there is no "text"): each row's ids
+    are a document's tokens, packed as text documents are, never tokenised again."""
+    rows = [list(range(3 + i, 3 + i + 5 + i)) for i in range(12)]
+    p = tmp_path / "tokens.jsonl"
+    p.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    corpus = load_corpus(str(p))
+    assert [d.ids for d in corpus.documents()] == [tuple(r) for r in rows]
+    wins = list(context_windows(corpus, tok, context_size=8))
+    stream = [t for r in rows for t in r + [tok.bos_token_id]]
+    assert [t for _, w in wins for t in w[1:]] == stream[:7 * len(wins)] and len(wins) == len(stream) // 7
+    p.write_text(json.dumps({"input_ids": [1, -2]}) + "\n")
+    with pytest.raises(MsaeError, match="not of token ids"):
+        list(load_corpus(str(p)).documents())
 
 
 def test_unpacked_windows_stay_in_their_document(tok):

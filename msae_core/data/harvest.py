@@ -303,7 +303,9 @@ def add_cli(subparsers) -> None:
                    help="a Hugging Face dataset's config name (default: none)")
     p.add_argument("--split", default=d.corpus_split, help="a Hugging Face dataset's split (default: %(default)s)")
     p.add_argument("--text-column", default=d.text_column,
-                   help="a Hugging Face dataset's text column (default: %(default)s)")
+                   help="a Hugging Face dataset's text column; a column of token ids is read as "
+                        "pre-tokenised, and a dataset with no 'text' column but 'input_ids' is "
+                        "(default: %(default)s)")
     p.add_argument("--separator", choices=["bos", "eos", "none"], default=d.separator,
                    help="token between packed documents: bos (SAELens's default sequence separator), eos "
                         "(stores harvested before this option), none (default: %(default)s)")

@@ -144,6 +144,12 @@ class ActivationStream:
         self.norm_stats: dict = {"rows": 0, "above": 0, "sq": 0.0, "sq_above": 0.0, "median": None, "max": 0.0,
                                  "tokens": {}}
         self._windows: Iterator | None = None
+        # where the packed window stream stands (text.WindowCursor) after window `_cursor_at` - 1:
+        # the checkpoint keeps it, so a resume (and the core eval's hold-out) starts there instead
+        # of tokenising every window before it again
+        self._packed: Any = None
+        self._cursor: Any = None
+        self._cursor_at = 0
         self._next_step = 0
         self._first_fill = 0  # rows the first round takes in at least (input_sample)
 
@@ -183,16 +189,31 @@ class ActivationStream:
         return torch.tensor(sorted(self.lm.special_ids), dtype=torch.long)
 
     def _window_iter(self, start: int) -> Iterator[tuple[int, int, list]]:
-        """(global window index, doc id, token ids) of this rank's windows from window `start`."""
+        """(global window index, doc id, token ids) of this rank's windows from window `start`:
+        from the cursor kept for it when there is one, else by reading the corpus from its start."""
         from msae_core.data.text import context_windows
 
-        windows = context_windows(self.corpus, self.lm.tokenizer, self.settings.context_size,
-                                  self.settings.prepend_bos, separator=self.settings.separator)
+        at_cursor = self._cursor is not None and self._cursor_at == start
+        self._packed = context_windows(self.corpus, self.lm.tokenizer, self.settings.context_size,
+                                       self.settings.prepend_bos, separator=self.settings.separator,
+                                       start=self._cursor if at_cursor else None)
+        windows = self._packed if at_cursor else itertools.islice(self._packed, start, None)
+        self._cursor_at = start if at_cursor else 0
         rank, ranks = self.part
         chunk = self.settings.lm_batch
-        for g, (doc_id, ids) in enumerate(itertools.islice(windows, start, None), start):
+        for g, (doc_id, ids) in enumerate(windows, start):
+            self._cursor_at = g + 1
             if ranks == 1 or (g // chunk) % ranks == rank:
                 yield g, doc_id, ids
+
+    def cursor(self) -> dict | None:
+        """Where the packed window stream stands after the windows taken in (`windows_used`), as
+        json (text.WindowCursor), or None when that is not known (nothing read yet)."""
+        if self._packed is not None and self._cursor_at == self._buf.next_window:
+            return self._packed.cursor()._asdict()
+        if self._cursor is not None and self._cursor_at == self._buf.next_window:
+            return self._cursor._asdict()
+        return None
 
     def _cache_sink(self) -> Any:
         """The cache's ShardSink (opened on first use, with the model), None without a cache or
@@ -377,6 +398,7 @@ class ActivationStream:
         tensors = {k: v.detach().cpu().contiguous() for k, v in (("kept", b.kept), ("ready", b.ready))
                    if v is not None}
         return {"next_window": b.next_window, "round": b.round, "done": b.done, "step": step,
+                "cursor": self.cursor(),
                 "norms": {**self.norm_stats, "tokens": dict(self.norm_stats["tokens"])}}, tensors
 
     def restore(self, fields: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -395,7 +417,11 @@ class ActivationStream:
                             tensors["kept"].to(self.device) if "kept" in tensors else None,
                             tensors["ready"].to(self.device) if "ready" in tensors else None,
                             bool(fields.get("done", False)))
-        self._windows = None
+        self._windows = self._packed = None
+        if isinstance(fields.get("cursor"), dict):  # checkpoints before cursors: the corpus is read again
+            from msae_core.data.text import WindowCursor
+
+            self._cursor, self._cursor_at = WindowCursor.of(fields["cursor"]), self._buf.next_window
         if isinstance(fields.get("norms"), dict):
             self.norm_stats = {**fields["norms"], "tokens": dict(fields["norms"].get("tokens") or {})}
         self._next_step = int(fields["step"])

@@ -7,9 +7,15 @@ with its topic file. `load_fortunes(lang)` also reads the German, Spanish and It
 Any other name is a Hugging Face dataset, streamed; a local .txt file (documents separated by blank
 lines) or .jsonl/.json/.parquet file also works.
 
-Windows follow SAEBench / SAELens: documents are tokenised without special tokens, joined with an
-EOS separator into one stream, cut into pieces of `context_size - 1` tokens and given a BOS each.
-The last incomplete piece is dropped. The harvest drops the BOS/EOS/PAD rows by default.
+Windows follow SAEBench / SAELens: documents are tokenised without special tokens, joined with a
+separator (BOS, SAELens's default; EOS; none) into one stream, cut into pieces of `context_size - 1`
+tokens and given a BOS each. The last incomplete piece is dropped. The harvest drops the BOS/EOS/PAD
+rows by default. A pre-tokenised dataset (a column of token ids: `input_ids`, or `text_column`
+naming one) gives its documents' ids as they are, packed the same way.
+
+Where the packed stream stands after a window is a `WindowCursor` (the documents read, the tokens
+not yet in a window): a stream resumed from a checkpoint, and the core eval holding out the windows
+a run trained on, start there instead of tokenising the whole prefix again.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import random
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from msae_core.errors import MsaeError
 
@@ -41,6 +47,7 @@ class Document:
     doc_id: int
     text: str
     label: str | None = None
+    ids: tuple[int, ...] | None = None  # a pre-tokenised document's token ids (text is then "")
 
 
 @dataclass
@@ -174,6 +181,9 @@ def _local_text_corpus(path: Path) -> Corpus:
     return Corpus(str(path), prov, lambda: iter(docs), docs)
 
 
+TOKENS_COLUMN = "input_ids"  # a pre-tokenised dataset's column, read when it has no "text" column
+
+
 def _hf_corpus(name: str, split: str, text_column: str, config: str | None,
                label_column: str | None) -> Corpus:
     try:
@@ -204,8 +214,11 @@ def _hf_corpus(name: str, split: str, text_column: str, config: str | None,
         first = (str(exc).strip().splitlines() or [""])[0]
         raise MsaeError(f"cannot load dataset {name!r} (split {split!r}): {type(exc).__name__}: {first}") from exc
     if features is not None and text_column not in features:
-        raise MsaeError(f"dataset {name!r} has no text column {text_column!r} "
-                        f"(columns: {', '.join(features)}); choose one with text_column")
+        if text_column == "text" and TOKENS_COLUMN in features:  # pre-tokenised, as SAELens reads it
+            text_column = TOKENS_COLUMN
+        else:
+            raise MsaeError(f"dataset {name!r} has no text column {text_column!r} "
+                            f"(columns: {', '.join(features)}); choose one with text_column")
 
     def documents() -> Iterator[Document]:
         for i, row in enumerate(ds):
@@ -213,7 +226,15 @@ def _hf_corpus(name: str, split: str, text_column: str, config: str | None,
                 raise MsaeError(f"dataset {name!r} has no text column {text_column!r} "
                                 f"(columns: {', '.join(row)})")
             label = row.get(label_column) if label_column else None
-            yield Document(i, str(row[text_column]), None if label is None else str(label))
+            label = None if label is None else str(label)
+            value = row[text_column]
+            if isinstance(value, (list, tuple)):  # token ids: a pre-tokenised dataset
+                if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+                    raise MsaeError(f"dataset {name!r}: column {text_column!r} of row {i} is a list but not "
+                                    "of token ids (non-negative integers)")
+                yield Document(i, "", label, tuple(value))
+            else:
+                yield Document(i, str(value), label)
 
     prov = {"source": "Hugging Face datasets (streamed)", "dataset": name, "config": config,
             "split": split, "text_column": text_column, "datasets_version": datasets.__version__}
@@ -277,56 +298,101 @@ def _bos(tokenizer) -> int | None:
     return None if v is None else int(v)
 
 
+class WindowCursor(NamedTuple):
+    """Where a packed window stream stands after a window: `docs` documents of the corpus read
+    (in its order), `rest` the tokens read but not yet in a window (separators included), `owners`
+    the [offset in rest, doc_id] of the documents `rest` holds, the first one's offset <= 0 when it
+    began in an earlier window. Json-safe as `_asdict()`; `WindowCursor.of(dict)` reads it back."""
+
+    docs: int
+    rest: list
+    owners: list
+
+    @classmethod
+    def of(cls, d: dict) -> "WindowCursor":
+        return cls(int(d["docs"]), [int(t) for t in d["rest"]], [[int(a), int(b)] for a, b in d["owners"]])
+
+
+class PackedWindows:
+    """The iterator `context_windows` returns: (doc_id, token ids) windows, and `cursor()`, where
+    the stream stands after the last window given (to start another PackedWindows there)."""
+
+    def __init__(self, corpus: Corpus, tokenizer, context_size: int, prepend_bos: bool, pack: bool,
+                 batch_docs: int, separator: str, start: WindowCursor | None):
+        if context_size < 2:
+            raise MsaeError(f"context size must be >= 2 (got {context_size})")
+        bos = _bos(tokenizer) if prepend_bos else None
+        if prepend_bos and bos is None:
+            raise MsaeError("the tokenizer has no BOS (or EOS) token to prepend")
+        if start is not None and not pack:
+            raise ValueError("a cursor starts packed windows only")
+        self.corpus, self.tokenizer, self.batch_docs = corpus, tokenizer, batch_docs
+        self.sep = _separator(tokenizer, separator)
+        self.body = context_size - (1 if prepend_bos else 0)
+        self.head = [bos] if prepend_bos else []
+        start = start or WindowCursor(0, [], [])
+        self._docs, self._buf, self._owners = start.docs, list(start.rest), [list(o) for o in start.owners]
+        self._gen = self._packed() if pack else self._per_document()
+
+    def __iter__(self) -> "PackedWindows":
+        return self
+
+    def __next__(self) -> tuple[int, list[int]]:
+        return next(self._gen)
+
+    def cursor(self) -> WindowCursor:
+        return WindowCursor(self._docs, list(self._buf), [list(o) for o in self._owners])
+
+    def _tokenised(self) -> Iterator[tuple[int, list[int]]]:
+        """(doc_id, ids) of the documents after the first `_docs`, which are read but not tokenised."""
+        docs = itertools.islice(self.corpus.documents(), self._docs, None)
+        while True:
+            chunk = list(itertools.islice(docs, self.batch_docs))
+            if not chunk:
+                return
+            texts = [d.text for d in chunk if d.ids is None]
+            enc = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+            for d in chunk:
+                yield d.doc_id, list(d.ids) if d.ids is not None else list(next(enc))
+
+    def _per_document(self) -> Iterator[tuple[int, list[int]]]:
+        for doc_id, ids in self._tokenised():
+            self._docs += 1
+            for start in range(0, len(ids), self.body):
+                yield doc_id, self.head + ids[start:start + self.body]
+
+    def _packed(self) -> Iterator[tuple[int, list[int]]]:
+        body, buf = self.body, self._buf
+        for doc_id, ids in self._tokenised():
+            self._docs += 1
+            if not ids:
+                continue
+            self._owners.append([len(buf), doc_id])
+            buf.extend(ids)
+            if self.sep is not None:
+                buf.append(self.sep)
+            while len(buf) >= body:
+                window = buf[:body]
+                # the document holding the window's first token
+                owner = next((d for s, d in reversed(self._owners) if s <= 0), -1)
+                del buf[:body]
+                owners = [[s - body, d] for s, d in self._owners]
+                # keep only the last owner starting at or before 0, and those after
+                keep = [i for i, (s, _) in enumerate(owners) if s <= 0]
+                self._owners = owners[keep[-1]:] if keep else owners
+                yield owner, self.head + window
+
+
 def context_windows(corpus: Corpus, tokenizer, context_size: int = 128, prepend_bos: bool = True,
-                    pack: bool = True, batch_docs: int = 64, separator: str = "bos") -> Iterator[tuple[int, list[int]]]:
-    """Yield (doc_id, token ids) windows of exactly `context_size` tokens, deterministically.
+                    pack: bool = True, batch_docs: int = 64, separator: str = "bos",
+                    start: WindowCursor | None = None) -> PackedWindows:
+    """(doc_id, token ids) windows of exactly `context_size` tokens, deterministically (an
+    iterator, PackedWindows, whose `cursor()` says where it stands).
 
     pack=True (SAEBench, through SAELens's ActivationsStore): documents are joined by `separator`
     (BOS, SAELens's default sequence separator; "eos"; "none") and cut into windows; doc_id is the
-    document of the window's first content token. pack=False: each document gives its own windows (the last
-    one of a document may be shorter), e.g. for per-document probing."""
-    if context_size < 2:
-        raise MsaeError(f"context size must be >= 2 (got {context_size})")
-    bos = _bos(tokenizer) if prepend_bos else None
-    if prepend_bos and bos is None:
-        raise MsaeError("the tokenizer has no BOS (or EOS) token to prepend")
-    sep = _separator(tokenizer, separator)
-    body = context_size - (1 if prepend_bos else 0)
-    head = [bos] if prepend_bos else []
-
-    def tokenised() -> Iterator[tuple[int, list[int]]]:
-        docs = corpus.documents()
-        while True:
-            chunk = list(itertools.islice(docs, batch_docs))
-            if not chunk:
-                return
-            enc = tokenizer([d.text for d in chunk], add_special_tokens=False)["input_ids"]
-            for d, ids in zip(chunk, enc):
-                yield d.doc_id, list(ids)
-
-    if not pack:
-        for doc_id, ids in tokenised():
-            for start in range(0, len(ids), body):
-                yield doc_id, head + ids[start:start + body]
-        return
-
-    buf: list[int] = []
-    owners: list[tuple[int, int]] = []  # (start offset in buf, doc_id), increasing
-    for doc_id, ids in tokenised():
-        if not ids:
-            continue
-        owners.append((len(buf), doc_id))
-        buf.extend(ids)
-        if sep is not None:
-            buf.append(sep)
-        while len(buf) >= body:
-            window = buf[:body]
-            # the document holding the window's first token
-            owner = next(d for s, d in reversed(owners) if s <= 0) if owners else -1
-            yield owner, head + window
-            del buf[:body]
-            owners = [(s - body, d) for s, d in owners]
-            # keep only the last owner starting at or before 0, and those after
-            keep = [i for i, (s, _) in enumerate(owners) if s <= 0]
-            if keep:
-                owners = owners[keep[-1]:]
+    document of the window's first content token. pack=False: each document gives its own windows
+    (the last one of a document may be shorter), e.g. for per-document probing. `start`: a cursor
+    of an earlier stream of the same corpus and settings (any context size): the windows that
+    follow it, without tokenising what came before."""
+    return PackedWindows(corpus, tokenizer, context_size, prepend_bos, pack, batch_docs, separator, start)

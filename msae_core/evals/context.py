@@ -149,11 +149,12 @@ def open_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
         d = config.data
         manifest = {"model": d.model, "layer": d.layer, "context_size": d.context_size, "corpus": d.corpus,
                     "prepend_bos": True, "n_windows": int(status.get("stream_windows") or 0),
-                    "source": "stream"}
+                    "cursor": status.get("stream_cursor"), "source": "stream"}
     elif manifest is not None and config.data.source == "stream":  # the evals skip every window the
         # run read (its cache holds them all once finished; a cache cut short holds fewer)
-        manifest = {**manifest, "n_windows": max(int(manifest.get("n_windows") or 0),
-                                                 int(status.get("stream_windows") or 0))}
+        streamed, cached = int(status.get("stream_windows") or 0), int(manifest.get("n_windows") or 0)
+        manifest = {**manifest, "n_windows": max(cached, streamed),
+                    "cursor": status.get("stream_cursor") if streamed >= cached else None}
     if manifest is None:
         raise MsaeError(f"run {run_dir.name}: its activation store {config.data.store_path} is gone "
                         f"(needed for the model, layer and corpus)")

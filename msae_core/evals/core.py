@@ -441,22 +441,26 @@ def weight_metrics(W_enc_DF: torch.Tensor, W_dec_FD: torch.Tensor, b_enc_F: torc
 
 def eval_windows(corpus: Any, tokenizer: Any, context_size: int, n_windows: int, *, skip_tokens: int = 0,
                  seed: int = 42, pool_factor: int = POOL_FACTOR, min_windows: int | None = None,
-                 separator: str = "bos") -> tuple[list[list[int]], dict]:
+                 separator: str = "bos", cursor: dict | None = None) -> tuple[list[list[int]], dict]:
     """`n_windows` context windows of `corpus` (int64 arrays), chosen (seeded) from the
     `pool_factor * n_windows` windows (at most POOL_EXTRA_MAX more than asked) that follow the first
     `skip_tokens` tokens of the packed stream; from the stream's beginning when fewer than
     `min_windows` (default `n_windows`) follow, fewer than asked (with a warning) when at least that
     many do. `separator`: the token between packed documents (the store's, for windows held out
-    from it). Returns (windows in stream order, provenance)."""
-    from msae_core.data.text import context_windows
+    from it). `cursor`: where the packed stream stood after those `skip_tokens` (a streamed run's
+    status.json `stream_cursor`, text.WindowCursor): the pool starts there, without tokenising the
+    prefix. Returns (windows in stream order, provenance)."""
+    from msae_core.data.text import WindowCursor, context_windows
 
     body = context_size - 1
     skip = math.ceil(skip_tokens / body) if skip_tokens > 0 else 0
     want = max(min(n_windows * pool_factor, n_windows + POOL_EXTRA_MAX), n_windows)
 
     def pool_from(start: int) -> list[np.ndarray]:
-        stream = context_windows(corpus, tokenizer, context_size, prepend_bos=True, separator=separator)
-        return [np.asarray(w, dtype=np.int64) for _, w in itertools.islice(stream, start, start + want)]
+        at = WindowCursor.of(cursor) if cursor and start == skip > 0 else None
+        stream = context_windows(corpus, tokenizer, context_size, prepend_bos=True, separator=separator, start=at)
+        first = 0 if at is not None else start
+        return [np.asarray(w, dtype=np.int64) for _, w in itertools.islice(stream, first, first + want)]
 
     pool, start = pool_from(skip), skip
     held_out = skip > 0
@@ -471,7 +475,8 @@ def eval_windows(corpus: Any, tokenizer: Any, context_size: int, n_windows: int,
     if len(picked) < n_windows:
         log.warning("corpus %s gives only %d of the %d windows asked for", corpus.name, len(picked), n_windows)
     info = {"corpus": corpus.name, "context_size": context_size, "held_out": held_out,
-            "skipped_windows": start, "pool_windows": len(pool), "used_windows": len(picked),
+            "skipped_windows": start, "from_cursor": bool(cursor) and start == skip > 0,
+            "pool_windows": len(pool), "used_windows": len(picked),
             "window_indices": [start + i for i in picked], "seed": seed}
     return [pool[i] for i in picked], info
 
@@ -527,7 +532,8 @@ def run(ctx: Any, cfg: Config) -> dict:
     corpus = corpus_of(ctx.manifest) if own_corpus else load_corpus(dataset)
     windows, win_info = eval_windows(corpus, lm.tokenizer, context_size, max(n_rec, n_density) * bs,
                                      skip_tokens=skip, seed=cfg.random_seed,
-                                     min_windows=max(n_rec, n_sv) * bs, separator=separator)
+                                     min_windows=max(n_rec, n_sv) * bs, separator=separator,
+                                     cursor=ctx.manifest.get("cursor") if skip else None)
     batches = [torch.from_numpy(np.stack(windows[i:i + bs])) for i in range(0, len(windows), bs)]
     ignore = sorted(lm.special_ids)
     layer, device = ctx.layer, lm.device

@@ -109,7 +109,9 @@ class DataConfig:
     corpus: str = field(default="embedded", metadata={"help": "stream: text corpus name"})
     corpus_config: str = field(default="", metadata={"help": "stream: a Hugging Face dataset's config name"})
     corpus_split: str = field(default="train", metadata={"help": "stream: a Hugging Face dataset's split"})
-    text_column: str = field(default="text", metadata={"help": "stream: a Hugging Face dataset's text column"})
+    text_column: str = field(default="text", metadata={
+        "help": "stream: a Hugging Face dataset's text column; a column of token ids is read as pre-tokenised, "
+                "and a dataset with no 'text' column but 'input_ids' is"})
     context_size: int = field(default=128, metadata={"help": "stream: tokens per context window"})
     model_dtype: str = field(default="auto", metadata={
         "help": "stream: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"})

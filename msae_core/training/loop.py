@@ -371,6 +371,8 @@ class _Fit:
         extra = {}
         if streamed:  # the evals hold out the windows trained on
             extra["stream_windows"] = windows
+            if self.world == 1:  # where the packed stream stands after them: the evals start there
+                extra["stream_cursor"] = self.store.cursor()
             extra["stream_outliers"] = self.store.outlier_summary()  # rank 0's rows: their norm outliers
             self.store.finish_cache()
         write_status(self.out_dir, state="done", step=step, eta_s=0, pid=None, error=None,
