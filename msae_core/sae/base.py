@@ -336,7 +336,28 @@ class SAE(nn.Module):
         training data-parallel: `collectives`)."""
         fired = self.collectives.any_fired((f_BF > 0).any(dim=0))
         self.tokens_since_fired += self.collectives.global_rows(f_BF.shape[0])
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)  # not t[fired] = 0: a boolean index waits for the GPU
+        if self.tokens_since_fired.is_cuda:  # the next step's dead count, copied to the host meanwhile
+            host = torch.empty((), dtype=torch.long, pin_memory=True)
+            host.copy_(self.dead_mask.sum(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._dead_count_copy = (host, done, self._counter_version())
+
+    def _counter_version(self) -> tuple[int, int]:
+        """The firing counter's storage and in-place version: changed by anything that writes it."""
+        return self.tokens_since_fired.data_ptr(), self.tokens_since_fired._version
+
+    def dead_count(self) -> int:
+        """How many latents are dead now, on the host. On CUDA it is read from the copy the last
+        firing update started, waiting for that copy only (the steps queued after it go on): one
+        step's AuxK needs the count as a number, and reading it off the device would wait for
+        everything queued. Counted here when the counter changed since (a checkpoint loaded)."""
+        copy = getattr(self, "_dead_count_copy", None)
+        if copy is not None and copy[2] == self._counter_version():
+            copy[1].synchronize()
+            return int(copy[0])
+        return int(self.dead_mask.sum())
 
     @property
     def dead_mask(self) -> torch.Tensor:

@@ -73,7 +73,7 @@ class TopKSAE(SAE):
     def _auxk_loss(self, x_n: torch.Tensor, x_hat_n: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         """AuxK: the k_aux strongest dead latents reconstruct the residual (0 with no dead latent)."""
         dead_F = self.dead_mask
-        n_dead = int(dead_F.sum())
+        n_dead = self.dead_count()
         auxk = x_n.new_zeros(())
         if n_dead > 0 and self.cfg.auxk_coeff > 0:
             k_aux = min(self.cfg.d_in // 2, n_dead)
