@@ -33,6 +33,8 @@ RUN_TRACE_RE = re.compile(r"^step_(\d+)\.safetensors$")
 RUN_EVENTS = "events.jsonl"
 RUN_EVAL = "eval.json"
 RUN_LOG = "train.log"
+# a member of a one-pass group (msae train-group) stops, after a checkpoint, when this file appears
+RUN_CANCEL = "cancel"
 RUN_OLD_CHECKPOINT_DIR = ".checkpoint.old"        # the previous checkpoint while the new one is renamed in
 RUN_TMP_CHECKPOINT_DIR = ".checkpoint.tmp-{pid}"  # a checkpoint being written by process pid
 RUN_TMP_CHECKPOINT_GLOB = ".checkpoint.tmp-*"

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "harvest": "msae_core.data.harvest",
     "synth": "msae_core.data.synth",
     "train": "msae_core.training.cli",
+    "train-group": "msae_core.training.group",
     "sweep": "msae_core.runs.sweep",
     "import": "msae_core.runs.saelens",
     "export": "msae_core.runs.saelens",

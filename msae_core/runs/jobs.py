@@ -16,6 +16,7 @@ from typing import Any
 
 from msae_core.artifacts import (
     HARVEST_LOG,
+    RUN_CANCEL,
     RUN_CHECKPOINT_DIR,
     RUN_CONFIG,
     RUN_LOG,
@@ -81,14 +82,18 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
 
 def cancel_run(path: str | os.PathLike) -> bool:
     """Ask a run to stop: SIGTERM to its process (it finishes the step, checkpoints, and ends as
-    `cancelled`). A queued run whose process is gone is marked cancelled at once. Returns whether
-    there was something to cancel."""
+    `cancelled`); a run training in a one-pass group (status `group`) gets a cancel file instead,
+    which stops it alone (training.group). A queued run whose process is gone is marked cancelled at
+    once. Returns whether there was something to cancel."""
     run_dir = Path(path)
     try:
         s = read_status(run_dir)
     except MsaeError:
         return False
     pid = s.get("pid")
+    if s.get("state") == "running" and s.get("group") and pid_alive(pid):
+        (run_dir / RUN_CANCEL).touch()
+        return True
     if s.get("state") in ("queued", "running") and pid_alive(pid):
         try:
             os.kill(int(pid), signal.SIGTERM)

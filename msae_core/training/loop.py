@@ -165,46 +165,75 @@ class _Fit:
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, progress: bool) -> RunResult:
-        tc = self.tc
-        if self.start >= tc.steps:  # already trained this far: (re)write final weights only
+        """Train from `start` to the last step, reading batches from the source (one run alone;
+        training.group feeds several runs from one loader through begin/advance/complete)."""
+        ended = self.begin(progress)
+        if ended is not None:
+            return ended
+        loader = BatchLoader(self.store, self.tc.batch_size, self.tc.seed, self.start, self.device,
+                             part=(dist.rank(), self.world))
+        try:
+            for s in range(self.start, self.tc.steps):
+                ended = self.advance(s, loader.next(s))
+                if ended is not None:
+                    return ended
+            return self.complete()
+        finally:
+            loader.close()
+            self.close()
+
+    def begin(self, progress: bool) -> RunResult | None:
+        """Before the first step: how the run ends already (trained this far: its final weights
+        written; cancelled while starting up), else None and the progress bar is up."""
+        if self.start >= self.tc.steps:  # already trained this far: (re)write final weights only
             return self._finish()
         if self.stop.signum is not None:  # cancelled while starting up: nothing trained, nothing to save
             return self._end("cancelled", self.start, f"cancelled by signal "
                              f"{signal.Signals(self.stop.signum).name} before step {self.start + 1}")
-        bar = tqdm(total=tc.steps, initial=self.start, disable=None if progress else True,
-                   desc=self.out_dir.name, unit="step", dynamic_ncols=True)
-        self.loader = BatchLoader(self.store, tc.batch_size, tc.seed, self.start, self.device,
-                                  part=(dist.rank(), self.world))
-        try:
-            for s in range(self.start, tc.steps):
-                done = s + 1
-                x_BD, out = self._step(s)
-                due = self._due(done)
-                if due.log or due.snapshot or due.checkpoint:  # the one host sync: read the bad-loss flag
-                    if dist.all_max(int(self.bad_at)) >= 0:
-                        return self._bad_loss()
-                    events = self.sae.drain_events()
-                    if self.writes:
-                        append_events(self.out_dir, events)
-                if due.log:
-                    self._log(done, x_BD, out, bar)
-                if due.snapshot:
-                    self._snapshot(done)
-                bar.update(1)
-                del x_BD, out  # the step's (B, F) tensors go before the next step makes its own
-                if due.checkpoint:
-                    self._checkpoint(done)
-                if due.stop and done < tc.steps:
-                    return self._end("cancelled", done, f"cancelled by signal "
-                                     f"{signal.Signals(self.stop.signum or signal.SIGTERM).name} at step "
-                                     f"{done}; checkpoint written")
-            self._join_checkpoint()
-        finally:
-            self.loader.close()
-            bar.close()
-            if self._ckpt_thread is not None:  # leaving on an error: the write still ends whole
-                self._ckpt_thread.join()
+        self.bar = tqdm(total=self.tc.steps, initial=self.start, disable=None if progress else True,
+                        desc=self.out_dir.name, unit="step", dynamic_ncols=True)
+        return None
+
+    def advance(self, s: int, x_BD: torch.Tensor) -> RunResult | None:
+        """Step s on batch `x_BD` (batch s of the run's order), then what is due after it: a
+        metrics line, a snapshot, a checkpoint. None while the run goes on; how it ended when the
+        loss stopped being finite or a stop was asked for."""
+        done = s + 1
+        x_BD, out = self._step(s, x_BD)
+        due = self._due(done)
+        if due.log or due.snapshot or due.checkpoint:  # the one host sync: read the bad-loss flag
+            if dist.all_max(int(self.bad_at)) >= 0:
+                return self._bad_loss()
+            events = self.sae.drain_events()
+            if self.writes:
+                append_events(self.out_dir, events)
+        if due.log:
+            self._log(done, x_BD, out, self.bar)
+        if due.snapshot:
+            self._snapshot(done)
+        self.bar.update(1)
+        del x_BD, out  # the step's (B, F) tensors go before the next step makes its own
+        if due.checkpoint:
+            self._checkpoint(done)
+        if due.stop and done < self.tc.steps:
+            return self._end("cancelled", done, f"cancelled by signal "
+                             f"{signal.Signals(self.stop.signum or signal.SIGTERM).name} at step "
+                             f"{done}; checkpoint written")
+        return None
+
+    def complete(self) -> RunResult:
+        """After the last step: the checkpoint being written, then the final weights and status."""
+        self._join_checkpoint()
         return self._finish()
+
+    def close(self) -> None:
+        """The progress bar closed and a checkpoint being written finished (also when leaving on an
+        error: the write still ends whole)."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+            self.bar = None
+        if self._ckpt_thread is not None:
+            self._ckpt_thread.join()
 
     def _due(self, done: int) -> "Due":
         """What follows step `done` (completed steps). The stop flag is read once, so the
@@ -232,12 +261,11 @@ class _Fit:
             return self.stop.signum is not None
         return check_step and bool(dist.all_max(self.stop.signum is not None))
 
-    def _step(self, s: int) -> tuple[torch.Tensor, SAEOutput]:
-        """One optimizer step on batch s: (the batch, the step's forward output). Nothing here
-        waits for the device: a non-finite loss is recorded on the device (`bad_at`, the loss,
-        whether the batch itself was not finite) and read by `run` at its next log, snapshot or
+    def _step(self, s: int, x_BD: torch.Tensor) -> tuple[torch.Tensor, SAEOutput]:
+        """One optimizer step on batch s, `x_BD`: (the batch, the step's forward output). Nothing
+        here waits for the device: a non-finite loss is recorded on the device (`bad_at`, the loss,
+        whether the batch itself was not finite) and read by `advance` at its next log, snapshot or
         checkpoint step, before anything of the bad step is written."""
-        x_BD = self.loader.next(s)
         if self.outlier_norm is not None:  # --outliers exclude|clip; metrics: the rows it touched a step
             x_BD, n_over = limit_outliers(x_BD, self.outlier_norm, self.config.data.outliers)
             self.sums["outlier_rows"] = self.sums["outlier_rows"] + n_over if "outlier_rows" in self.sums else n_over

@@ -78,6 +78,23 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
 def _lead(config: RunConfig, out_dir: Path, progress: bool, stop: StopFlag, store: ActivationSource, gate: dict) -> RunResult:
     """train() under the folder lock: the folder's checks, then the run. Rank 0 of a data-parallel
     run opens `gate` (and tells the other ranks to go on) once the folder is accepted."""
+    config, ckpt = accept_folder(config, out_dir, gate)
+    try:
+        return _Fit(config, out_dir, store, stop, ckpt).run(progress)
+    except BaseException as exc:
+        err = failure_text(exc, out_dir)
+        write_status(out_dir, state="failed", error=err, pid=None, eta_s=None)
+        if isinstance(exc, OSError):
+            raise MsaeError(err) from exc
+        raise
+
+
+def accept_folder(config: RunConfig, out_dir: Path, gate: dict | None = None,
+                  group: int | None = None) -> tuple[RunConfig, Path | None]:
+    """The run folder's checks (a run with other settings is refused), its config.json and status
+    `running` written: (the config as the folder records it, the checkpoint to resume from).
+    Called under the folder's lock. `group`: the run trains in a one-pass group of that many
+    (training.group; its status says so: a cancel then stops this run alone, runs.jobs.cancel_run)."""
     existing_cfg = out_dir / RUN_CONFIG
     ckpt = find_checkpoint(out_dir)
     if existing_cfg.exists() and (ckpt is not None or (out_dir / SAE_WEIGHTS).exists()):
@@ -90,29 +107,27 @@ def _lead(config: RunConfig, out_dir: Path, progress: bool, stop: StopFlag, stor
             if diff:
                 raise MsaeError(f"{out_dir} holds a run with other settings ({diff}): "
                                 "choose another --out or delete it")
-    dist.all_max(0)
-    gate["open"] = True
+    if gate is not None:
+        dist.all_max(0)
+        gate["open"] = True
     try:
         prev = read_status(out_dir)
     except MsaeError:
         prev = {}
     config = _absolute_paths(config)  # readers of the run (the workbench, evals) start from other folders
     config.save(existing_cfg)
-    write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None,
+    write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None, group=group,
                  total_steps=config.train.steps, started=prev.get("started") or time.time())
-    try:
-        return _Fit(config, out_dir, store, stop, ckpt).run(progress)
-    except MsaeError as exc:
-        write_status(out_dir, state="failed", error=str(exc), pid=None, eta_s=None)
-        raise
-    except OSError as exc:
-        err = _os_error_text(exc, out_dir)
-        write_status(out_dir, state="failed", error=err, pid=None, eta_s=None)
-        raise MsaeError(err) from exc
-    except BaseException as exc:
-        write_status(out_dir, state="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0],
-                     pid=None, eta_s=None)
-        raise
+    return config, ckpt
+
+
+def failure_text(exc: BaseException, out_dir: Path) -> str:
+    """The status line of a run that failed with `exc`."""
+    if isinstance(exc, MsaeError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return _os_error_text(exc, out_dir)
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _follow(config: RunConfig, out_dir: Path, progress: bool, stop: "StopFlag | None", store: ActivationSource) -> RunResult:

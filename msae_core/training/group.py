@@ -1,0 +1,201 @@
+"""Several SAEs trained in one pass over one activation source: each batch is read (and shuffled)
+once and fed to every member in turn, and each member keeps its own run folder exactly as if it had
+been trained alone (config, metrics, traces, events, checkpoints, status, final weights).
+
+    msae train-group --config a.json b.json c.json --out RUNS/a RUNS/b RUNS/c
+
+What members share, and what they may not differ in (`shared_source_problems`): the activation
+source (the `data` section), the batch size, the data order's seed (`train.seed`), the device and
+bf16. Everything else may differ: architecture, width, k, lr, steps, the momentum knobs and the
+SAE's initialisation seed (`sae.seed`: replicates of one setting on one data order).
+
+Equal to alone: batch s of a store is a function of (seed, s) only, and no training step reads the
+global RNG, so member i's weights, buffers, Adam state and metrics rows equal those of its config
+trained alone by `msae train` (a test, bitwise on the CPU). Members that resume from different
+checkpoints start together at the earliest one; a member skips the steps it has done.
+
+Faults stay local: a member whose loss is not finite ends `diverged` with its last good checkpoint
+while the others go on; an error in one member's step ends that member `failed`; a cancel file in
+one member's folder (`runs.jobs.cancel_run` writes it for a group's member) stops that member alone,
+after a checkpoint; SIGTERM or SIGINT to the process stops every member, each after a checkpoint.
+Killed, the same command resumes every unfinished member from its own checkpoint.
+
+Streamed sources are not grouped yet: a streamed run trains alone (its stream state is one run's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+from pathlib import Path
+
+from msae_core import dist
+from msae_core.artifacts import RUN_CANCEL
+from msae_core.data.loader import BatchLoader
+from msae_core.devices import resolve_device
+from msae_core.errors import MsaeError
+from msae_core.procs import FolderLock, StopFlag
+from msae_core.runs.config import RunConfig
+from msae_core.runs.folder import refuse_foreign_out, write_status
+from msae_core.training.loop import RunResult, _Fit
+from msae_core.training.trainer import accept_folder, failure_text, run_evals
+
+log = logging.getLogger(__name__)
+
+
+def shared_key(config: RunConfig) -> str:
+    """What members of one group must share, as text: two configs with equal keys train together."""
+    t = config.train
+    return repr((sorted(dataclasses.asdict(config.data).items()), t.batch_size, t.seed,
+                 str(resolve_device(t.device)), t.bf16))
+
+
+def shared_source_problems(configs: list[RunConfig]) -> list[str]:
+    """Why `configs` cannot train in one pass ([] when they can), one line per member that differs
+    from the first."""
+    out = []
+    if any(c.data.source == "stream" for c in configs):
+        out.append("a streamed run trains alone (groups read an activation store)")
+    first = configs[0]
+    for i, c in enumerate(configs[1:], start=1):
+        diffs = [name for name, a, b in (
+            ("data", dataclasses.asdict(first.data), dataclasses.asdict(c.data)),
+            ("train.batch_size", first.train.batch_size, c.train.batch_size),
+            ("train.seed (the data order)", first.train.seed, c.train.seed),
+            ("train.device", str(resolve_device(first.train.device)), str(resolve_device(c.train.device))),
+            ("train.bf16", first.train.bf16, c.train.bf16)) if a != b]
+        if diffs:
+            out.append(f"member {i + 1} differs from member 1 in {', '.join(diffs)}")
+    return out
+
+
+class _MemberStop:
+    """A member's stop flag: the process's (SIGTERM, SIGINT: every member) or its own cancel file."""
+
+    def __init__(self, group: StopFlag, out_dir: Path):
+        self.group, self.cancel_file = group, out_dir / RUN_CANCEL
+
+    @property
+    def signum(self) -> int | None:
+        if self.group.signum is not None:
+            return self.group.signum
+        return int(signal.SIGTERM) if self.cancel_file.exists() else None
+
+
+def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: bool = True,
+                stop: StopFlag | None = None, evals: bool = True) -> list[RunResult]:
+    """Train (or resume) every member in one pass over their shared source; one RunResult per
+    member, in order. MsaeError before anything is written when the configs do not share a source
+    (`shared_source_problems`) or a member's settings are invalid. `evals`: then each member that
+    is done runs its own `train.evals` (still under its folder's lock, as `msae train` does)."""
+    if len(configs) != len(out_dirs) or not configs:
+        raise MsaeError(f"train-group takes one --out per --config (got {len(configs)} and {len(out_dirs)})")
+    out_dirs = [Path(p) for p in out_dirs]
+    if len({p.resolve() for p in out_dirs}) != len(out_dirs):
+        raise MsaeError("train-group: two members share one --out folder")
+    if dist.world_size() > 1:
+        raise MsaeError("train-group under torchrun is not supported yet: train each run with msae train")
+    problems = shared_source_problems(configs)
+    if problems:
+        raise MsaeError("these runs cannot train in one pass: " + "; ".join(problems))
+    first, source = configs[0].check()  # the source, opened once
+    configs = [first] + [c.check(source)[0] for c in configs[1:]]
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(stop or StopFlag())
+        fits: list[_Fit | None] = []
+        results: list[RunResult | None] = []
+        for out_dir in out_dirs:
+            refuse_foreign_out(out_dir)
+        for out_dir in out_dirs:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(FolderLock(out_dir, what="training"))
+        accepted = []
+        for config, out_dir in zip(configs, out_dirs):  # every folder checked before any is written
+            (out_dir / RUN_CANCEL).unlink(missing_ok=True)
+            accepted.append(accept_folder(config, out_dir, group=len(configs)))
+        configs = [c for c, _ in accepted]
+        for (config, ckpt), out_dir in zip(accepted, out_dirs):
+            try:
+                fit = _Fit(config, out_dir, source, _MemberStop(stop, out_dir), ckpt)
+                ended = fit.begin(progress=False)
+            except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
+                fit, ended = None, _failed(out_dir, exc)
+            fits.append(None if ended is not None else fit)
+            results.append(ended)
+        _run_together(fits, results, source, configs[0], progress)
+        for config, result in zip(configs, results):
+            if evals and result is not None and result.state == "done" and config.train.evals:
+                run_evals(result.out_dir, list(config.train.evals), config)
+    return [r for r in results if r is not None]
+
+
+def _run_together(fits: list[_Fit | None], results: list[RunResult | None], source, config: RunConfig,
+                  progress: bool) -> None:
+    """The shared loop: batch s once, then every member still training at s takes its step."""
+    live = [i for i, f in enumerate(fits) if f is not None]
+    if not live:
+        return
+    start = min(fits[i].start for i in live)
+    end = max(fits[i].tc.steps for i in live)
+    tc = config.train
+    loader = BatchLoader(source, tc.batch_size, tc.seed, start, fits[live[0]].device)
+    try:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=end, initial=start, disable=None if progress else True, desc="group", unit="step") as bar:
+            for s in range(start, end):
+                if not live:
+                    break
+                x_BD = loader.next(s)
+                for i in list(live):
+                    fit = fits[i]
+                    if s < fit.start:
+                        continue
+                    try:
+                        ended = fit.advance(s, x_BD)
+                        if ended is None and s + 1 == fit.tc.steps:
+                            ended = fit.complete()
+                    except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
+                        fit.close()
+                        ended = _failed(fit.out_dir, exc)
+                    if ended is not None:
+                        results[i] = ended
+                        live.remove(i)
+                        fit.close()
+                bar.update(1)
+    finally:
+        loader.close()
+        for i in live:
+            fits[i].close()
+
+
+def _failed(out_dir: Path, exc: BaseException) -> RunResult:
+    err = failure_text(exc, out_dir)
+    write_status(out_dir, state="failed", error=err, pid=None, eta_s=None)
+    log.error("%s: %s", out_dir.name, err)
+    return RunResult("failed", 0, out_dir, {}, err)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-group", help="train several runs in one pass over one activation store",
+        description="Train (or resume) several runs that share an activation store, batch size and "
+                    "data seed in one process: each batch is read once and fed to every run; each "
+                    "run keeps its own folder, as `msae train --config C --out RUN` would write it.")
+    p.add_argument("--config", nargs="+", required=True, help="run config json files, one per run")
+    p.add_argument("--out", nargs="+", required=True, help="run folders, in the order of --config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    configs = [RunConfig.load(c) for c in args.config]
+    results = train_group(configs, args.out, progress=not args.no_progress)
+    for r in results:
+        log.info("%s: %s at step %d%s", r.out_dir.name, r.state, r.step, f" ({r.error})" if r.error else "")
+    if any(r.state in ("failed", "diverged") for r in results):
+        return 1
+    return 130 if any(r.state == "cancelled" for r in results) else 0
