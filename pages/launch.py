@@ -15,6 +15,7 @@ from msae_core.paths import runs_root
 from msae_core.inspect.runs_table import list_stores
 from msae_core.runs.jobs import start_harvest
 from msae_core.runs.jobs import cancel_run, launch_run
+from msae_core.runs.memory import sweep_plan
 from msae_core.paths import safe_run_name
 from msae_core.runs.folder import list_runs
 
@@ -214,6 +215,11 @@ with st.expander("Sweep grid (same settings, one run per point)"):
         grid = parse_grid([ln for ln in grid_text.splitlines() if ln.strip()])
         points = expand_grid(cfg, grid, safe_run_name(sweep_name))
         st.caption(f"{len(points)} runs: " + ", ".join(p.name for p in points[:12]) + (" ..." if len(points) > 12 else ""))
+        st.caption(sweep_plan([p.config for p in points], [p.name for p in points],
+                              _opened_store(acts) if acts else None), help=(
+            "The runs that share the activation store, batch size, data seed and device train in one "
+            "process, each batch read once for all of them; each is still its own run. Memory: every "
+            "run's weights and Adam state, the largest run's step, the data (msae_core.runs.memory)."))
     except MsaeError as exc:
         st.error(str(exc))
     if st.button(f"Launch sweep ({len(points)} runs)", key="sweep_go", disabled=not points or bool(problems)):

@@ -32,9 +32,9 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("group") / "store")
 
 
-def _config(store, arch="topk", steps=30, seed=0, **sae):
+def _config(store, arch="topk", steps=30, seed=0, d_sae=128, **sae):
     base = {"momentum": "topk"}.get(arch)
-    sae_cfg = SAEConfig(arch=arch, d_in=D, d_sae=128, k=8, seed=seed, **({"base": base} if base else {}),
+    sae_cfg = SAEConfig(arch=arch, d_in=D, d_sae=d_sae, k=8, seed=seed, **({"base": base} if base else {}),
                         **({"matryoshka_widths": [32, 64]} if arch == "matryoshka" else {}),
                         **({"momentum": MomentumConfig(lam=0.1, tau=0.3, refresh_every=7)} if arch == "momentum" else {}),
                         **sae)
@@ -171,3 +171,21 @@ def test_runs_that_do_not_share_a_source_are_refused_in_one_line(store, tmp_path
     with pytest.raises(MsaeError, match="share one --out"):
         train_group([a, a], [tmp_path / "a", tmp_path / "a"], progress=False)
     assert not (tmp_path / "a").exists()
+
+
+def test_memory_is_planned_before_a_group_starts(store, tmp_path):
+    """A group holds every member's weights and Adam state but steps one member at a time: its
+    estimate counts the states once each and the largest step; too little free memory refuses it
+    in one line naming the largest members, before any folder is written."""
+    from msae_core.runs.memory import group_bytes, plan, sae_bytes
+
+    small, big = _config(store), _config(store, d_sae=1024)
+    one, wide = sae_bytes(small), sae_bytes(big)
+    assert wide.state > 7 * one.state and wide.step == 8 * one.step
+    total, members = group_bytes([small, small, big], ["a", "b", "c"])
+    alone_total, _ = group_bytes([big], ["c"])
+    assert total == alone_total + 2 * one.state  # the small members add their states, not their steps
+    assert [n for n, _ in members] == ["c", "a", "b"]
+    with pytest.raises(MsaeError, match=r"need about .* GB on cpu where 0\.00 GB is free \(largest: c "):
+        plan([small, big], ["a", "c"], free=1000)
+    assert plan([small, big], ["a", "c"], free=1 << 40) == group_bytes([small, big], ["a", "c"])[0]

@@ -465,6 +465,8 @@ def test_sweep_from_the_launch_page_leaves_the_cli_sweep_record(tmp_path, monkey
     at.number_input(key="batch").set_value(64).run()
     at.text_area(key="grid").set_value("lam=0,0.1").run()
     at.text_input(key="sweep_name").set_value("uisw").run()
+    plan = [c.value for c in at.caption if "process" in c.value]
+    assert plan and plan[0].startswith("1 process (2 runs, each process one pass over its data); the largest needs about ")
     at.button(key="sweep_go").click().run()
     assert_clean(at)
     rec_path = sweep_dir(root / "runs", "uisw") / "sweep.json"

@@ -88,6 +88,11 @@ def test_sweep_2x2_parallel_then_resume(store, tmp_path, monkeypatch):
     record = json.loads((sweep_dir(tmp_path / "runs", "sw") / "sweep.json").read_text())
     assert [p["state"] for p in record["points"]] == ["done"] * 4
     assert record["points"][1]["values"] == {"sae.momentum.beta": 0.9, "sae.momentum.lam": 0.1}
+    # the four points share the store: one pass, one process, one log each run's train.log shows
+    assert [p["group"] for p in record["points"]] == [0] * 4
+    assert len({read_status(r.path)["pid"] for r in runs.values()}) == 1
+    group_log = sweep_dir(tmp_path / "runs", "sw") / "group-0.log"
+    assert all((r.path / "train.log").resolve() == group_log.resolve() for r in runs.values())
 
     # break one point (as if killed after its checkpoint), note the others' weights
     broken = tmp_path / "runs" / "sw-beta0.9-lam0.1"

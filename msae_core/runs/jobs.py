@@ -47,6 +47,50 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
 
     A folder that already holds a finished or running run is refused; an unfinished one (failed,
     cancelled, killed) with the same settings is resumed."""
+    run_dir, config = _prepare(config, root, name, evals, store)
+    write_status(run_dir, state="queued", step=checkpoint_step(run_dir / RUN_CHECKPOINT_DIR) or 0,
+                 total_steps=config.train.steps, error=None, pid=None, queued=time.time(), group=None)
+    cmd = train_command(run_dir)
+    if max_parallel:
+        cmd += ["--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
+    proc = spawn(cmd, log=run_dir / RUN_LOG)
+    write_status(run_dir, pid=proc.pid)
+    log.info("launched run %s (pid %d)", run_dir, proc.pid)
+    return run_dir
+
+
+def launch_group(configs: list[RunConfig], root: str | os.PathLike, names: list[str], log_path: Path,
+                 evals: tuple[str, ...] | list[str] = (), max_parallel: int | None = None,
+                 store: Any = None) -> list[Path]:
+    """`launch_run` for runs that train in one pass (training.group; runs.onepass says which can):
+    each run folder gets its config.json and status `queued` as launch_run writes them, and one
+    detached `msae train-group` process trains them all (output in `log_path`, which each run's
+    train.log links to when it has none yet). With `max_parallel` the group takes one place in the
+    run queue. Returns the run folders."""
+    prepared = [_prepare(c, root, n, evals, store) for c, n in zip(configs, names)]
+    for run_dir, config in prepared:
+        write_status(run_dir, state="queued", step=checkpoint_step(run_dir / RUN_CHECKPOINT_DIR) or 0,
+                     total_steps=config.train.steps, error=None, pid=None, queued=time.time(),
+                     group=len(prepared))
+    cmd = msae_command("train-group", "--config", *[d / RUN_CONFIG for d, _ in prepared],
+                       "--out", *[d for d, _ in prepared])
+    if max_parallel:
+        cmd += ["--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for run_dir, _ in prepared:
+        if not (run_dir / RUN_LOG).exists() and not (run_dir / RUN_LOG).is_symlink():
+            (run_dir / RUN_LOG).symlink_to(log_path.resolve())
+    proc = spawn(cmd, log=log_path)
+    for run_dir, _ in prepared:
+        write_status(run_dir, pid=proc.pid)
+    log.info("launched %d runs in one pass (pid %d): %s", len(prepared), proc.pid,
+             ", ".join(d.name for d, _ in prepared))
+    return [d for d, _ in prepared]
+
+
+def _prepare(config: RunConfig, root: str | os.PathLike, name: str, evals: tuple[str, ...] | list[str],
+             store: Any) -> tuple[Path, RunConfig]:
+    """The run folder root/<name> checked and its config.json written (launch_run's rules)."""
     name = safe_run_name(name)
     run_dir = Path(root) / name
     if evals:
@@ -69,15 +113,7 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
                 raise MsaeError(f"run {name} exists with other settings ({diff}): choose another name")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / RUN_CONFIG)
-    write_status(run_dir, state="queued", step=checkpoint_step(run_dir / RUN_CHECKPOINT_DIR) or 0,
-                 total_steps=config.train.steps, error=None, pid=None, queued=time.time())
-    cmd = train_command(run_dir)
-    if max_parallel:
-        cmd += ["--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
-    proc = spawn(cmd, log=run_dir / RUN_LOG)
-    write_status(run_dir, pid=proc.pid)
-    log.info("launched run %s (pid %d)", run_dir, proc.pid)
-    return run_dir
+    return run_dir, config
 
 
 def cancel_run(path: str | os.PathLike) -> bool:
@@ -107,44 +143,55 @@ def cancel_run(path: str | os.PathLike) -> bool:
     return False
 
 
-def running_runs(root: str | os.PathLike, exclude: Path | None = None) -> list[Path]:
+def running_runs(root: str | os.PathLike, exclude: Path | list[Path] | None = None) -> list[Path]:
     """Run folders under `root` whose state is running and whose process is alive."""
+    skip = {p.resolve() for p in ([exclude] if isinstance(exclude, Path) else exclude or [])}
     out = []
     for info in list_runs(root, metrics_tail=0):
-        if exclude is not None and info.path.resolve() == exclude.resolve():
+        if info.path.resolve() in skip:
             continue
         if info.state == "running" and pid_alive(info.status.get("pid")):
             out.append(info.path)
     return out
 
 
-def wait_for_slot(run_dir: str | os.PathLike, root: str | os.PathLike, max_parallel: int,
+def running_processes(root: str | os.PathLike, exclude: list[Path]) -> int:
+    """Training processes under `root`: a one-pass group's runs share one process, one place."""
+    return len({read_status(p).get("pid") for p in running_runs(root, exclude=exclude)})
+
+
+def wait_for_slot(run_dir: str | os.PathLike | list, root: str | os.PathLike, max_parallel: int,
                   poll_s: float = 1.0, timeout_s: float | None = None, stop: Any = None) -> bool:
-    """Stay `queued` until fewer than `max_parallel` runs under `root` are running, then mark this
-    run running (checked and marked under a lock file, so two waiting runs never take one slot).
-    SIGTERM or SIGINT while waiting ends the run as `cancelled` (returns False); so does the
-    timeout. `stop`: the caller's procs.StopFlag when it has entered one (else one is entered here)."""
+    """Stay `queued` until fewer than `max_parallel` training processes under `root` are running
+    (a one-pass group's runs are one), then mark this run (or this list of a group's runs) running
+    (checked and marked under a lock file, so two waiting runs never take one slot). SIGTERM or
+    SIGINT while waiting ends the run as `cancelled` (returns False); so does the timeout. `stop`:
+    the caller's procs.StopFlag when it has entered one (else one is entered here)."""
     import fcntl
 
-    run_dir, root = Path(run_dir), Path(root)
+    run_dirs = [Path(p) for p in (run_dir if isinstance(run_dir, list) else [run_dir])]
+    root = Path(root)
     with (stop or StopFlag()) as stop:
-        write_status(run_dir, state="queued", pid=os.getpid())
+        for d in run_dirs:
+            write_status(d, state="queued", pid=os.getpid())
         end = None if timeout_s is None else time.monotonic() + timeout_s
         root.mkdir(parents=True, exist_ok=True)
         while stop.signum is None:
             with open(root / RUN_QUEUE_LOCK, "a") as lockf:
                 fcntl.flock(lockf, fcntl.LOCK_EX)
                 try:
-                    if len(running_runs(root, exclude=run_dir)) < max_parallel:
-                        write_status(run_dir, state="running", pid=os.getpid())
+                    if running_processes(root, exclude=run_dirs) < max_parallel:
+                        for d in run_dirs:
+                            write_status(d, state="running", pid=os.getpid())
                         return True
                 finally:
                     fcntl.flock(lockf, fcntl.LOCK_UN)
             if end is not None and time.monotonic() > end:
                 break
             time.sleep(poll_s)
-        write_status(run_dir, state="cancelled", pid=None,
-                     error="cancelled while queued" if stop.signum is not None else "gave up waiting for a free slot")
+        for d in run_dirs:
+            write_status(d, state="cancelled", pid=None,
+                         error="cancelled while queued" if stop.signum is not None else "gave up waiting for a free slot")
         return False
 
 

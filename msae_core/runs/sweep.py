@@ -1,12 +1,17 @@
-"""`msae sweep`: one training run per point of a grid over any config fields, resumable.
+"""`msae sweep`: one training run per point of a grid over any config fields, resumable; the points
+that share an activation store train in one pass (msae train-group), each its own run folder.
 
     msae sweep --base-config run.json --grid beta=0.9,0.95 tau=0.3,0.5 lam=0,0.1 \
         --root results/runs --name NAME [--parallel 2]
 
 A grid key is a setting of the run config, dotted (`sae.momentum.beta`, `train.lr`) or bare (`beta`)
-when the bare name is in one place only; `seeds=0,1,2` is the replicate axis (training seeds). Each point is its own run folder `ROOT/NAME-beta0.9-tau0.3-lam0`,
-trained by its own `msae train` process (`--parallel N` at a time). Running the same sweep again
-skips the points that are done and resumes the others from their checkpoints.
+when the bare name is in one place only; `seeds=0,1,2` is the replicate axis (training seeds: the
+SAE's initialisation and the data order, so each seed is a pass of its own). Each point is its own
+run folder `ROOT/NAME-beta0.9-tau0.3-lam0`. The points that share an activation store, batch size,
+data seed and device train in one `msae train-group` process, each batch read once for all of them;
+a streamed point, and every point with `--separate`, in its own `msae train` process (`--parallel N`
+processes at a time). Running the same sweep again skips the points that are done and resumes the
+others from their checkpoints.
 `ROOT/_sweeps/NAME/sweep.json` lists the points, their values, run folders and states.
 """
 
@@ -223,13 +228,18 @@ def spread_over_gpus(configs: list[RunConfig], n_gpus: int) -> list[RunConfig]:
 
 
 def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, name: str,
-                 parallel: int = 1, evals: list[str] | tuple[str, ...] = ()) -> dict:
+                 parallel: int = 1, evals: list[str] | tuple[str, ...] = (), one_pass: bool = True) -> dict:
     """Write the sweep record ROOT/_sweeps/NAME/sweep.json and start every point that is not done
-    through the one run queue (runs.launch_run with max_parallel: each point is its own `msae
-    train` process, queued until fewer than `parallel` runs under ROOT are running). The Launch
-    page and `msae sweep` both start sweeps here. On a machine with several GPUs the points whose
-    device is `auto` are spread over them (spread_over_gpus). Returns the record."""
-    from msae_core.runs.jobs import launch_run
+    through the one run queue (queued until fewer than `parallel` training processes run under
+    ROOT). `one_pass`: the points that share an activation store, batch size, data seed and device
+    (runs.onepass) train as one `msae train-group` process, each batch read once for all of them
+    (a group's memory is planned first: runs.memory); the others, and every point when not
+    `one_pass`, as their own `msae train`. The Launch page and `msae sweep` both start sweeps here.
+    On a machine with several GPUs the points whose device is `auto` are spread over them
+    (spread_over_gpus), a group per GPU. Returns the record."""
+    from msae_core.runs.jobs import launch_group, launch_run
+    from msae_core.runs.memory import plan
+    from msae_core.runs.onepass import one_pass_groups
 
     if parallel < 1:
         raise MsaeError(f"--parallel must be >= 1 (got {parallel})")
@@ -257,6 +267,7 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
         p.config.save(sdir / f"{p.name}.json")
         record["points"].append({"name": p.name, "run": str(root / p.name), "values": p.values,
                                  "state": None})
+    to_start = []
     for p, rec in zip(points, record["points"]):
         info = read_run(root / p.name)
         if info.problem is None and (info.state == "done" and info.has_weights
@@ -264,10 +275,32 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
             rec["state"] = info.state  # done, or already on its way
             log.info("sweep %s: %s is %s, not started again", name, p.name, info.state)
             continue
-        same_store = p.config.data.acts == base.data.acts
-        launch_run(p.config, root, p.name, evals=evals, max_parallel=parallel,
-                   store=store if same_store else None)
-        rec["state"] = "queued"
+        to_start.append((p, rec))
+    groups = (one_pass_groups([p.config for p, _ in to_start]) if one_pass
+              else [[i] for i in range(len(to_start))])
+    for idx in groups:  # every group's memory planned before any point starts
+        members = [to_start[i][0] for i in idx]
+        if len(members) > 1 and members[0].config.data.acts == base.data.acts:
+            itemsize = 2 if store.dtype == "float16" else 4
+            plan([m.config.resolved(store) for m in members], [m.name for m in members],
+                 store_bytes=store.n_rows * store.d_in * itemsize)
+    for gi, idx in enumerate(groups):
+        members = [to_start[i] for i in idx]
+        same_store = all(p.config.data.acts == base.data.acts for p, _ in members)
+        if len(members) == 1:
+            p, rec = members[0]
+            launch_run(p.config, root, p.name, evals=evals, max_parallel=parallel,
+                       store=store if same_store else None)
+        else:
+            launch_group([p.config for p, _ in members], root, [p.name for p, _ in members],
+                         sdir / f"group-{gi}.log", evals=evals, max_parallel=parallel,
+                         store=store if same_store else None)
+            log.info("sweep %s: %d points in one pass: %s", name, len(members), ", ".join(p.name for p, _ in members))
+        for _, rec in members:
+            rec["state"], rec["group"] = "queued", gi if len(members) > 1 else None
+    if one_pass and len(groups) > 1:
+        log.info("sweep %s: %d processes (points that differ in their activation store, batch size, data "
+                 "seed or device, or stream, train apart)", name, len(groups))
     _save_record(sdir, record)
     return record
 
@@ -307,11 +340,11 @@ def wait_sweep(root: str | os.PathLike, name: str, poll_s: float = 0.5, stop: An
 
 
 def run_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike, name: str,
-              parallel: int = 1, poll_s: float = 0.2) -> dict:
+              parallel: int = 1, poll_s: float = 0.2, one_pass: bool = True) -> dict:
     """Launch every point (skipping those done) and wait for all of them; SIGTERM cancels them.
     Returns the sweep record; its points carry their final state."""
     with StopFlag() as stop:
-        record = launch_sweep(base, grid, root, name, parallel)
+        record = launch_sweep(base, grid, root, name, parallel, one_pass=one_pass)
         return wait_sweep(root, record["name"], poll_s, stop)
 
 
@@ -327,7 +360,11 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--root", default="results/runs", help="folder of the run folders (default: results/runs)")
     p.add_argument("--name", default="", help="sweep name; run folders are NAME-<values> "
                    "(default: sweep-<the grid's fields>, e.g. sweep-lam-tau)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="training processes at a time; a one-pass group is one (default: 1)")
+    p.add_argument("--separate", action="store_true",
+                   help="every point its own process, reading the data again (default: the points that "
+                        "share an activation store, batch size, data seed and device train in one pass)")
     p.set_defaults(func=run_cli)
 
 
@@ -340,7 +377,7 @@ def run_cli(args: argparse.Namespace) -> int:
     base = RunConfig.load(args.base_config)
     grid = parse_grid(args.grid)
     args.name = args.name or default_name(grid)
-    record = run_sweep(base, grid, args.root, args.name, parallel=args.parallel)
+    record = run_sweep(base, grid, args.root, args.name, parallel=args.parallel, one_pass=not args.separate)
     bad = [f"{p['name']} ({p['state']})" for p in record["points"] if p["state"] != "done"]
     if bad:
         raise MsaeError(f"{len(bad)} of {len(record['points'])} sweep points did not finish: "

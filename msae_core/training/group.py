@@ -20,13 +20,15 @@ one member's folder (`runs.jobs.cancel_run` writes it for a group's member) stop
 after a checkpoint; SIGTERM or SIGINT to the process stops every member, each after a checkpoint.
 Killed, the same command resumes every unfinished member from its own checkpoint.
 
+Memory is planned before anything starts (runs.memory): the members' weights and Adam states, the
+largest member's step, the source; a group that would not fit is refused in one line.
+
 Streamed sources are not grouped yet: a streamed run trains alone (its stream state is one run's).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -34,41 +36,16 @@ from pathlib import Path
 from msae_core import dist
 from msae_core.artifacts import RUN_CANCEL
 from msae_core.data.loader import BatchLoader
-from msae_core.devices import resolve_device
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag
 from msae_core.runs.config import RunConfig
 from msae_core.runs.folder import refuse_foreign_out, write_status
+from msae_core.runs.memory import plan
+from msae_core.runs.onepass import shared_source_problems
 from msae_core.training.loop import RunResult, _Fit
-from msae_core.training.trainer import accept_folder, failure_text, run_evals
+from msae_core.training.trainer import accept_folder, failure_text, refuse_other_settings, run_evals
 
 log = logging.getLogger(__name__)
-
-
-def shared_key(config: RunConfig) -> str:
-    """What members of one group must share, as text: two configs with equal keys train together."""
-    t = config.train
-    return repr((sorted(dataclasses.asdict(config.data).items()), t.batch_size, t.seed,
-                 str(resolve_device(t.device)), t.bf16))
-
-
-def shared_source_problems(configs: list[RunConfig]) -> list[str]:
-    """Why `configs` cannot train in one pass ([] when they can), one line per member that differs
-    from the first."""
-    out = []
-    if any(c.data.source == "stream" for c in configs):
-        out.append("a streamed run trains alone (groups read an activation store)")
-    first = configs[0]
-    for i, c in enumerate(configs[1:], start=1):
-        diffs = [name for name, a, b in (
-            ("data", dataclasses.asdict(first.data), dataclasses.asdict(c.data)),
-            ("train.batch_size", first.train.batch_size, c.train.batch_size),
-            ("train.seed (the data order)", first.train.seed, c.train.seed),
-            ("train.device", str(resolve_device(first.train.device)), str(resolve_device(c.train.device))),
-            ("train.bf16", first.train.bf16, c.train.bf16)) if a != b]
-        if diffs:
-            out.append(f"member {i + 1} differs from member 1 in {', '.join(diffs)}")
-    return out
 
 
 class _MemberStop:
@@ -102,6 +79,8 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
         raise MsaeError("these runs cannot train in one pass: " + "; ".join(problems))
     first, source = configs[0].check()  # the source, opened once
     configs = [first] + [c.check(source)[0] for c in configs[1:]]
+    itemsize = 2 if source.dtype == "float16" else 4
+    plan(configs, [p.name for p in out_dirs], store_bytes=source.n_rows * source.d_in * itemsize)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(stop or StopFlag())
         fits: list[_Fit | None] = []
@@ -111,8 +90,10 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
         for out_dir in out_dirs:
             out_dir.mkdir(parents=True, exist_ok=True)
             stack.enter_context(FolderLock(out_dir, what="training"))
-        accepted = []
         for config, out_dir in zip(configs, out_dirs):  # every folder checked before any is written
+            refuse_other_settings(config, out_dir)
+        accepted = []
+        for config, out_dir in zip(configs, out_dirs):
             (out_dir / RUN_CANCEL).unlink(missing_ok=True)
             accepted.append(accept_folder(config, out_dir, group=len(configs)))
         configs = [c for c, _ in accepted]
@@ -188,12 +169,25 @@ def add_cli(subparsers) -> None:
     p.add_argument("--config", nargs="+", required=True, help="run config json files, one per run")
     p.add_argument("--out", nargs="+", required=True, help="run folders, in the order of --config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-parallel", type=int, default=None,
+                   help="stay queued until fewer than this many training processes run under --queue-root "
+                        "(the group takes one place)")
+    p.add_argument("--queue-root", default=None, help="folder of runs counted by --max-parallel "
+                                                      "(default: the parent of the first --out)")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
     configs = [RunConfig.load(c) for c in args.config]
-    results = train_group(configs, args.out, progress=not args.no_progress)
+    with StopFlag() as stop:
+        if args.max_parallel:
+            from msae_core.runs.jobs import wait_for_slot
+
+            outs = [Path(o) for o in args.out]
+            root = Path(args.queue_root) if args.queue_root else outs[0].resolve().parent
+            if not wait_for_slot(outs, root, args.max_parallel, stop=stop):
+                return 130
+        results = train_group(configs, args.out, progress=not args.no_progress, stop=stop)
     for r in results:
         log.info("%s: %s at step %d%s", r.out_dir.name, r.state, r.step, f" ({r.error})" if r.error else "")
     if any(r.state in ("failed", "diverged") for r in results):

@@ -95,6 +95,24 @@ def accept_folder(config: RunConfig, out_dir: Path, gate: dict | None = None,
     `running` written: (the config as the folder records it, the checkpoint to resume from).
     Called under the folder's lock. `group`: the run trains in a one-pass group of that many
     (training.group; its status says so: a cancel then stops this run alone, runs.jobs.cancel_run)."""
+    ckpt = refuse_other_settings(config, out_dir)
+    if gate is not None:
+        dist.all_max(0)
+        gate["open"] = True
+    try:
+        prev = read_status(out_dir)
+    except MsaeError:
+        prev = {}
+    config = _absolute_paths(config)  # readers of the run (the workbench, evals) start from other folders
+    config.save(out_dir / RUN_CONFIG)
+    write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None, group=group,
+                 total_steps=config.train.steps, started=prev.get("started") or time.time())
+    return config, ckpt
+
+
+def refuse_other_settings(config: RunConfig, out_dir: Path) -> Path | None:
+    """MsaeError when `out_dir` holds a run (a checkpoint or final weights) with other settings;
+    else the checkpoint to resume from, if any."""
     existing_cfg = out_dir / RUN_CONFIG
     ckpt = find_checkpoint(out_dir)
     if existing_cfg.exists() and (ckpt is not None or (out_dir / SAE_WEIGHTS).exists()):
@@ -107,18 +125,7 @@ def accept_folder(config: RunConfig, out_dir: Path, gate: dict | None = None,
             if diff:
                 raise MsaeError(f"{out_dir} holds a run with other settings ({diff}): "
                                 "choose another --out or delete it")
-    if gate is not None:
-        dist.all_max(0)
-        gate["open"] = True
-    try:
-        prev = read_status(out_dir)
-    except MsaeError:
-        prev = {}
-    config = _absolute_paths(config)  # readers of the run (the workbench, evals) start from other folders
-    config.save(existing_cfg)
-    write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None, group=group,
-                 total_steps=config.train.steps, started=prev.get("started") or time.time())
-    return config, ckpt
+    return ckpt
 
 
 def failure_text(exc: BaseException, out_dir: Path) -> str:

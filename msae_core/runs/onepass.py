@@ -1,0 +1,46 @@
+"""Which runs can train in one pass (msae_core.training.group): those that share an activation
+source, a batch size, a data order, a device and bf16. `msae sweep` groups its points by `shared_key`
+and starts each group of two or more as one `msae train-group` process (runs.jobs.launch_group)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from msae_core.devices import resolve_device
+from msae_core.runs.config import RunConfig
+
+
+def shared_key(config: RunConfig) -> str:
+    """What members of one group must share, as text: two configs with equal keys train together."""
+    t = config.train
+    return repr((sorted(dataclasses.asdict(config.data).items()), t.batch_size, t.seed,
+                 str(resolve_device(t.device)), t.bf16))
+
+
+def shared_source_problems(configs: list[RunConfig]) -> list[str]:
+    """Why `configs` cannot train in one pass ([] when they can), one line per member that differs
+    from the first."""
+    out = []
+    if any(c.data.source == "stream" for c in configs):
+        out.append("a streamed run trains alone (groups read an activation store)")
+    first = configs[0]
+    for i, c in enumerate(configs[1:], start=1):
+        diffs = [name for name, a, b in (
+            ("data", dataclasses.asdict(first.data), dataclasses.asdict(c.data)),
+            ("train.batch_size", first.train.batch_size, c.train.batch_size),
+            ("train.seed (the data order)", first.train.seed, c.train.seed),
+            ("train.device", str(resolve_device(first.train.device)), str(resolve_device(c.train.device))),
+            ("train.bf16", first.train.bf16, c.train.bf16)) if a != b]
+        if diffs:
+            out.append(f"member {i + 1} differs from member 1 in {', '.join(diffs)}")
+    return out
+
+
+def one_pass_groups(configs: list[RunConfig]) -> list[list[int]]:
+    """The indices of `configs` in groups that can train in one pass, in order of first member; a
+    streamed run is a group of its own."""
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(configs):
+        key = f"stream:{i}" if c.data.source == "stream" else shared_key(c)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
