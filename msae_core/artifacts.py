@@ -80,6 +80,11 @@ SAE_WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "sae_config.json"
 OPTIMIZER_STATE = "optimizer.pt"
 STREAM_BUFFER = "stream_buffer.safetensors"  # a streamed run's mixing buffer, in checkpoint/
+# a streamed one-pass group's stream, checkpointed once for the group (in its first run's folder):
+# the buffer before batch {step}, for every step a member's latest checkpoint was written at
+GROUP_STREAM_DIR = ".group-stream"
+GROUP_STREAM_STATE = "stream-{step:09d}.json"
+GROUP_STREAM_BUFFER = "stream-{step:09d}.safetensors"
 TRAINER_STATE = "trainer_state.json"
 
 # SAELens on-disk format

@@ -3,7 +3,9 @@ resume, and `msae train --source stream`."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -385,3 +387,80 @@ def test_a_store_and_a_stream_are_activation_sources(setup, tmp_path):
     store = ActivationStore(_harvested(setup, tmp_path / "h", 256).path)
     assert isinstance(st, ActivationSource) and isinstance(st, StreamedSource) and st.streamed
     assert isinstance(store, ActivationSource) and not isinstance(store, StreamedSource) and not store.streamed
+
+
+def _members(setup):
+    """Momentum over TopK, and TopK with another init seed and fewer steps, on one stream."""
+    mom = _config(setup)
+    topk = dataclasses.replace(mom, sae=dataclasses.replace(mom.sae, arch="topk", seed=1),
+                               train=dataclasses.replace(mom.train, steps=22))
+    return {"mom": mom, "topk": topk}
+
+
+@pytest.fixture(scope="module")
+def streamed_alone(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("streamed-alone")
+    for name, cfg in _members(setup).items():
+        assert train(cfg, root / name, progress=False).state == "done"
+    return root
+
+
+def _same_run(a, b):
+    wa, wb = load_file(a / "sae.safetensors"), load_file(b / "sae.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in ("step_time_s", "tokens_per_s", "time")}
+             for line in (p / "metrics.jsonl").read_text().splitlines()] for p in (a, b)]
+    assert rows[0] == rows[1]
+    sa, sb = read_status(a), read_status(b)
+    assert (sa["stream_windows"], sa["stream_cursor"]) == (sb["stream_windows"], sb["stream_cursor"])
+
+
+def test_a_streamed_group_runs_the_model_once_per_batch_and_equals_each_run_alone(setup, streamed_alone,
+                                                                                  tmp_path, monkeypatch):
+    from msae_core.data import harvest as harvest_mod
+    from msae_core.training.group import train_group
+
+    forwarded = []
+    orig = harvest_mod.window_rows
+    monkeypatch.setattr(harvest_mod, "window_rows", lambda lm, ids, *a, **k: forwarded.append(ids.shape[0])
+                        or orig(lm, ids, *a, **k))
+    members = _members(setup)
+    results = train_group(list(members.values()), [tmp_path / n for n in members], progress=False)
+    assert [r.state for r in results] == ["done", "done"]
+    alone_windows = read_status(streamed_alone / "mom")["stream_windows"]
+    assert sum(forwarded) == alone_windows  # each window through the model once, for both runs
+    for name in members:
+        _same_run(tmp_path / name, streamed_alone / name)
+    assert not (tmp_path / "mom" / ".group-stream").exists()  # the group's stream state goes when all are done
+
+
+@pytest.mark.parametrize("lose_state", [False, True])
+def test_a_killed_streamed_group_resumes_from_its_stream_checkpoint(setup, streamed_alone, tmp_path, monkeypatch,
+                                                                     lose_state):
+    """Killed at batch 25 (the checkpoints at 10 and 20 written, the 22-step member done): the group's
+    stream state at 20, kept once for the group, resumes the stream there; without it (a kill between
+    a member's checkpoint and the group's) the group streams again from the start and the member
+    skips what it did. Either way each run equals its run alone."""
+    from msae_core.training.group import train_group
+
+    members = _members(setup)
+    outs = [tmp_path / n for n in members]
+    orig = BatchLoader.next
+
+    def dies(self, s):
+        if s == 25:
+            raise KeyboardInterrupt
+        return orig(self, s)
+
+    monkeypatch.setattr(BatchLoader, "next", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train_group(list(members.values()), outs, progress=False)
+    monkeypatch.undo()
+    saved = sorted(p.name for p in (outs[0] / ".group-stream").iterdir())
+    assert saved == ["stream-000000020.json", "stream-000000020.safetensors"]  # older states pruned
+    if lose_state:
+        for p in (outs[0] / ".group-stream").iterdir():
+            p.unlink()
+    assert [r.state for r in train_group(list(members.values()), outs, progress=False)] == ["done", "done"]
+    for out in outs:
+        _same_run(out, streamed_alone / out.name)

@@ -238,6 +238,18 @@ def model_shape(name_or_path: str = EMBEDDED) -> tuple[int, int | None]:
 
 
 @functools.lru_cache(maxsize=8)
+def model_params(name_or_path: str = EMBEDDED) -> int:
+    """Parameters of a model, from its config alone (built on the meta device: no memory, no
+    weights): what a streamed run's memory plan counts for the model (runs.memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = _from_pretrained(AutoConfig.from_pretrained, _resolve(name_or_path, "model"), "the config of")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str = EMBEDDED):
     """The tokenizer of a model (cached per process; the embedded one loads in ~3 s once converted)."""
     from transformers import AutoTokenizer

@@ -6,6 +6,9 @@
                    trainer_state.json                   {step, rng, time, config, log_sums, log_n,
                                                          stream (its corpus position, round)}
 
+A streamed one-pass group (training.group) checkpoints its stream once, beside the runs:
+`.group-stream/stream-<step>.json` + `.safetensors` in its first run's folder (write_group_stream).
+
 `trainer_state.json` is written last: a folder that has it is whole. `write_checkpoint` fills a
 temporary folder (`.checkpoint.tmp-<pid>`) and swaps it in by two renames, so `checkpoint/` is
 always whole; a kill between the renames leaves `.checkpoint.old`, which `find_checkpoint` returns
@@ -18,6 +21,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +30,8 @@ import torch
 
 from msae_core import sae_io
 from msae_core.artifacts import (
+    GROUP_STREAM_BUFFER,
+    GROUP_STREAM_STATE,
     OPTIMIZER_STATE,
     RUN_CHECKPOINT_DIR,
     STREAM_BUFFER,
@@ -170,6 +176,32 @@ def write_checkpoint(run_dir: Path, sae: Any, opt_state: dict, state: dict,
     _fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return ck
+
+
+def write_group_stream(folder: Path, step: int, fields: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """A streamed one-pass group's stream state before batch `step` (data.stream's `state`), once
+    for the group: its buffer first, then the json that marks it whole."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(folder / GROUP_STREAM_BUFFER.format(step=step), tensors)
+    atomic_write_json(folder / GROUP_STREAM_STATE.format(step=step), fields)
+
+
+def read_group_stream(folder: Path, step: int) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """What write_group_stream wrote for `step`, or None when there is none (whole)."""
+    state = folder / GROUP_STREAM_STATE.format(step=step)
+    if not state.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return json.loads(state.read_text()), load_file(str(folder / GROUP_STREAM_BUFFER.format(step=step)))
+
+
+def prune_group_streams(folder: Path, keep: set[int]) -> None:
+    """Remove the group's stream states of steps no member's latest checkpoint needs."""
+    for p in folder.glob("stream-*.*") if folder.is_dir() else []:
+        m = re.match(r"stream-(\d+)\.", p.name)
+        if m and int(m.group(1)) not in keep:
+            p.unlink(missing_ok=True)
 
 
 def remove_temporaries(run_dir: Path) -> None:

@@ -67,6 +67,18 @@ def group_bytes(configs: list[RunConfig], names: list[str], lm_params: int = 0,
     return total, members
 
 
+def source_size(config: RunConfig, source=None) -> tuple[int, int]:
+    """(the language model's parameters when streamed, the store's bytes when `source` is an opened
+    store): what `plan` adds for the data."""
+    if config.data.source == "stream":
+        from msae_core.data.lm import model_params
+
+        return model_params(config.data.model), 0
+    if source is None:
+        return 0, 0
+    return 0, source.n_rows * source.d_in * (2 if source.dtype == "float16" else 4)
+
+
 def free_bytes(device: str) -> int:
     """Memory free for this process: the GPU's free memory, or the machine's available memory."""
     import torch
@@ -121,8 +133,8 @@ def sweep_plan(configs: list[RunConfig], names: list[str], store=None) -> str:
     if store is not None:
         configs = [c.resolved(store) for c in configs]
     groups = one_pass_groups(configs)
-    store_bytes = store.n_rows * store.d_in * (2 if store.dtype == "float16" else 4) if store is not None else 0
-    need = max(group_bytes([configs[i] for i in g], [names[i] for i in g],
+    lm_params, store_bytes = source_size(configs[0], store)
+    need = max(group_bytes([configs[i] for i in g], [names[i] for i in g], lm_params,
                            resident_bytes=store_bytes if str(configs[g[0]].train.device).startswith("cuda") else 0)[0]
                for g in groups)
     free = free_bytes(configs[0].train.device)

@@ -1,5 +1,6 @@
 """Which runs can train in one pass (msae_core.training.group): those that share an activation
-source, a batch size, a data order, a device and bf16. `msae sweep` groups its points by `shared_key`
+source (the same store, or the same model, layer, corpus, context and buffer when streamed), a batch
+size, a data order, a device and bf16. `msae sweep` groups its points by `shared_key`
 and starts each group of two or more as one `msae train-group` process (runs.jobs.launch_group)."""
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ def shared_source_problems(configs: list[RunConfig]) -> list[str]:
     """Why `configs` cannot train in one pass ([] when they can), one line per member that differs
     from the first."""
     out = []
-    if any(c.data.source == "stream" for c in configs):
-        out.append("a streamed run trains alone (groups read an activation store)")
     first = configs[0]
     for i, c in enumerate(configs[1:], start=1):
         diffs = [name for name, a, b in (
@@ -37,10 +36,8 @@ def shared_source_problems(configs: list[RunConfig]) -> list[str]:
 
 
 def one_pass_groups(configs: list[RunConfig]) -> list[list[int]]:
-    """The indices of `configs` in groups that can train in one pass, in order of first member; a
-    streamed run is a group of its own."""
+    """The indices of `configs` in groups that can train in one pass, in order of first member."""
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(configs):
-        key = f"stream:{i}" if c.data.source == "stream" else shared_key(c)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(shared_key(c), []).append(i)
     return list(groups.values())

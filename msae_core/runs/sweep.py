@@ -238,7 +238,7 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
     On a machine with several GPUs the points whose device is `auto` are spread over them
     (spread_over_gpus), a group per GPU. Returns the record."""
     from msae_core.runs.jobs import launch_group, launch_run
-    from msae_core.runs.memory import plan
+    from msae_core.runs.memory import plan, source_size
     from msae_core.runs.onepass import one_pass_groups
 
     if parallel < 1:
@@ -280,10 +280,9 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
               else [[i] for i in range(len(to_start))])
     for idx in groups:  # every group's memory planned before any point starts
         members = [to_start[i][0] for i in idx]
-        if len(members) > 1 and members[0].config.data.acts == base.data.acts:
-            itemsize = 2 if store.dtype == "float16" else 4
+        if len(members) > 1 and members[0].config.data == base.data:
             plan([m.config.resolved(store) for m in members], [m.name for m in members],
-                 store_bytes=store.n_rows * store.d_in * itemsize)
+                 *source_size(base, store))
     for gi, idx in enumerate(groups):
         members = [to_start[i] for i in idx]
         same_store = all(p.config.data.acts == base.data.acts for p, _ in members)

@@ -23,24 +23,31 @@ Killed, the same command resumes every unfinished member from its own checkpoint
 Memory is planned before anything starts (runs.memory): the members' weights and Adam states, the
 largest member's step, the source; a group that would not fit is refused in one line.
 
-Streamed sources are not grouped yet: a streamed run trains alone (its stream state is one run's).
+Streamed, the model runs once per batch for the whole group, and the stream (its corpus position
+and mixing buffer) is checkpointed once for the group, in its first run's folder
+(runs.checkpoint.write_group_stream), at the steps its members checkpoint; members resumed from
+different steps start together at the earliest, from its stream state (or, when a kill came between
+a member's checkpoint and the group's, by streaming again from the start while the members that
+are further skip those batches).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import signal
 from pathlib import Path
 
 from msae_core import dist
-from msae_core.artifacts import RUN_CANCEL
+from msae_core.artifacts import GROUP_STREAM_DIR, RUN_CANCEL
 from msae_core.data.loader import BatchLoader
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag
+from msae_core.runs.checkpoint import prune_group_streams, read_group_stream, write_group_stream
 from msae_core.runs.config import RunConfig
 from msae_core.runs.folder import refuse_foreign_out, write_status
-from msae_core.runs.memory import plan
+from msae_core.runs.memory import plan, source_size
 from msae_core.runs.onepass import shared_source_problems
 from msae_core.training.loop import RunResult, _Fit
 from msae_core.training.trainer import accept_folder, failure_text, refuse_other_settings, run_evals
@@ -79,8 +86,8 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
         raise MsaeError("these runs cannot train in one pass: " + "; ".join(problems))
     first, source = configs[0].check()  # the source, opened once
     configs = [first] + [c.check(source)[0] for c in configs[1:]]
-    itemsize = 2 if source.dtype == "float16" else 4
-    plan(configs, [p.name for p in out_dirs], store_bytes=source.n_rows * source.d_in * itemsize)
+    lm_params, store_bytes = source_size(configs[0], source)
+    plan(configs, [p.name for p in out_dirs], lm_params, store_bytes)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(stop or StopFlag())
         fits: list[_Fit | None] = []
@@ -97,30 +104,74 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
             (out_dir / RUN_CANCEL).unlink(missing_ok=True)
             accepted.append(accept_folder(config, out_dir, group=len(configs)))
         configs = [c for c, _ in accepted]
+        shared = _SharedSource(source)
         for (config, ckpt), out_dir in zip(accepted, out_dirs):
             try:
-                fit = _Fit(config, out_dir, source, _MemberStop(stop, out_dir), ckpt)
+                fit = _Fit(config, out_dir, shared, _MemberStop(stop, out_dir), ckpt, owns_source=False)
                 ended = fit.begin(progress=False)
             except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
                 fit, ended = None, _failed(out_dir, exc)
             fits.append(None if ended is not None else fit)
             results.append(ended)
-        _run_together(fits, results, source, configs[0], progress)
+        _run_together(fits, results, shared, configs[0], progress, out_dirs[0] / GROUP_STREAM_DIR)
+        if source.streamed and all(r is not None and r.state == "done" for r in results):
+            source.finish_cache()
+            shutil.rmtree(out_dirs[0] / GROUP_STREAM_DIR, ignore_errors=True)
         for config, result in zip(configs, results):
             if evals and result is not None and result.state == "done" and config.train.evals:
                 run_evals(result.out_dir, list(config.train.evals), config)
     return [r for r in results if r is not None]
 
 
-def _run_together(fits: list[_Fit | None], results: list[RunResult | None], source, config: RunConfig,
-                  progress: bool) -> None:
-    """The shared loop: batch s once, then every member still training at s takes its step."""
+class _SharedSource:
+    """The group's source as each member sees it: the input-scale sample drawn once for all (a
+    stream's comes from its first fill, which happens once), the cache finished by the group."""
+
+    def __init__(self, source):
+        self.source = source
+        self._sample: tuple | None = None
+
+    def input_sample(self, n: int, seed: int = 0):
+        if self._sample is None:
+            self._sample = (n, seed, self.source.input_sample(n, seed))
+        if self._sample[:2] != (n, seed):
+            raise MsaeError("the group's members ask for different input samples: not one pass")
+        return self._sample[2]
+
+    def finish_cache(self) -> None:
+        """The group finishes the stream's cache when every member is done."""
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
+def _stream_start(fits: list[_Fit], shared: _SharedSource, config: RunConfig, state_dir: Path) -> int:
+    """Where the stream starts for members resumed from their checkpoints: the earliest one's step,
+    from the group's stream state there, else from the beginning (the members skip what they did)."""
+    start = min(f.start for f in fits)
+    if start == 0 or not shared.source.streamed:
+        return start
+    saved = read_group_stream(state_dir, start)
+    if saved is not None:
+        shared.source.restore(*saved)
+        return start
+    log.warning("no stream state of the group at step %d: streaming again from the start", start)
+    shared.input_sample(max(config.train.batch_size, 16_384), config.train.seed)  # the same first fill
+    return 0
+
+
+def _run_together(fits: list[_Fit | None], results: list[RunResult | None], shared: _SharedSource,
+                  config: RunConfig, progress: bool, state_dir: Path) -> None:
+    """The shared loop: batch s once, then every member still training at s takes its step;
+    streamed, the stream's state is written for the group after a step where a member checkpointed."""
     live = [i for i, f in enumerate(fits) if f is not None]
     if not live:
         return
-    start = min(fits[i].start for i in live)
+    source = shared.source
+    start = _stream_start([fits[i] for i in live], shared, config, state_dir)
     end = max(fits[i].tc.steps for i in live)
     tc = config.train
+    kept = {i: fits[i].start for i in live}  # each member's latest checkpoint step
     loader = BatchLoader(source, tc.batch_size, tc.seed, start, fits[live[0]].device)
     try:
         from tqdm.auto import tqdm
@@ -145,6 +196,14 @@ def _run_together(fits: list[_Fit | None], results: list[RunResult | None], sour
                         results[i] = ended
                         live.remove(i)
                         fit.close()
+                # the checkpoints a later run of the group may resume from (not those of done runs)
+                resumable = [i for i in kept if fits[i].checkpointed_at == s + 1
+                             and (results[i] is None or results[i].state != "done")]
+                if source.streamed and resumable:
+                    write_group_stream(state_dir, s + 1, *source.state(s + 1))
+                    kept.update({i: s + 1 for i in resumable})
+                    prune_group_streams(state_dir, {kept[i] for i in kept
+                                                    if results[i] is None or results[i].state != "done"})
                 bar.update(1)
     finally:
         loader.close()

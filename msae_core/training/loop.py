@@ -86,7 +86,7 @@ class _Fit:
     completed steps, as the logs and checkpoints do."""
 
     def __init__(self, config: RunConfig, out_dir: Path, store: ActivationSource, stop: StopFlag,
-                 ckpt: Path | None):
+                 ckpt: Path | None, owns_source: bool = True):
         self.config, self.tc, self.out_dir, self.store, self.stop = config, config.train, out_dir, store, stop
         self.device = resolve_device(self.tc.device)
         if self.device.type == "cuda":
@@ -94,6 +94,10 @@ class _Fit:
             torch.backends.cudnn.allow_tf32 = True
         self.autocast = bool(self.tc.bf16 and self.device.type == "cuda")
         self.writes = dist.is_main()  # data-parallel: rank 0 alone writes the run folder
+        # a member of a streamed one-pass group shares the stream: the group restores and
+        # checkpoints it (training.group), this run records at which steps it checkpointed
+        self.owns_source = owns_source
+        self.checkpointed_at: int | None = None
         self.world = dist.world_size()
         if self.world > 1:  # rank 0 promotes a `.checkpoint.old` before anyone reads it
             if self.writes and ckpt is not None:
@@ -103,7 +107,7 @@ class _Fit:
         state: dict = {}
         if ckpt is not None:
             sae, opt_state, state, stream_tensors = load_checkpoint(out_dir, ckpt, self.device)
-            if "stream" in state:  # a streamed run: its mixing buffer as it stood at the checkpoint
+            if "stream" in state and owns_source:  # a streamed run: its mixing buffer at the checkpoint
                 store.restore(state["stream"], stream_tensors)
             self.start = int(state["step"])
             self.opt = torch.optim.Adam(sae.parameters(), lr=lr_at(self.start, self.tc))
@@ -333,7 +337,8 @@ class _Fit:
                  "log_sums": {k: float(v) for k, v in self.sums.items()}, "log_n": self.n_sum,
                  "outlier_norm": self.outlier_norm}
         stream = None
-        if self.store.streamed:  # data-parallel: every rank's buffer, to rank 0
+        self.checkpointed_at = done
+        if self.store.streamed and self.owns_source:  # data-parallel: every rank's buffer, to rank 0
             ranks = dist.gather_objects(self.store.state(done))
             if ranks is not None:
                 from msae_core.data.stream import merge_rank_states
@@ -391,7 +396,9 @@ class _Fit:
 
     def _finish(self) -> RunResult:
         step = max(self.start, self.tc.steps)
-        streamed = self.store.streamed
+        # a group's member done before this process (owns_source False) keeps the stream's figures
+        # of its own end: the group's stream now stands elsewhere
+        streamed = self.store.streamed and (self.owns_source or self.start < self.tc.steps)
         windows = int(dist.all_max(self.store.windows_used)) if streamed else 0  # on every rank
         if not self.writes:
             return RunResult("done", step, self.out_dir, self.last_row, None, self.start)
