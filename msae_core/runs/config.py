@@ -7,6 +7,7 @@ line: configutil.Problem), so a form marks the widget from the field."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -53,6 +54,9 @@ class TrainConfig:
         "help": "steps between momentum trace snapshots; -1: about 100 per run (steps // 100); 0: none"})
     evals: list[str] = field(default_factory=list, metadata={
         "help": "evals to run when training is done (core, absorption, sparse_probing; synthetic on a msae synth store)"})
+    log_to: list[str] = field(default_factory=list, metadata={
+        "help": "also mirror the metrics lines to tensorboard (RUN/tensorboard) and/or wandb (when installed; "
+                "offline unless WANDB_MODE says otherwise); the run folder stays the source of truth"})
 
     @property
     def effective_warmup(self) -> int:
@@ -85,6 +89,13 @@ class TrainConfig:
         if self.snapshot_every < -1:
             out.append(Problem("snapshot_every", f"snapshot_every must be -1 (about 100 per run), 0 (none) or a step count "
                        f"(got {self.snapshot_every})"))
+        from msae_core.runs.tracking import TRACKERS
+
+        if [t for t in self.log_to if t not in TRACKERS]:
+            out.append(Problem("log_to", f"log_to: unknown tracker(s) {', '.join(t for t in self.log_to if t not in TRACKERS)} "
+                                         f"(known: {', '.join(TRACKERS)})"))
+        elif "wandb" in self.log_to and importlib.util.find_spec("wandb") is None:
+            out.append(Problem("log_to", "log_to: wandb is not installed (pip install wandb), or log to tensorboard"))
         unknown = [e for e in self.evals if e not in EVAL_NAMES]
         if unknown:
             out.append(Problem("evals", f"evals: unknown eval(s) {', '.join(map(str, unknown))} (known: {', '.join(EVAL_NAMES)})"))
@@ -343,7 +354,7 @@ def with_added_settings(recorded: dict) -> dict:
 
 # settings that may change when a run is resumed (they do not change the trajectory)
 _RESUMABLE_CHANGES = {"steps", "device", "log_every", "checkpoint_every", "checkpoint_minutes", "snapshot_every",
-                      "evals"}
+                      "evals", "log_to"}
 
 
 def config_mismatch(old: dict, new: dict) -> str:

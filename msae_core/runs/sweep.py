@@ -364,6 +364,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--separate", action="store_true",
                    help="every point its own process, reading the data again (default: the points that "
                         "share an activation store, batch size, data seed and device train in one pass)")
+    p.add_argument("--log-to", nargs="+", default=[], metavar="TRACKER",
+                   help="also mirror every run's metrics to tensorboard (RUN/tensorboard: tensorboard --logdir "
+                        "ROOT) and/or wandb (when installed, offline by default)")
     p.set_defaults(func=run_cli)
 
 
@@ -374,6 +377,9 @@ def default_name(grid: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     base = RunConfig.load(args.base_config)
+    if args.log_to:
+        base = dataclasses.replace(base, train=dataclasses.replace(
+            base.train, log_to=[t for item in args.log_to for t in item.split(",") if t]))
     grid = parse_grid(args.grid)
     args.name = args.name or default_name(grid)
     record = run_sweep(base, grid, args.root, args.name, parallel=args.parallel, one_pass=not args.separate)

@@ -73,8 +73,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         sae_over["momentum"] = dataclasses.replace(cfg.sae.momentum, **momentum_over)
     train_over = overrides_from_args(args, TrainConfig)
     data_over = overrides_from_args(args, DataConfig)
-    if "evals" in train_over:  # --evals core,absorption or --evals core absorption
-        train_over["evals"] = [e for item in train_over["evals"] for e in str(item).split(",") if e]
+    for key in ("evals", "log_to"):  # --evals core,absorption or --evals core absorption
+        if key in train_over:
+            train_over[key] = [e for item in train_over[key] for e in str(item).split(",") if e]
     if "seed" in train_over and "seed" in _dataclass_names(SAEConfig):
         sae_over["seed"] = train_over["seed"]
     try:

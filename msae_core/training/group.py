@@ -111,6 +111,8 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
                 ended = fit.begin(progress=False)
             except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
                 fit, ended = None, _failed(out_dir, exc)
+            if ended is not None and fit is not None:
+                fit.close()
             fits.append(None if ended is not None else fit)
             results.append(ended)
         _run_together(fits, results, shared, configs[0], progress, out_dirs[0] / GROUP_STREAM_DIR)

@@ -39,6 +39,7 @@ from msae_core.runs.checkpoint import (SAESnapshot, cpu_copy, find_checkpoint, l
                                       remove_temporaries, rng_state, set_rng_state, write_checkpoint)
 from msae_core.runs.config import RunConfig, TrainConfig
 from msae_core.runs.folder import append_events, append_metrics, truncate_logs, write_status, write_trace
+from msae_core.runs.tracking import open_mirrors
 from msae_core.sae import SAE, SAEOutput, build_sae
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ class _Fit:
         if self.writes:
             truncate_logs(out_dir, self.start)
             remove_temporaries(out_dir)
+        # experiment trackers, rewritten from metrics.jsonl as the checkpoint left it (runs.tracking)
+        self.mirrors = open_mirrors(self.tc.log_to, out_dir, config.to_dict()) if self.writes else []
         self.last_ckpt: int | None = self.start if ckpt is not None else None  # the last one written
         self._ckpt_thread: threading.Thread | None = None  # the checkpoint being written, if any
         self._ckpt_error: BaseException | None = None
@@ -173,6 +176,7 @@ class _Fit:
         training.group feeds several runs from one loader through begin/advance/complete)."""
         ended = self.begin(progress)
         if ended is not None:
+            self.close()
             return ended
         loader = BatchLoader(self.store, self.tc.batch_size, self.tc.seed, self.start, self.device,
                              part=(dist.rank(), self.world))
@@ -236,6 +240,9 @@ class _Fit:
         if getattr(self, "bar", None) is not None:
             self.bar.close()
             self.bar = None
+        for m in self.mirrors:
+            m.close()
+        self.mirrors = []
         if self._ckpt_thread is not None:
             self._ckpt_thread.join()
 
@@ -323,6 +330,8 @@ class _Fit:
         if not self.writes:
             return
         append_metrics(self.out_dir, row)
+        for m in self.mirrors:
+            m.add(row)
         write_status(self.out_dir, step=done, eta_s=step_time * (self.tc.steps - done))
         bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", l0=f"{row.get('l0', float('nan')):.1f}",
                         refresh=False)
