@@ -12,8 +12,8 @@ process, one after the other, on the same configs:
 
 Printed per N: wall time of each way and their ratio, beside the arithmetic limit from times
 measured here: the data's cost per batch `r` (the loader alone over the same batches, or the
-model's forward to the layer for the batch's windows) and each SAE's step `s_i` (from its
-separate run's metrics, which exclude start-up):
+model's forward to the layer for the batch's windows) and each SAE's step `s_i` (timed alone on a
+batch of the same rows: loss, backward, Adam):
 
     limit = sum_i (r + s_i) / (r + sum_i s_i)
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -62,26 +61,41 @@ def configs(args, n: int, source):
     return out
 
 
-def step_seconds(run: Path) -> float:
-    """The median of a run's metrics lines' step times after its first line (start-up excluded)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["step_time_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["step_time_s"]
+def step_seconds(cfg, x_BD: torch.Tensor, reps: int = 6) -> float:
+    """Seconds of one training step of `cfg`'s SAE on the batch `x_BD` (loss, backward, Adam), the
+    median of `reps` after two untimed ones (momentum's table is not full here: its steady step
+    costs a little more, bench/train_step.py)."""
+    from msae_core.sae import build_sae
+
+    sae = build_sae(dataclasses.replace(cfg.sae, d_in=x_BD.shape[1]))
+    sae.fit_input_scale_(x_BD)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.train.lr)
+    times = []
+    for t in range(reps + 2):
+        t0 = time.perf_counter()
+        loss = sae.training_loss(x_BD, t)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sae.post_step_(t)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
 
 
-def data_seconds(args, cfg) -> float:
+def data_seconds(args, cfg) -> tuple[float, torch.Tensor]:
     """Seconds per batch of the data alone: the loader over the run's batches (a store), or the
-    model's forward to the layer over the windows one batch takes (a stream)."""
+    model's forward to the layer over the windows one batch takes (a stream); and the first batch."""
     from msae_core.data.loader import BatchLoader
 
     _, source = cfg.check()
     loader = BatchLoader(source, cfg.train.batch_size, cfg.train.seed, 0, source.device if args.source == "stream"
                          else torch.device(args.device))
     try:
-        loader.next(0)  # the first batch: a stream's first fill (twice the buffer), not steady
+        first = loader.next(0).clone()  # the first batch: a stream's first fill (twice the buffer), not steady
         t0 = time.perf_counter()
         for s in range(1, args.steps):
             loader.next(s)
-        return (time.perf_counter() - t0) / (args.steps - 1)
+        return (time.perf_counter() - t0) / (args.steps - 1), first
     finally:
         loader.close()
 
@@ -120,7 +134,8 @@ def main() -> None:
     warm = configs(args, 1, None)[0]
     train(dataclasses.replace(warm, train=dataclasses.replace(warm.train, steps=4)), tmp / "warm", progress=False)
     print(f"# warm-up: one run of 4 steps, {time.perf_counter() - t0:.1f} s (model load, page cache)")
-    r = data_seconds(args, warm)
+    r, x_BD = data_seconds(args, warm)
+    step_of = {}
     print(f"# data alone: {r * 1e3:.0f} ms per batch ({'the loader' if args.source == 'store' else 'the stream: forward and buffer'})")
     print(f"{'N':>3} {'separate s':>11} {'one pass s':>11} {'ratio':>7} {'limit':>7} {'of limit':>9}   limit = sum(r + s_i) / (r + sum s_i)")
     for n in [int(v) for v in args.n.split(",")]:
@@ -129,7 +144,10 @@ def main() -> None:
         for i, c in enumerate(cfgs):
             assert train(c, tmp / f"sep{n}-{i}", progress=False).state == "done"
         separate = time.perf_counter() - t0
-        steps = [step_seconds(tmp / f"sep{n}-{i}") for i in range(n)]
+        for c in cfgs:
+            if c.sae.arch not in step_of:
+                step_of[c.sae.arch] = step_seconds(c, x_BD)
+        steps = [step_of[c.sae.arch] for c in cfgs]
         t0 = time.perf_counter()
         results = train_group(cfgs, [tmp / f"one{n}-{i}" for i in range(n)], progress=False)
         one = time.perf_counter() - t0

@@ -72,14 +72,18 @@ class WindowRows(NamedTuple):
     positions: torch.Tensor   # (N,) long, CPU
 
 
-def window_rows(lm: Any, ids_BT: torch.Tensor, layer: int, first_window: int,
+def window_rows(lm: Any, ids_BT: torch.Tensor, layer: int | tuple[int, ...], first_window: int,
                 special: torch.Tensor | None) -> WindowRows:
     """Run the windows `ids_BT` (B, T) through the model up to block `layer` (early stop) and keep
     the rows whose token is not in `special` (all rows when None): what harvest stores and the
-    stream (data.stream) trains on, so both see the same activations."""
+    stream (data.stream) trains on, so both see the same activations. `layer` a tuple: those
+    blocks' outputs from one forward, side by side in each row ((N, len(layer) x D))."""
     B, T = ids_BT.shape
     with torch.inference_mode():
-        acts_BTD = lm.resid_post(ids_BT, layer, stop_early=True)
+        if isinstance(layer, tuple):
+            acts_BTD = torch.cat(lm.resid_posts(ids_BT, layer, stop_early=True), dim=-1)
+        else:
+            acts_BTD = lm.resid_post(ids_BT, layer, stop_early=True)
     keep_BT = ~torch.isin(ids_BT, special) if special is not None else torch.ones_like(ids_BT, dtype=torch.bool)
     flat = keep_BT.reshape(-1)
     wid_BT = (first_window + torch.arange(B))[:, None].expand(B, T)

@@ -351,23 +351,34 @@ class LanguageModel:
 
         stop_early: end the forward right after block `layer` (nothing later runs). Otherwise the
         rest of the model body runs too (the unembedding never does)."""
-        self.check_layer(layer)
-        captured: dict[str, torch.Tensor] = {}
+        return self.resid_posts(input_ids, (layer,), stop_early, attention_mask)[0]
 
-        def hook(module, args, output):
-            captured["h"] = _hidden(output)
-            if stop_early:
-                raise _StopForward
+    def resid_posts(self, input_ids: torch.Tensor, layers: tuple[int, ...], stop_early: bool = True,
+                    attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The outputs of blocks `layers` from one forward, in that order (`resid_post` of each);
+        stop_early: the forward ends after the deepest of them."""
+        for layer in layers:
+            self.check_layer(layer)
+        captured: dict[int, torch.Tensor] = {}
+        last = max(layers)
 
-        handle = self.blocks[layer].register_forward_hook(hook)
+        def hook_for(layer: int):
+            def hook(module, args, output):
+                captured[layer] = _hidden(output)
+                if stop_early and layer == last:
+                    raise _StopForward
+            return hook
+
+        handles = [self.blocks[layer].register_forward_hook(hook_for(layer)) for layer in sorted(set(layers))]
         try:
             with torch.no_grad():
                 self.model.base_model(**self._inputs(input_ids, attention_mask))
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured["h"]
+            for handle in handles:
+                handle.remove()
+        return [captured[layer] for layer in layers]
 
     def logits_with_hook(self, input_ids: torch.Tensor, layer: int,
                          fn: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -81,6 +81,13 @@ class StreamSettings:
     lm_batch: int = 8                 # windows per model forward
     buffer_rows: int = 0              # rows the mixing buffer holds (0: buffer_batches, else SAELens's)
     buffer_batches: int = 0           # ... or this many batches of the run (0: buffer_rows)
+    layers: tuple[int, ...] = ()      # several blocks from one forward, side by side in each row, in
+    #                                   this order (a one-pass group at several layers); (): `layer`
+
+    @property
+    def stream_layers(self) -> tuple[int, ...]:
+        """The blocks whose outputs a row holds, in order."""
+        return self.layers or (self.layer,)
 
     def buffer_capacity(self, batch_size: int) -> int:
         """Rows the mixing buffer holds: buffer_rows, else buffer_batches batches, else SAELens's
@@ -126,6 +133,9 @@ class ActivationStream:
         if cache and part[1] > 1:
             raise MsaeError("--cache is not supported under torchrun yet: stream with --cache in one "
                             "process (or harvest a store), then train on it with --acts")
+        if cache and len(settings.stream_layers) > 1:
+            raise MsaeError("--cache with runs at several layers in one pass is not supported yet: "
+                            "cache one layer per sweep, or harvest a store per layer")
         self._width = width
         self.cache_path, self._cache_settings = cache, None
         self._sink: Any = None  # harvest.ShardSink of the cache, opened with the model
@@ -141,8 +151,8 @@ class ActivationStream:
         self._buf = _Buffer()
         # the row norms of everything streamed (this rank's rows): the outlier summary a store's
         # manifest holds (store.norm_outliers), for a stream with no cache to hold it
-        self.norm_stats: dict = {"rows": 0, "above": 0, "sq": 0.0, "sq_above": 0.0, "median": None, "max": 0.0,
-                                 "tokens": {}}
+        # (several layers: one per layer)
+        self.layer_norms: dict[int, dict] = {layer: _fresh_norms() for layer in settings.stream_layers}
         self._windows: Iterator | None = None
         # where the packed window stream stands (text.WindowCursor) after window `_cursor_at` - 1:
         # the checkpoint keeps it, so a resume (and the core eval's hold-out) starts there instead
@@ -161,7 +171,8 @@ class ActivationStream:
 
             dtype = model_dtype(self.settings.model_dtype, self.device)
             self._lm = load_lm(self.settings.model, device=self.device, dtype=dtype)
-            self._lm.check_layer(self.settings.layer)
+            for layer in self.settings.stream_layers:
+                self._lm.check_layer(layer)
         return self._lm
 
     @property
@@ -175,7 +186,17 @@ class ActivationStream:
     @property
     def d_in(self) -> int:
         """The model's width; from its config when given (`width`), before the weights load."""
+        return self.layer_width * len(self.settings.stream_layers)
+
+    @property
+    def layer_width(self) -> int:
+        """One layer's width (d_in is that times the layers a row holds)."""
         return self._width if self._width is not None else int(self.lm.d_model)
+
+    @property
+    def norm_stats(self) -> dict:
+        """The row norms of the first (or only) layer streamed."""
+        return self.layer_norms[self.settings.stream_layers[0]]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -280,7 +301,8 @@ class ActivationStream:
                 return (torch.cat(parts) if parts else torch.zeros(0, self.d_in, device=self.device)), nxt, True
             g0 = batch[0][0]  # a batch is one chunk: consecutive windows
             ids_BT = torch.tensor([w for _, _, w in batch], dtype=torch.long)
-            rows = window_rows(self.lm, ids_BT, self.settings.layer, g0, special)
+            layers = self.settings.stream_layers
+            rows = window_rows(self.lm, ids_BT, layers if len(layers) > 1 else layers[0], g0, special)
             self._to_cache(rows, batch, g0)
             acts = rows.acts.float()
             if not bool(torch.isfinite(acts).all()):
@@ -294,14 +316,19 @@ class ActivationStream:
         return torch.cat(parts), nxt, False
 
     def _count_norms(self, acts: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """Add rows to norm_stats; the median is that of the first rows streamed (the input-scale
-        sample), the threshold OUTLIER_FACTOR times it."""
+        """Add rows to each layer's norm stats; the median is that of the first rows streamed (the
+        input-scale sample), the threshold OUTLIER_FACTOR times it."""
+        width = acts.shape[1] // len(self.settings.stream_layers)
+        for i, layer in enumerate(self.settings.stream_layers):
+            self._count_layer_norms(self.layer_norms[layer], acts[:, i * width:(i + 1) * width], token_ids)
+
+    @staticmethod
+    def _count_layer_norms(st: dict, acts: torch.Tensor, token_ids: torch.Tensor) -> None:
         from msae_core.data.store import OUTLIER_FACTOR
 
         if not len(acts):
             return
         n = acts.norm(dim=1).double().cpu()
-        st = self.norm_stats
         if st["median"] is None:
             st["median"] = float(n.median())
         over = n > OUTLIER_FACTOR * st["median"]
@@ -313,12 +340,12 @@ class ActivationStream:
         for t in token_ids[over.to(token_ids.device)].tolist():
             st["tokens"][str(t)] = st["tokens"].get(str(t), 0) + 1
 
-    def outlier_summary(self) -> dict | None:
-        """norm_stats in the layout of a store manifest's `outliers` (store.outlier_record), with
-        the rows seen."""
+    def outlier_summary(self, layer: int | None = None) -> dict | None:
+        """A layer's norm stats (the first's by default) in the layout of a store manifest's
+        `outliers` (store.outlier_record), with the rows seen."""
         from msae_core.data.store import OUTLIER_FACTOR, outlier_record
 
-        st = self.norm_stats
+        st = self.layer_norms[self.settings.stream_layers[0] if layer is None else layer]
         if not st["rows"]:
             return None
         return {**outlier_record(st["median"], OUTLIER_FACTOR, st["above"], st["rows"], st["sq"], st["sq_above"],
@@ -399,7 +426,9 @@ class ActivationStream:
                    if v is not None}
         return {"next_window": b.next_window, "round": b.round, "done": b.done, "step": step,
                 "cursor": self.cursor(),
-                "norms": {**self.norm_stats, "tokens": dict(self.norm_stats["tokens"])}}, tensors
+                "norms": _copy_norms(self.norm_stats),
+                **({"layer_norms": {str(k): _copy_norms(v) for k, v in self.layer_norms.items()}}
+                   if len(self.layer_norms) > 1 else {})}, tensors
 
     def restore(self, fields: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Put back the buffer `state` returned (this rank's, from `merge_rank_states`' entry);
@@ -422,9 +451,19 @@ class ActivationStream:
             from msae_core.data.text import WindowCursor
 
             self._cursor, self._cursor_at = WindowCursor.of(fields["cursor"]), self._buf.next_window
-        if isinstance(fields.get("norms"), dict):
-            self.norm_stats = {**fields["norms"], "tokens": dict(fields["norms"].get("tokens") or {})}
+        if isinstance(fields.get("layer_norms"), dict):
+            self.layer_norms = {int(k): _copy_norms(v) for k, v in fields["layer_norms"].items()}
+        elif isinstance(fields.get("norms"), dict):
+            self.layer_norms = {self.settings.stream_layers[0]: _copy_norms(fields["norms"])}
         self._next_step = int(fields["step"])
+
+
+def _fresh_norms() -> dict:
+    return {"rows": 0, "above": 0, "sq": 0.0, "sq_above": 0.0, "median": None, "max": 0.0, "tokens": {}}
+
+
+def _copy_norms(st: dict) -> dict:
+    return {**st, "tokens": dict(st.get("tokens") or {})}
 
 
 def merge_rank_states(states: list[tuple[dict, dict[str, torch.Tensor]]]) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -180,15 +180,16 @@ class DataConfig:
             out.append(Problem("buffer_rows", f"buffer_rows must be >= 0 (got {self.buffer_rows})"))
         return out
 
-    def open_source(self, batch_size: int, seed: int, device: str) -> "ActivationSource":
+    def open_source(self, batch_size: int, seed: int, device: str,
+                    layers: tuple[int, ...] = ()) -> "ActivationSource":
         """The activation source these settings name, opened: the store at `acts`, or the stream
-        (`open_stream`). InvalidSettings naming the field (acts, layer, cache or model) when it
-        cannot be opened."""
+        (`open_stream`; `layers`: several blocks from one forward, a one-pass group's). InvalidSettings
+        naming the field (acts, layer, cache or model) when it cannot be opened."""
         from msae_core.data.store import ActivationStore
 
         if self.source == "stream":
             try:
-                return self.open_stream(batch_size, seed, device)
+                return self.open_stream(batch_size, seed, device, layers)
             except MsaeError as exc:
                 where = ("layer" if str(exc).startswith("layer ") else
                          "cache" if self.cache and "cache" in str(exc) else "model")
@@ -198,25 +199,27 @@ class DataConfig:
         except MsaeError as exc:
             raise InvalidSettings([Problem("acts", f"acts: {exc}")]) from None
 
-    def open_stream(self, batch_size: int, seed: int, device: str) -> "StreamedSource":
+    def open_stream(self, batch_size: int, seed: int, device: str, layers: tuple[int, ...] = ()) -> "StreamedSource":
         """The ActivationStream these settings describe; its width read from the model's config
         (the weights load when the first batch is asked for), with its cache if it has one.
+        `layers`: several blocks from one forward, side by side in each row (StreamSettings.layers).
         MsaeError for a layer past the model's blocks, or a cache folder holding something else."""
         from msae_core import dist
         from msae_core.data.lm import model_shape
         from msae_core.data.stream import ActivationStream, StreamSettings
 
         width, n_layers = model_shape(self.model)
-        if n_layers is not None and self.layer >= n_layers:
-            raise MsaeError(f"layer {self.layer} is past the last block of {self.model} "
-                            f"({n_layers} blocks: 0..{n_layers - 1})")
+        for layer in layers or (self.layer,):
+            if n_layers is not None and layer >= n_layers:
+                raise MsaeError(f"layer {layer} is past the last block of {self.model} "
+                                f"({n_layers} blocks: 0..{n_layers - 1})")
         settings = StreamSettings(model=self.model, layer=self.layer, corpus=self.corpus,
                                   corpus_config=self.corpus_config, corpus_split=self.corpus_split,
                                   text_column=self.text_column,
                                   context_size=self.context_size, model_dtype=self.model_dtype,
                                   separator=self.separator,
                                   lm_batch=self.lm_batch, buffer_rows=self.buffer_rows,
-                                  buffer_batches=self.buffer_batches)
+                                  buffer_batches=self.buffer_batches, layers=tuple(layers))
         return ActivationStream(settings, batch_size, seed, device=device, width=width, cache=self.cache,
                                 cache_dtype=self.cache_dtype, part=(dist.rank(), dist.world_size()))
 

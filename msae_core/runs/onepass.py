@@ -11,11 +11,19 @@ from msae_core.devices import resolve_device
 from msae_core.runs.config import RunConfig
 
 
+def _data(config: RunConfig) -> dict:
+    """The data settings a group shares: streamed, every one but the layer (one forward serves
+    several layers); from a store, all."""
+    d = dataclasses.asdict(config.data)
+    if config.data.source == "stream":
+        d.pop("layer")
+    return d
+
+
 def shared_key(config: RunConfig) -> str:
     """What members of one group must share, as text: two configs with equal keys train together."""
     t = config.train
-    return repr((sorted(dataclasses.asdict(config.data).items()), t.batch_size, t.seed,
-                 str(resolve_device(t.device)), t.bf16))
+    return repr((sorted(_data(config).items()), t.batch_size, t.seed, str(resolve_device(t.device)), t.bf16))
 
 
 def shared_source_problems(configs: list[RunConfig]) -> list[str]:
@@ -23,9 +31,11 @@ def shared_source_problems(configs: list[RunConfig]) -> list[str]:
     from the first."""
     out = []
     first = configs[0]
+    if len({c.data.layer for c in configs}) > 1 and any(c.data.cache for c in configs):
+        out.append("a stream's --cache holds one layer: runs at several layers cannot cache it in one pass")
     for i, c in enumerate(configs[1:], start=1):
         diffs = [name for name, a, b in (
-            ("data", dataclasses.asdict(first.data), dataclasses.asdict(c.data)),
+            ("data", _data(first), _data(c)),
             ("train.batch_size", first.train.batch_size, c.train.batch_size),
             ("train.seed (the data order)", first.train.seed, c.train.seed),
             ("train.device", str(resolve_device(first.train.device)), str(resolve_device(c.train.device))),

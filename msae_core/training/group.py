@@ -84,8 +84,16 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
     problems = shared_source_problems(configs)
     if problems:
         raise MsaeError("these runs cannot train in one pass: " + "; ".join(problems))
-    first, source = configs[0].check()  # the source, opened once
-    configs = [first] + [c.check(source)[0] for c in configs[1:]]
+    layers = tuple(dict.fromkeys(c.data.layer for c in configs)) if configs[0].data.source == "stream" else ()
+    if len(layers) > 1:  # several layers from one forward: each run reads its layer's columns
+        t = configs[0].train
+        source = configs[0].data.open_source(t.batch_size, t.seed, t.device, layers)
+        views = [_LayerView(source, layers.index(c.data.layer), c.data.layer) for c in configs]
+        configs = [c.check(v)[0] for c, v in zip(configs, views)]
+    else:
+        first, source = configs[0].check()  # the source, opened once
+        configs = [first] + [c.check(source)[0] for c in configs[1:]]
+        views = [None] * len(configs)
     lm_params, store_bytes = source_size(configs[0], source)
     plan(configs, [p.name for p in out_dirs], lm_params, store_bytes)
     with contextlib.ExitStack() as stack:
@@ -105,9 +113,10 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
             accepted.append(accept_folder(config, out_dir, group=len(configs)))
         configs = [c for c, _ in accepted]
         shared = _SharedSource(source)
-        for (config, ckpt), out_dir in zip(accepted, out_dirs):
+        for (config, ckpt), out_dir, view in zip(accepted, out_dirs, views):
             try:
-                fit = _Fit(config, out_dir, shared, _MemberStop(stop, out_dir), ckpt, owns_source=False)
+                fit = _Fit(config, out_dir, shared if view is None else view.over(shared),
+                           _MemberStop(stop, out_dir), ckpt, owns_source=False)
                 ended = fit.begin(progress=False)
             except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
                 fit, ended = None, _failed(out_dir, exc)
@@ -115,7 +124,8 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
                 fit.close()
             fits.append(None if ended is not None else fit)
             results.append(ended)
-        _run_together(fits, results, shared, configs[0], progress, out_dirs[0] / GROUP_STREAM_DIR)
+        _run_together(fits, results, shared, configs[0], progress, out_dirs[0] / GROUP_STREAM_DIR,
+                      [None if v is None else v.columns for v in views])
         if source.streamed and all(r is not None and r.state == "done" for r in results):
             source.finish_cache()
             shutil.rmtree(out_dirs[0] / GROUP_STREAM_DIR, ignore_errors=True)
@@ -147,6 +157,35 @@ class _SharedSource:
         return getattr(self.source, name)
 
 
+class _LayerView:
+    """One layer of a stream that holds several side by side (StreamSettings.layers): what a run
+    at that layer reads, as if the stream were its own."""
+
+    def __init__(self, source, index: int, layer: int):
+        self.source, self.layer, self._inner = source, layer, source
+        self.d_in = source.layer_width
+        self.columns = slice(index * self.d_in, (index + 1) * self.d_in)
+
+    def over(self, shared: "_SharedSource") -> "_LayerView":
+        """This view reading through the group's shared source (its input sample drawn once)."""
+        view = _LayerView.__new__(_LayerView)
+        view.__dict__.update(self.__dict__)
+        view._inner = shared
+        return view
+
+    def input_sample(self, n: int, seed: int = 0):
+        return self._inner.input_sample(n, seed)[:, self.columns].contiguous()
+
+    def outlier_summary(self) -> dict | None:
+        return self.source.outlier_summary(self.layer)
+
+    def finish_cache(self) -> None:
+        """The group's to do."""
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 def _stream_start(fits: list[_Fit], shared: _SharedSource, config: RunConfig, state_dir: Path) -> int:
     """Where the stream starts for members resumed from their checkpoints: the earliest one's step,
     from the group's stream state there, else from the beginning (the members skip what they did)."""
@@ -163,9 +202,10 @@ def _stream_start(fits: list[_Fit], shared: _SharedSource, config: RunConfig, st
 
 
 def _run_together(fits: list[_Fit | None], results: list[RunResult | None], shared: _SharedSource,
-                  config: RunConfig, progress: bool, state_dir: Path) -> None:
-    """The shared loop: batch s once, then every member still training at s takes its step;
-    streamed, the stream's state is written for the group after a step where a member checkpointed."""
+                  config: RunConfig, progress: bool, state_dir: Path, columns: list[slice | None]) -> None:
+    """The shared loop: batch s once, then every member still training at s takes its step (its
+    layer's `columns` of it when the stream holds several); streamed, the stream's state is
+    written for the group after a step where a member checkpointed."""
     live = [i for i, f in enumerate(fits) if f is not None]
     if not live:
         return
@@ -188,7 +228,7 @@ def _run_together(fits: list[_Fit | None], results: list[RunResult | None], shar
                     if s < fit.start:
                         continue
                     try:
-                        ended = fit.advance(s, x_BD)
+                        ended = fit.advance(s, x_BD if columns[i] is None else x_BD[:, columns[i]].contiguous())
                         if ended is None and s + 1 == fit.tc.steps:
                             ended = fit.complete()
                     except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
