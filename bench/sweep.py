@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", default="", help="streamed: also two runs at these two layers (e.g. 3,6), one "
+                    "forward for both against a stream each")
     args = ap.parse_args()
     if args.source == "store" and not Path(args.acts, "manifest.json").is_file():
         sys.exit(f"no activation store at {args.acts}: harvest one (msae harvest --layer 6 --out {args.acts}) "
@@ -156,7 +158,34 @@ def main() -> None:
         ratio = separate / one
         print(f"{n:>3} {separate:>11.1f} {one:>11.1f} {ratio:>6.2f}x {limit:>6.2f}x {ratio / limit:>8.0%}   "
               f"r {r * 1e3:.0f} ms, s_i {', '.join(f'{s * 1e3:.0f}' for s in steps)} ms")
+    if args.layers and args.source == "stream":
+        two_layers(args, tmp, step_of.get("topk") or step_seconds(configs(args, 1, None)[0], x_BD))
     os.system(f"rm -rf {tmp}")
+
+
+def two_layers(args, tmp: Path, s: float) -> None:
+    """Two TopK runs at two layers: separate streams against one forward for both."""
+    from msae_core.training.group import train_group
+    from msae_core.training.trainer import train
+
+    la, lb = (int(v) for v in args.layers.split(","))
+    base = configs(args, 1, None)[0]
+    at = {layer: dataclasses.replace(base, data=dataclasses.replace(base.data, layer=layer),
+                                     sae=dataclasses.replace(base.sae, seed=i))
+          for i, layer in enumerate((la, lb))}
+    r = {layer: data_seconds(args, cfg)[0] for layer, cfg in at.items()}
+    t0 = time.perf_counter()
+    for layer, cfg in at.items():
+        assert train(cfg, tmp / f"layer{layer}", progress=False).state == "done"
+    separate = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert all(res.state == "done" for res in train_group(list(at.values()), [tmp / f"both{layer}" for layer in at],
+                                                           progress=False))
+    one = time.perf_counter() - t0
+    limit = (sum(r.values()) + 2 * s) / (max(r.values()) + 2 * s)
+    print(f"layers {la} and {lb}: separate {separate:.1f} s, one forward {one:.1f} s, {separate / one:.2f}x; "
+          f"limit {limit:.2f}x = (r{la} + r{lb} + 2 s) / (r{max(la, lb)} + 2 s) with r{la} {r[la] * 1e3:.0f} ms, "
+          f"r{lb} {r[lb] * 1e3:.0f} ms, s {s * 1e3:.0f} ms: {separate / one / limit:.0%} of the limit")
 
 
 if __name__ == "__main__":
