@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +29,7 @@ from msae_core.training.trainer import train
 from test_train import make_store
 
 D = 64
+REPO = Path(__file__).resolve().parent.parent
 TIMES = ("step_time_s", "tokens_per_s", "time")
 
 
@@ -134,28 +140,36 @@ def test_a_cancel_file_stops_its_member_alone_and_the_group_resumes_it(store, al
         assert_same_run(out, alone / out.name)
 
 
-def test_a_killed_group_resumes_every_member_exactly(store, alone, tmp_path, monkeypatch):
-    """The process dies between steps (here: the loader fails at batch 25, past the checkpoints at
-    10 and 20; the matryoshka member, 20 steps long, is done by then): the same command resumes
-    every unfinished member from its own checkpoint, each equal to its run alone."""
-    outs = [tmp_path / name for name in MEMBERS]
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from msae_core import cli
+    from msae_core.data.loader import BatchLoader
     orig = BatchLoader.next
-
-    def dies(self, s):
+    def next_batch(self, s):
         if s == 25:
-            raise KeyboardInterrupt  # as a kill would leave it: no member gets to write its end
+            os.kill(os.getpid(), signal.SIGKILL)
         return orig(self, s)
+    BatchLoader.next = next_batch
+    sys.exit(cli.main(sys.argv[1:]))
+""")
 
-    monkeypatch.setattr(BatchLoader, "next", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train_group([_config(store, **kw) for kw in MEMBERS.values()], outs, progress=False)
-    monkeypatch.undo()
-    assert read_status(outs[1])["state"] == "done" and read_status(outs[0])["state"] == "running"
+
+def test_a_killed_group_resumes_every_member_exactly(store, alone, tmp_path):
+    """kill -9 of `msae train-group` at batch 25 (past the checkpoints at 10 and 20; the
+    matryoshka member, 20 steps long, is done by then): the same command resumes every unfinished
+    member from its own checkpoint, each equal to its run alone."""
+    outs = [tmp_path / name for name in MEMBERS]
     argv = ["train-group", "--config"]
     for name, kw in MEMBERS.items():
         _config(store, **kw).save(tmp_path / f"{name}.json")
         argv.append(str(tmp_path / f"{name}.json"))
-    assert cli.main(argv + ["--out", *map(str, outs), "--no-progress"]) == 0
+    argv += ["--out", *map(str, outs), "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", KILLER, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert read_status(outs[1])["state"] == "done"
+    assert read_status(outs[0])["state"] == "failed" and "process gone" in read_status(outs[0])["error"]
+    assert cli.main(argv) == 0
     for out in outs:
         assert read_status(out)["state"] == "done"
         assert_same_run(out, alone / out.name)

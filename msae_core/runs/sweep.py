@@ -359,8 +359,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--root", default="results/runs", help="folder of the run folders (default: results/runs)")
     p.add_argument("--name", default="", help="sweep name; run folders are NAME-<values> "
                    "(default: sweep-<the grid's fields>, e.g. sweep-lam-tau)")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="training processes at a time; a one-pass group is one (default: 1)")
+    p.add_argument("--parallel", "--processes", type=int, default=1, dest="parallel",
+                   help="training processes at a time; a one-pass group is one, and on a machine with several "
+                        "GPUs each GPU's points form their own group (default: 1)")
     p.add_argument("--separate", action="store_true",
                    help="every point its own process, reading the data again (default: the points that "
                         "share an activation store, batch size, data seed and device train in one pass)")
