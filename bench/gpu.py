@@ -24,6 +24,9 @@ Rows, each `ok` or `FAILED` with its figures (exit code 1 when one failed):
   forward L12        the model's forward to block 12 alone (early stop), tokens/s
   stream train       msae's streaming trainer (TopK F 16,384) with the model loaded, its steady
                      tokens/s between the first and the last metrics line, against forward L12
+  sweep x4 one pass  four TopK SAEs streamed in one pass (msae train-group) against the stream run
+                     alone: 4 x its step time over the group's, beside the limit from the forward's
+                     time and the SAE's (issue 25: at least 90 % of it)
   core eval          `msae eval --evals core` on the stream's run, the model in bf16 (the whole
                      command, its model load included)
   torchrun           `torchrun --nproc_per_node 1 -m msae_core.cli train` with momentum over TopK
@@ -317,7 +320,42 @@ def lm_paths(table: Table, shape: Shape, root: Path, device: torch.device, args:
         run = None
     del lm
     _free(device)
+    if run is not None:
+        sweep_row(table, shape, root, cfg, run, fwd_tps)
     return run
+
+
+def sweep_row(table: Table, shape: Shape, root: Path, cfg, single: Path, fwd_tps: float | None, n: int = 4) -> None:
+    """n TopK SAEs (other init seeds) streamed in one pass (msae train-group) against the stream
+    run alone: n x its steady step time over the group's, beside the limit n (r + s) / (r + n s)
+    from the forward's time per batch r and the SAE's share s of the single run's step."""
+    import dataclasses
+
+    from msae_core.runs.folder import metrics_rows
+    from msae_core.training.group import train_group
+
+    try:
+        cfgs = [dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, seed=i),
+                                    data=dataclasses.replace(cfg.data, cache="")) for i in range(n)]
+        results = train_group(cfgs, [root / f"group-{i}" for i in range(n)], progress=False, evals=False)
+        if any(r.state != "done" for r in results):
+            raise RuntimeError("; ".join(f"{r.out_dir.name} {r.state}: {r.error}" for r in results if r.state != "done"))
+
+        def steady(run: Path) -> float:
+            m = metrics_rows(run)
+            return (m[-1]["time"] - m[0]["time"]) / (m[-1]["step"] - m[0]["step"])
+
+        t1, tn = steady(single), steady(root / "group-0")
+        figures = f"{n} x {t1 * 1e3:.1f} ms (one run's step) / {tn * 1e3:.1f} ms (the group's) = {n * t1 / tn:.2f}x"
+        if fwd_tps:
+            r = shape.batch / fwd_tps
+            s = max(t1 - r, 1e-9)
+            limit = n * (r + s) / (r + n * s)
+            figures += f"; limit {limit:.2f}x (r {r * 1e3:.1f} ms, s {s * 1e3:.1f} ms): {n * t1 / tn / limit:.0%} (goal >= 90%)"
+        table.add(f"sweep x{n} one pass", True, figures)
+    except Exception as exc:
+        table.add(f"sweep x{n} one pass", False, _short(exc))
+    _free(torch.device(cfg.train.device))
 
 
 def loader_rows(table: Table, store_dir: Path, shape: Shape, device: torch.device) -> None:
