@@ -45,15 +45,20 @@ def sae_bytes(config: RunConfig) -> Estimate:
     return Estimate(state, 4 * B * F * width)
 
 
-def source_bytes(config: RunConfig, lm_params: int = 0, resident_bytes: int = 0) -> int:
+def source_bytes(config: RunConfig, lm_params: int = 0, resident_bytes: int = 0, layers: int = 1) -> int:
     """The source's share: the loader's batches, a store resident on the GPU (`resident_bytes`),
-    and for a stream the model and its buffer."""
+    and for a stream the model (in the dtype it loads in) and its buffer; `layers`: the layers a
+    streamed row holds side by side (a one-pass group at several layers)."""
+    from msae_core.data.lm import model_dtype
+    from msae_core.devices import resolve_device
+
     d, t = config.data, config.train
-    D = max(config.sae.d_in, 1)
+    D = max(config.sae.d_in, 1) * layers
     out = LOADER_BATCHES * t.batch_size * D * 4 + resident_bytes
     if d.source == "stream":
         rows = d.buffer_rows or (d.buffer_batches * t.batch_size if d.buffer_batches else 20 * 32 * d.context_size)
-        out += rows * D * 4 + lm_params * (2 if d.model_dtype in ("bfloat16", "float16") else 4)
+        itemsize = 4 if model_dtype(d.model_dtype, resolve_device(t.device)) == "float32" else 2
+        out += rows * D * 4 + lm_params * itemsize
     return out
 
 
@@ -61,8 +66,9 @@ def group_bytes(configs: list[RunConfig], names: list[str], lm_params: int = 0,
                 resident_bytes: int = 0) -> tuple[int, list[tuple[str, int]]]:
     """(bytes the group needs at its peak, each member's (name, bytes), largest first)."""
     each = [sae_bytes(c) for c in configs]
+    layers = len({c.data.layer for c in configs}) if configs[0].data.source == "stream" else 1
     total = (sum(e.state for e in each) + max(e.step for e in each)
-             + source_bytes(configs[0], lm_params, resident_bytes))
+             + source_bytes(configs[0], lm_params, resident_bytes, layers))
     members = sorted(((n, e.state + e.step) for n, e in zip(names, each)), key=lambda m: -m[1])
     return total, members
 

@@ -4,10 +4,12 @@ been trained alone (config, metrics, traces, events, checkpoints, status, final 
 
     msae train-group --config a.json b.json c.json --out RUNS/a RUNS/b RUNS/c
 
-What members share, and what they may not differ in (`shared_source_problems`): the activation
-source (the `data` section), the batch size, the data order's seed (`train.seed`), the device and
-bf16. Everything else may differ: architecture, width, k, lr, steps, the momentum knobs and the
-SAE's initialisation seed (`sae.seed`: replicates of one setting on one data order).
+What members share, and what they may not differ in (runs.onepass): the activation source (the
+`data` section; streamed, all of it but the layer), the batch size, the data order's seed
+(`train.seed`), the device and bf16. Everything else may differ: architecture, width, k, lr, steps,
+the momentum knobs and the SAE's initialisation seed (`sae.seed`: replicates of one setting on one
+data order). Streamed runs at several layers of one model share one forward (each reads its
+layer's columns of rows that hold them side by side). Not yet under torchrun.
 
 Equal to alone: batch s of a store is a function of (seed, s) only, and no training step reads the
 global RNG, so member i's weights, buffers, Adam state and metrics rows equal those of its config
@@ -233,7 +235,7 @@ def _run_together(fits: list[_Fit | None], results: list[RunResult | None], shar
                             ended = fit.complete()
                     except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
                         fit.close()
-                        ended = _failed(fit.out_dir, exc)
+                        ended = _failed(fit.out_dir, exc, s)
                     if ended is not None:
                         results[i] = ended
                         live.remove(i)
@@ -253,19 +255,21 @@ def _run_together(fits: list[_Fit | None], results: list[RunResult | None], shar
             fits[i].close()
 
 
-def _failed(out_dir: Path, exc: BaseException) -> RunResult:
+def _failed(out_dir: Path, exc: BaseException, step: int = 0) -> RunResult:
+    """A member that failed at `step` (its status says why); the others go on."""
     err = failure_text(exc, out_dir)
     write_status(out_dir, state="failed", error=err, pid=None, eta_s=None)
     log.error("%s: %s", out_dir.name, err)
-    return RunResult("failed", 0, out_dir, {}, err)
+    return RunResult("failed", step, out_dir, {}, err)
 
 
 # ------------------------------------------------------------------------------------------- CLI
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
-        "train-group", help="train several runs in one pass over one activation store",
-        description="Train (or resume) several runs that share an activation store, batch size and "
-                    "data seed in one process: each batch is read once and fed to every run; each "
+        "train-group", help="train several runs in one pass over their shared activations",
+        description="Train (or resume) several runs that share an activation source (a store, or a "
+                    "stream of one model: several layers from one forward), batch size and data seed "
+                    "in one process: each batch is read or streamed once and fed to every run; each "
                     "run keeps its own folder, as `msae train --config C --out RUN` would write it.")
     p.add_argument("--config", nargs="+", required=True, help="run config json files, one per run")
     p.add_argument("--out", nargs="+", required=True, help="run folders, in the order of --config")
