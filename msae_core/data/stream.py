@@ -185,7 +185,8 @@ class ActivationStream:
 
     @property
     def d_in(self) -> int:
-        """The model's width; from its config when given (`width`), before the weights load."""
+        """A row's width: the model's (from its config when given, `width`, before the weights
+        load), times the layers a row holds side by side (one but for a one-pass group's stream)."""
         return self.layer_width * len(self.settings.stream_layers)
 
     @property

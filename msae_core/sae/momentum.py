@@ -6,8 +6,8 @@
 The base keeps its parameters, initialisation, encode/decode and loss; the tracker adds the
 per-feature momentum, the candidate pair table and the penalty. `loss_terms` computes the penalty
 from the table as it stands; `take_in_`, which the trainer calls next (with every rank's rows when
-training data-parallel: the trainer gathers them, sae/ calls no collective), is the one place the
-tracker's statistics change (`MomentumTracker.update_`), once per step. `post_step_` is the base's (decoder
+training data-parallel: the trainer gathers them), is the one place the tracker's statistics change
+(`MomentumTracker.update_`), once per step. `post_step_` is the base's (decoder
 renormalisation) and leaves the statistics alone. With lam = 0 the loss, gradients and weights are
 exactly the base's.
 
