@@ -13,6 +13,12 @@ after `layer` (and the unembedding) never run.
 transformers dequantises it (~1 min) and converts its tokenizer (~20 s); both are cached as
 safetensors + tokenizer.json under `$MSAE_CACHE` (default ~/.cache/msae), each built in a temporary
 folder and renamed into place, so a killed first load never leaves a half-written cache.
+
+One module of about 500 lines: resolving a name (hub, local folder, the embedded GGUF and its
+cache), reading a config without weights (`model_shape`, `model_params`) and the loaded model's
+wrapper (`LanguageModel`: blocks found by path, hooks for reading and splicing) are one concept, a
+model by name; split, each part would import the others' private helpers (`_resolve`,
+`_from_pretrained`).
 """
 
 from __future__ import annotations
