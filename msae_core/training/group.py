@@ -9,7 +9,13 @@ What members share, and what they may not differ in (runs.onepass): the activati
 (`train.seed`), the device and bf16. Everything else may differ: architecture, width, k, lr, steps,
 the momentum knobs and the SAE's initialisation seed (`sae.seed`: replicates of one setting on one
 data order). Streamed runs at several layers of one model share one forward (each reads its
-layer's columns of rows that hold them side by side). Not yet under torchrun.
+layer's columns of rows that hold them side by side).
+
+Under torchrun a group works as a single run does: each rank reads its share of every batch, every
+member is data-parallel, rank 0 alone writes the run folders (and the group's stream state, every
+rank's buffer gathered to it). There, an error in one member's step ends the whole group (the
+ranks' collectives must stay in step); a divergence and a cancel still end their member alone (the
+ranks agree on both).
 
 Equal to alone: batch s of a store is a function of (seed, s) only, and no training step reads the
 global RNG, so member i's weights, buffers, Adam state and metrics rows equal those of its config
@@ -36,6 +42,7 @@ are further skip those batches).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import signal
@@ -46,13 +53,15 @@ from msae_core.artifacts import GROUP_STREAM_DIR, RUN_CANCEL
 from msae_core.data.loader import BatchLoader
 from msae_core.errors import MsaeError
 from msae_core.procs import FolderLock, StopFlag
-from msae_core.runs.checkpoint import prune_group_streams, read_group_stream, write_group_stream
+from msae_core.data.stream import merge_rank_states
+from msae_core.runs.checkpoint import (find_checkpoint, prune_group_streams, read_group_stream,
+                                      write_group_stream)
 from msae_core.runs.config import RunConfig
 from msae_core.runs.folder import refuse_foreign_out, write_status
 from msae_core.runs.memory import plan, source_size
 from msae_core.runs.onepass import shared_source_problems
 from msae_core.training.loop import RunResult, _Fit
-from msae_core.training.trainer import accept_folder, failure_text, refuse_other_settings, run_evals
+from msae_core.training.trainer import absolute_paths, accept_folder, failure_text, refuse_other_settings, run_evals
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +90,6 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
     out_dirs = [Path(p) for p in out_dirs]
     if len({p.resolve() for p in out_dirs}) != len(out_dirs):
         raise MsaeError("train-group: two members share one --out folder")
-    if dist.world_size() > 1:
-        raise MsaeError("train-group under torchrun is not supported yet: train each run with msae train")
     problems = shared_source_problems(configs)
     if problems:
         raise MsaeError("these runs cannot train in one pass: " + "; ".join(problems))
@@ -102,17 +109,17 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
         stop = stack.enter_context(stop or StopFlag())
         fits: list[_Fit | None] = []
         results: list[RunResult | None] = []
-        for out_dir in out_dirs:
-            refuse_foreign_out(out_dir)
-        for out_dir in out_dirs:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(FolderLock(out_dir, what="training"))
-        for config, out_dir in zip(configs, out_dirs):  # every folder checked before any is written
-            refuse_other_settings(config, out_dir)
-        accepted = []
-        for config, out_dir in zip(configs, out_dirs):
-            (out_dir / RUN_CANCEL).unlink(missing_ok=True)
-            accepted.append(accept_folder(config, out_dir, group=len(configs)))
+        if dist.is_main():
+            try:
+                accepted = _accept_all(stack, configs, out_dirs)
+            except BaseException:
+                dist.all_max(1)  # refused: the other ranks stop too
+                raise
+            dist.all_max(0)
+        else:  # data-parallel: rank 0 checks and writes the folders; the others follow
+            if dist.all_max(0):
+                raise MsaeError("rank 0 refused the group's run folders (its error says why)")
+            accepted = [(absolute_paths(c), find_checkpoint(o)) for c, o in zip(configs, out_dirs)]
         configs = [c for c, _ in accepted]
         shared = _SharedSource(source)
         for (config, ckpt), out_dir, view in zip(accepted, out_dirs, views):
@@ -121,6 +128,8 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
                            _MemberStop(stop, out_dir), ckpt, owns_source=False)
                 ended = fit.begin(progress=False)
             except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
+                if dist.world_size() > 1:
+                    raise
                 fit, ended = None, _failed(out_dir, exc)
             if ended is not None and fit is not None:
                 fit.close()
@@ -130,11 +139,31 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
                       [None if v is None else v.columns for v in views])
         if source.streamed and all(r is not None and r.state == "done" for r in results):
             source.finish_cache()
-            shutil.rmtree(out_dirs[0] / GROUP_STREAM_DIR, ignore_errors=True)
+            dist.barrier()
+            if dist.is_main():
+                shutil.rmtree(out_dirs[0] / GROUP_STREAM_DIR, ignore_errors=True)
         for config, result in zip(configs, results):
-            if evals and result is not None and result.state == "done" and config.train.evals:
+            if evals and dist.is_main() and result is not None and result.state == "done" and config.train.evals:
                 run_evals(result.out_dir, list(config.train.evals), config)
     return [r for r in results if r is not None]
+
+
+def _accept_all(stack: contextlib.ExitStack, configs: list[RunConfig],
+                out_dirs: list[Path]) -> list[tuple[RunConfig, Path | None]]:
+    """Every run folder locked (for as long as `stack`) and checked before any is written, then each
+    accepted (training.trainer.accept_folder): (config as recorded, checkpoint) per member."""
+    for out_dir in out_dirs:
+        refuse_foreign_out(out_dir)
+    for out_dir in out_dirs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(FolderLock(out_dir, what="training"))
+    for config, out_dir in zip(configs, out_dirs):
+        refuse_other_settings(config, out_dir)
+    accepted = []
+    for config, out_dir in zip(configs, out_dirs):
+        (out_dir / RUN_CANCEL).unlink(missing_ok=True)
+        accepted.append(accept_folder(config, out_dir, group=len(configs)))
+    return accepted
 
 
 class _SharedSource:
@@ -194,6 +223,7 @@ def _stream_start(fits: list[_Fit], shared: _SharedSource, config: RunConfig, st
     start = min(f.start for f in fits)
     if start == 0 or not shared.source.streamed:
         return start
+    dist.barrier()  # rank 0 wrote it
     saved = read_group_stream(state_dir, start)
     if saved is not None:
         shared.source.restore(*saved)
@@ -216,7 +246,8 @@ def _run_together(fits: list[_Fit | None], results: list[RunResult | None], shar
     end = max(fits[i].tc.steps for i in live)
     tc = config.train
     kept = {i: fits[i].start for i in live}  # each member's latest checkpoint step
-    loader = BatchLoader(source, tc.batch_size, tc.seed, start, fits[live[0]].device)
+    loader = BatchLoader(source, tc.batch_size, tc.seed, start, fits[live[0]].device,
+                         part=(dist.rank(), dist.world_size()))
     try:
         from tqdm.auto import tqdm
 
@@ -235,6 +266,8 @@ def _run_together(fits: list[_Fit | None], results: list[RunResult | None], shar
                             ended = fit.complete()
                     except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
                         fit.close()
+                        if dist.world_size() > 1:  # the ranks' collectives must stay in step: all end
+                            raise
                         ended = _failed(fit.out_dir, exc, s)
                     if ended is not None:
                         results[i] = ended
@@ -244,10 +277,13 @@ def _run_together(fits: list[_Fit | None], results: list[RunResult | None], shar
                 resumable = [i for i in kept if fits[i].checkpointed_at == s + 1
                              and (results[i] is None or results[i].state != "done")]
                 if source.streamed and resumable:
-                    write_group_stream(state_dir, s + 1, *source.state(s + 1))
+                    ranks = dist.gather_objects(source.state(s + 1))
+                    if ranks is not None:  # rank 0: every rank's buffer
+                        write_group_stream(state_dir, s + 1, *merge_rank_states(ranks))
                     kept.update({i: s + 1 for i in resumable})
-                    prune_group_streams(state_dir, {kept[i] for i in kept
-                                                    if results[i] is None or results[i].state != "done"})
+                    if dist.is_main():
+                        prune_group_streams(state_dir, {kept[i] for i in kept
+                                                        if results[i] is None or results[i].state != "done"})
                 bar.update(1)
     finally:
         loader.close()
@@ -284,6 +320,21 @@ def add_cli(subparsers) -> None:
 
 def run_cli(args) -> int:
     configs = [RunConfig.load(c) for c in args.config]
+    if dist.launched_by_torchrun():  # torchrun --nproc_per_node N -m msae_core.cli train-group ...
+        if args.max_parallel:
+            raise MsaeError("--max-parallel queues separate processes; under torchrun the ranks form one group: drop it")
+        device = dist.init_from_env(configs[0].train.device)
+        try:
+            n = dist.world_size()
+            if configs[0].train.batch_size % n:
+                raise MsaeError(f"batch_size {configs[0].train.batch_size} must divide evenly over the {n} ranks")
+            configs = [dataclasses.replace(c, train=dataclasses.replace(c.train, device=device)) for c in configs]
+            with StopFlag() as stop:
+                results = train_group(configs, args.out, progress=not args.no_progress and dist.is_main(), stop=stop)
+            dist.barrier()
+        finally:
+            dist.close()
+        return _exit_code(results)
     with StopFlag() as stop:
         if args.max_parallel:
             from msae_core.runs.jobs import wait_for_slot
@@ -293,6 +344,10 @@ def run_cli(args) -> int:
             if not wait_for_slot(outs, root, args.max_parallel, stop=stop):
                 return 130
         results = train_group(configs, args.out, progress=not args.no_progress, stop=stop)
+    return _exit_code(results)
+
+
+def _exit_code(results: list[RunResult]) -> int:
     for r in results:
         log.info("%s: %s at step %d%s", r.out_dir.name, r.state, r.step, f" ({r.error})" if r.error else "")
     if any(r.state in ("failed", "diverged") for r in results):

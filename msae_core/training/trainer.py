@@ -67,7 +67,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, progress: bool = True,
         raise
 
 
-def _absolute_paths(config: RunConfig) -> RunConfig:
+def absolute_paths(config: RunConfig) -> RunConfig:
     """`config` with its store and cache folders absolute (a relative one means the folder the
     command ran in, which a page served from elsewhere would not find)."""
     d = config.data
@@ -103,7 +103,7 @@ def accept_folder(config: RunConfig, out_dir: Path, gate: dict | None = None,
         prev = read_status(out_dir)
     except MsaeError:
         prev = {}
-    config = _absolute_paths(config)  # readers of the run (the workbench, evals) start from other folders
+    config = absolute_paths(config)  # readers of the run (the workbench, evals) start from other folders
     config.save(out_dir / RUN_CONFIG)
     write_status(out_dir, state="running", pid=os.getpid(), error=None, eta_s=None, group=group,
                  total_steps=config.train.steps, started=prev.get("started") or time.time())
