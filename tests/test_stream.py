@@ -469,23 +469,35 @@ def test_a_killed_streamed_group_resumes_from_its_stream_checkpoint(setup, strea
 def test_a_streamed_group_at_two_layers_runs_one_forward_and_equals_each_run_alone(setup, tmp_path, monkeypatch):
     """Runs at layers 1 and 2 of one model stream in one pass: one forward per window, stopped
     after block 2, each run reading its layer's columns, and each equal to its run alone (the
-    outlier summary of its own layer too)."""
+    outlier summary of its own layer too); each layer's --cache is the store its run alone
+    writes."""
+    from msae_core.data.store import ActivationStore
     from msae_core.data.lm import LanguageModel as LM
     from msae_core.training.group import train_group
 
     at2 = _config(setup, steps=12)
     at1 = dataclasses.replace(at2, sae=dataclasses.replace(at2.sae, arch="topk", seed=1),
                               data=dataclasses.replace(at2.data, layer=1))
+
+    def cached(cfg, folder):
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache=str(folder)))
+
     for name, cfg in (("L2", at2), ("L1", at1)):
-        assert train(cfg, tmp_path / "alone" / name, progress=False).state == "done"
+        alone = tmp_path / "alone" / name
+        assert train(cached(cfg, alone / "cache"), alone, progress=False).state == "done"
     forwards = []
     orig = LM.resid_posts
     monkeypatch.setattr(LM, "resid_posts", lambda self, ids, layers, *a, **k: forwards.append(tuple(layers))
                         or orig(self, ids, layers, *a, **k))
-    results = train_group([at2, at1], [tmp_path / "L2", tmp_path / "L1"], progress=False)
+    results = train_group([cached(at2, tmp_path / "cacheL2"), cached(at1, tmp_path / "cacheL1")],
+                          [tmp_path / "L2", tmp_path / "L1"], progress=False)
     assert [r.state for r in results] == ["done", "done"]
     assert forwards and set(forwards) == {(2, 1)}  # both layers from each forward
     for name in ("L2", "L1"):
         _same_run(tmp_path / name, tmp_path / "alone" / name)
         assert read_status(tmp_path / name)["stream_outliers"] == read_status(tmp_path / "alone" / name)["stream_outliers"]
     assert read_status(tmp_path / "L1")["stream_outliers"] != read_status(tmp_path / "L2")["stream_outliers"]
+    for name in ("L2", "L1"):
+        mine, theirs = ActivationStore(tmp_path / f"cache{name}"), ActivationStore(tmp_path / "alone" / name / "cache")
+        assert mine.n_rows == theirs.n_rows > 0 and mine.manifest["layer"] == theirs.manifest["layer"]
+        assert torch.equal(mine.rows(torch.arange(mine.n_rows)), theirs.rows(torch.arange(theirs.n_rows)))

@@ -45,6 +45,7 @@ The same interface as an ActivationStore where the trainer and the loader use on
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
@@ -126,26 +127,21 @@ class ActivationStream:
     # StreamedSource (data.source)
 
     def __init__(self, settings: StreamSettings, batch_size: int, seed: int, device: Any = None,
-                 lm: Any = None, corpus: Any = None, width: int | None = None, cache: str = "",
+                 lm: Any = None, corpus: Any = None, width: int | None = None, cache: str | dict[int, str] = "",
                  cache_dtype: str = "float16", part: tuple[int, int] = (0, 1)):
         self.settings, self.batch_size, self.seed = settings, batch_size, seed
         self.part, self.local_size = part, batch_size // part[1]
         if cache and part[1] > 1:
             raise MsaeError("--cache is not supported under torchrun yet: stream with --cache in one "
                             "process (or harvest a store), then train on it with --acts")
-        if cache and len(settings.stream_layers) > 1:
-            raise MsaeError("--cache with runs at several layers in one pass is not supported yet: "
-                            "cache one layer per sweep, or harvest a store per layer")
         self._width = width
-        self.cache_path, self._cache_settings = cache, None
-        self._sink: Any = None  # harvest.ShardSink of the cache, opened with the model
-        if cache:
-            from msae_core.data.harvest import check_store_folder
-
-            # unfinished, a cache is a harvest without an end (its target set when it is finished)
-            self._cache_settings = settings.store_settings(_OPEN_TARGET, cache_dtype)
-            # another harvest's folder is refused now; this cache with other --steps is taken over
-            check_store_folder(Path(cache), self._cache_settings, retarget=True)
+        # `cache`: one folder (the stream's one layer), or layer -> folder when the rows hold several
+        caches = cache if isinstance(cache, dict) else ({settings.stream_layers[0]: cache} if cache else {})
+        if set(caches) - set(settings.stream_layers):
+            raise ValueError(f"caches of layers {sorted(set(caches) - set(settings.stream_layers))} not streamed")
+        self._caches = {layer: _Cache(path, dataclasses.replace(settings, layer=layer, layers=()), cache_dtype,
+                                      settings.stream_layers.index(layer), len(settings.stream_layers))
+                        for layer, path in caches.items() if path}
         self.device = resolve_device(device)
         self._lm, self._corpus = lm, corpus
         self._buf = _Buffer()
@@ -237,57 +233,20 @@ class ActivationStream:
             return self._cursor._asdict()
         return None
 
-    def _cache_sink(self) -> Any:
-        """The cache's ShardSink (opened on first use, with the model), None without a cache or
-        once the cache is complete."""
-        if self._cache_settings is None:
-            return None
-        if self._sink is None:
-            from msae_core.data.harvest import ShardSink, store_meta
-            from msae_core.data.store import StoreWriter
-
-            meta = store_meta(self.lm, self.corpus, self._cache_settings, source="stream",
-                              batch_size=self.settings.lm_batch)
-            try:
-                self._sink = ShardSink(StoreWriter(self.cache_path, self._cache_settings, meta, retarget=True))
-            except OSError as exc:
-                raise MsaeError(f"cannot create the cache {self.cache_path}: {exc.strerror or exc}") from exc
-        return None if self._sink.writer.complete else self._sink
-
     def _to_cache(self, rows: Any, batch: list[tuple[int, int, list]], first_window: int) -> None:
-        sink = self._cache_sink()
-        if sink is None:
-            return
-        if first_window > sink.windows_done:
-            raise MsaeError(f"the cache {self.cache_path} holds windows 0..{sink.windows_done - 1} but the "
-                            f"stream reads from window {first_window}: delete the cache folder, or give "
-                            f"another --cache")
-        ids_BT = torch.tensor([w for _, _, w in batch], dtype=torch.long)
-        sink.add(rows, ids_BT, torch.tensor([d for _, d, _ in batch], dtype=torch.long), first_window)
+        for cache in self._caches.values():
+            cache.add(self, rows, batch, first_window)
 
     def flush_cache(self) -> None:
-        """Write the cache's buffered rows as a shard: the cache then holds every window read."""
-        if self._sink is not None and not self._sink.writer.complete:
-            self._sink.flush()
+        """Write the caches' buffered rows as shards: each then holds every window read."""
+        for cache in self._caches.values():
+            cache.flush()
 
     def finish_cache(self) -> None:
-        """The run is done: the cache becomes a complete harvest of the rows it holds (also when
+        """The run is done: each cache becomes a complete harvest of the rows it holds (also when
         this process wrote nothing into it: a run resumed after its last window was cached)."""
-        if self._sink is None and self._cache_settings is not None:
-            from msae_core.data.harvest import ShardSink
-            from msae_core.data.store import StoreWriter, read_manifest
-
-            held = read_manifest(self.cache_path)  # its meta is already in the manifest: no model load
-            if held is not None:
-                self._sink = ShardSink(StoreWriter(self.cache_path, self._cache_settings,
-                                                   {"d_model": held.get("d_model")}, retarget=True))
-        if self._sink is None or self._sink.writer.complete:
-            return
-        self._sink.flush()
-        writer = self._sink.writer
-        done = self.settings.store_settings(max(writer.n_rows_done, 1), self._cache_settings.dtype)
-        writer.finish(source="stream", target_tokens=done.target_tokens, settings_hash=done.settings_hash())
-        log.info("cache %s complete: %d rows", self.cache_path, writer.n_rows_done)
+        for cache in self._caches.values():
+            cache.finish()
 
     def _rows(self, n: int, windows: Iterator, first_window: int) -> tuple[torch.Tensor, int, bool]:
         """At least `n` rows (whole windows, `lm_batch` at a time) from `windows` (`_window_iter`
@@ -457,6 +416,71 @@ class ActivationStream:
         elif isinstance(fields.get("norms"), dict):
             self.layer_norms = {self.settings.stream_layers[0]: _copy_norms(fields["norms"])}
         self._next_step = int(fields["step"])
+
+
+class _Cache:
+    """One layer's cache: an activation store the stream writes as it reads (`--cache`), a harvest
+    without an end until the run is done. `column`/`of`: the layer's place among the layers a row
+    holds side by side (0 of 1 for a stream of one layer)."""
+
+    def __init__(self, path: str, settings: StreamSettings, dtype: str, column: int, of: int):
+        from msae_core.data.harvest import check_store_folder
+
+        self.path, self.settings, self.column, self.of = path, settings, column, of
+        # unfinished, a cache is a harvest without an end (its target set when it is finished)
+        self.store_settings = settings.store_settings(_OPEN_TARGET, dtype)
+        # another harvest's folder is refused now; this cache with other --steps is taken over
+        check_store_folder(Path(path), self.store_settings, retarget=True)
+        self.sink: Any = None  # harvest.ShardSink, opened with the model
+
+    def _open(self, stream: "ActivationStream") -> Any:
+        """The ShardSink (opened on first use, with the model), None once the cache is complete."""
+        if self.sink is None:
+            from msae_core.data.harvest import ShardSink, store_meta
+            from msae_core.data.store import StoreWriter
+
+            meta = store_meta(stream.lm, stream.corpus, self.store_settings, source="stream",
+                              batch_size=self.settings.lm_batch)
+            try:
+                self.sink = ShardSink(StoreWriter(self.path, self.store_settings, meta, retarget=True))
+            except OSError as exc:
+                raise MsaeError(f"cannot create the cache {self.path}: {exc.strerror or exc}") from exc
+        return None if self.sink.writer.complete else self.sink
+
+    def add(self, stream: "ActivationStream", rows: Any, batch: list[tuple[int, int, list]], first_window: int) -> None:
+        sink = self._open(stream)
+        if sink is None:
+            return
+        if first_window > sink.windows_done:
+            raise MsaeError(f"the cache {self.path} holds windows 0..{sink.windows_done - 1} but the "
+                            f"stream reads from window {first_window}: delete the cache folder, or give "
+                            f"another --cache")
+        if self.of > 1:  # this layer's columns
+            width = rows.acts.shape[1] // self.of
+            rows = rows._replace(acts=rows.acts[:, self.column * width:(self.column + 1) * width].contiguous())
+        ids_BT = torch.tensor([w for _, _, w in batch], dtype=torch.long)
+        sink.add(rows, ids_BT, torch.tensor([d for _, d, _ in batch], dtype=torch.long), first_window)
+
+    def flush(self) -> None:
+        if self.sink is not None and not self.sink.writer.complete:
+            self.sink.flush()
+
+    def finish(self) -> None:
+        if self.sink is None:
+            from msae_core.data.harvest import ShardSink
+            from msae_core.data.store import StoreWriter, read_manifest
+
+            held = read_manifest(self.path)  # its meta is already in the manifest: no model load
+            if held is not None:
+                self.sink = ShardSink(StoreWriter(self.path, self.store_settings,
+                                                  {"d_model": held.get("d_model")}, retarget=True))
+        if self.sink is None or self.sink.writer.complete:
+            return
+        self.sink.flush()
+        writer = self.sink.writer
+        done = self.settings.store_settings(max(writer.n_rows_done, 1), self.store_settings.dtype)
+        writer.finish(source="stream", target_tokens=done.target_tokens, settings_hash=done.settings_hash())
+        log.info("cache %s complete: %d rows", self.path, writer.n_rows_done)
 
 
 def _fresh_norms() -> dict:

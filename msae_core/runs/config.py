@@ -181,7 +181,7 @@ class DataConfig:
         return out
 
     def open_source(self, batch_size: int, seed: int, device: str,
-                    layers: tuple[int, ...] = ()) -> "ActivationSource":
+                    layers: tuple[int, ...] = (), caches: dict[int, str] | None = None) -> "ActivationSource":
         """The activation source these settings name, opened: the store at `acts`, or the stream
         (`open_stream`; `layers`: several blocks from one forward, a one-pass group's). InvalidSettings
         naming the field (acts, layer, cache or model) when it cannot be opened."""
@@ -189,7 +189,7 @@ class DataConfig:
 
         if self.source == "stream":
             try:
-                return self.open_stream(batch_size, seed, device, layers)
+                return self.open_stream(batch_size, seed, device, layers, caches)
             except MsaeError as exc:
                 where = ("layer" if str(exc).startswith("layer ") else
                          "cache" if self.cache and "cache" in str(exc) else "model")
@@ -199,10 +199,12 @@ class DataConfig:
         except MsaeError as exc:
             raise InvalidSettings([Problem("acts", f"acts: {exc}")]) from None
 
-    def open_stream(self, batch_size: int, seed: int, device: str, layers: tuple[int, ...] = ()) -> "StreamedSource":
+    def open_stream(self, batch_size: int, seed: int, device: str, layers: tuple[int, ...] = (),
+                    caches: dict[int, str] | None = None) -> "StreamedSource":
         """The ActivationStream these settings describe; its width read from the model's config
         (the weights load when the first batch is asked for), with its cache if it has one.
-        `layers`: several blocks from one forward, side by side in each row (StreamSettings.layers).
+        `layers`: several blocks from one forward, side by side in each row (StreamSettings.layers),
+        each cached into its folder in `caches` (layer -> folder) instead of `cache`.
         MsaeError for a layer past the model's blocks, or a cache folder holding something else."""
         from msae_core import dist
         from msae_core.data.lm import model_shape
@@ -220,7 +222,8 @@ class DataConfig:
                                   separator=self.separator,
                                   lm_batch=self.lm_batch, buffer_rows=self.buffer_rows,
                                   buffer_batches=self.buffer_batches, layers=tuple(layers))
-        return ActivationStream(settings, batch_size, seed, device=device, width=width, cache=self.cache,
+        return ActivationStream(settings, batch_size, seed, device=device, width=width,
+                                cache=caches if caches is not None else self.cache,
                                 cache_dtype=self.cache_dtype, part=(dist.rank(), dist.world_size()))
 
     @property

@@ -12,11 +12,12 @@ from msae_core.runs.config import RunConfig
 
 
 def _data(config: RunConfig) -> dict:
-    """The data settings a group shares: streamed, every one but the layer (one forward serves
-    several layers); from a store, all."""
+    """The data settings a group shares: streamed, every one but the layer and its cache (one
+    forward serves several layers, each cached into its own store); from a store, all."""
     d = dataclasses.asdict(config.data)
     if config.data.source == "stream":
         d.pop("layer")
+        d.pop("cache")
     return d
 
 
@@ -31,8 +32,13 @@ def shared_source_problems(configs: list[RunConfig]) -> list[str]:
     from the first."""
     out = []
     first = configs[0]
-    if len({c.data.layer for c in configs}) > 1 and any(c.data.cache for c in configs):
-        out.append("a stream's --cache holds one layer: runs at several layers cannot cache it in one pass")
+    caches: dict[int, set[str]] = {}
+    for c in configs:
+        caches.setdefault(c.data.layer, set()).add(c.data.cache)
+    for layer, paths in sorted(caches.items()):
+        if len(paths) > 1:
+            out.append(f"the runs at layer {layer} name different caches ({', '.join(sorted(p or '(none)' for p in paths))}): "
+                       "one stream writes one cache per layer")
     for i, c in enumerate(configs[1:], start=1):
         diffs = [name for name, a, b in (
             ("data", _data(first), _data(c)),

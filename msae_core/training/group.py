@@ -9,7 +9,8 @@ What members share, and what they may not differ in (runs.onepass): the activati
 (`train.seed`), the device and bf16. Everything else may differ: architecture, width, k, lr, steps,
 the momentum knobs and the SAE's initialisation seed (`sae.seed`: replicates of one setting on one
 data order). Streamed runs at several layers of one model share one forward (each reads its
-layer's columns of rows that hold them side by side).
+layer's columns of rows that hold them side by side; each layer's `--cache`, when its runs name
+one, is written as that layer's store).
 
 Under torchrun a group works as a single run does: each rank reads its share of every batch, every
 member is data-parallel, rank 0 alone writes the run folders (and the group's stream state, every
@@ -96,7 +97,8 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
     layers = tuple(dict.fromkeys(c.data.layer for c in configs)) if configs[0].data.source == "stream" else ()
     if len(layers) > 1:  # several layers from one forward: each run reads its layer's columns
         t = configs[0].train
-        source = configs[0].data.open_source(t.batch_size, t.seed, t.device, layers)
+        caches = {c.data.layer: c.data.cache for c in configs if c.data.cache}
+        source = configs[0].data.open_source(t.batch_size, t.seed, t.device, layers, caches)
         views = [_LayerView(source, layers.index(c.data.layer), c.data.layer) for c in configs]
         configs = [c.check(v)[0] for c, v in zip(configs, views)]
     else:
