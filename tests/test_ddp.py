@@ -116,15 +116,12 @@ def test_two_ranks_stream_and_resume(tmp_path):
     assert "msae_core/" not in r.stderr
 
 
-@pytest.mark.slow  # three two-rank torchrun launches
-def test_a_group_under_torchrun_trains_each_run_as_it_trains_alone(setup, tmp_path):
-    """`torchrun --nproc_per_node 2 -m msae_core.cli train-group`: each rank reads its share of
-    every batch once for both runs, each run data-parallel; each ends equal to its config trained
-    data-parallel alone, and rank 0 alone wrote the folders."""
+def _group_alone_and_together(tmp_path, mom):
+    """Momentum `mom` and TopK (another init seed) each trained alone on two ranks; returns the two
+    config files, the group's run folders, and `group(*script)`: the two as one two-rank
+    `train-group` (under `script` instead of `-m msae_core.cli` when given)."""
     import dataclasses
-    import json
 
-    mom = setup["cfg"]
     topk = dataclasses.replace(mom, sae=dataclasses.replace(mom.sae, arch="topk", seed=1))
     paths = []
     for name, cfg in (("mom", mom), ("topk", topk)):
@@ -133,11 +130,20 @@ def test_a_group_under_torchrun_trains_each_run_as_it_trains_alone(setup, tmp_pa
         r = _torchrun(paths[-1], tmp_path / "alone" / name)
         assert r.returncode == 0, r.stderr[-3000:]
     outs = [tmp_path / "group" / "mom", tmp_path / "group" / "topk"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "msae_core.cli", "train-group", "--config", *map(str, paths), "--out", *map(str, outs), "--no-progress"]
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+
+    def group(*script):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *(script or ("-m", "msae_core.cli")), "train-group", "--config", *map(str, paths),
+               "--out", *map(str, outs), "--no-progress"]
+        return subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                              capture_output=True, text=True, timeout=300)
+
+    return outs, group
+
+
+def _assert_each_as_alone(tmp_path, outs):
+    import json
+
     for out in outs:
         alone = tmp_path / "alone" / out.name
         assert read_status(out)["state"] == "done" and not list(out.glob("*rank*"))
@@ -148,12 +154,22 @@ def test_a_group_under_torchrun_trains_each_run_as_it_trains_alone(setup, tmp_pa
         assert rows[0] == rows[1]
 
 
+@pytest.mark.slow  # three two-rank torchrun launches
+def test_a_group_under_torchrun_trains_each_run_as_it_trains_alone(setup, tmp_path):
+    """`torchrun --nproc_per_node 2 -m msae_core.cli train-group`: each rank reads its share of
+    every batch once for both runs, each run data-parallel; each ends equal to its config trained
+    data-parallel alone, and rank 0 alone wrote the folders."""
+    outs, group = _group_alone_and_together(tmp_path, setup["cfg"])
+    r = group()
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_each_as_alone(tmp_path, outs)
+
+
 @pytest.mark.slow  # four two-rank torchrun launches of a streamed run
 def test_a_streamed_group_under_torchrun_resumes_from_its_stream_state(tmp_path):
     """Two ranks stream for a group of two runs; killed at step 12 (the group's stream state at its
     checkpoint step 8: each rank's buffer, gathered to rank 0) and run again, each run equals its
     two-rank run alone."""
-    import dataclasses
     import json
 
     from msae_core.sae import MomentumConfig, SAEConfig
@@ -166,14 +182,7 @@ def test_a_streamed_group_under_torchrun_resumes_from_its_stream_state(tmp_path)
                                       log_every=4, checkpoint_every=8, snapshot_every=8),
                     data=DataConfig(source="stream", model=setup["model"], corpus=setup["corpus"], layer=2,
                                     context_size=16, lm_batch=4, buffer_batches=4))
-    topk = dataclasses.replace(mom, sae=dataclasses.replace(mom.sae, arch="topk", seed=1))
-    paths = []
-    for name, cfg in (("mom", mom), ("topk", topk)):
-        paths.append(tmp_path / f"{name}.json")
-        cfg.save(paths[-1])
-        r = _torchrun(paths[-1], tmp_path / "alone" / name)
-        assert r.returncode == 0, r.stderr[-3000:]
-    outs = [tmp_path / "group" / "mom", tmp_path / "group" / "topk"]
+    outs, group = _group_alone_and_together(tmp_path, mom)
     killer = tmp_path / "killer.py"  # each rank kills itself at batch 12, past the checkpoints at 8
     killer.write_text(textwrap.dedent("""
         import os, signal, sys
@@ -187,23 +196,11 @@ def test_a_streamed_group_under_torchrun_resumes_from_its_stream_state(tmp_path)
         BatchLoader.next = next_batch
         sys.exit(cli.main(sys.argv[1:]))
     """))
-
-    def group(*script):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *(script or ("-m", "msae_core.cli")), "train-group", "--config", *map(str, paths),
-               "--out", *map(str, outs), "--no-progress"]
-        return subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-                              capture_output=True, text=True, timeout=300)
-
     r = group(str(killer))
     assert r.returncode != 0
     saved = json.loads((outs[0] / ".group-stream" / "stream-000000008.json").read_text())
     assert len(saved["ranks"]) == 2  # both ranks' buffers, once for the group
     r = group()
     assert r.returncode == 0, r.stderr[-3000:]
-    for out in outs:
-        alone = tmp_path / "alone" / out.name
-        assert read_status(out)["state"] == "done"
-        a, b = load_file(out / "sae.safetensors"), load_file(alone / "sae.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), out.name
+    _assert_each_as_alone(tmp_path, outs)
     assert not (outs[0] / ".group-stream").exists()
