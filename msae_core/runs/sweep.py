@@ -1,5 +1,5 @@
 """`msae sweep`: one training run per point of a grid over any config fields, resumable; the points
-that share an activation store train in one pass (msae train-group), each its own run folder.
+that share their activations train in one pass (msae train-group), each its own run folder.
 
     msae sweep --base-config run.json --grid beta=0.9,0.95 tau=0.3,0.5 lam=0,0.1 \
         --root results/runs --name NAME [--parallel 2]
@@ -7,10 +7,11 @@ that share an activation store train in one pass (msae train-group), each its ow
 A grid key is a setting of the run config, dotted (`sae.momentum.beta`, `train.lr`) or bare (`beta`)
 when the bare name is in one place only; `seeds=0,1,2` is the replicate axis (training seeds: the
 SAE's initialisation and the data order, so each seed is a pass of its own). Each point is its own
-run folder `ROOT/NAME-beta0.9-tau0.3-lam0`. The points that share an activation store, batch size,
-data seed and device train in one `msae train-group` process, each batch read once for all of them;
-a streamed point, and every point with `--separate`, in its own `msae train` process (`--parallel N`
-processes at a time). Running the same sweep again skips the points that are done and resumes the
+run folder `ROOT/NAME-beta0.9-tau0.3-lam0`. The points that share an activation source (a store,
+or one model's stream, at any of its layers), batch size, data seed and device train in one
+`msae train-group` process, each batch read or streamed once for all of them; a point alone in its
+group, and every point with `--separate`, in its own `msae train` process (`--parallel N` processes
+at a time). Running the same sweep again skips the points that are done and resumes the
 others from their checkpoints.
 `ROOT/_sweeps/NAME/sweep.json` lists the points, their values, run folders and states.
 """
@@ -231,7 +232,7 @@ def launch_sweep(base: RunConfig, grid: dict[str, Any], root: str | os.PathLike,
                  parallel: int = 1, evals: list[str] | tuple[str, ...] = (), one_pass: bool = True) -> dict:
     """Write the sweep record ROOT/_sweeps/NAME/sweep.json and start every point that is not done
     through the one run queue (queued until fewer than `parallel` training processes run under
-    ROOT). `one_pass`: the points that share an activation store, batch size, data seed and device
+    ROOT). `one_pass`: the points that share an activation source, batch size, data seed and device
     (runs.onepass) train as one `msae train-group` process, each batch read once for all of them
     (a group's memory is planned first: runs.memory); the others, and every point when not
     `one_pass`, as their own `msae train`. The Launch page and `msae sweep` both start sweeps here.
@@ -364,7 +365,7 @@ def add_cli(subparsers: Any) -> None:
                         "GPUs each GPU's points form their own group (default: 1)")
     p.add_argument("--separate", action="store_true",
                    help="every point its own process, reading the data again (default: the points that "
-                        "share an activation store, batch size, data seed and device train in one pass)")
+                        "share an activation source, batch size, data seed and device train in one pass)")
     p.add_argument("--log-to", nargs="+", default=[], metavar="TRACKER",
                    help="also mirror every run's metrics to tensorboard (RUN/tensorboard: tensorboard --logdir "
                         "ROOT) and/or wandb (when installed, offline by default)")
