@@ -65,6 +65,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.lr
 
 
+def input_sample_rows(tc: TrainConfig) -> int:
+    """Rows of the sample a fresh run fits its input scale on (and a stream's first fill holds)."""
+    return max(tc.batch_size, 16_384)
+
+
 def _batch_metrics(x_BD: torch.Tensor, out: SAEOutput) -> dict:
     """l0 and explained variance of the step's batch, from the step's own forward output."""
     with torch.no_grad():
@@ -154,7 +159,7 @@ class _Fit:
     def _fit_input_scale(self, sae: SAE) -> None:
         """The fixed input normalisation, from a sample of the store, and on that sample the
         outlier norm (data.outliers: outlier_factor x the median row norm; kept in the checkpoint)."""
-        sample_ND = self.store.input_sample(max(self.tc.batch_size, 16_384), self.tc.seed)
+        sample_ND = self.store.input_sample(input_sample_rows(self.tc), self.tc.seed)
         if not bool(torch.isfinite(sample_ND).all()):
             raise MsaeError(self.store.nonfinite_problem() or "non-finite activations in the store")
         if self.world > 1 and self.store.streamed:  # each rank streamed its own

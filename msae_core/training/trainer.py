@@ -16,6 +16,7 @@ msae_core.runs.folder, their one owner.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -189,16 +190,26 @@ def ended_early(result: RunResult) -> bool:
     return result.state == "cancelled"
 
 
+@contextlib.contextmanager
+def ranks_joined(configs: list[RunConfig]):
+    """As one of the processes torchrun starts: join the group for the time of the block, and give
+    it `configs` on this rank's device (MsaeError when a batch does not divide over the ranks)."""
+    device = dist.init_from_env(configs[0].train.device)
+    try:
+        n = dist.world_size()
+        for c in configs:
+            if c.train.batch_size % n:
+                raise MsaeError(f"batch_size {c.train.batch_size} must divide evenly over the {n} ranks")
+        yield [dataclasses.replace(c, train=dataclasses.replace(c.train, device=device)) for c in configs]
+    finally:
+        dist.close()
+
+
 def train_data_parallel(cfg: RunConfig, out: Path, progress: bool) -> int:
     """`msae train` as one of the processes `torchrun --nproc_per_node N -m msae_core.cli train`
     starts: join the group, train this rank's share of every batch (train() makes rank 0 the one
     that locks and writes the folder), evals by rank 0 once done. Returns the exit code."""
-    device = dist.init_from_env(cfg.train.device)
-    try:
-        n = dist.world_size()
-        if cfg.train.batch_size % n:
-            raise MsaeError(f"batch_size {cfg.train.batch_size} must divide evenly over the {n} ranks")
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    with ranks_joined([cfg]) as (cfg,):
         cfg, store = cfg.check()
         with StopFlag() as stop:
             result = train(cfg, out, progress=progress and dist.is_main(), stop=stop, store=store)
@@ -208,5 +219,3 @@ def train_data_parallel(cfg: RunConfig, out: Path, progress: bool) -> int:
         if cfg.train.evals and dist.is_main():
             return run_evals(out, list(cfg.train.evals), cfg)
         return 0
-    finally:
-        dist.close()
