@@ -43,7 +43,6 @@ are further skip those batches).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import shutil
 import signal
@@ -61,8 +60,9 @@ from msae_core.runs.config import RunConfig
 from msae_core.runs.folder import refuse_foreign_out, write_status
 from msae_core.runs.memory import plan, source_size
 from msae_core.runs.onepass import shared_source_problems
-from msae_core.training.loop import RunResult, _Fit
-from msae_core.training.trainer import absolute_paths, accept_folder, failure_text, refuse_other_settings, run_evals
+from msae_core.training.loop import RunResult, _Fit, input_sample_rows
+from msae_core.training.trainer import (absolute_paths, accept_folder, failure_text, ranks_joined,
+                                       refuse_other_settings, run_evals)
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,14 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
         t = configs[0].train
         caches = {c.data.layer: c.data.cache for c in configs if c.data.cache}
         source = configs[0].data.open_source(t.batch_size, t.seed, t.device, layers, caches)
-        views = [_LayerView(source, layers.index(c.data.layer), c.data.layer) for c in configs]
+        shared = _SharedSource(source)
+        views = [_LayerView(shared, layers.index(c.data.layer), c.data.layer) for c in configs]
         configs = [c.check(v)[0] for c, v in zip(configs, views)]
     else:
         first, source = configs[0].check()  # the source, opened once
         configs = [first] + [c.check(source)[0] for c in configs[1:]]
-        views = [None] * len(configs)
+        shared = _SharedSource(source)
+        views = [shared] * len(configs)
     lm_params, store_bytes = source_size(configs[0], source)
     plan(configs, [p.name for p in out_dirs], lm_params, store_bytes)
     with contextlib.ExitStack() as stack:
@@ -123,11 +125,9 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
                 raise MsaeError("rank 0 refused the group's run folders (its error says why)")
             accepted = [(absolute_paths(c), find_checkpoint(o)) for c, o in zip(configs, out_dirs)]
         configs = [c for c, _ in accepted]
-        shared = _SharedSource(source)
         for (config, ckpt), out_dir, view in zip(accepted, out_dirs, views):
             try:
-                fit = _Fit(config, out_dir, shared if view is None else view.over(shared),
-                           _MemberStop(stop, out_dir), ckpt, owns_source=False)
+                fit = _Fit(config, out_dir, view, _MemberStop(stop, out_dir), ckpt, owns_source=False)
                 ended = fit.begin(progress=False)
             except Exception as exc:  # noqa: BLE001 - this member fails, the others go on
                 if dist.world_size() > 1:
@@ -138,7 +138,7 @@ def train_group(configs: list[RunConfig], out_dirs: list[str | Path], progress: 
             fits.append(None if ended is not None else fit)
             results.append(ended)
         _run_together(fits, results, shared, configs[0], progress, out_dirs[0] / GROUP_STREAM_DIR,
-                      [None if v is None else v.columns for v in views])
+                      [getattr(v, "columns", None) for v in views])
         if source.streamed and all(r is not None and r.state == "done" for r in results):
             source.finish_cache()
             dist.barrier()
@@ -192,31 +192,21 @@ class _SharedSource:
 
 class _LayerView:
     """One layer of a stream that holds several side by side (StreamSettings.layers): what a run
-    at that layer reads, as if the stream were its own."""
+    at that layer reads, as if the stream were its own (through the group's shared source)."""
 
-    def __init__(self, source, index: int, layer: int):
-        self.source, self.layer, self._inner = source, layer, source
-        self.d_in = source.layer_width
+    def __init__(self, shared: _SharedSource, index: int, layer: int):
+        self.shared, self.layer = shared, layer
+        self.d_in = shared.source.layer_width
         self.columns = slice(index * self.d_in, (index + 1) * self.d_in)
 
-    def over(self, shared: "_SharedSource") -> "_LayerView":
-        """This view reading through the group's shared source (its input sample drawn once)."""
-        view = _LayerView.__new__(_LayerView)
-        view.__dict__.update(self.__dict__)
-        view._inner = shared
-        return view
-
     def input_sample(self, n: int, seed: int = 0):
-        return self._inner.input_sample(n, seed)[:, self.columns].contiguous()
+        return self.shared.input_sample(n, seed)[:, self.columns].contiguous()
 
     def outlier_summary(self) -> dict | None:
-        return self.source.outlier_summary(self.layer)
+        return self.shared.source.outlier_summary(self.layer)
 
-    def finish_cache(self) -> None:
-        """The group's to do."""
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
+    def __getattr__(self, name):  # finish_cache among them: the group's to do
+        return getattr(self.shared, name)
 
 
 def _stream_start(fits: list[_Fit], shared: _SharedSource, config: RunConfig, state_dir: Path) -> int:
@@ -231,7 +221,7 @@ def _stream_start(fits: list[_Fit], shared: _SharedSource, config: RunConfig, st
         shared.source.restore(*saved)
         return start
     log.warning("no stream state of the group at step %d: streaming again from the start", start)
-    shared.input_sample(max(config.train.batch_size, 16_384), config.train.seed)  # the same first fill
+    shared.input_sample(input_sample_rows(config.train), config.train.seed)  # the same first fill
     return 0
 
 
@@ -325,17 +315,9 @@ def run_cli(args) -> int:
     if dist.launched_by_torchrun():  # torchrun --nproc_per_node N -m msae_core.cli train-group ...
         if args.max_parallel:
             raise MsaeError("--max-parallel queues separate processes; under torchrun the ranks form one group: drop it")
-        device = dist.init_from_env(configs[0].train.device)
-        try:
-            n = dist.world_size()
-            if configs[0].train.batch_size % n:
-                raise MsaeError(f"batch_size {configs[0].train.batch_size} must divide evenly over the {n} ranks")
-            configs = [dataclasses.replace(c, train=dataclasses.replace(c.train, device=device)) for c in configs]
-            with StopFlag() as stop:
-                results = train_group(configs, args.out, progress=not args.no_progress and dist.is_main(), stop=stop)
+        with ranks_joined(configs) as configs, StopFlag() as stop:
+            results = train_group(configs, args.out, progress=not args.no_progress and dist.is_main(), stop=stop)
             dist.barrier()
-        finally:
-            dist.close()
         return _exit_code(results)
     with StopFlag() as stop:
         if args.max_parallel:
