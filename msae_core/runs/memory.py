@@ -41,7 +41,7 @@ def sae_bytes(config: RunConfig) -> Estimate:
     state = 16 * params
     if s.arch == "momentum":
         state += 16 * F * min(s.momentum.n_candidates, max(F - 1, 1))
-    width = 2 if t.bf16 and str(t.device).startswith("cuda") else 4
+    width = 2 if t.bf16 and _on_gpu(t.device) else 4
     return Estimate(state, 4 * B * F * width)
 
 
@@ -114,8 +114,7 @@ def plan(configs: list[RunConfig], names: list[str], lm_params: int = 0, store_b
 
     device = configs[0].train.device
     free = free_bytes(device) if free is None else free
-    on_gpu = str(device).startswith("cuda") or (device == "auto" and _cuda())
-    resident = store_bytes if on_gpu and store_bytes <= RESIDENT_FRACTION * free else 0
+    resident = store_bytes if _on_gpu(device) and store_bytes <= RESIDENT_FRACTION * free else 0
     need, members = group_bytes(configs, names, lm_params, resident)
     if need > HEADROOM * free:
         largest = ", ".join(f"{n} {gb(b)}" for n, b in members[:3])
@@ -124,10 +123,11 @@ def plan(configs: list[RunConfig], names: list[str], lm_params: int = 0, store_b
     return need
 
 
-def _cuda() -> bool:
-    import torch
+def _on_gpu(device: str) -> bool:
+    """Whether a run with this device setting trains on a GPU ("auto" on a machine with one)."""
+    from msae_core.devices import resolve_device
 
-    return torch.cuda.is_available()
+    return resolve_device(device).type == "cuda"
 
 
 def sweep_plan(configs: list[RunConfig], names: list[str], store=None) -> str:
@@ -141,7 +141,7 @@ def sweep_plan(configs: list[RunConfig], names: list[str], store=None) -> str:
     groups = one_pass_groups(configs)
     lm_params, store_bytes = source_size(configs[0], store)
     need = max(group_bytes([configs[i] for i in g], [names[i] for i in g], lm_params,
-                           resident_bytes=store_bytes if str(configs[g[0]].train.device).startswith("cuda") else 0)[0]
+                           resident_bytes=store_bytes if _on_gpu(configs[g[0]].train.device) else 0)[0]
                for g in groups)
     free = free_bytes(configs[0].train.device)
     return (f"{len(groups)} process{'es' if len(groups) > 1 else ''} ({len(configs)} runs, each process one pass "
