@@ -48,13 +48,7 @@ def launch_run(config: RunConfig, root: str | os.PathLike, name: str,
     A folder that already holds a finished or running run is refused; an unfinished one (failed,
     cancelled, killed) with the same settings is resumed."""
     run_dir, config = _prepare(config, root, name, evals, store)
-    write_status(run_dir, state="queued", step=checkpoint_step(run_dir / RUN_CHECKPOINT_DIR) or 0,
-                 total_steps=config.train.steps, error=None, pid=None, queued=time.time(), group=None)
-    cmd = train_command(run_dir)
-    if max_parallel:
-        cmd += ["--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
-    proc = spawn(cmd, log=run_dir / RUN_LOG)
-    write_status(run_dir, pid=proc.pid)
+    proc = _start_queued([(run_dir, config)], train_command(run_dir), root, max_parallel, run_dir / RUN_LOG)
     log.info("launched run %s (pid %d)", run_dir, proc.pid)
     return run_dir
 
@@ -68,24 +62,33 @@ def launch_group(configs: list[RunConfig], root: str | os.PathLike, names: list[
     train.log links to when it has none yet). With `max_parallel` the group takes one place in the
     run queue. Returns the run folders."""
     prepared = [_prepare(c, root, n, evals, store) for c, n in zip(configs, names)]
-    for run_dir, config in prepared:
-        write_status(run_dir, state="queued", step=checkpoint_step(run_dir / RUN_CHECKPOINT_DIR) or 0,
-                     total_steps=config.train.steps, error=None, pid=None, queued=time.time(),
-                     group=len(prepared))
-    cmd = msae_command("train-group", "--config", *[d / RUN_CONFIG for d, _ in prepared],
-                       "--out", *[d for d, _ in prepared])
-    if max_parallel:
-        cmd += ["--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for run_dir, _ in prepared:
         if not (run_dir / RUN_LOG).exists() and not (run_dir / RUN_LOG).is_symlink():
             (run_dir / RUN_LOG).symlink_to(log_path.resolve())
-    proc = spawn(cmd, log=log_path)
-    for run_dir, _ in prepared:
-        write_status(run_dir, pid=proc.pid)
+    cmd = msae_command("train-group", "--config", *[d / RUN_CONFIG for d, _ in prepared],
+                       "--out", *[d for d, _ in prepared])
+    proc = _start_queued(prepared, cmd, root, max_parallel, log_path)
     log.info("launched %d runs in one pass (pid %d): %s", len(prepared), proc.pid,
              ", ".join(d.name for d, _ in prepared))
     return [d for d, _ in prepared]
+
+
+def _start_queued(runs: list[tuple[Path, RunConfig]], cmd: list[str], root: str | os.PathLike,
+                  max_parallel: int | None, log_path: Path) -> Any:
+    """Mark `runs` queued (a one-pass group's runs with their group's size), then start `cmd`
+    detached (output in `log_path`; with `max_parallel`, it waits its place in the run queue) and
+    record its pid in each run's status. Returns the process."""
+    for run_dir, config in runs:
+        write_status(run_dir, state="queued", step=checkpoint_step(run_dir / RUN_CHECKPOINT_DIR) or 0,
+                     total_steps=config.train.steps, error=None, pid=None, queued=time.time(),
+                     group=len(runs) if len(runs) > 1 else None)
+    if max_parallel:
+        cmd = [*cmd, "--max-parallel", str(int(max_parallel)), "--queue-root", str(Path(root))]
+    proc = spawn(cmd, log=log_path)
+    for run_dir, _ in runs:
+        write_status(run_dir, pid=proc.pid)
+    return proc
 
 
 def _prepare(config: RunConfig, root: str | os.PathLike, name: str, evals: tuple[str, ...] | list[str],
