@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -79,21 +78,27 @@ def test_refusals_are_one_line_on_every_rank(setup, tmp_path):
     assert "msae_core/" not in r.stderr  # no traceback through our code (torchrun prints its own)
 
 
-def test_two_ranks_stream_and_resume(tmp_path):
-    """--source stream under torchrun: each rank runs the model over its own windows; the run
-    ends done, rank 0 records the windows read; stopped at step 8 and resumed to 16 it equals the
-    uninterrupted two-rank run (each rank's mixing buffer is in the checkpoint); a --cache is
-    refused in one line on every rank."""
+def _streamed_config(tmp_path):
+    """Momentum over TopK streamed from a tiny model (written under tmp_path): 16 steps of 32 rows,
+    a checkpoint every 8."""
     from msae_core.sae import MomentumConfig, SAEConfig
     from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
     from test_harvest import tiny_setup
 
     setup = tiny_setup(tmp_path / "tiny", n_docs=400)
-    cfg = RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, momentum=MomentumConfig(lam=0.1, tau=0.3)),
-                    train=TrainConfig(steps=16, batch_size=32, lr=1e-3, warmup_steps=3, seed=2, device="cpu",
-                                      log_every=4, checkpoint_every=8, snapshot_every=8),
-                    data=DataConfig(source="stream", model=setup["model"], corpus=setup["corpus"], layer=2,
-                                    context_size=16, lm_batch=4, buffer_batches=4))
+    return RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, momentum=MomentumConfig(lam=0.1, tau=0.3)),
+                     train=TrainConfig(steps=16, batch_size=32, lr=1e-3, warmup_steps=3, seed=2, device="cpu",
+                                       log_every=4, checkpoint_every=8, snapshot_every=8),
+                     data=DataConfig(source="stream", model=setup["model"], corpus=setup["corpus"], layer=2,
+                                     context_size=16, lm_batch=4, buffer_batches=4))
+
+
+def test_two_ranks_stream_and_resume(tmp_path):
+    """--source stream under torchrun: each rank runs the model over its own windows; the run
+    ends done, rank 0 records the windows read; stopped at step 8 and resumed to 16 it equals the
+    uninterrupted two-rank run (each rank's mixing buffer is in the checkpoint); a --cache is
+    refused in one line on every rank."""
+    cfg = _streamed_config(tmp_path)
     cfg_path = tmp_path / "run.json"
     cfg.save(cfg_path)
     ref = tmp_path / "ref"
@@ -172,31 +177,12 @@ def test_a_streamed_group_under_torchrun_resumes_from_its_stream_state(tmp_path)
     two-rank run alone."""
     import json
 
-    from msae_core.sae import MomentumConfig, SAEConfig
-    from msae_core.runs.config import DataConfig, RunConfig, TrainConfig
-    from test_harvest import tiny_setup
+    from test_group import killer
 
-    setup = tiny_setup(tmp_path / "tiny", n_docs=400)
-    mom = RunConfig(sae=SAEConfig(arch="momentum", base="topk", d_sae=128, k=4, momentum=MomentumConfig(lam=0.1, tau=0.3)),
-                    train=TrainConfig(steps=16, batch_size=32, lr=1e-3, warmup_steps=3, seed=2, device="cpu",
-                                      log_every=4, checkpoint_every=8, snapshot_every=8),
-                    data=DataConfig(source="stream", model=setup["model"], corpus=setup["corpus"], layer=2,
-                                    context_size=16, lm_batch=4, buffer_batches=4))
-    outs, group = _group_alone_and_together(tmp_path, mom)
-    killer = tmp_path / "killer.py"  # each rank kills itself at batch 12, past the checkpoints at 8
-    killer.write_text(textwrap.dedent("""
-        import os, signal, sys
-        from msae_core import cli
-        from msae_core.data.loader import BatchLoader
-        orig = BatchLoader.next
-        def next_batch(self, s):
-            if s == 12:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return orig(self, s)
-        BatchLoader.next = next_batch
-        sys.exit(cli.main(sys.argv[1:]))
-    """))
-    r = group(str(killer))
+    outs, group = _group_alone_and_together(tmp_path, _streamed_config(tmp_path))
+    script = tmp_path / "killer.py"  # each rank kills itself at batch 12, past the checkpoints at 8
+    script.write_text(killer(12))
+    r = group(str(script))
     assert r.returncode != 0
     saved = json.loads((outs[0] / ".group-stream" / "stream-000000008.json").read_text())
     assert len(saved["ranks"]) == 2  # both ranks' buffers, once for the group

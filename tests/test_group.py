@@ -140,18 +140,21 @@ def test_a_cancel_file_stops_its_member_alone_and_the_group_resumes_it(store, al
         assert_same_run(out, alone / out.name)
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from msae_core import cli
-    from msae_core.data.loader import BatchLoader
-    orig = BatchLoader.next
-    def next_batch(self, s):
-        if s == 25:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return orig(self, s)
-    BatchLoader.next = next_batch
-    sys.exit(cli.main(sys.argv[1:]))
-""")
+def killer(at_batch: int) -> str:
+    """A script that runs `msae ARGV...` and kills itself (SIGKILL) when the loader is asked for
+    batch `at_batch` (also a torchrun rank's script: each rank kills itself there)."""
+    return textwrap.dedent(f"""
+        import os, signal, sys
+        from msae_core import cli
+        from msae_core.data.loader import BatchLoader
+        orig = BatchLoader.next
+        def next_batch(self, s):
+            if s == {at_batch}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(self, s)
+        BatchLoader.next = next_batch
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
 
 
 def test_a_killed_group_resumes_every_member_exactly(store, alone, tmp_path):
@@ -164,7 +167,7 @@ def test_a_killed_group_resumes_every_member_exactly(store, alone, tmp_path):
         _config(store, **kw).save(tmp_path / f"{name}.json")
         argv.append(str(tmp_path / f"{name}.json"))
     argv += ["--out", *map(str, outs), "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", KILLER, *argv], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", killer(25), *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert read_status(outs[1])["state"] == "done"
